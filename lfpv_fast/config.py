@@ -1,0 +1,300 @@
+"""Run configuration: one YAML file describes a whole run (model, data, train, val, logging).
+
+The YAML is loaded into plain dataclasses. Every key is checked: an unknown key is an error naming
+the file, the key and the closest valid key; a value of the wrong type names the key and the type
+that was expected. `--set a.b=value` on the command line goes through the same parser
+(`load_config(path, overrides=["a.b=value"])`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import types
+import typing
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+from lfpv_fast.model import ModelConfig
+
+
+class ConfigError(ValueError):
+    """A run configuration that cannot be used; the message names the file and the key."""
+
+
+@dataclass
+class DataConfig:
+    dataset: Literal["smid", "demo"] = "smid"
+    # Raw SMID folders: <root>/<scene>/<frame>.npy (uint8 HWC, BGR).
+    lq_root: str | None = None
+    gt_root: str | None = None
+    # Output of `python -m lfpv_fast.prepare`; null reads (and resizes) the raw frames.
+    prepared_root: str | None = None
+    # Where `lfpv_fast.data.demo` writes the demo dataset (dataset: demo).
+    demo_root: str = "~/.cache/lfpv_fast/demo"
+    # Scenes held out for testing; a bare file name is looked up in the packaged configs/.
+    test_scenes: str = "smid_test_scenes.txt"
+    test_frames: int = 30
+    resize: list[int] = field(default_factory=lambda: [960, 512])  # width, height
+    crop: int = 256
+    batch_size: int = 12  # global: split evenly over the DDP ranks
+    flips: bool = True
+    loader: Literal["dali", "torch"] = "torch"
+    device: Literal["cpu", "gpu"] = "cpu"
+    num_workers: int = 3
+    num_threads: int = 2
+
+
+@dataclass
+class TrainConfig:
+    iterations: int = 200_000
+    lr: float = 4e-4
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.99])
+    weight_decay: float = 0.0
+    # Cosine annealing with restarts, as published: restart period and floor.
+    restart_period: int = 200_000
+    eta_min: float = 1e-7
+    pixel_weight: float = 1.0
+    perceptual_weight: float = 0.1
+    # Path of torchvision-format VGG19 weights; null switches the perceptual term off.
+    vgg_weights: str | None = None
+    seed: int = 0
+    checkpoint_every: int = 5000
+    keep_checkpoints: int = 3
+    # What to do when the loss or a gradient is NaN/Inf: stop, or skip the step.
+    nonfinite: Literal["stop", "skip"] = "stop"
+    # Fast-path switches ("auto" means on where a GPU is used, off on the CPU).
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    backend: Literal["auto", "reference", "triton"] = "auto"
+    compile: Literal["auto", "on", "off"] = "auto"
+    bf16: Literal["auto", "on", "off"] = "auto"
+    channels_last: bool = False
+    fused_adam: Literal["auto", "on", "off"] = "auto"
+    cuda_graphs: bool = False
+
+
+@dataclass
+class ValConfig:
+    every: int = 5000
+    # Validation images limit (null: all test frames) and how many grids to save as PNG.
+    max_images: int | None = None
+    save_images: int = 4
+
+
+@dataclass
+class LoggingConfig:
+    every: int = 100
+    tensorboard: bool = True
+    progress: bool = True
+
+
+@dataclass
+class RunConfig:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    val: ValConfig = field(default_factory=ValConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+    # Where the config came from (not a YAML key).
+    source: str = field(default="<defaults>", compare=False, repr=False)
+
+
+SECTIONS: dict[str, type] = {
+    "model": ModelConfig,
+    "data": DataConfig,
+    "train": TrainConfig,
+    "val": ValConfig,
+    "logging": LoggingConfig,
+}
+
+
+def configs_dir() -> Path:
+    """The folder of the packaged configs (the repository's `configs/`)."""
+    return Path(str(resources.files("lfpv_fast.configs")))
+
+
+def resolve_config_path(path: str | Path) -> Path:
+    """A config path as given, or a packaged config by name (`demo`, `smid.yaml`)."""
+    p = Path(path).expanduser()
+    if p.is_file():
+        return p
+    for candidate in (configs_dir() / p.name, configs_dir() / f"{p.name}.yaml"):
+        if candidate.is_file():
+            return candidate
+    raise ConfigError(f"config file {str(path)!r} not found (also looked in {configs_dir()})")
+
+
+def resolve_data_file(name: str) -> Path:
+    """A data file named in the config: a path, or a file shipped in configs/."""
+    p = Path(name).expanduser()
+    if p.is_file():
+        return p
+    packaged = configs_dir() / p.name
+    if packaged.is_file():
+        return packaged
+    raise ConfigError(f"file {name!r} named in the config does not exist")
+
+
+def _type_name(tp: Any) -> str:
+    origin = typing.get_origin(tp)
+    if origin is Literal:
+        return " | ".join(repr(a) for a in typing.get_args(tp))
+    if origin in (typing.Union, types.UnionType):
+        return " or ".join(_type_name(a) for a in typing.get_args(tp))
+    if origin is list:
+        (inner,) = typing.get_args(tp)
+        return f"list of {_type_name(inner)}"
+    if tp is type(None):
+        return "null"
+    return getattr(tp, "__name__", str(tp))
+
+
+def _coerce(value: Any, tp: Any, where: str) -> Any:
+    """Check `value` against the annotation `tp`; ints are accepted where floats are expected."""
+    origin = typing.get_origin(tp)
+    if origin is Literal:
+        if value in typing.get_args(tp) and not isinstance(value, bool):
+            return value
+        # YAML reads on/off as booleans; accept them for "on"/"off" switches.
+        if isinstance(value, bool) and ("on" if value else "off") in typing.get_args(tp):
+            return "on" if value else "off"
+    elif origin in (typing.Union, types.UnionType):
+        for arg in typing.get_args(tp):
+            if arg is type(None):
+                if value is None:
+                    return None
+                continue
+            try:
+                return _coerce(value, arg, where)
+            except ConfigError:
+                pass
+    elif origin is list:
+        (inner,) = typing.get_args(tp)
+        if isinstance(value, (list, tuple)):
+            return [_coerce(v, inner, f"{where}[{i}]") for i, v in enumerate(value)]
+    elif tp is bool:
+        if isinstance(value, bool):
+            return value
+    elif tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+    elif tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+    elif tp is str:
+        if isinstance(value, str):
+            return value
+    else:
+        raise TypeError(f"unsupported config annotation {tp!r} for {where}")
+    raise ConfigError(f"{where}: expected {_type_name(tp)}, got {value!r} ({type(value).__name__})")
+
+
+def _unknown_key(key: str, valid: list[str], where: str) -> ConfigError:
+    close = difflib.get_close_matches(key, valid, n=1, cutoff=0.5)
+    hint = f"; did you mean {close[0]!r}?" if close else f"; valid keys: {', '.join(sorted(valid))}"
+    return ConfigError(f"{where}: unknown key {key!r}{hint}")
+
+
+def _build_section(cls: type, values: dict[str, Any], where: str) -> Any:
+    if not isinstance(values, dict):
+        raise ConfigError(f"{where}: expected a mapping of keys, got {values!r}")
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls) if f.init]
+    kwargs = {}
+    for key, value in values.items():
+        if key not in names:
+            raise _unknown_key(str(key), names, where)
+        kwargs[key] = _coerce(value, hints[key], f"{where}.{key}")
+    try:
+        return cls(**kwargs)
+    except (ValueError, TypeError) as exc:
+        raise ConfigError(f"{where}: {exc}") from exc
+
+
+def config_from_dict(raw: dict[str, Any], source: str = "<dict>") -> RunConfig:
+    """Build and validate a RunConfig from a nested dict (as read from YAML)."""
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{source}: expected a mapping with sections {list(SECTIONS)}")
+    sections = {}
+    for key, value in raw.items():
+        if key not in SECTIONS:
+            raise _unknown_key(str(key), list(SECTIONS), source)
+        sections[key] = _build_section(SECTIONS[key], value or {}, f"{source}: {key}")
+    cfg = RunConfig(**sections)
+    cfg.source = source
+    validate(cfg)
+    return cfg
+
+
+def config_to_dict(cfg: RunConfig) -> dict[str, Any]:
+    """The config as a nested dict of plain values (what the run folder's config.yaml holds)."""
+    return {name: dataclasses.asdict(getattr(cfg, name)) for name in SECTIONS}
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """`a.b=value` -> (["a", "b"], value), the value read as YAML (so 3, 1e-4, null, [1, 2] work)."""
+    if "=" not in text:
+        raise ConfigError(f"override {text!r}: expected the form section.key=value")
+    key, _, value = text.partition("=")
+    parts = key.strip().split(".")
+    if len(parts) != 2 or not all(parts):
+        raise ConfigError(f"override {text!r}: the key must be section.key, e.g. train.iterations")
+    try:
+        parsed = yaml.safe_load(value) if value.strip() else None
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"override {text!r}: value is not valid YAML ({exc})") from exc
+    return parts, parsed
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> RunConfig:
+    """Load a run config (a path or a packaged name) and apply `section.key=value` overrides."""
+    raw: dict[str, Any] = {}
+    source = "<defaults>"
+    if path is not None:
+        p = resolve_config_path(path)
+        source = str(p)
+        try:
+            raw = yaml.safe_load(p.read_text()) or {}
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"{p}: not valid YAML ({exc})") from exc
+        if not isinstance(raw, dict):
+            raise ConfigError(f"{p}: expected a mapping with sections {list(SECTIONS)}")
+    for text in overrides:
+        (section, key), value = parse_override(text)
+        if section not in SECTIONS:
+            raise _unknown_key(section, list(SECTIONS), f"override {text!r}")
+        raw.setdefault(section, {})
+        if raw[section] is None:
+            raw[section] = {}
+        raw[section][key] = value
+    return config_from_dict(raw, source)
+
+
+def validate(cfg: RunConfig) -> None:
+    """Checks across keys, done before any work starts."""
+    src = cfg.source
+    d, t = cfg.data, cfg.train
+    if len(d.resize) != 2 or min(d.resize) < 16:
+        raise ConfigError(f"{src}: data.resize must be [width, height], each >= 16, got {d.resize}")
+    if d.crop < 16 or d.crop > min(d.resize):
+        raise ConfigError(f"{src}: data.crop must be in [16, min(data.resize)], got {d.crop}")
+    if d.batch_size < 1:
+        raise ConfigError(f"{src}: data.batch_size must be >= 1, got {d.batch_size}")
+    if d.test_frames < 1:
+        raise ConfigError(f"{src}: data.test_frames must be >= 1, got {d.test_frames}")
+    if t.iterations < 1:
+        raise ConfigError(f"{src}: train.iterations must be >= 1, got {t.iterations}")
+    if t.checkpoint_every < 1 or cfg.val.every < 1 or cfg.logging.every < 1:
+        raise ConfigError(f"{src}: train.checkpoint_every, val.every and logging.every must be >= 1")
+    if len(t.betas) != 2:
+        raise ConfigError(f"{src}: train.betas must be two numbers, got {t.betas}")
+    if t.keep_checkpoints < 1:
+        raise ConfigError(f"{src}: train.keep_checkpoints must be >= 1, got {t.keep_checkpoints}")
+    if t.restart_period < 1:
+        raise ConfigError(f"{src}: train.restart_period must be >= 1, got {t.restart_period}")
