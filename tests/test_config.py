@@ -1,0 +1,65 @@
+"""Run configs: the packaged files load, and bad keys or values give errors that say what to fix."""
+
+from __future__ import annotations
+
+import pytest
+
+from lfpv_fast.config import ConfigError, config_to_dict, configs_dir, load_config
+
+
+def test_smid_config_carries_the_published_recipe():
+    cfg = load_config("smid")
+    assert (cfg.data.crop, cfg.data.batch_size, cfg.data.resize, cfg.data.flips) == (256, 12, [960, 512], True)
+    t = cfg.train
+    assert (t.lr, t.betas, t.restart_period, t.eta_min, t.iterations) == (4e-4, [0.9, 0.99], 200_000, 1e-7, 200_000)
+    assert (t.pixel_weight, t.perceptual_weight, t.checkpoint_every, cfg.val.every) == (1.0, 0.1, 5000, 5000)
+    assert cfg.model.nf == 64 and cfg.model.d_model == 1024
+
+
+@pytest.mark.parametrize("name", sorted(p.name for p in configs_dir().glob("*.yaml")))
+def test_every_packaged_config_loads(name):
+    cfg = load_config(name)
+    assert config_to_dict(cfg)["model"]["nf"] == cfg.model.nf
+
+
+def test_overrides_are_parsed_as_yaml():
+    cfg = load_config("smid", ["data.lq_root=/x", "train.lr=1e-4", "data.resize=[64, 32]", "val.max_images=null",
+                               "train.compile=off", "data.crop=32"])
+    assert (cfg.data.lq_root, cfg.train.lr, cfg.data.resize, cfg.val.max_images) == ("/x", 1e-4, [64, 32], None)
+    assert cfg.train.compile == "off"
+
+
+def test_unknown_key_names_file_key_and_closest(tmp_path):
+    p = tmp_path / "run.yaml"
+    p.write_text("train:\n  iteration: 10\n")
+    with pytest.raises(ConfigError, match=r"run.yaml.*train.*'iteration'.*did you mean 'iterations'"):
+        load_config(p)
+    p.write_text("trian:\n  iterations: 10\n")
+    with pytest.raises(ConfigError, match="did you mean 'train'"):
+        load_config(p)
+    with pytest.raises(ConfigError, match="did you mean 'batch_size'"):
+        load_config("smid", ["data.batchsize=4"])
+
+
+def test_wrong_type_names_key_and_expected_type(tmp_path):
+    with pytest.raises(ConfigError, match=r"train.iterations: expected int, got 'many'"):
+        load_config("smid", ["train.iterations=many"])
+    with pytest.raises(ConfigError, match=r"data.loader: expected 'dali' \| 'torch'"):
+        load_config("smid", ["data.loader=opencv"])
+    with pytest.raises(ConfigError, match=r"data.flips: expected bool"):
+        load_config("smid", ["data.flips=3"])
+    with pytest.raises(ConfigError, match="model: ModelConfig.nf must be >= 1"):
+        load_config("smid", ["model.nf=0"])
+    p = tmp_path / "bad.yaml"
+    p.write_text("train: [1, 2]\n")
+    with pytest.raises(ConfigError, match="expected a mapping"):
+        load_config(p)
+
+
+def test_cross_key_validation_and_bad_override_syntax():
+    with pytest.raises(ConfigError, match="data.crop"):
+        load_config("smid", ["data.crop=1024"])
+    with pytest.raises(ConfigError, match="section.key=value"):
+        load_config("smid", ["train.iterations"])
+    with pytest.raises(ConfigError, match="not found"):
+        load_config("no_such_config")
