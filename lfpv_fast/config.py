@@ -37,7 +37,8 @@ class DataConfig:
     # Where `lfpv_fast.data.demo` writes the demo dataset (dataset: demo).
     demo_root: str = "~/.cache/lfpv_fast/demo"
     # Scenes held out for testing; a bare file name is looked up in the packaged configs/.
-    test_scenes: str = "smid_test_scenes.txt"
+    # null: the dataset's own list (smid_test_scenes.txt for smid, <demo_root>/test_scenes.txt for demo).
+    test_scenes: str | None = None
     test_frames: int = 30
     resize: list[int] = field(default_factory=lambda: [960, 512])  # width, height
     crop: int = 256
@@ -45,8 +46,15 @@ class DataConfig:
     flips: bool = True
     loader: Literal["dali", "torch"] = "torch"
     device: Literal["cpu", "gpu"] = "cpu"
-    num_workers: int = 3
-    num_threads: int = 2
+    num_workers: int = 3  # torch loader: DataLoader worker processes (0: load in the main process)
+    num_threads: int = 2  # DALI loader: pipeline CPU threads
+
+    def __post_init__(self) -> None:
+        # Checked here (not in validate()) so that a DataConfig built in code is checked too.
+        if self.num_workers < 0:
+            raise ValueError(f"data.num_workers must be >= 0, got {self.num_workers}")
+        if self.num_threads < 1:
+            raise ValueError(f"data.num_threads must be >= 1, got {self.num_threads}")
 
 
 @dataclass
@@ -304,3 +312,17 @@ def validate(cfg: RunConfig) -> None:
         raise ConfigError(f"{src}: train.keep_checkpoints must be >= 1, got {t.keep_checkpoints}")
     if t.restart_period < 1:
         raise ConfigError(f"{src}: train.restart_period must be >= 1, got {t.restart_period}")
+    if t.lr <= 0 or not 0 <= t.eta_min <= t.lr:
+        raise ConfigError(f"{src}: train.lr must be > 0 and train.eta_min in [0, train.lr], got lr={t.lr}, "
+                          f"eta_min={t.eta_min}")
+    if not all(0 <= b < 1 for b in t.betas):
+        raise ConfigError(f"{src}: train.betas must be in [0, 1), got {t.betas}")
+    if t.pixel_weight < 0 or t.perceptual_weight < 0:
+        raise ConfigError(f"{src}: train.pixel_weight and train.perceptual_weight must be >= 0")
+    if t.cuda_graphs and t.compile == "off":
+        # CUDA graphs come from torch.compile's "reduce-overhead" mode (cudagraph trees).
+        raise ConfigError(f"{src}: train.cuda_graphs=true needs train.compile 'on' or 'auto', got 'off'")
+    if cfg.val.max_images is not None and cfg.val.max_images < 1:
+        raise ConfigError(f"{src}: val.max_images must be >= 1 or null, got {cfg.val.max_images}")
+    if cfg.val.save_images < 0:
+        raise ConfigError(f"{src}: val.save_images must be >= 0, got {cfg.val.save_images}")

@@ -1,0 +1,6 @@
+"""Datasets: SMID as published (`smid`), the offline demo dataset (`demo`), config -> pairs (`source`)."""
+
+from lfpv_fast.data.demo import DemoPaths, make_demo_dataset
+from lfpv_fast.data.smid import DataError, Pair, load_frame, resize_linear
+
+__all__ = ["DataError", "DemoPaths", "Pair", "load_frame", "make_demo_dataset", "resize_linear"]

@@ -1,0 +1,404 @@
+"""Enhance low-light images with a trained LFPV model.
+
+    python -m lfpv_fast.enhance INPUT... --checkpoint PATH -o OUTDIR [options]
+
+INPUT: image files (PNG, JPEG, TIFF) or folders of them (--recursive for subfolders). Each result
+is written to OUTDIR under the input's file name (inside a folder input: its path relative to that
+folder), in the input's format and bit depth: 16-bit PNG/TIFF stay 16-bit.
+
+- Grayscale images are enhanced as RGB (the gray channel replicated) and written as RGB.
+- An alpha channel is set aside, the colour is enhanced, and the alpha is written back unchanged.
+- The SNR map is computed from each input image, as the published test does.
+- Sizes down to 16x16; the model aligns sizes internally; the output has the input's size.
+- Never overwrites an input: an output path that is an input file is an error (nothing is written).
+- An output folder inside an input folder is refused unless --allow-output-inside-input (files under
+  it are then never taken as inputs). Existing outputs are skipped unless --overwrite.
+- Large images are enhanced in overlapping tiles (see `enhance_image`), automatically above
+  --max-pixels or always with --tile.
+
+Python API: `enhance_image(net, image, tile=None, overlap=64)`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from lfpv_fast.imageio import IMAGE_EXTENSIONS, ImageReadError, LoadedImage, list_images, read_image, write_image
+from lfpv_fast.model import LFPVNet
+
+DEFAULT_TILE = 1024
+DEFAULT_OVERLAP = 64
+# Above this many pixels an image is tiled by default. The transformer attends over every 16x16 token
+# of the image, so its attention matrix grows with the square of the pixel count (2 MP: 8192 tokens).
+DEFAULT_MAX_PIXELS = 2048 * 1024
+SIDE_BY_SIDE_SUFFIX = "_side_by_side.png"
+
+
+def tile_starts(length: int, tile: int, overlap: int, align: int = 16) -> list[int]:
+    """Start offsets of tiles of size `tile` covering [0, length), neighbours overlapping by >= overlap.
+
+    Starts are multiples of `align` (when `length` and `tile` are), so that every tile sees the same
+    16x16 token grid as the whole image. The last tile ends at `length`. A length <= tile gives [0].
+    """
+    if tile < 1 or overlap < 0 or overlap >= tile:
+        raise ValueError(f"need tile >= 1 and 0 <= overlap < tile, got tile={tile}, overlap={overlap}")
+    if length <= tile:
+        return [0]
+    step = tile - overlap
+    starts = sorted({s // align * align for s in range(0, length - tile, step)} | {length - tile})
+    return starts
+
+
+def _ramp(starts: list[int], index: int, size: int) -> torch.Tensor:
+    """1-D blending weight of tile `index`: linear ramps across its overlaps with the neighbouring tiles.
+
+    Two neighbours' ramps over a shared span add up to one (a linear cross-fade), so no seam shows; the
+    weight is positive everywhere in the tile (half-pixel offsets), so every pixel is covered.
+    """
+    weight = torch.ones(size, dtype=torch.float64)
+    pos = torch.arange(size, dtype=torch.float64)
+    start = starts[index]
+    if index > 0:
+        lead = starts[index - 1] + size - start  # overlap with the previous tile
+        if lead > 0:
+            weight = torch.minimum(weight, (pos + 0.5) / lead)
+    if index + 1 < len(starts):
+        trail = start + size - starts[index + 1]
+        if trail > 0:
+            weight = torch.minimum(weight, (size - pos - 0.5) / trail)
+    return weight
+
+
+def _net_device_dtype(net: torch.nn.Module) -> tuple[torch.device, torch.dtype]:
+    param = next(net.parameters())
+    return param.device, param.dtype
+
+
+def _as_batch(image: np.ndarray | torch.Tensor) -> tuple[torch.Tensor, str]:
+    """The image as a (B,3,H,W) float tensor, and how to give the result back."""
+    if isinstance(image, np.ndarray):
+        if image.ndim != 3 or image.shape[2] != 3:
+            raise ValueError(f"enhance_image expects a numpy image of shape (H,W,3), got {image.shape}")
+        return torch.from_numpy(np.ascontiguousarray(image.transpose(2, 0, 1)))[None].float(), "numpy"
+    if not torch.is_tensor(image):
+        raise TypeError(f"enhance_image expects a torch tensor or numpy array, got {type(image).__name__}")
+    if image.dim() == 3 and image.shape[0] == 3:
+        return image[None], "chw"
+    if image.dim() == 4 and image.shape[1] == 3:
+        return image, "bchw"
+    raise ValueError(f"enhance_image expects a (3,H,W) or (B,3,H,W) tensor, got {tuple(image.shape)}")
+
+
+def enhance_image(net: LFPVNet, image: np.ndarray | torch.Tensor, tile: int | None = None,
+                  overlap: int = DEFAULT_OVERLAP, *, snr: torch.Tensor | None = None, batch_size: int = 4,
+                  max_pixels: int | None = None) -> np.ndarray | torch.Tensor:
+    """Enhance RGB image(s) in [0, 1]; returns the result clamped to [0, 1] in the input's layout.
+
+    image: (3,H,W) or (B,3,H,W) tensor, or an (H,W,3) numpy array; H, W >= 16. The model runs on its
+    own device and dtype (the net is put in eval mode for the call); a tensor result is returned on the
+    input's device.
+    snr: the SNR map (B,1,H,W); default `net.snr_mask(image)`, computed from the whole image.
+    tile: enhance in tiles of tile x tile pixels (a multiple of the model's alignment, 16), overlapping
+      by at least `overlap` pixels and cross-faded with linear ramps. Default: no tiling, unless the
+      image has more than `max_pixels` pixels (then tiles of DEFAULT_TILE). Tiles are run `batch_size`
+      at a time.
+
+    Tiling and the model: the convolutions are local, but the SNR map is normalised by its maximum over
+    the image and the transformer attends across the whole input. So the SNR map is computed once on
+    the whole image and cropped per tile (identical to the untiled one), and the remaining difference
+    from untiled output comes from the transformer's attention seeing only its own tile (plus the
+    convolutions' zero padding within a receptive field of a tile edge, which the cross-fade hides).
+    Images whose sides are not multiples of 16 are reflect-padded to a multiple for tiling instead of
+    being resized as the untiled model does, so every tile is processed at native resolution.
+    """
+    x, layout = _as_batch(image)
+    if not x.is_floating_point():
+        raise TypeError(f"enhance_image expects a float image in [0, 1], got dtype {x.dtype}")
+    b, _, height, width = x.shape
+    align = net.config.align
+    if height < align or width < align:
+        raise ValueError(f"enhance_image needs images of at least {align}x{align} pixels, got {height}x{width}")
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    if tile is None and max_pixels is not None and height * width > max_pixels:
+        tile = DEFAULT_TILE
+    if tile is not None and (tile < align or tile % align):
+        raise ValueError(f"tile must be a positive multiple of {align}, got {tile}")
+    if tile is not None and not 0 <= overlap < tile:
+        raise ValueError(f"tile overlap must be in [0, tile={tile}), got {overlap}")
+
+    device, dtype = _net_device_dtype(net)
+    source_device = x.device
+    was_training = net.training
+    net.eval()
+    try:
+        with torch.no_grad():  # not inference_mode: callers may feed the result to autograd later
+            x = x.to(device, dtype)
+            if snr is None:
+                snr = net.snr_mask(x)
+            else:
+                if tuple(snr.shape) != (b, 1, height, width):
+                    raise ValueError(f"snr must have shape {(b, 1, height, width)}, got {tuple(snr.shape)}")
+                snr = snr.to(device, dtype)
+            if tile is None or (height <= tile and width <= tile):
+                out = torch.cat([net(x[i:i + batch_size], snr[i:i + batch_size]) for i in range(0, b, batch_size)])
+            else:
+                out = _enhance_tiled(net, x, snr, tile, overlap, batch_size)
+            out = out.clamp_(0.0, 1.0)
+    finally:
+        net.train(was_training)
+
+    if layout == "numpy":
+        return out[0].permute(1, 2, 0).float().cpu().numpy()
+    out = out.to(source_device)
+    return out[0] if layout == "chw" else out
+
+
+def _enhance_tiled(net: LFPVNet, x: torch.Tensor, snr: torch.Tensor, tile: int, overlap: int,
+                   batch_size: int) -> torch.Tensor:
+    b, _, height, width = x.shape
+    align = net.config.align
+    # Pad to a multiple of the alignment so that all tiles are aligned and none needs a resize.
+    pad_h, pad_w = -height % align, -width % align
+    if pad_h or pad_w:
+        x = F.pad(x, (0, pad_w, 0, pad_h), mode="reflect")
+        snr = F.pad(snr, (0, pad_w, 0, pad_h), mode="reflect")
+    hp, wp = height + pad_h, width + pad_w
+    th, tw = min(tile, hp), min(tile, wp)
+    ys, xs = tile_starts(hp, th, overlap, align), tile_starts(wp, tw, overlap, align)
+    wy = [_ramp(ys, i, th) for i in range(len(ys))]
+    wx = [_ramp(xs, j, tw) for j in range(len(xs))]
+    tiles = [(i, j) for i in range(len(ys)) for j in range(len(xs))]
+
+    acc = torch.zeros_like(x)
+    weight_sum = torch.zeros((1, 1, hp, wp), dtype=x.dtype, device=x.device)
+    for i, j in tiles:
+        weight_sum[..., ys[i]:ys[i] + th, xs[j]:xs[j] + tw] += (wy[i][:, None] * wx[j][None, :]).to(x)
+    for image in range(b):
+        for first in range(0, len(tiles), batch_size):
+            chunk = tiles[first:first + batch_size]
+            crops = torch.stack([x[image, :, ys[i]:ys[i] + th, xs[j]:xs[j] + tw] for i, j in chunk])
+            masks = torch.stack([snr[image, :, ys[i]:ys[i] + th, xs[j]:xs[j] + tw] for i, j in chunk])
+            out = net(crops, masks)
+            for (i, j), result in zip(chunk, out, strict=True):
+                weight = (wy[i][:, None] * wx[j][None, :]).to(result)
+                acc[image, :, ys[i]:ys[i] + th, xs[j]:xs[j] + tw] += result * weight
+    return (acc / weight_sum)[..., :height, :width]
+
+
+# ------------------------------------------------------------------------------------------------
+# Command line.
+
+
+def _parse_args(argv: Sequence[str] | None) -> tuple[argparse.ArgumentParser, argparse.Namespace]:
+    parser = argparse.ArgumentParser(
+        prog="python -m lfpv_fast.enhance",
+        description="Enhance low-light images with an LFPV model (our checkpoints or the published SMID.pth).",
+        epilog="Grayscale inputs are enhanced as RGB (channel replicated) and written as RGB; an alpha channel "
+               "is kept unchanged; 16-bit PNG/TIFF stay 16-bit. Inputs are never overwritten. Supported: "
+               + ", ".join(IMAGE_EXTENSIONS),
+    )
+    parser.add_argument("inputs", nargs="+", metavar="INPUT", help="image files or folders")
+    parser.add_argument("--checkpoint", required=True, help="lfpv_fast checkpoint or published state dict")
+    parser.add_argument("-o", "--output", required=True, help="output folder")
+    parser.add_argument("--recursive", action="store_true", help="also enhance images in subfolders of folder inputs")
+    parser.add_argument("--device", default="auto", help="auto (GPU if present), cpu, cuda, cuda:N")
+    parser.add_argument("--backend", default="auto", choices=("auto", "reference", "triton"))
+    parser.add_argument("--batch-size", type=int, default=1, help="images of the same size run together (and tiles)")
+    parser.add_argument("--tile", type=int, default=None, help="tile side in pixels (multiple of 16); default: "
+                        f"no tiling below --max-pixels, tiles of {DEFAULT_TILE} above")
+    parser.add_argument("--tile-overlap", type=int, default=DEFAULT_OVERLAP, help="minimum tile overlap in pixels")
+    parser.add_argument("--max-pixels", type=int, default=DEFAULT_MAX_PIXELS,
+                        help="images with more pixels are tiled automatically")
+    parser.add_argument("--overwrite", action="store_true", help="replace existing outputs (default: skip them)")
+    parser.add_argument("--side-by-side", action="store_true",
+                        help=f"also write an 8-bit PNG 'input | output' as NAME{SIDE_BY_SIDE_SUFFIX}")
+    parser.add_argument("--allow-output-inside-input", action="store_true",
+                        help="allow an output folder inside an input folder")
+    parser.add_argument("-q", "--quiet", action="store_true", help="no progress bar or notes")
+    args = parser.parse_args(argv)
+    if args.batch_size < 1:
+        parser.error(f"--batch-size must be >= 1, got {args.batch_size}")
+    if args.tile is not None and (args.tile < 16 or args.tile % 16):
+        parser.error(f"--tile must be a positive multiple of 16, got {args.tile}")
+    if args.tile_overlap < 0 or args.tile_overlap >= (args.tile or DEFAULT_TILE):
+        parser.error(f"--tile-overlap must be in [0, tile), got {args.tile_overlap}")
+    if args.max_pixels < 1:
+        parser.error(f"--max-pixels must be >= 1, got {args.max_pixels}")
+    return parser, args
+
+
+def _resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError as exc:
+        raise ValueError(f"--device {name!r} is not a device name (auto, cpu, cuda, cuda:N)") from exc
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"--device {name}: no CUDA device is available here (use --device cpu)")
+    return device
+
+
+def _plan(args: argparse.Namespace) -> list[tuple[Path, Path, Path | None]]:
+    """(input, output, side-by-side output or None) per image, after every safety check."""
+    out_dir = Path(args.output)
+    if out_dir.exists() and not out_dir.is_dir():
+        raise ValueError(f"output {out_dir} exists and is not a folder")
+    out_resolved = out_dir.resolve()
+    input_dirs = [Path(p) for p in args.inputs if Path(p).is_dir()]
+    for folder in input_dirs:
+        if out_resolved.is_relative_to(folder.resolve()) and not args.allow_output_inside_input:
+            raise ValueError(f"output folder {out_dir} is inside input folder {folder}; choose another output "
+                             "folder or pass --allow-output-inside-input")
+    # An output folder strictly inside an input folder (allowed above) is not searched for inputs.
+    inside = any(out_resolved != f.resolve() and out_resolved.is_relative_to(f.resolve()) for f in input_dirs)
+    images = list_images(args.inputs, recursive=args.recursive, exclude=[out_dir] if inside else None)
+    if not images:
+        raise ValueError(f"no images found in {', '.join(args.inputs)} (supported: {', '.join(IMAGE_EXTENSIONS)})")
+
+    # The same file named twice (or a file and its folder) is enhanced once.
+    unique: dict[Path, tuple[Path, Path]] = {}
+    for path, relative in images:
+        unique.setdefault(path.resolve(), (path, relative))
+    images = list(unique.values())
+    inputs = {resolved: path for resolved, (path, _) in unique.items()}
+    # Also compare file identities: a hard link or a differently spelled path to an input is the input.
+    identities = {(st.st_dev, st.st_ino): path for path in inputs.values() for st in [os.stat(path)]}
+    plan: list[tuple[Path, Path, Path | None]] = []
+    claimed: dict[Path, Path] = {}
+    for path, relative in images:
+        output = out_dir / relative
+        side = output.with_name(output.stem + SIDE_BY_SIDE_SUFFIX) if args.side_by_side else None
+        for target in (output, side):
+            if target is None:
+                continue
+            resolved = target.resolve()
+            same = inputs.get(resolved)
+            if same is None and target.exists():
+                st = os.stat(target)
+                same = identities.get((st.st_dev, st.st_ino))
+            if same is not None:
+                raise ValueError(f"refusing to overwrite input {same}: it is also the output for {path}; "
+                                 "choose another output folder")
+            if resolved in claimed:
+                raise ValueError(f"{path} and {claimed[resolved]} would both be written to {target}; "
+                                 "enhance them into different output folders")
+            claimed[resolved] = path
+        plan.append((path, output, side))
+    return plan
+
+
+def _side_by_side(image: LoadedImage, enhanced: torch.Tensor) -> np.ndarray:
+    """(H, 2W, 3) float: the input (as RGB, alpha ignored) left of the output."""
+    return np.concatenate([image.rgb, enhanced.permute(1, 2, 0).float().numpy()], axis=1)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    from tqdm import tqdm
+
+    from lfpv_fast.checkpoint import load_model
+
+    parser, args = _parse_args(argv)
+    try:
+        plan = _plan(args)
+        device = _resolve_device(args.device)
+    except (ValueError, FileNotFoundError) as exc:
+        parser.error(str(exc))  # exits with status 2
+
+    def note(message: str) -> None:
+        if not args.quiet:
+            tqdm.write(message, file=sys.stderr)
+
+    # Per image, the files still to write: existing ones are kept unless --overwrite.
+    todo: list[tuple[Path, Path | None, Path | None]] = []
+    skipped = 0
+    for path, output, side in plan:
+        keep = [t for t in (output, side) if t is not None and t.exists() and not args.overwrite]
+        if keep and len(keep) == (1 if side is None else 2):
+            note(f"skip {path}: {output} exists (--overwrite replaces it)")
+            skipped += 1
+            continue
+        todo.append((path, None if output in keep else output, None if side in keep else side))
+    if not todo:
+        note(f"nothing to do: {skipped} outputs already exist in {args.output}")
+        return 0
+
+    try:
+        net = load_model(args.checkpoint, backend=args.backend)
+    except (ValueError, FileNotFoundError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    net.to(device).eval()
+
+    failed = 0
+    done = 0
+    pending: list[tuple[LoadedImage, Path | None, Path | None]] = []
+
+    def flush() -> None:
+        nonlocal done, failed
+        if not pending:
+            return
+        batch = torch.stack([img.to_tensor() for img, _, _ in pending])
+        height, width = batch.shape[-2:]
+        try:
+            results = enhance_image(net, batch, tile=args.tile, overlap=args.tile_overlap,
+                                    batch_size=args.batch_size, max_pixels=args.max_pixels).cpu()
+        except (RuntimeError, ValueError) as exc:  # e.g. out of memory: report, go on with the next images
+            for img, _, _ in pending:
+                print(f"error: {img.path}: enhancement failed ({height}x{width}): {exc}", file=sys.stderr)
+            failed += len(pending)
+            pending.clear()
+            return
+        for (img, output, side), result in zip(pending, results, strict=True):
+            try:
+                if output is not None:
+                    write_image(output, result, bit_depth=img.bit_depth, alpha=img.alpha)
+                if side is not None:
+                    write_image(side, _side_by_side(img, result), bit_depth=8)
+            except (OSError, ValueError) as exc:
+                print(f"error: {img.path}: could not write the result: {exc}", file=sys.stderr)
+                failed += 1
+                continue
+            done += 1
+        pending.clear()
+
+    for path, output, side in tqdm(todo, desc="enhance", unit="img", disable=args.quiet or None):
+        try:
+            image = read_image(path)
+        except (ImageReadError, FileNotFoundError) as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            failed += 1
+            continue
+        height, width = image.size
+        if min(height, width) < net.config.align:
+            print(f"error: {path}: {height}x{width} is smaller than the model's minimum "
+                  f"{net.config.align}x{net.config.align}", file=sys.stderr)
+            failed += 1
+            continue
+        if image.source_mode.startswith("gray"):
+            note(f"note: {path} is grayscale: enhanced as RGB (channel replicated), written as RGB")
+        if image.alpha is not None:
+            note(f"note: {path} has an alpha channel: kept unchanged in the output")
+        if pending and (pending[0][0].size != image.size or len(pending) >= args.batch_size):
+            flush()
+        pending.append((image, output, side))
+        tiled = (args.tile is not None and max(height, width) > args.tile) or height * width > args.max_pixels
+        if tiled:  # a tiled image fills the batch with its own tiles
+            flush()
+    flush()
+
+    note(f"enhanced {done}, skipped {skipped}, failed {failed}; outputs in {args.output}")
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,294 @@
+"""Reading and writing the images the CLIs enhance and evaluate: PNG, JPEG and TIFF, 8 and 16 bit.
+
+Choices (documented for users in `python -m lfpv_fast.enhance --help`):
+- Grayscale is accepted and replicated to RGB (the model is an RGB model); the enhanced output is
+  written as RGB. `LoadedImage.source_mode` says what the file held so that callers can say so.
+- An alpha channel is taken off before enhancement and kept as is: `write_image` re-attaches it.
+- 16-bit files stay 16-bit: values are read as v / 65535 and written back as round(x * 65535), so
+  no precision is lost to an 8-bit round trip. JPEG is 8-bit only.
+- JPEG EXIF orientation is applied on reading (the image is processed as viewers show it), since the
+  written output carries no EXIF tag that would rotate it back.
+
+Backends: Pillow for 8-bit PNG and JPEG; tifffile for TIFF; imagecodecs for 16-bit PNG, which
+Pillow reads only as 8-bit RGB (it truncates "RGB;16" to 8 bits) and cannot write at all.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import struct
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+PNG_EXTENSIONS = (".png",)
+JPEG_EXTENSIONS = (".jpg", ".jpeg")
+TIFF_EXTENSIONS = (".tif", ".tiff")
+IMAGE_EXTENSIONS = PNG_EXTENSIONS + JPEG_EXTENSIONS + TIFF_EXTENSIONS
+_PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+
+
+class ImageReadError(ValueError):
+    """A file that could not be read as a supported image (the message names the file)."""
+
+
+@dataclass
+class LoadedImage:
+    """An image as the model sees it plus what is needed to write the result back in kind.
+
+    rgb: (H, W, 3) float32 in [0, 1]. alpha: (H, W) in the file's integer dtype, or None.
+    bit_depth: 8 or 16. source_mode: "rgb", "rgba", "gray" or "gray+alpha".
+    """
+
+    path: Path
+    rgb: np.ndarray
+    bit_depth: int
+    alpha: np.ndarray | None
+    source_mode: str
+
+    @property
+    def size(self) -> tuple[int, int]:
+        """(height, width)."""
+        return self.rgb.shape[0], self.rgb.shape[1]
+
+    def to_tensor(self) -> torch.Tensor:
+        """(3, H, W) float32 tensor."""
+        return torch.from_numpy(np.ascontiguousarray(self.rgb.transpose(2, 0, 1)))
+
+
+def is_image_file(path: str | Path) -> bool:
+    return Path(path).suffix.lower() in IMAGE_EXTENSIONS
+
+
+def list_images(inputs: list[str | Path], recursive: bool = False, exclude: list[Path] | None = None
+                ) -> list[tuple[Path, Path]]:
+    """Expand files and folders into (image path, path relative to its input) pairs, in a stable order.
+
+    A folder contributes its image files (sorted; subfolders too with `recursive`); a file must have a
+    supported extension. Anything under a folder of `exclude` is left out (an output folder that lives
+    inside an input folder, so that earlier results are not enhanced again).
+    """
+    excluded = [p.resolve() for p in (exclude or [])]
+    found: list[tuple[Path, Path]] = []
+    for item in inputs:
+        path = Path(item)
+        if path.is_dir():
+            pattern = path.rglob("*") if recursive else path.iterdir()
+            for file in sorted(pattern):
+                if not file.is_file() or not is_image_file(file):
+                    continue
+                resolved = file.resolve()
+                if any(resolved.is_relative_to(ex) for ex in excluded):
+                    continue
+                found.append((file, file.relative_to(path)))
+        elif path.is_file():
+            if not is_image_file(path):
+                raise ValueError(f"input {path} is not a supported image (expected one of "
+                                 f"{', '.join(IMAGE_EXTENSIONS)})")
+            found.append((path, Path(path.name)))
+        else:
+            raise FileNotFoundError(f"input {path} does not exist")
+    return found
+
+
+def _png_header(data: bytes) -> tuple[int, int]:
+    """(bit depth, colour type) from a PNG's IHDR chunk."""
+    if data[:8] != _PNG_SIGNATURE or data[12:16] != b"IHDR":
+        raise ValueError("not a PNG file (bad signature or missing IHDR)")
+    bit_depth, color_type = struct.unpack(">BB", data[24:26])
+    return bit_depth, color_type
+
+
+def _split_channels(array: np.ndarray, path: Path) -> tuple[np.ndarray, np.ndarray | None, str]:
+    """An HxW / HxWxC integer array -> (HxWx3 colour, alpha or None, source mode)."""
+    if array.ndim == 2:
+        array = array[:, :, None]
+    if array.ndim != 3 or array.shape[2] not in (1, 2, 3, 4):
+        raise ImageReadError(f"{path}: unsupported image layout {array.shape} (expected gray, gray+alpha, "
+                             "RGB or RGBA)")
+    channels = array.shape[2]
+    if channels in (1, 2):
+        color = np.repeat(array[:, :, :1], 3, axis=2)
+        return color, (array[:, :, 1] if channels == 2 else None), ("gray+alpha" if channels == 2 else "gray")
+    return array[:, :, :3], (array[:, :, 3] if channels == 4 else None), ("rgba" if channels == 4 else "rgb")
+
+
+def _read_pillow(path: Path) -> np.ndarray:
+    from PIL import Image, ImageOps
+
+    with Image.open(path) as im:
+        im = ImageOps.exif_transpose(im)
+        mode = im.mode
+        if mode == "1":
+            im = im.convert("L")
+        elif mode == "P":
+            im = im.convert("RGBA" if "transparency" in im.info else "RGB")
+        elif mode == "PA":
+            im = im.convert("RGBA")
+        elif mode in ("CMYK", "YCbCr", "LAB", "HSV"):
+            im = im.convert("RGB")
+        elif mode not in ("L", "LA", "RGB", "RGBA"):
+            raise ImageReadError(f"{path}: unsupported Pillow image mode {mode!r} "
+                                 "(expected grayscale, RGB or RGBA, 8 or 16 bit)")
+        return np.asarray(im)
+
+
+def _read_png16(path: Path, data: bytes) -> np.ndarray:
+    try:
+        import imagecodecs
+    except ImportError as exc:
+        raise ImageReadError(f"{path}: reading 16-bit PNG needs the 'imagecodecs' package "
+                             "(pip install imagecodecs)") from exc
+    return imagecodecs.png_decode(data)
+
+
+def _read_tiff(path: Path) -> np.ndarray:
+    import tifffile
+
+    with tifffile.TiffFile(path) as tif:
+        if not tif.pages:
+            raise ImageReadError(f"{path}: TIFF file holds no image")
+        page = tif.pages[0]  # multi-page TIFFs: the first page is the image (later ones are often thumbnails)
+        photometric = page.photometric.name if page.photometric is not None else "?"
+        if photometric not in ("MINISBLACK", "RGB"):
+            raise ImageReadError(f"{path}: unsupported TIFF photometric interpretation {photometric} "
+                                 "(expected MINISBLACK grayscale or RGB)")
+        array = page.asarray()
+        axes = page.axes
+    if axes.startswith("S") and array.ndim == 3:  # planar configuration: samples first
+        array = np.moveaxis(array, 0, -1)
+    return array
+
+
+def read_image(path: str | Path) -> LoadedImage:
+    """Read a PNG, JPEG or TIFF file (8 or 16 bit, gray/RGB, optional alpha) for enhancement."""
+    path = Path(path)
+    suffix = path.suffix.lower()
+    if suffix not in IMAGE_EXTENSIONS:
+        raise ImageReadError(f"{path}: unsupported file type {suffix!r} "
+                             f"(expected one of {', '.join(IMAGE_EXTENSIONS)})")
+    if not path.is_file():
+        raise FileNotFoundError(f"image {path} does not exist")
+    try:
+        if suffix in TIFF_EXTENSIONS:
+            array = _read_tiff(path)
+        elif suffix in PNG_EXTENSIONS:
+            data = path.read_bytes()
+            bit_depth, _ = _png_header(data)
+            array = _read_png16(path, data) if bit_depth == 16 else _read_pillow(path)
+        else:
+            array = _read_pillow(path)
+    except (ImageReadError, FileNotFoundError):
+        raise
+    except Exception as exc:  # corrupt or truncated file, or a format variant the decoders refuse
+        raise ImageReadError(f"{path}: could not read image: {exc}") from exc
+
+    if array.dtype == np.uint8:
+        bit_depth, scale = 8, 255.0
+    elif array.dtype == np.uint16:
+        bit_depth, scale = 16, 65535.0
+    else:
+        raise ImageReadError(f"{path}: unsupported sample type {array.dtype} (expected 8- or 16-bit unsigned integers)")
+    color, alpha, mode = _split_channels(array, path)
+    if min(color.shape[:2]) < 1:
+        raise ImageReadError(f"{path}: empty image {color.shape[:2]}")
+    rgb = color.astype(np.float32) / np.float32(scale)
+    return LoadedImage(path=path, rgb=rgb, bit_depth=bit_depth, alpha=None if alpha is None else alpha.copy(),
+                       source_mode=mode)
+
+
+def to_integer(rgb: np.ndarray | torch.Tensor, bit_depth: int) -> np.ndarray:
+    """Float HxWx3 (numpy) or 3xHxW (torch) in [0, 1] -> uint8 / uint16 HxWx3: round(clamp(x) * max)."""
+    if bit_depth not in (8, 16):
+        raise ValueError(f"bit_depth must be 8 or 16, got {bit_depth}")
+    if torch.is_tensor(rgb):
+        if rgb.dim() != 3 or rgb.shape[0] != 3:
+            raise ValueError(f"expected a (3,H,W) tensor, got {tuple(rgb.shape)}")
+        rgb = rgb.detach().to("cpu", torch.float32).permute(1, 2, 0).numpy()
+    if bit_depth == 8:
+        # Same rounding as lfpv_fast.metrics.quantize (the published tensor2img).
+        return np.round(np.clip(rgb.astype(np.float32), 0, 1) * np.float32(255.0)).astype(np.uint8)
+    return np.round(np.clip(rgb.astype(np.float64), 0, 1) * 65535.0).astype(np.uint16)
+
+
+def encode_image(suffix: str, pixels: np.ndarray) -> bytes:
+    """Encode uint8/uint16 HxWx3 or HxWx4 pixels for a file with this extension."""
+    suffix = suffix.lower()
+    if pixels.dtype not in (np.uint8, np.uint16) or pixels.ndim != 3 or pixels.shape[2] not in (3, 4):
+        raise ValueError(f"expected uint8/uint16 HxWx3 or HxWx4 pixels, got {pixels.dtype} {pixels.shape}")
+    if suffix in TIFF_EXTENSIONS:
+        import tifffile
+
+        buffer = io.BytesIO()
+        extrasamples = ("unassalpha",) if pixels.shape[2] == 4 else None
+        tifffile.imwrite(buffer, pixels, photometric="rgb", compression="zlib", extrasamples=extrasamples)
+        return buffer.getvalue()
+    if suffix in PNG_EXTENSIONS and pixels.dtype == np.uint16:
+        try:
+            import imagecodecs
+        except ImportError as exc:
+            raise RuntimeError("writing 16-bit PNG needs the 'imagecodecs' package (pip install imagecodecs)") from exc
+        return bytes(imagecodecs.png_encode(np.ascontiguousarray(pixels)))
+    if pixels.dtype != np.uint8:
+        raise ValueError(f"{suffix} output is 8-bit only, got {pixels.dtype} pixels")
+    from PIL import Image
+
+    buffer = io.BytesIO()
+    image = Image.fromarray(np.ascontiguousarray(pixels), mode="RGBA" if pixels.shape[2] == 4 else "RGB")
+    if suffix in PNG_EXTENSIONS:
+        image.save(buffer, format="PNG")
+    elif suffix in JPEG_EXTENSIONS:
+        if pixels.shape[2] == 4:
+            raise ValueError("JPEG cannot hold an alpha channel")
+        image.save(buffer, format="JPEG", quality=95, subsampling=0)  # near-lossless: the model's detail matters
+    else:
+        raise ValueError(f"unsupported output file type {suffix!r} (expected one of {', '.join(IMAGE_EXTENSIONS)})")
+    return buffer.getvalue()
+
+
+def write_bytes_atomic(path: Path, data: bytes) -> None:
+    """Write to a temporary file beside `path`, then rename: readers never see a half-written image."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def write_image(path: str | Path, rgb: np.ndarray | torch.Tensor, bit_depth: int = 8,
+                alpha: np.ndarray | None = None) -> None:
+    """Write a float RGB image in [0, 1] (HxWx3 numpy or 3xHxW torch) with optional alpha.
+
+    16-bit is kept for PNG and TIFF; a 16-bit image written as JPEG is reduced to 8 bits (as is its alpha
+    for an 8-bit file). An alpha channel cannot go into a JPEG (error).
+    """
+    path = Path(path)
+    suffix = path.suffix.lower()
+    if suffix in JPEG_EXTENSIONS:
+        bit_depth = 8
+    pixels = to_integer(rgb, bit_depth)
+    if alpha is not None:
+        if alpha.shape != pixels.shape[:2]:
+            raise ValueError(f"{path}: alpha of shape {alpha.shape} does not match the image {pixels.shape[:2]}")
+        alpha = _convert_depth(alpha, pixels.dtype)
+        pixels = np.concatenate([pixels, alpha[:, :, None]], axis=2)
+    write_bytes_atomic(path, encode_image(suffix, pixels))
+
+
+def _convert_depth(values: np.ndarray, dtype: np.dtype) -> np.ndarray:
+    if values.dtype == dtype:
+        return values
+    if values.dtype == np.uint16 and dtype == np.uint8:
+        return np.round(values.astype(np.float64) / 257.0).astype(np.uint8)
+    if values.dtype == np.uint8 and dtype == np.uint16:
+        return values.astype(np.uint16) * 257
+    raise ValueError(f"cannot convert {values.dtype} samples to {dtype}")

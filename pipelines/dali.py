@@ -1,0 +1,161 @@
+"""DALI pipelines: the same pairs, crops and flips as the torch loader, with the image ops in DALI.
+
+Files are read by `fn.readers.numpy` in the planned order (one reader for LQ, one for GT, over
+lists of equal length, so they stay in step); the crop anchors and flips of each batch come from
+`pipelines.sampling` through `fn.external_source`. Then, per frame: resize to data.resize
+(INTER_LINEAR, antialias=False: OpenCV's formula; skipped for the prepared cache), BGR -> RGB,
+slice at the anchor, flip, and `crop_mirror_normalize` to float32 CHW in [0, 1].
+
+device="gpu": files are read on the CPU and every image op runs on the GPU of
+`torch.cuda.current_device()`; batches are CUDA tensors. device="cpu": the same graph with
+`device_id=None`; batches are CPU tensors. A pipeline covers what is left of one epoch; a new one
+is built for each epoch (a few ms) because the file order changes.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from lfpv_fast.data.source import SplitData
+from lfpv_fast.pipelines.loader import Batch, BatchPlan, PairLoader
+
+try:
+    import nvidia.dali.fn as fn
+    import nvidia.dali.types as types
+    from nvidia.dali import pipeline_def
+    from nvidia.dali.plugin.pytorch import feed_ndarray
+
+    HAVE_DALI = True
+except ImportError:  # not installed (e.g. not Linux): build_loader falls back to the torch loader
+    HAVE_DALI = False
+
+
+def _frames(files: list[str], name: str, device: str, bgr: bool, resize: tuple[int, int] | None):
+    x = fn.readers.numpy(files=files, random_shuffle=False, name=name)
+    if device == "gpu":
+        x = x.gpu()
+    if resize is not None:
+        x = fn.resize(x, resize_x=resize[0], resize_y=resize[1], interp_type=types.INTERP_LINEAR, antialias=False)
+    if bgr:
+        x = fn.color_space_conversion(x, image_type=types.BGR, output_type=types.RGB)
+    return x
+
+
+def _to_chw_float(x):
+    return fn.crop_mirror_normalize(x, dtype=types.FLOAT, output_layout="CHW", mean=[0.0], std=[255.0])
+
+
+if HAVE_DALI:
+
+    @pipeline_def
+    def train_pipeline(
+        lq_files: list[str],
+        gt_files: list[str],
+        draws,
+        crop: int,
+        device: str = "cpu",
+        bgr: bool = True,
+        resize: tuple[int, int] | None = None,
+    ):
+        """Training pairs: `draws(info)` returns the batch's ([y, x] anchors, hflips, vflips)."""
+        anchor, hflip, vflip = fn.external_source(source=draws, num_outputs=3, batch=True, batch_info=True)
+        shape = np.array([crop, crop], dtype=np.int32)
+        out = []
+        for files, name in ((lq_files, "lq"), (gt_files, "gt")):
+            x = _frames(files, name, device, bgr, resize)
+            x = fn.slice(x, anchor, shape, axes=[0, 1], normalized_anchor=False, normalized_shape=False)
+            x = fn.flip(x, horizontal=hflip, vertical=vflip)
+            out.append(_to_chw_float(x))
+        return tuple(out)
+
+    @pipeline_def
+    def eval_pipeline(
+        lq_files: list[str],
+        gt_files: list[str],
+        device: str = "cpu",
+        bgr: bool = True,
+        resize: tuple[int, int] | None = None,
+    ):
+        """Evaluation pairs: whole resized frames in the given order, no augmentation."""
+        return tuple(
+            _to_chw_float(_frames(files, name, device, bgr, resize))
+            for files, name in ((lq_files, "lq"), (gt_files, "gt"))
+        )
+
+
+class _Draws:
+    """external_source callback: the planned choices of batch `info.iteration`. DALI prefetches
+    past the end of the plan; those batches are never consumed, so they repeat the last one."""
+
+    def __init__(self, plans: list[BatchPlan]) -> None:
+        self.plans = plans
+
+    def __call__(self, info) -> tuple[list[np.ndarray], list[np.ndarray], list[np.ndarray]]:
+        p = self.plans[min(info.iteration, len(self.plans) - 1)]
+        anchors = [np.array([y, x], dtype=np.int32) for x, y in zip(p.x, p.y, strict=True)]
+        return anchors, [np.array(h, dtype=np.int32) for h in p.hflip], [np.array(v, dtype=np.int32) for v in p.vflip]
+
+
+def _to_torch(tl, device: torch.device) -> torch.Tensor:
+    t = tl.as_tensor()
+    out = torch.empty(t.shape(), dtype=torch.float32, device=device)
+    stream = torch.cuda.current_stream(device) if device.type == "cuda" else None
+    feed_ndarray(t, out, cuda_stream=stream)
+    return out
+
+
+class DaliPairLoader(PairLoader):
+    """`PairLoader` running the DALI pipelines with `num_threads` CPU threads on `device`."""
+
+    def __init__(self, data: SplitData, *args, device: str = "cpu", num_threads: int = 2, **kwargs) -> None:
+        if not HAVE_DALI:
+            raise ImportError("nvidia-dali is not installed (pip install nvidia-dali-cuda120)")
+        super().__init__(data, *args, **kwargs)
+        if device not in ("cpu", "gpu"):
+            raise ValueError(f"device must be 'cpu' or 'gpu', got {device!r}")
+        self.device, self.num_threads = device, num_threads
+
+    def _build(self, plans: list[BatchPlan]):
+        pairs = self.data.pairs
+        order = [i for p in plans for i in p.indices]
+        lq_files = [str(Path(pairs[i].lq)) for i in order]
+        gt_files = [str(Path(pairs[i].gt)) for i in order]
+        if self.device == "gpu":
+            device_id = torch.cuda.current_device()
+        else:
+            device_id = None
+        common = dict(
+            batch_size=self.batch_size,
+            num_threads=self.num_threads,
+            device_id=device_id,
+            seed=self.seed,  # unused: the graph has no random op; all choices come from the plan
+            prefetch_queue_depth=2,
+            lq_files=lq_files,
+            gt_files=gt_files,
+            device=self.device,
+            bgr=self.data.bgr,
+            resize=self.data.resize,
+        )
+        if plans[0].x is None:
+            pipe = eval_pipeline(**common)
+        else:
+            pipe = train_pipeline(draws=_Draws(plans), crop=self.crop, **common)
+        pipe.build()
+        return pipe
+
+    def _produce(self, plans: list[BatchPlan]) -> Iterator[Batch]:
+        if not plans:
+            return
+        pipe = self._build(plans)
+        device = torch.device("cuda", torch.cuda.current_device()) if self.device == "gpu" else torch.device("cpu")
+        try:
+            for plan in plans:
+                lq, gt = pipe.run()
+                scene, frame = self.names(plan)
+                yield {"lq": _to_torch(lq, device), "gt": _to_torch(gt, device), "scene": scene, "frame": frame}
+        finally:
+            del pipe

@@ -1,0 +1,97 @@
+"""The reference loader: a torch DataLoader doing the published per-sample steps.
+
+Per sample: np.load the LQ frame and its scene's GT, resize each to data.resize (OpenCV
+INTER_LINEAR, rounded to uint8; skipped for the prepared cache, whose frames are stored at that
+size), crop both at the planned anchor, flip both as planned, reverse BGR to RGB, and scale to
+float32 CHW in [0, 1]. The choices come from `pipelines.sampling` through a batch sampler, so
+worker processes hold no random state and the batches do not depend on num_workers.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+from lfpv_fast.data.smid import load_frame, resize_linear
+from lfpv_fast.data.source import SplitData
+from lfpv_fast.pipelines.loader import Batch, BatchPlan, PairLoader
+
+# A sample key: (index, x, y, hflip, vflip); x is -1 for "no crop" (test).
+Key = tuple[int, int, int, bool, bool]
+
+
+class PairDataset(Dataset):
+    """Map-style dataset over `SplitData.pairs`, indexed by sample keys from the plan."""
+
+    def __init__(self, data: SplitData, crop: int) -> None:
+        self.data, self.crop = data, crop
+        w, h = data.size
+        self._stored_shape = (h, w, 3) if data.resize is None else None
+
+    def __len__(self) -> int:
+        return len(self.data.pairs)
+
+    def _read(self, path, x: int, y: int, hflip: bool, vflip: bool) -> torch.Tensor:
+        img = load_frame(path, self._stored_shape)
+        if self.data.resize is not None:
+            img = resize_linear(img, *self.data.resize)
+        if x >= 0:
+            img = img[y : y + self.crop, x : x + self.crop]
+        if hflip:
+            img = img[:, ::-1]
+        if vflip:
+            img = img[::-1]
+        if self.data.bgr:
+            img = img[:, :, ::-1]
+        # x * float32(1/255), as DALI's crop_mirror_normalize computes it: both loaders agree bit for
+        # bit. In numpy, which is single-threaded: torch's intra-op threads only add overhead here.
+        chw = np.ascontiguousarray(img.transpose(2, 0, 1))
+        return torch.from_numpy(np.multiply(chw, np.float32(1.0 / 255.0), dtype=np.float32))
+
+    def __getitem__(self, key: Key) -> tuple[torch.Tensor, torch.Tensor, str, str]:
+        index, x, y, hflip, vflip = key
+        pair = self.data.pairs[index]
+        return (
+            self._read(pair.lq, x, y, hflip, vflip),
+            self._read(pair.gt, x, y, hflip, vflip),
+            pair.scene,
+            pair.frame,
+        )
+
+
+def _collate(samples: list[tuple[torch.Tensor, torch.Tensor, str, str]]) -> Batch:
+    lq, gt, scene, frame = zip(*samples, strict=True)
+    return {"lq": torch.stack(lq), "gt": torch.stack(gt), "scene": list(scene), "frame": list(frame)}
+
+
+def plan_keys(plan: BatchPlan) -> list[Key]:
+    if plan.x is None:
+        return [(int(i), -1, -1, False, False) for i in plan.indices]
+    return [
+        (int(i), int(x), int(y), bool(h), bool(v))
+        for i, x, y, h, v in zip(plan.indices, plan.x, plan.y, plan.hflip, plan.vflip, strict=True)
+    ]
+
+
+class TorchPairLoader(PairLoader):
+    """`PairLoader` on a torch DataLoader with `num_workers` processes (pinned memory on "gpu")."""
+
+    def __init__(self, data: SplitData, *args, num_workers: int = 0, pin_memory: bool = False, **kwargs) -> None:
+        super().__init__(data, *args, **kwargs)
+        self.dataset = PairDataset(data, self.crop)
+        self.num_workers, self.pin_memory = num_workers, pin_memory
+
+    def _produce(self, plans: list[BatchPlan]) -> Iterator[Batch]:
+        if not plans:
+            return
+        loader = DataLoader(
+            self.dataset,
+            batch_sampler=[plan_keys(p) for p in plans],
+            num_workers=self.num_workers,
+            collate_fn=_collate,
+            pin_memory=self.pin_memory,
+        )
+        yield from loader

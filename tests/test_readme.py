@@ -1,0 +1,59 @@
+"""The README stays true: every command, flag, make target and config key it names exists, and
+every config key is documented in its config reference."""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib
+import re
+from pathlib import Path
+
+import pytest
+
+from lfpv_fast.config import SECTIONS
+
+ROOT = Path(__file__).resolve().parents[1]
+README = (ROOT / "README.md").read_text()
+CLI_MODULES = sorted(set(re.findall(r"python -m (lfpv_fast(?:\.\w+)+)", README)))
+
+
+def all_config_keys() -> set[str]:
+    return {f"{s}.{f.name}" for s, cls in SECTIONS.items() for f in dataclasses.fields(cls)}
+
+
+def test_readme_names_the_two_commands():
+    assert "make test" in README and "python -m lfpv_fast.train" in README
+    ci = (ROOT / ".ci" / "run").read_text()
+    assert "make test" in ci
+
+
+def test_make_targets_named_in_readme_exist():
+    targets = set(re.findall(r"^([\w-]+):", (ROOT / "Makefile").read_text(), flags=re.M))
+    named = set(re.findall(r"make ([\w-]+)", README))
+    assert named and named <= targets, named - targets
+
+
+@pytest.mark.parametrize("module", CLI_MODULES)
+def test_cli_modules_and_their_flags_exist(module):
+    mod = importlib.import_module(module)
+    assert callable(getattr(mod, "main", None)), f"{module} has no main()"
+    parser = mod.build_parser()
+    flags = {opt for action in parser._actions for opt in action.option_strings}
+    # Every --flag on a README line that runs this module must be one the module accepts.
+    for line in README.splitlines():
+        if f"-m {module} " in line or line.rstrip().endswith(f"-m {module}"):
+            used = set(re.findall(r"(?<![\w-])(--[a-z][\w-]*)", line.split(f"-m {module}", 1)[1]))
+            assert used <= flags, f"{module}: README uses unknown flags {used - flags}"
+
+
+def test_config_keys_named_in_readme_exist_and_all_are_documented():
+    keys = all_config_keys()
+    named = set(re.findall(r"`((?:model|data|train|val|logging)\.[a-z_]+)", README))
+    assert named - keys == set(), f"README names config keys that do not exist: {named - keys}"
+    undocumented = {k for k in keys if f"`{k}`" not in README}
+    assert not undocumented, f"config keys missing from the README's reference: {sorted(undocumented)}"
+
+
+def test_bench_scripts_named_in_readme_exist():
+    for path in set(re.findall(r"(bench/[\w/]+\.py)", README)):
+        assert (ROOT / path).is_file(), path
