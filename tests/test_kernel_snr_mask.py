@@ -1,0 +1,162 @@
+"""Triton snr_mask vs its eager twin (lfpv_fast.reference.snr_mask), forward and backward.
+
+On a machine without CUDA the kernels run under TRITON_INTERPRET=1 (tests/conftest.py), where the
+kernels repeat the reference's float32/float64 operations in the reference's order: the forward must
+then be bit-identical to the reference, which matters because the ratio light / (|dark - light| + 1e-4)
+turns a one-ulp difference in `light` into ~1e-3 relative.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from lfpv_fast import reference
+
+triton = pytest.importorskip("triton")
+
+from lfpv_fast.kernels import _common  # noqa: E402
+from lfpv_fast.kernels.snr_mask import snr_mask, snr_mask_fwd  # noqa: E402
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+if DEVICE == "cpu" and not _common.interpreting():
+    pytest.skip("no CUDA device and TRITON_INTERPRET is not set", allow_module_level=True)
+
+
+@pytest.fixture(autouse=True)
+def poisoned_outputs():
+    """Every kernel output starts as NaN, so an element a kernel fails to write shows up."""
+    _common.POISON_OUTPUTS = True
+    _common.reset_launches()
+    yield
+    _common.POISON_OUTPUTS = False
+
+
+def make_images(batch: int, height: int, width: int, dtype: torch.dtype, seed: int,
+                low: float = 0.0, high: float = 1.0) -> torch.Tensor:
+    gen = torch.Generator().manual_seed(seed)
+    x = low + (high - low) * torch.rand(batch, 3, height, width, generator=gen, dtype=torch.float64)
+    return x.to(device=DEVICE, dtype=dtype)
+
+
+def grad_of_weighted_sum(fn, x: torch.Tensor, seed: int = 5) -> tuple[torch.Tensor, torch.Tensor]:
+    x = x.detach().requires_grad_()
+    out = fn(x)
+    weights = torch.randn(out.shape, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+    return out, torch.autograd.grad((out * weights.to(out)).sum(), x)[0]
+
+
+def assert_rel_close(actual: torch.Tensor, expected: torch.Tensor, rel: float, what: str) -> None:
+    """max |actual - expected| <= rel * max |expected|."""
+    assert torch.isfinite(actual).all(), f"{what}: non-finite values (an unwritten poisoned output?)"
+    scale = expected.abs().max().item()
+    err = (actual.double() - expected.double()).abs().max().item()
+    assert err <= rel * scale, f"{what}: max error {err:.3e} vs scale {scale:.3e} (rel {rel:g})"
+
+
+SHAPES = [(2, 5, 7), (3, 17, 33), (1, 64, 64), (1, 3, 3), (2, 4, 6)]
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=str)
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
+def test_forward_matches_reference(shape, dtype):
+    x = make_images(*shape, dtype, seed=sum(shape))
+    out = snr_mask(x)
+    expected = reference.snr_mask(x)
+    assert out.dtype == dtype and out.shape == expected.shape
+    assert torch.isfinite(out).all()
+    if _common.interpreting():
+        # same operations in the same order, IEEE arithmetic: bit-identical
+        assert torch.equal(out, expected), (out - expected).abs().max()
+    else:
+        # on a GPU the reference's CUDA ops may round differently (e.g. reciprocal multiplies)
+        assert_rel_close(out, expected, 1e-10 if dtype == torch.float64 else 1e-5, "out")
+
+
+def test_two_launches():
+    x = make_images(2, 17, 33, torch.float32, seed=0)
+    snr_mask(x)
+    assert dict(_common.LAUNCHES) == {"snr_mask_ratio": 1, "snr_mask_normalize": 1}
+
+
+def test_strided_input():
+    """A channels-last batch and a cropped view give the same map as their contiguous copies."""
+    x = make_images(2, 20, 40, torch.float64, seed=1)
+    cl = x.contiguous(memory_format=torch.channels_last)
+    crop = x[:, :, 3:16, 5:30]
+    assert torch.equal(snr_mask(cl), reference.snr_mask(x))
+    assert torch.equal(snr_mask(crop), reference.snr_mask(crop.contiguous()))
+
+
+@pytest.mark.parametrize("dtype,rel", [(torch.bfloat16, 2.0**-7), (torch.float16, 2.0**-10)], ids=str)
+def test_half_precision_against_float64(dtype, rel):
+    """16-bit inputs computed in float32, rounded once at the end: within 2 ulps of the [0, 1] map
+    (the output rounding is half an ulp; float32 cancellation in dark - light adds up to ~1e-3).
+    The reference itself run in bf16 is far worse (errors near 1), so the truth is the float64
+    reference of the same rounded inputs."""
+    x = make_images(2, 17, 33, dtype, seed=2)
+    out, grad = grad_of_weighted_sum(snr_mask, x)
+    expected, expected_grad = grad_of_weighted_sum(reference.snr_mask, x.double())
+    assert out.dtype == dtype and grad.dtype == dtype
+    assert_rel_close(out, expected, rel, "out")
+    assert_rel_close(grad, expected_grad, 2 * rel, "dx")
+
+
+BACKWARD_CASES = [
+    # (B, H, W, dtype)
+    (2, 5, 7, torch.float64),
+    (3, 17, 33, torch.float64),
+    (1, 3, 3, torch.float64),
+    (2, 17, 33, torch.float32),
+    (1, 4, 6, torch.float32),
+]
+
+
+@pytest.mark.parametrize("case", BACKWARD_CASES, ids=lambda c: "x".join(map(str, c[:3])) + f"-{c[3]}")
+def test_backward_matches_reference(case):
+    b, h, w, dtype = case
+    x = make_images(b, h, w, dtype, seed=h * w)
+    _, grad = grad_of_weighted_sum(snr_mask, x)
+    # The float32 reference, not the float64 one: the map is ill-conditioned (1 / (|dark - light| + 1e-4)),
+    # so float32 and float64 maps differ by far more than float32 rounding; the kernel recomputes the
+    # reference's float32 forward values exactly, and its gradient then differs only in the order of
+    # the per-image sum of the peak's gradient and of the transposed blur's taps.
+    _, ref_grad = grad_of_weighted_sum(reference.snr_mask, x)
+    assert grad.dtype == dtype
+    assert_rel_close(grad, ref_grad, 1e-10 if dtype == torch.float64 else 1e-5, "dx")
+
+
+def test_backward_launches():
+    x = make_images(1, 5, 7, torch.float64, seed=3).requires_grad_()
+    snr_mask(x).sum().backward()
+    assert dict(_common.LAUNCHES) == {"snr_mask_ratio": 1, "snr_mask_normalize": 1, "snr_mask_bwd_partials": 1,
+                                      "snr_mask_bwd_pixel": 1, "snr_mask_bwd_input": 1}
+
+
+def test_backward_with_ties_zero_differences_and_clamping():
+    """Flat regions make dark == light (|.| has sgn 0 there) and many pixels tie at the per-image max
+    (the max's gradient is shared among them); negative inputs give negative ratios that the clamp
+    cuts (no gradient there)."""
+    x = make_images(2, 9, 11, torch.float64, seed=4, low=-0.5, high=1.0)
+    x[0, :, :, :6] = 0.25  # flat block: ratio = 0.25 / 1e-4 for many pixels, ties at the peak
+    x[0, :, 5:, 6:] = -0.3  # flat negative block: ratio -0.3 / 1e-4, clamped to 0
+    x[1] = 0.5  # a flat image: every pixel ties
+    out, grad = grad_of_weighted_sum(snr_mask, x)
+    expected, ref_grad = grad_of_weighted_sum(reference.snr_mask, x)
+    assert torch.equal(out, expected)
+    assert (expected == 0).any(), "the test needs clamped pixels"
+    assert_rel_close(grad, ref_grad, 1e-10, "dx")
+
+
+def test_registered_op_schema_fake_and_autograd():
+    x = make_images(1, 5, 7, torch.float64, seed=6).requires_grad_()
+    result = torch.library.opcheck(snr_mask_fwd, (x,),
+                                   test_utils=("test_schema", "test_faketensor", "test_autograd_registration"))
+    assert all(v == "SUCCESS" for v in result.values()), result
+
+
+def test_rejects_bad_inputs():
+    with pytest.raises(ValueError, match="RGB"):
+        snr_mask(torch.rand(1, 1, 8, 8, device=DEVICE))
+    with pytest.raises(ValueError, match="H, W >= 3"):
+        snr_mask(torch.rand(1, 3, 2, 8, device=DEVICE))
