@@ -9,6 +9,7 @@ from lfpv_fast.kernels.bank_update import (
     gather_samples,
     mutual_updater_inputs,
     sample_updater_inputs,
+    sample_updater_inputs_from_features,
 )
 from lfpv_fast.kernels.masked_attention import masked_attention
 from lfpv_fast.kernels.query_fusion import query_fusion
@@ -21,5 +22,6 @@ __all__ = [
     "mutual_updater_inputs",
     "query_fusion",
     "sample_updater_inputs",
+    "sample_updater_inputs_from_features",
     "snr_mask",
 ]

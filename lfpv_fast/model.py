@@ -308,10 +308,8 @@ class LFPVModule(nn.Module):
         """Sample-updater then mutual-updater; returns the new banks (differentiable)."""
         batch = features.shape[0]
         embedding = self.position_embedding.weight
-        sample_vectors, sample_patches = ops.gather_samples(features, draws.vector_pos, draws.patch_pos,
-                                                            self.patch_size)
-        vector_in, patch_in = ops.sample_updater_inputs(bank_vectors, bank_patches, sample_vectors,
-                                                        sample_patches, embedding)
+        vector_in, patch_in = ops.sample_updater_inputs_from_features(
+            features, draws.vector_pos, draws.patch_pos, bank_vectors, bank_patches, embedding)
         vectors = ops.batch_mean_layer_norm(self.sample_vector_mlp(vector_in).flatten(1), batch,
                                             self._norm(self.sample_vector_norm), all_reduce_mean)
         patches = ops.batch_mean_layer_norm(self.sample_patch_mlp(patch_in), batch,

@@ -139,6 +139,19 @@ def sample_updater_inputs(
     return vector_in, patch_in
 
 
+def sample_updater_inputs_from_features(
+    features: torch.Tensor,
+    vector_pos: torch.Tensor,
+    patch_pos: torch.Tensor,
+    bank_vectors: torch.Tensor,
+    bank_patches: torch.Tensor,
+    embedding: torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """gather_samples then sample_updater_inputs (the Triton twin fuses the two into one launch)."""
+    vectors, patches = gather_samples(features, vector_pos, patch_pos, bank_patches.shape[-1])
+    return sample_updater_inputs(bank_vectors, bank_patches, vectors, patches, embedding)
+
+
 def mutual_updater_inputs(
     bank_vectors: torch.Tensor,
     bank_patches: torch.Tensor,

@@ -1,0 +1,138 @@
+"""The Triton query-and-fusion op against its reference twin (CPU: under TRITON_INTERPRET=1).
+
+Truth is the reference computed in float64 from the very inputs the kernel gets (rounded to the
+tested dtype first), so the only differences left are the kernel's own arithmetic and its final
+rounding. Outputs are poisoned with NaN, so an element a kernel fails to write fails the test.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from lfpv_fast import reference
+from lfpv_fast.kernels import _common
+from lfpv_fast.kernels import query_fusion as qf
+
+# (B, C, H, W, N, p). Odd batches, non-square maps, padded channels (8, 12 -> 16) and banks (8, 10 -> 16),
+# several patch tiles per patch row and masked patches in a tile (forward: W=24, C=64 gives 6 patches in
+# tiles of 4; backward: W=6, C=12, p=2 gives 3 in a tile of 4), p = 4, 2, 1.
+SHAPES = [
+    (1, 32, 4, 8, 16, 4),
+    (3, 64, 8, 24, 8, 4),
+    (3, 32, 12, 8, 32, 4),
+    (3, 8, 6, 36, 8, 2),
+    (1, 12, 4, 6, 10, 2),
+    (1, 16, 3, 5, 4, 1),
+]
+NAMES = ["features", "bank_vectors", "bank_patches", "pixel_w", "pixel_b", "vkey_w", "vkey_b",
+         "patch_w", "patch_b", "pkey_w", "pkey_b"]
+# The key LayerNorms' biases shift every score of a query by the same amount, which the softmax
+# ignores: their true gradient is exactly 0. They are held to the scale of the key weights' grads.
+ZERO_GRAD_SCALE = {"vkey_b": "vkey_w", "pkey_b": "pkey_w"}
+
+
+@pytest.fixture(autouse=True)
+def poison_outputs(monkeypatch):
+    monkeypatch.setattr(_common, "POISON_OUTPUTS", True)
+
+
+def make_inputs(shape, seed: int = 0) -> list[torch.Tensor]:
+    """float64 leaves in NAMES order. The LayerNorm weights are scaled by dim**-0.25 so that the scores
+    are O(1): softmaxes neither saturate nor flatten, and their gradients are exercised."""
+    b, c, h, w, n, p = shape
+    gen = torch.Generator().manual_seed(seed)
+
+    def rand(*size):
+        return torch.randn(*size, generator=gen, dtype=torch.float64)
+
+    d = c * p * p
+    leaves = [rand(b, c, h, w), rand(n, c), rand(n, c, p, p)]
+    for dim in (c, c, d, d):
+        leaves += [(1 + 0.1 * rand(dim)) * dim ** -0.25, 0.1 * rand(dim)]
+    return leaves
+
+
+def run(fn, leaves: list[torch.Tensor], grad_weights: torch.Tensor):
+    leaves = [t.detach().clone().requires_grad_(True) for t in leaves]
+    f, bv, bp, *norms = leaves
+    out = fn(f, bv, bp, (norms[0], norms[1]), (norms[2], norms[3]), (norms[4], norms[5]), (norms[6], norms[7]))
+    grads = torch.autograd.grad((out * grad_weights.to(out.dtype)).sum(), leaves)
+    return out, dict(zip(NAMES, grads, strict=True))
+
+
+def assert_close(actual: torch.Tensor, truth: torch.Tensor, rel: float, ulp: float = 0.0, scale=None,
+                 what: str = "") -> None:
+    """|actual - truth| <= rel * scale + ulp * |truth| elementwise; scale defaults to max |truth|."""
+    assert actual.shape == truth.shape, what
+    actual, truth = actual.double(), truth.double()
+    assert torch.isfinite(actual).all(), f"{what}: non-finite values (unwritten output?)"
+    scale = truth.abs().max() if scale is None else scale
+    err = (actual - truth).abs()
+    bound = rel * scale + ulp * truth.abs()
+    worst = (err - bound).argmax()
+    assert (err <= bound).all(), (f"{what}: error {err.flatten()[worst]:.3e} > bound {bound.flatten()[worst]:.3e} "
+                                  f"(max error {err.max():.3e}, scale {float(scale):.3e})")
+
+
+def check(shape, dtype: torch.dtype, rel: float, ulp: float = 0.0) -> None:
+    leaves = [t.to(dtype) for t in make_inputs(shape)]
+    grad_weights = torch.randn(shape[:4], generator=torch.Generator().manual_seed(1), dtype=torch.float64).to(dtype)
+    truth_out, truth_grads = run(reference.query_fusion, [t.double() for t in leaves], grad_weights.double())
+    out, grads = run(qf.query_fusion, leaves, grad_weights)
+    assert out.dtype == dtype
+    assert_close(out, truth_out, rel, ulp, what="output")
+    for name in NAMES:
+        assert grads[name].dtype == dtype, name
+        scale = truth_grads[ZERO_GRAD_SCALE[name]].abs().max() if name in ZERO_GRAD_SCALE else None
+        assert_close(grads[name], truth_grads[name], rel, ulp, scale=scale, what=f"grad {name}")
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+def test_float64_matches_reference(shape):
+    check(shape, torch.float64, rel=1e-10)
+
+
+@pytest.mark.parametrize("shape", [SHAPES[0], SHAPES[1], SHAPES[3]])
+def test_float32_matches_reference(shape):
+    check(shape, torch.float32, rel=1e-5)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_half_precision_matches_reference(dtype):
+    # float32 accumulation, one rounding of each result to the 16-bit dtype: at most one unit in the
+    # last place (2^-7 bf16, 2^-10 fp16), plus float32-level arithmetic error. (One ulp, not half:
+    # the CPU interpreter truncates float32 -> bfloat16 where GPUs round to nearest.)
+    ulp = {torch.bfloat16: 2.0 ** -7, torch.float16: 2.0 ** -10}[dtype]
+    check(SHAPES[1], dtype, rel=1e-5, ulp=ulp)
+
+
+def test_kernels_ran_and_backward_is_deterministic():
+    leaves = make_inputs(SHAPES[3])
+    grad_weights = torch.randn(SHAPES[3][:4], dtype=torch.float64)
+    _common.reset_launches()
+    out, grads = run(qf.query_fusion, leaves, grad_weights)
+    # Forward: the keys, the fused op. Backward: the keys again, d features + pixel-branch sums,
+    # patch-branch sums, the reduction of the partial sums, the keys' LayerNorm backward.
+    assert dict(_common.LAUNCHES) == {"query_fusion_keys": 2, "query_fusion_fwd": 1, "query_fusion_bwd": 1,
+                                      "query_fusion_bwd_patch": 1, "sum_rows": 1, "query_fusion_keys_bwd": 1}
+    out2, grads2 = run(qf.query_fusion, leaves, grad_weights)
+    assert torch.equal(out, out2)
+    for name in NAMES:  # fixed-order sums, no atomics: bitwise reproducible
+        assert torch.equal(grads[name], grads2[name]), name
+
+
+def test_registered_custom_op():
+    args = (*(t.requires_grad_(True) for t in make_inputs(SHAPES[4])), 1e-5)
+    # The AOT-dispatch check needs compiled Triton kernels in a traced graph: GPU only.
+    torch.library.opcheck(torch.ops.lfpv.query_fusion.default, args,
+                          test_utils=["test_schema", "test_autograd_registration", "test_faketensor"])
+
+
+def test_rejects_patch_size_that_is_not_a_power_of_two():
+    f, bv, _, *norms = make_inputs((1, 8, 6, 6, 4, 2))
+    bp = torch.randn(4, 8, 3, 3, dtype=torch.float64)
+    with pytest.raises(NotImplementedError, match="power-of-two"):
+        qf.query_fusion(f, bv, bp, (norms[0], norms[1]), (norms[2], norms[3]),
+                        (torch.ones(72, dtype=torch.float64), torch.zeros(72, dtype=torch.float64)),
+                        (torch.ones(72, dtype=torch.float64), torch.zeros(72, dtype=torch.float64)))
