@@ -263,6 +263,7 @@ def test_lfpv_training_step_matches_reference():
 
     # The ops LFPVModule uses, straight from this op's modules (independent of the other kernels).
     triton_ops = SimpleNamespace(gather_samples=bu.gather_samples, sample_updater_inputs=bu.sample_updater_inputs,
+                                 sample_updater_inputs_from_features=bu.sample_updater_inputs_from_features,
                                  mutual_updater_inputs=bu.mutual_updater_inputs,
                                  batch_mean_layer_norm=bu.batch_mean_layer_norm, query_fusion=query_fusion)
 
