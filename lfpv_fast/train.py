@@ -1,0 +1,103 @@
+"""Train LFPVNet. With no arguments: the built-in demo (a small model on a synthetic low-light set, minutes on a CPU).
+
+    python -m lfpv_fast.train                                   # demo: configs/demo.yaml -> runs/demo-<time>
+    python -m lfpv_fast.train -c smid --set data.lq_root=/data/SMID_LQ_np --set data.gt_root=/data/SMID_Long_np
+    python -m lfpv_fast.train --out runs/smid --resume          # continue from the run's latest checkpoint
+    torchrun --nproc_per_node 8 -m lfpv_fast.train -c smid --out runs/smid ...   # data parallel
+
+-c takes a path or a packaged config name (demo, smid). --set section.key=value overrides a key (repeatable).
+--out is the run folder (default runs/<config name>-<YYYYmmdd-HHMMSS>); --resume continues the run in --out from
+its latest checkpoint, or from the checkpoint given (its run folder is then the default --out); without -c a
+resumed run reads the run folder's config.yaml, so `--out DIR --resume --set train.iterations=N` extends a run.
+Exit status: 0 done or stopped by SIGINT/SIGTERM (after a checkpoint), 1 non-finite loss, 2 bad config or data.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+from pathlib import Path
+
+import torch.distributed as dist
+
+from lfpv_fast import distributed
+from lfpv_fast.config import ConfigError, RunConfig, load_config
+from lfpv_fast.data.smid import DataError
+from lfpv_fast.trainer import Trainer, resolve_features
+
+DEMO_CONFIG = "demo"
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    doc = (__doc__ or "").split("\n\n")
+    ap = argparse.ArgumentParser(prog="python -m lfpv_fast.train", description=doc[0],
+                                 epilog="\n\n".join(doc[1:]), formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("-c", "--config", help="run config: a YAML path or a packaged name (default: demo)")
+    ap.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                    help="override a config key, e.g. --set train.iterations=1000 (repeatable)")
+    ap.add_argument("--out", help="run folder (default: runs/<config name>-<YYYYmmdd-HHMMSS>)")
+    ap.add_argument("--resume", nargs="?", const="latest", metavar="CHECKPOINT",
+                    help="continue from CHECKPOINT, or with no value from the latest checkpoint in --out")
+    return ap.parse_args(argv)
+
+
+def resume_run_dir(checkpoint: Path) -> Path:
+    """The run folder of a checkpoint: DIR for DIR/checkpoints/step_N.pth, else the file's folder."""
+    folder = checkpoint.expanduser().resolve().parent
+    return folder.parent if folder.name == "checkpoints" else folder
+
+
+def load_run_config(args: argparse.Namespace) -> RunConfig:
+    run_dir = Path(args.out) if args.out else resume_run_dir(Path(args.resume)) \
+        if args.resume not in (None, "latest") else None
+    if args.config is None and args.resume is not None and run_dir is not None:
+        if (run_dir / "config.yaml").is_file():
+            return load_config(run_dir / "config.yaml", args.overrides)
+    return load_config(args.config or DEMO_CONFIG, args.overrides)
+
+
+def choose_run_dir(args: argparse.Namespace, cfg: RunConfig, info: distributed.DistInfo) -> Path:
+    if args.out:
+        return Path(args.out).expanduser()
+    if args.resume not in (None, "latest"):
+        return resume_run_dir(Path(args.resume))
+    if args.resume == "latest":
+        raise ConfigError("--resume without a checkpoint path needs --out DIR (the run folder to continue)")
+    name = [f"runs/{Path(cfg.source).stem}-{time.strftime('%Y%m%d-%H%M%S')}"]
+    if info.enabled:  # every rank must write to the folder rank 0 named
+        dist.broadcast_object_list(name, src=0, group=info.control_group)
+    return Path(name[0])
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    try:
+        # Everything about the config is checked here, before any process group, data or model exists.
+        cfg = load_run_config(args)
+        features = resolve_features(cfg, int(os.environ.get("LOCAL_RANK", "0")))
+    except (ConfigError, DataError, OSError, ValueError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    info = distributed.init(features.device.type == "cuda")
+    trainer = None
+    try:
+        run_dir = choose_run_dir(args, cfg, info)
+        trainer = Trainer(cfg, run_dir, resume=args.resume, dist_info=info, features=features)
+        return trainer.fit()
+    except (ConfigError, DataError, OSError, ValueError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:  # a second Ctrl-C: no checkpoint for the step in progress
+        last = trainer.last_checkpoint if trainer is not None else None
+        print(f"interrupted; last checkpoint: {last}", file=sys.stderr)
+        return 130
+    finally:
+        if trainer is not None:
+            trainer.close()
+        distributed.shutdown(info)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

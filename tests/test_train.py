@@ -1,0 +1,366 @@
+"""The trainer on the CPU: exact resume (mid-epoch), checkpoints, signals, kill -9, non-finite steps, config errors.
+
+Every run here is a tiny model on the demo dataset at 64x48 (3 batches of 24 crops per epoch), so that a
+whole run takes seconds on two cores.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import random
+import shutil
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import yaml
+
+from lfpv_fast.checkpoint import load_model, read_checkpoint
+from lfpv_fast.config import ConfigError, config_to_dict, load_config
+from lfpv_fast.model import LFPVNet
+from lfpv_fast.train import main
+from lfpv_fast.trainer import (
+    Trainer,
+    capture_rng,
+    cosine_restart_lambda,
+    latest_checkpoint,
+    list_checkpoints,
+    resolve_features,
+    restore_rng,
+)
+
+TINY = [
+    "model.nf=8", "model.hr_nf=8", "model.light_blocks=1", "model.layers=1", "model.heads=1", "model.head_dim=16",
+    "model.ffn_dim=32", "model.bank_size=8", "model.updater_width=2",
+    "data.resize=[64, 48]", "data.crop=32", "data.batch_size=24", "data.num_workers=0", "data.test_frames=1",
+    "train.iterations=8", "train.checkpoint_every=3", "train.keep_checkpoints=2", "val.every=100",
+    "val.save_images=1", "logging.every=1", "logging.progress=false", "logging.tensorboard=false",
+]
+
+
+@pytest.fixture(scope="module")
+def demo_root(tmp_path_factory) -> Path:
+    # Shared with test_train_distributed.py; the loaders write the demo dataset there on first use.
+    return tmp_path_factory.getbasetemp() / "lfpv-demo-data"
+
+
+def tiny_config(demo_root: Path, *extra: str):
+    return load_config("demo", [*TINY, f"data.demo_root={demo_root}", *extra])
+
+
+def write_tiny_yaml(path: Path, demo_root: Path, *extra: str) -> Path:
+    path.write_text(yaml.safe_dump(config_to_dict(tiny_config(demo_root, *extra))))
+    return path
+
+
+def fit(cfg, run_dir: Path, **kwargs) -> tuple[int, Trainer]:
+    trainer = Trainer(cfg, run_dir, **kwargs)
+    try:
+        return trainer.fit(), trainer
+    finally:
+        trainer.close()
+
+
+def metrics(run_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+# ---------------------------------------------------------------------------------------------
+
+
+def test_cosine_restarts_follow_the_published_schedule():
+    lr, eta_min, period = 4e-4, 1e-7, 10
+    factor = cosine_restart_lambda(lr, period, eta_min)
+    assert factor(0) == pytest.approx(1.0)
+    assert factor(5) * lr == pytest.approx((lr + eta_min) / 2)
+    assert factor(9) * lr == pytest.approx(eta_min + (lr - eta_min) * 0.5 * (1 + math.cos(math.pi * 0.9)))
+    assert factor(10) == pytest.approx(1.0)  # restart
+    assert factor(13) == pytest.approx(factor(3))
+
+
+def test_rng_state_survives_a_weights_only_round_trip(tmp_path):
+    torch.manual_seed(1)
+    np.random.seed(2)
+    random.seed(3)
+    np.random.normal()  # leaves a cached gaussian in numpy's state
+    state = capture_rng()
+    expected = (torch.rand(3), np.random.rand(3), np.random.normal(), random.random())
+    torch.save(state, tmp_path / "rng.pth")
+    torch.rand(5), np.random.rand(5), random.random()
+    restore_rng(torch.load(tmp_path / "rng.pth", weights_only=True))
+    got = (torch.rand(3), np.random.rand(3), np.random.normal(), random.random())
+    assert torch.equal(got[0], expected[0]) and np.array_equal(got[1], expected[1])
+    assert got[2:] == expected[2:]
+
+
+def test_resume_in_the_middle_of_an_epoch_repeats_the_uninterrupted_losses(tmp_path, demo_root):
+    code, full = fit(tiny_config(demo_root), tmp_path / "full")
+    assert code == 0
+    reference = metrics(tmp_path / "full")
+    assert [r["step"] for r in reference] == list(range(1, 9))
+
+    # Stop after step 5 (epoch 1, batch 2 of 3), then continue through the CLI to step 8.
+    cfg_part = tiny_config(demo_root, "train.iterations=5")
+    assert fit(cfg_part, tmp_path / "part")[0] == 0
+    ckpt = read_checkpoint(latest_checkpoint(tmp_path / "part"))  # torch.load(weights_only=True)
+    assert ckpt["step"] == 5 and ckpt["loader"] == {"epoch": 1, "batch": 2}
+    assert {"model", "optimizer", "scheduler", "rng", "draw_generator", "config", "model_config"} <= set(ckpt)
+    assert main(["--out", str(tmp_path / "part"), "--resume", "--set", "train.iterations=8"]) == 0
+
+    resumed = metrics(tmp_path / "part")
+    assert [r["step"] for r in resumed] == list(range(1, 9))
+    for a, b in zip(reference, resumed, strict=True):
+        assert b["loss"] == pytest.approx(a["loss"], rel=1e-6, abs=1e-6), f"step {a['step']}"
+    # The losses change from step to step, so equal losses are not an accident.
+    assert len({round(r["loss"], 3) for r in reference}) > 4
+    final_full = read_checkpoint(tmp_path / "full" / "final_weights.pth")["model"]
+    final_part = read_checkpoint(tmp_path / "part" / "final_weights.pth")["model"]
+    for key, value in final_full.items():
+        torch.testing.assert_close(final_part[key], value, rtol=1e-5, atol=1e-6, msg=key)
+
+    # Run folder contents, retention (keep 2 + best) and the exports.
+    run = tmp_path / "full"
+    assert [p.name for p in list_checkpoints(run / "checkpoints")] == ["step_00000006.pth", "step_00000008.pth"]
+    assert (run / "checkpoints" / "best.pth").is_file() and (run / "config.yaml").is_file()
+    assert "validation at step 8" in (run / "train.log").read_text()
+    assert len(list((run / "images").glob("step_00000008_*.png"))) == 1
+    net = load_model(run / "checkpoints" / "step_00000008.pth", backend="reference")  # training checkpoints load
+    assert torch.equal(net.bank_vectors, full.net.bank_vectors)
+    original = torch.load(run / "final_original_format.pth", weights_only=True)
+    LFPVNet.from_original_state_dict(original, config=full.net.config, backend="reference")
+
+
+def test_channels_last_trains_like_the_default_layout(tmp_path, demo_root):
+    cfg = tiny_config(demo_root, "train.iterations=2", "val.every=100", "val.max_images=1")
+    fit(cfg, tmp_path / "a")
+    fit(tiny_config(demo_root, "train.iterations=2", "val.max_images=1", "train.channels_last=true"), tmp_path / "b")
+    for a, b in zip(metrics(tmp_path / "a"), metrics(tmp_path / "b"), strict=True):
+        assert b["loss"] == pytest.approx(a["loss"], rel=1e-4)
+
+
+def test_the_loss_is_the_published_one(tmp_path, demo_root):
+    from lfpv_fast.losses import PerceptualLoss, charbonnier_loss
+
+    torch.manual_seed(0)
+    vgg = PerceptualLoss()
+    torch.save(vgg.vgg.state_dict(), tmp_path / "vgg19.pth")  # torchvision key layout: features.N.weight
+    cfg = tiny_config(demo_root, f"train.vgg_weights={tmp_path / 'vgg19.pth'}", "train.pixel_weight=0.5")
+    trainer = Trainer(cfg, tmp_path / "run")
+    trainer.close()
+    out, aux, gt = (torch.rand(2, 3, 32, 32) for _ in range(3))
+    expected = 0.5 * (charbonnier_loss(out, gt) + charbonnier_loss(aux, gt)) + 0.1 * vgg(aux, gt)
+    torch.testing.assert_close(trainer.loss(out, aux, gt), expected)
+    assert "perceptual loss term is off" not in (tmp_path / "run" / "train.log").read_text()
+
+
+@pytest.mark.skipif(shutil.which("g++") is None and shutil.which("c++") is None,
+                    reason="torch.compile on the CPU needs a C++ compiler")
+def test_torch_compile_trains_like_eager(tmp_path, demo_root):
+    # The compile switch on the CPU (inductor's C++ backend): same losses up to fused-kernel rounding.
+    base = ("train.iterations=3", "data.batch_size=4", "val.max_images=1")
+    fit(tiny_config(demo_root, *base), tmp_path / "eager")
+    _, trainer = fit(tiny_config(demo_root, *base, "train.compile=on"), tmp_path / "compiled")
+    assert trainer.features.compile and trainer.model is not trainer.net
+    for a, b in zip(metrics(tmp_path / "eager"), metrics(tmp_path / "compiled"), strict=True):
+        assert b["loss"] == pytest.approx(a["loss"], rel=1e-4)
+
+
+def test_triton_backend_trains_like_the_reference(tmp_path, demo_root):
+    # On a CPU machine the kernels run under the Triton interpreter (conftest.py sets TRITON_INTERPRET=1).
+    base = ("train.iterations=2", "data.batch_size=4", "val.max_images=1")
+    fit(tiny_config(demo_root, *base), tmp_path / "reference")
+    _, trainer = fit(tiny_config(demo_root, *base, "train.backend=triton"), tmp_path / "triton")
+    assert trainer.features.backend == "triton" and trainer.net.backend == "triton"
+    for a, b in zip(metrics(tmp_path / "reference"), metrics(tmp_path / "triton"), strict=True):
+        assert b["loss"] == pytest.approx(a["loss"], rel=1e-5)
+
+
+class PoisonedLoader:
+    """Wraps a loader and turns the input of the given (1-based) batches into NaN."""
+
+    def __init__(self, inner, bad: set[int]) -> None:
+        self.inner, self.bad, self.count = inner, bad, 0
+
+    def __iter__(self):
+        for batch in self.inner:
+            self.count += 1
+            if self.count in self.bad:
+                batch = dict(batch, lq=batch["lq"] * float("nan"))
+            yield batch
+
+    def __len__(self) -> int:
+        return len(self.inner)
+
+    def state_dict(self):
+        return self.inner.state_dict()
+
+    def load_state_dict(self, state) -> None:
+        self.inner.load_state_dict(state)
+
+
+def poisoned_loaders(cfg, bad: set[int]):
+    from lfpv_fast.pipelines import build_loader
+
+    return PoisonedLoader(build_loader(cfg, "train"), bad), build_loader(cfg, "test")
+
+
+def test_non_finite_loss_stops_naming_the_step_and_the_last_good_checkpoint(tmp_path, demo_root):
+    cfg = tiny_config(demo_root, "logging.every=4", "train.checkpoint_every=2")
+    train, val = poisoned_loaders(cfg, {3})
+    code, _ = fit(cfg, tmp_path / "run", train_loader=train, val_loader=val)
+    assert code == 1
+    log = (tmp_path / "run" / "train.log").read_text()
+    assert "non-finite loss or gradient at step 3" in log
+    assert "last good checkpoint is " + str(tmp_path / "run" / "checkpoints" / "step_00000002.pth") in log
+    # Found at the logging interval (step 4), before step 4's checkpoint could be written.
+    assert [p.name for p in list_checkpoints(tmp_path / "run" / "checkpoints")] == ["step_00000002.pth"]
+
+
+def test_non_finite_steps_are_skipped_when_asked(tmp_path, demo_root):
+    cfg = tiny_config(demo_root, "train.nonfinite=skip", "train.iterations=5")
+    train, val = poisoned_loaders(cfg, {3})
+    code, trainer = fit(cfg, tmp_path / "run", train_loader=train, val_loader=val)
+    assert code == 0 and trainer.skipped == 1 and trainer.step == 5
+    for name, t in [*trainer.net.named_parameters(), *trainer.net.named_buffers()]:
+        assert torch.isfinite(t.float()).all(), name
+    assert [r["step"] for r in metrics(tmp_path / "run")] == [1, 2, 3, 4, 5]
+
+
+# ---------------------------------------------------------------------------------------------
+# Errors before any work
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the messages of a machine without CUDA")
+@pytest.mark.parametrize("override, named", [
+    ("train.bf16=on", "train.bf16=on"),
+    ("train.fused_adam=on", "train.fused_adam=on"),
+    ("train.cuda_graphs=true", "train.cuda_graphs=true"),
+    ("data.device=gpu", "data.device=gpu"),
+    ("train.device=cuda", "train.device is 'cuda'"),
+    ("train.backend=triton", "train.backend=triton"),
+])
+def test_gpu_features_on_a_cpu_machine_fail_before_any_work(tmp_path, capsys, monkeypatch, override, named):
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)  # the tests' conftest sets it for the kernels
+    out = tmp_path / "run"
+    assert main(["--set", override, "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert named in err and ("CPU" in err or "no CUDA" in err)
+    assert not out.exists()
+
+
+def test_auto_switches_are_off_on_the_cpu():
+    if torch.cuda.is_available():
+        pytest.skip("CPU machine only")
+    f = resolve_features(load_config("smid"))
+    assert (f.device.type, f.backend, f.compile, f.bf16, f.fused_adam, f.cuda_graphs) == \
+        ("cpu", "reference", False, False, False, False)
+
+
+def test_config_and_run_folder_errors(tmp_path, capsys, demo_root):
+    assert main(["-c", str(tmp_path / "missing.yaml")]) == 2
+    assert "missing.yaml" in capsys.readouterr().err
+    assert main(["--set", "train.cuda_graphs=true", "--set", "train.compile=off"]) == 2
+    assert "train.cuda_graphs" in capsys.readouterr().err
+    assert main(["--resume"]) == 2
+    assert "--out" in capsys.readouterr().err
+    with pytest.raises(ConfigError, match="val.max_images"):
+        load_config("demo", ["val.max_images=0"])
+    # A folder that already holds a run is not overwritten.
+    (tmp_path / "run" / "checkpoints").mkdir(parents=True)
+    torch.save({}, tmp_path / "run" / "checkpoints" / "step_00000001.pth")
+    cfg_file = write_tiny_yaml(tmp_path / "tiny.yaml", demo_root)
+    assert main(["-c", str(cfg_file), "--out", str(tmp_path / "run")]) == 2
+    assert "--resume" in capsys.readouterr().err
+
+
+def test_demo_config_is_small():
+    cfg = load_config("demo")
+    m = cfg.model
+    assert cfg.data.dataset == "demo" and cfg.data.crop == 128 and cfg.data.batch_size <= 8
+    assert m.nf <= 32 and m.layers <= 2 and m.ffn_dim <= 256 and m.d_model <= 512
+
+
+# ---------------------------------------------------------------------------------------------
+# Processes: signals and kill -9
+
+
+def _python(*args: str, cwd: Path) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, *args], cwd=cwd, env=dict(os.environ), stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
+
+
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
+def test_a_signal_finishes_the_step_writes_a_checkpoint_and_exits_0(tmp_path, demo_root, sig):
+    cfg_file = write_tiny_yaml(tmp_path / "tiny.yaml", demo_root, "train.iterations=100000", "val.every=100000",
+                               "train.checkpoint_every=100000")
+    run = tmp_path / "run"
+    proc = _python("-m", "lfpv_fast.train", "-c", str(cfg_file), "--out", str(run), cwd=tmp_path)
+    deadline = time.monotonic() + 180
+    while not ((run / "metrics.jsonl").exists() and len((run / "metrics.jsonl").read_text().splitlines()) >= 2):
+        assert proc.poll() is None, proc.communicate()[0]
+        assert time.monotonic() < deadline, "the run did not start"
+        time.sleep(0.2)
+    proc.send_signal(sig)
+    output = proc.communicate(timeout=180)[0]
+    assert proc.returncode == 0, output
+    assert f"stopped by {sig.name}" in output and f"--out {run} --resume" in output
+    step = read_checkpoint(latest_checkpoint(run))["step"]
+    assert 2 <= step < 100000 and metrics(run)[-1]["step"] == step
+    trainer = Trainer(load_config(run / "config.yaml"), run, resume="latest")
+    assert trainer.step == step
+    trainer.close()
+
+
+KILL_SCRIPT = textwrap.dedent("""
+    import sys
+    from pathlib import Path
+    import torch
+    from lfpv_fast.trainer import write_checkpoint
+    folder = Path(sys.argv[1])
+    for step in range(1, 100000):
+        print("writing", step, flush=True)
+        write_checkpoint({"step": step, "blob": torch.full((6_000_000,), float(step))}, folder, step, keep=2)
+        print("saved", step, flush=True)
+""")
+
+
+def test_kill_9_while_writing_a_checkpoint_leaves_the_previous_ones_intact(tmp_path):
+    script = tmp_path / "writer.py"
+    script.write_text(KILL_SCRIPT)
+    folder = tmp_path / "checkpoints"
+    rng = random.Random(0)
+    for _attempt in range(6):
+        proc = _python(str(script), str(folder), cwd=tmp_path)
+        saved = 0
+        for line in proc.stdout:
+            if line.startswith("saved"):
+                saved = int(line.split()[1])
+            elif line.startswith("writing") and saved >= 2:
+                time.sleep(rng.uniform(0.0, 0.05))  # somewhere inside torch.save / fsync / rename
+                proc.kill()
+                break
+        proc.wait()
+        torn = list(folder.glob(".*.tmp"))
+        found = list_checkpoints(folder)
+        assert found and checkpoint_steps(found)[-1] >= saved
+        for path in found:  # every file that carries a checkpoint name is complete
+            ckpt = read_checkpoint(path)
+            assert torch.equal(ckpt["blob"], torch.full((6_000_000,), float(ckpt["step"])))
+        if torn:  # the kill hit a write: the temporary file is left, never a step_*.pth
+            break
+        for p in folder.iterdir():
+            p.unlink()
+    else:
+        pytest.fail("no kill landed inside a checkpoint write in 6 attempts")
+
+
+def checkpoint_steps(paths: list[Path]) -> list[int]:
+    return [int(p.stem.split("_")[1]) for p in paths]
