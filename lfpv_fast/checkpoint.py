@@ -17,6 +17,13 @@ from lfpv_fast.model import LFPVNet, ModelConfig
 FORMAT = "lfpv_fast"
 
 
+def _default_file_mode() -> int:
+    """0666 minus the umask: what open() would give; mkstemp's 0600 would hide files from the group."""
+    umask = os.umask(0)
+    os.umask(umask)
+    return 0o666 & ~umask
+
+
 def atomic_save(obj: Any, path: str | Path) -> None:
     """torch.save to a temporary file in the same folder, fsync, then rename over `path`.
 
@@ -30,6 +37,7 @@ def atomic_save(obj: Any, path: str | Path) -> None:
             torch.save(obj, f)
             f.flush()
             os.fsync(f.fileno())
+        os.chmod(tmp, _default_file_mode())
         os.replace(tmp, path)
         dir_fd = os.open(path.parent, os.O_RDONLY)
         try:
@@ -52,6 +60,7 @@ def atomic_write_text(path: str | Path, text: str) -> None:
             f.write(text)
             f.flush()
             os.fsync(f.fileno())
+        os.chmod(tmp, _default_file_mode())
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):

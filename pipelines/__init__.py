@@ -3,7 +3,7 @@
 Batches are dicts: "lq" and "gt" float32 tensors B x 3 x h x w in [0, 1] (RGB; h x w is the crop
 for "train", data.resize for "test"), "scene" and "frame" (lists of str; frame is the LQ file name
 without .npy). Tensors are on the GPU for loader "dali" with device "gpu", otherwise on the CPU
-(pinned for the torch loader with device "gpu").
+(pinned for the torch loader wherever CUDA is available, so host-to-device copies overlap compute).
 
 Semantics (the same for both loaders; see `pipelines.sampling` for the exact draws):
 - train: each epoch a fresh permutation of the training pairs, a random crop and random
@@ -65,4 +65,4 @@ def build_loader(cfg: RunConfig, split: str, rank: int = 0, world_size: int = 1,
         warnings.warn("data.loader is 'dali' but nvidia-dali is not installed: using the torch loader", stacklevel=2)
     from lfpv_fast.pipelines.torch_loader import TorchPairLoader
 
-    return TorchPairLoader(data, num_workers=d.num_workers, pin_memory=d.device == "gpu", **common)
+    return TorchPairLoader(data, num_workers=d.num_workers, pin_memory=torch.cuda.is_available(), **common)

@@ -162,3 +162,15 @@ def test_triton_backend_on_cpu_without_interpreter_says_how(monkeypatch):
         net(x, torch.rand(1, 1, 16, 16))
     with pytest.raises(ValueError, match="backend"):
         LFPVNet(TINY, backend="cuda")
+
+
+def test_atomic_save_gives_files_the_usual_permissions(tmp_path):
+    import os
+
+    umask = os.umask(0o022)
+    try:
+        atomic_save({"x": torch.zeros(1)}, tmp_path / "a.pth")
+    finally:
+        os.umask(umask)
+    assert (tmp_path / "a.pth").stat().st_mode & 0o777 == 0o644
+    assert [p.name for p in tmp_path.iterdir()] == ["a.pth"]  # no temporary file left behind
