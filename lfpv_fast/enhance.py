@@ -198,7 +198,7 @@ def _enhance_tiled(net: LFPVNet, x: torch.Tensor, snr: torch.Tensor, tile: int, 
 # Command line.
 
 
-def _parse_args(argv: Sequence[str] | None) -> tuple[argparse.ArgumentParser, argparse.Namespace]:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m lfpv_fast.enhance",
         description="Enhance low-light images with an LFPV model (our checkpoints or the published SMID.pth).",
@@ -224,6 +224,11 @@ def _parse_args(argv: Sequence[str] | None) -> tuple[argparse.ArgumentParser, ar
     parser.add_argument("--allow-output-inside-input", action="store_true",
                         help="allow an output folder inside an input folder")
     parser.add_argument("-q", "--quiet", action="store_true", help="no progress bar or notes")
+    return parser
+
+
+def _parse_args(argv: Sequence[str] | None) -> tuple[argparse.ArgumentParser, argparse.Namespace]:
+    parser = build_parser()
     args = parser.parse_args(argv)
     if args.batch_size < 1:
         parser.error(f"--batch-size must be >= 1, got {args.batch_size}")

@@ -30,7 +30,7 @@ from lfpv_fast.trainer import Trainer, resolve_features
 DEMO_CONFIG = "demo"
 
 
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+def build_parser() -> argparse.ArgumentParser:
     doc = (__doc__ or "").split("\n\n")
     ap = argparse.ArgumentParser(prog="python -m lfpv_fast.train", description=doc[0],
                                  epilog="\n\n".join(doc[1:]), formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -40,7 +40,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--out", help="run folder (default: runs/<config name>-<YYYYmmdd-HHMMSS>)")
     ap.add_argument("--resume", nargs="?", const="latest", metavar="CHECKPOINT",
                     help="continue from CHECKPOINT, or with no value from the latest checkpoint in --out")
-    return ap.parse_args(argv)
+    return ap
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    return build_parser().parse_args(argv)
 
 
 def resume_run_dir(checkpoint: Path) -> Path:
