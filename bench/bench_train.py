@@ -92,12 +92,15 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
     ap.add_argument("--steps", type=int, help="timed steps per row (default: 30 on CUDA, 5 on the CPU)")
     ap.add_argument("--warmup", type=int, default=3, help="untimed steps first (compile, CUDA graph capture)")
+    ap.add_argument("--quick", action="store_true", help="3 timed steps after 1 warm-up (smoke run)")
     ap.add_argument("--cpu-compile", action="store_true", help="also run the torch.compile row on the CPU")
     ap.add_argument("--out", help="JSON path (default: bench/results/<date>-<device>-train.json)")
     ap.add_argument("--child", help=argparse.SUPPRESS)  # JSON list of overrides: measure one row, print JSON
     args = ap.parse_args(argv)
     cuda = torch.cuda.is_available()
     config = args.config or ("smid" if cuda else SMALL_CONFIG)
+    if args.quick:
+        args.steps, args.warmup = args.steps or 3, 1
     steps = args.steps or (30 if cuda else 5)
     if args.child is not None:
         print(json.dumps(measure(config, json.loads(args.child), steps, args.warmup)))
