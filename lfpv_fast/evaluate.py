@@ -21,6 +21,7 @@ from tqdm import tqdm
 
 from lfpv_fast.checkpoint import atomic_write_text, is_original_state_dict, load_model, read_checkpoint
 from lfpv_fast.config import ConfigError, RunConfig, load_config
+from lfpv_fast.data.smid import DataError
 from lfpv_fast.metrics import psnr, quantize, ssim
 from lfpv_fast.model import LFPVNet
 
@@ -145,7 +146,11 @@ def main(argv: list[str] | None = None) -> int:
     kind = "published SMID format" if published else "lfpv_fast"
     print(f"checkpoint {args.checkpoint} ({kind}); device {device}; test split of {cfg.source}")
     start = time.perf_counter()
-    summary = evaluate(net, cfg, device, args.save_images, args.max_images, progress=not args.no_progress)
+    try:
+        summary = evaluate(net, cfg, device, args.save_images, args.max_images, progress=not args.no_progress)
+    except (DataError, ConfigError) as exc:  # a dataset problem names the file; no traceback for it
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
     summary.update(checkpoint=str(args.checkpoint), checkpoint_format=kind, config=cfg.source,
                    device=str(device), seconds=round(time.perf_counter() - start, 2),
                    model_config=asdict(net.config))

@@ -54,7 +54,7 @@ def resume_run_dir(checkpoint: Path) -> Path:
 
 
 def load_run_config(args: argparse.Namespace) -> RunConfig:
-    run_dir = Path(args.out) if args.out else resume_run_dir(Path(args.resume)) \
+    run_dir = Path(args.out).expanduser() if args.out else resume_run_dir(Path(args.resume)) \
         if args.resume not in (None, "latest") else None
     if args.config is None and args.resume is not None and run_dir is not None:
         if (run_dir / "config.yaml").is_file():

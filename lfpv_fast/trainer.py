@@ -35,7 +35,7 @@ from tqdm import tqdm
 
 from lfpv_fast import distributed
 from lfpv_fast.backends import triton_interpreting, triton_ops
-from lfpv_fast.checkpoint import FORMAT, atomic_save, read_checkpoint, weights_only_checkpoint
+from lfpv_fast.checkpoint import FORMAT, atomic_save, atomic_write_text, read_checkpoint, weights_only_checkpoint
 from lfpv_fast.config import ConfigError, RunConfig, config_to_dict
 from lfpv_fast.losses import PerceptualLoss, charbonnier_loss
 from lfpv_fast.metrics import psnr_batch, ssim_batch
@@ -264,9 +264,17 @@ class Trainer:
             (self.run_dir / "images").mkdir(exist_ok=True)
             for stale in self.ckpt_dir.glob(".*.tmp"):  # left by a write that was killed
                 stale.unlink(missing_ok=True)
-            (self.run_dir / "config.yaml").write_text(yaml.safe_dump(config_to_dict(cfg), sort_keys=False))
+            atomic_write_text(self.run_dir / "config.yaml", yaml.safe_dump(config_to_dict(cfg), sort_keys=False))
         self._log_file = open(self.run_dir / "train.log", "a") if self.main else None  # noqa: SIM115
         self.log(f"run folder {self.run_dir} ({cfg.source}); {self.dist.world_size} process(es); {f.describe()}")
+        if ckpt is not None and self.main:
+            # Resuming from an older checkpoint: later step_*.pth belong to the abandoned continuation. Left in
+            # place they would count for retention (deleting the new ones) and be picked by a later --resume.
+            for later in list_checkpoints(self.ckpt_dir):
+                if checkpoint_step(later) > int(ckpt["step"]):
+                    later.rename(later.with_name(later.name + ".abandoned"))
+                    self.log(f"{later} is newer than the resumed step {int(ckpt['step'])}: renamed to "
+                             f"{later.name}.abandoned")
 
         # Same seed everywhere: every rank builds the same initial weights and draws the same bank updates.
         torch.manual_seed(t.seed)

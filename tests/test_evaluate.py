@@ -90,3 +90,12 @@ def test_evaluate_bad_checkpoint_is_a_clear_error(demo_root, tmp_path, capsys):
     (tmp_path / "bad.pth").write_bytes(b"garbage")
     assert main(demo_args(demo_root) + ["--checkpoint", str(tmp_path / "bad.pth")]) == 2
     assert "bad.pth" in capsys.readouterr().err
+
+
+def test_evaluate_missing_dataset_is_a_clear_error(tmp_path, capsys):
+    ckpt = tmp_path / "ours.pth"
+    atomic_save(weights_only_checkpoint(LFPVNet(TINY)), ckpt)
+    args = ["-c", "smid", "--checkpoint", str(ckpt), "--device", "cpu", "--no-progress",
+            "--set", f"data.lq_root={tmp_path / 'nope_lq'}", "--set", f"data.gt_root={tmp_path / 'nope_gt'}"]
+    assert main(args) == 2
+    assert "nope_lq" in capsys.readouterr().err

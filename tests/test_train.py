@@ -26,7 +26,7 @@ import yaml
 from lfpv_fast.checkpoint import load_model, read_checkpoint
 from lfpv_fast.config import ConfigError, config_to_dict, load_config
 from lfpv_fast.model import LFPVNet
-from lfpv_fast.train import main
+from lfpv_fast.train import load_run_config, main, parse_args
 from lfpv_fast.trainer import (
     Trainer,
     capture_rng,
@@ -279,6 +279,27 @@ def test_config_and_run_folder_errors(tmp_path, capsys, demo_root):
     cfg_file = write_tiny_yaml(tmp_path / "tiny.yaml", demo_root)
     assert main(["-c", str(cfg_file), "--out", str(tmp_path / "run")]) == 2
     assert "--resume" in capsys.readouterr().err
+
+
+def test_resuming_an_older_checkpoint_sets_the_later_ones_aside(tmp_path, demo_root):
+    run = tmp_path / "run"
+    assert fit(tiny_config(demo_root, "train.iterations=4", "train.checkpoint_every=2"), run)[0] == 0
+    assert [p.name for p in list_checkpoints(run / "checkpoints")] == ["step_00000002.pth", "step_00000004.pth"]
+    # Branch off at step 2 with a checkpoint every step: the abandoned step_4 must neither push the new
+    # checkpoints out of retention nor be what a later --resume picks.
+    cfg = tiny_config(demo_root, "train.iterations=3", "train.checkpoint_every=1")
+    assert fit(cfg, run, resume=run / "checkpoints" / "step_00000002.pth")[0] == 0
+    assert [p.name for p in list_checkpoints(run / "checkpoints")] == ["step_00000002.pth", "step_00000003.pth"]
+    assert read_checkpoint(latest_checkpoint(run))["step"] == 3
+    assert (run / "checkpoints" / "step_00000004.pth.abandoned").is_file()
+
+
+def test_resume_reads_the_config_of_a_run_folder_given_with_a_tilde(tmp_path, demo_root, monkeypatch):
+    monkeypatch.setenv("HOME", str(tmp_path))
+    (tmp_path / "run").mkdir()
+    write_tiny_yaml(tmp_path / "run" / "config.yaml", demo_root, "train.seed=7")
+    args = parse_args(["--out", "~/run", "--resume"])
+    assert load_run_config(args).train.seed == 7  # not the packaged demo config
 
 
 def test_demo_config_is_small():
