@@ -26,8 +26,8 @@ import triton
 import triton.language as tl
 from torch.library import triton_op
 
-from lfpv_fast.kernels._common import new_output
-from lfpv_fast.kernels.query_fusion import launch, sum_rows
+from lfpv_fast.kernels._common import launch, new_output
+from lfpv_fast.kernels.query_fusion import sum_rows
 
 # ---------------------------------------------------------------------------------------------
 # Kernels

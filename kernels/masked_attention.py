@@ -27,9 +27,8 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
-from torch._subclasses.fake_tensor import is_fake
 
-from lfpv_fast.kernels._common import accumulator_dtype, count_launch, interpreting, new_output
+from lfpv_fast.kernels._common import accumulator_dtype, div_ieee, interpreting, launch, new_output
 
 MASKED_SCORE = -1e9  # the published masked_fill value (reference.MASKED_SCORE)
 _LOG2E = 1.4426950408889634  # the kernels use exp2/log2: base-2 scores s * log2(e)
@@ -51,17 +50,6 @@ LOG2E_C = tl.constexpr(_LOG2E)
 # float32 is exact, the interpreter runs bf16 dots on float32 copies of the (bf16-rounded) operands,
 # which is the same product with float32 accumulation.
 # ----------------------------------------------------------------------------------------------
-
-
-@triton.jit
-def _div(a, b, IS_FP64: tl.constexpr):
-    # Plain "/" on float32 compiles to an approximate division on NVIDIA GPUs; div_rn is IEEE, like
-    # torch. float64 "/" is already IEEE (and div_rn is float32-only).
-    if IS_FP64:
-        r = a / b
-    else:
-        r = tl.math.div_rn(a, b)
-    return r
 
 
 @triton.jit
@@ -112,7 +100,7 @@ def _attn_fwd_kernel(
 
     # q / sqrt(D) in q's dtype, as the reference computes it; the dots then run on it
     q = tl.load(Q + rows[:, None] * sql + offs_d[None, :] * sqd, mask=row_ok[:, None] & d_ok[None, :], other=0.0)
-    q = _div(q.to(tl.float64) if IS_FP64 else q.to(tl.float32), SCALE, IS_FP64).to(in_ty)
+    q = div_ieee(q.to(tl.float64) if IS_FP64 else q.to(tl.float32), SCALE, IS_FP64).to(in_ty)
     if IS_FP64:
         acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float64)
         m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float64)
@@ -143,7 +131,7 @@ def _attn_fwd_kernel(
         acc = tl.dot(p.to(in_ty).to(v.dtype), v, acc * alpha[:, None], input_precision=DOT_PREC)
         m_i = m_new
 
-    out = _div(acc, l_i[:, None], IS_FP64)
+    out = div_ieee(acc, l_i[:, None], IS_FP64)
     tl.store(OUT + rows[:, None] * sol + offs_d[None, :] * sod, out.to(in_ty), mask=row_ok[:, None] & d_ok[None, :])
     tl.store(LSE + rows, m_i + tl.log2(l_i), mask=row_ok)
 
@@ -260,7 +248,7 @@ def _attn_bwd_kernel(
         m_ok = rows < LQ
         q_mask = m_ok[:, None] & d_ok[None, :]
         q = tl.load(Q + rows[:, None] * sql + offs_d[None, :] * sqd, mask=q_mask, other=0.0)
-        q = _div(q.to(tl.float64) if IS_FP64 else q.to(tl.float32), SCALE, IS_FP64).to(in_ty)
+        q = div_ieee(q.to(tl.float64) if IS_FP64 else q.to(tl.float32), SCALE, IS_FP64).to(in_ty)
         do = tl.load(DO + rows[:, None] * sdol + offs_d[None, :] * sdod, mask=q_mask, other=0.0)
         if UPCAST:
             q = q.to(tl.float32)
@@ -288,7 +276,7 @@ def _attn_bwd_kernel(
             ds = tl.where(keep[None, :] & n_ok[None, :], p * (dp - delta[:, None]), 0.0)
             dq = tl.dot(ds.to(in_ty).to(kt.dtype), tl.trans(kt), dq, input_precision=DOT_PREC)
         # d(q / sqrt(D))/dq = 1 / sqrt(D), applied as the reference's division backward does
-        dq = _div(dq, SCALE, IS_FP64)
+        dq = div_ieee(dq, SCALE, IS_FP64)
         tl.store(DQ + rows[:, None] * HEAD_DIM + offs_d[None, :], dq.to(in_ty), mask=q_mask)
 
 
@@ -336,17 +324,6 @@ def _bwd_config(dtype: torch.dtype, block_d: int) -> tuple[int, int, int, int, i
     return (32, 128, 128, 32, 4, 3) if block_d <= 64 else (32, 64, 64, 32, 4, 2)
 
 
-def _launch(name: str, kernel, grid: tuple[int, ...], *args, **kwargs) -> None:
-    """Count and launch one kernel through wrap_triton (traceable by torch.compile on a GPU).
-
-    Under TRITON_INTERPRET, wrap_triton returns the bare kernel, so the fake (meta) implementation that
-    triton_op derives from the op's body would run the interpreter on FakeTensors: skip the launch
-    there (the fake impl only needs the output shapes).
-    """
-    if interpreting() and any(is_fake(a) for a in args if isinstance(a, torch.Tensor)):
-        return
-    count_launch(name)
-    torch.library.wrap_triton(kernel)[grid](*args, **kwargs)
 
 
 def _check_inputs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_keep: torch.Tensor) -> None:
@@ -385,7 +362,7 @@ def masked_attention_fwd(
     block_d = _block_d(d)
     block_m, block_n, warps, stages = _fwd_config(q.dtype, block_d)
     keep = key_keep.view(torch.uint8)  # bool bytes, read as 0/1 (avoids i1 pointers)
-    _launch(
+    launch(
         "masked_attention_fwd", _attn_fwd_kernel, (triton.cdiv(lq, block_m), b * h),
         q, k, v, keep, out, lse,
         *q.stride(), *k.stride(), *v.stride(), *keep.stride(), *out.stride(),
@@ -413,7 +390,7 @@ def masked_attention_bwd(
 
     delta = torch.empty((b, h, lq), dtype=acc, device=q.device)  # scratch, fully written
     pre_m = 16 if interpreting() else 64
-    _launch(
+    launch(
         "masked_attention_bwd_preprocess", _attn_bwd_preprocess_kernel, (triton.cdiv(lq, pre_m), b * h),
         out, grad_out, delta, *out.stride(), *grad_out.stride(), h, lq,
         HEAD_DIM=d, BLOCK_D=block_d, BLOCK_M=pre_m, IS_FP64=is_fp64,
@@ -424,7 +401,7 @@ def masked_attention_bwd(
     dv = new_output((b, h, lk, d), v.dtype, v.device)
     bm1, bn1, bm2, bn2, warps, stages = _bwd_config(q.dtype, block_d)
     grid = (max(triton.cdiv(lk, bn1), triton.cdiv(lq, bm2)), b * h)
-    _launch(
+    launch(
         "masked_attention_bwd", _attn_bwd_kernel, grid,
         q, k, v, keep, grad_out, lse, delta, dq, dk, dv,
         *q.stride(), *k.stride(), *v.stride(), *keep.stride(), *grad_out.stride(),

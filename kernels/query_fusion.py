@@ -31,10 +31,9 @@ import functools
 import torch
 import triton
 import triton.language as tl
-from torch._subclasses.fake_tensor import is_fake
-from torch.library import triton_op, wrap_triton
+from torch.library import triton_op
 
-from lfpv_fast.kernels._common import accumulator_dtype, count_launch, interpreting, new_output
+from lfpv_fast.kernels._common import accumulator_dtype, launch, new_output
 
 # Channel and bank dimensions are padded (masked) up to this: the K of a dot must be >= 16 for
 # 16-bit and >= 8 for 32-bit operands on NVIDIA GPUs.
@@ -50,20 +49,6 @@ _CHUNK_CHANNELS = 16
 
 
 
-def launch(name: str, kernel, grid: tuple[int, ...], *args, **kwargs) -> None:
-    """Launch a Triton kernel from a `triton_op` body (through `wrap_triton`, so torch.compile sees it)
-    and count it in `_common.LAUNCHES`.
-
-    Fake tensors (torch.compile tracing, fake-tensor checks) only trace: no count. Under the CPU
-    interpreter `wrap_triton` hands back the plain interpreted kernel, which cannot run on fake
-    tensors, so the launch is skipped there (the outputs' shapes are all a fake run needs).
-    """
-    fake = any(isinstance(a, torch.Tensor) and is_fake(a) for a in (*args, *kwargs.values()))
-    if fake and interpreting():
-        return
-    if not fake:
-        count_launch(name)
-    wrap_triton(kernel)[grid](*args, **kwargs)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -27,10 +27,9 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
-from torch._subclasses.fake_tensor import is_fake
 from triton.language.extra import libdevice
 
-from lfpv_fast.kernels._common import accumulator_dtype, count_launch, interpreting, new_output
+from lfpv_fast.kernels._common import accumulator_dtype, div_ieee, interpreting, launch, new_output
 
 _SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
@@ -38,16 +37,6 @@ _SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64
 # ----------------------------------------------------------------------------------------------
 # Triton helpers
 # ----------------------------------------------------------------------------------------------
-
-
-@triton.jit
-def _div(a, b, IS_FP64: tl.constexpr):
-    # float32 "/" is an approximate division on NVIDIA GPUs; div_rn is IEEE like torch (float32 only).
-    if IS_FP64:
-        r = a / b
-    else:
-        r = tl.math.div_rn(a, b)
-    return r
 
 
 @triton.jit
@@ -179,7 +168,7 @@ def _snr_normalize_kernel(
     offs = pid * BLOCK + tl.arange(0, BLOCK)
     ok = offs < HW
     ratio = tl.load(RATIO + b * HW + offs, mask=ok, other=0.0)
-    t = _div(ratio, peak + 0.0001, IS_FP64)  # reference: ratio * 1.0 / (peak + 1e-4); "* 1.0" is exact
+    t = div_ieee(ratio, peak + 0.0001, IS_FP64)  # reference: ratio * 1.0 / (peak + 1e-4); "* 1.0" is exact
     # torch.clamp(min=0, max=1) keeps NaN; comparisons with NaN are False so these wheres keep it too
     t = tl.where(t < 0.0, 0.0, t)
     t = tl.where(t > 1.0, 1.0, t)
@@ -197,7 +186,7 @@ def _snr_normalize_kernel(
 def _clamp_pass(ratio, g, ok, peak, IS_FP64: tl.constexpr):
     """(denominator D = peak + 1e-4, gradient reaching t = ratio / D through the clamp)."""
     denom = peak + 0.0001
-    t = _div(ratio, denom, IS_FP64)
+    t = div_ieee(ratio, denom, IS_FP64)
     # torch's clamp backward passes the gradient where min <= t <= max (bounds included)
     gt = tl.where(ok & (t >= 0.0) & (t <= 1.0), g, 0.0)
     return denom, gt
@@ -219,7 +208,7 @@ def _snr_bwd_partials_kernel(
     peak = tl.load(PEAK + b)
     denom, gt = _clamp_pass(ratio, g, ok, peak, IS_FP64)
     # div backward w.r.t. the divisor, as torch writes it: -grad * ((self / other) / other)
-    part = gt * _div(_div(ratio, denom, IS_FP64), denom, IS_FP64)
+    part = gt * div_ieee(div_ieee(ratio, denom, IS_FP64), denom, IS_FP64)
     tl.store(PART_S + b * n_tiles + pid_t, tl.sum(tl.sum(part, axis=1), axis=0))
     ties = tl.where(ok & (ratio == peak), 1, 0)
     tl.store(PART_N + b * n_tiles + pid_t, tl.sum(tl.sum(ties, axis=1), axis=0))
@@ -251,15 +240,15 @@ def _snr_bwd_pixel_kernel(
         n_acc += tl.load(PART_N + b * n_tiles + start + offs, mask=start + offs < n_tiles, other=0)
     g_peak = -tl.sum(s_acc, axis=0)
     n_ties = tl.sum(n_acc, axis=0)
-    g_ratio = _div(gt, denom, IS_FP64)
-    g_ratio += tl.where(ratio == peak, _div(g_peak, n_ties.to(g_peak.dtype), IS_FP64), 0.0)
+    g_ratio = div_ieee(gt, denom, IS_FP64)
+    g_ratio += tl.where(ratio == peak, div_ieee(g_peak, n_ties.to(g_peak.dtype), IS_FP64), 0.0)
 
     # ratio = light / den, den = |dark - light| + 1e-4
     den = tl.abs(dark - light) + 0.0001
-    g_den = -g_ratio * _div(_div(light, den, IS_FP64), den, IS_FP64)
+    g_den = -g_ratio * div_ieee(div_ieee(light, den, IS_FP64), den, IS_FP64)
     u = dark - light
     g_u = tl.where(u > 0, g_den, tl.where(u < 0, -g_den, 0.0))  # abs backward: sgn(0) = 0
-    g_light = _div(g_ratio, den, IS_FP64) - g_u
+    g_light = div_ieee(g_ratio, den, IS_FP64) - g_u
     offs_px = b * H * W + rows[:, None] * W + cols[None, :]
     tl.store(GLIGHT + offs_px, g_light, mask=ok)
     tl.store(GDARK + offs_px, g_u, mask=ok)
@@ -329,17 +318,6 @@ def _tile_config() -> tuple[int, int, int, int]:
     return 8, 128, 1024, 256
 
 
-def _launch(name: str, kernel, grid: tuple[int, ...], *args, **kwargs) -> None:
-    """Count and launch one kernel through wrap_triton (traceable by torch.compile on a GPU).
-
-    Under TRITON_INTERPRET, wrap_triton returns the bare kernel, so the fake (meta) implementation that
-    triton_op derives from the op's body would run the interpreter on FakeTensors: skip the launch
-    there (the fake impl only needs the output shapes).
-    """
-    if interpreting() and any(is_fake(a) for a in args if isinstance(a, torch.Tensor)):
-        return
-    count_launch(name)
-    torch.library.wrap_triton(kernel)[grid](*args, **kwargs)
 
 
 def _check_input(x: torch.Tensor) -> None:
@@ -371,12 +349,12 @@ def snr_mask_fwd(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     tile_max = torch.empty((b, n_tiles), dtype=acc, device=x.device)
     peak = new_output((b,), acc, x.device)
     is_fp64 = x.dtype == torch.float64
-    _launch(
+    launch(
         "snr_mask_ratio", _snr_ratio_kernel, (n_tiles, b),
         x, ratio, tile_max, *x.stride(), h, w, n_tiles_w, n_tiles,
         BLOCK_H=block_h, BLOCK_W=block_w, IS_FP64=is_fp64, NO_FMA=_no_fma(), num_warps=4,
     )
-    _launch(
+    launch(
         "snr_mask_normalize", _snr_normalize_kernel, (triton.cdiv(h * w, block), b),
         ratio, tile_max, out, peak, h * w, n_tiles,
         BLOCK=block, TILE_BLOCK=tile_block, IS_FP64=is_fp64, num_warps=4,
@@ -397,20 +375,20 @@ def snr_mask_bwd(grad_out: torch.Tensor, x: torch.Tensor, peak: torch.Tensor) ->
     part_s = torch.empty((b, n_tiles), dtype=acc, device=x.device)
     part_n = torch.empty((b, n_tiles), dtype=torch.int32, device=x.device)
     common = dict(BLOCK_H=block_h, BLOCK_W=block_w, IS_FP64=is_fp64, num_warps=4)
-    _launch(
+    launch(
         "snr_mask_bwd_partials", _snr_bwd_partials_kernel, (n_tiles, b),
         x, g, peak, part_s, part_n, *x.stride(), *g.stride(), h, w, n_tiles_w, n_tiles,
         NO_FMA=_no_fma(), **common,
     )
     g_light = torch.empty((b, h, w), dtype=acc, device=x.device)
     g_dark = torch.empty((b, h, w), dtype=acc, device=x.device)
-    _launch(
+    launch(
         "snr_mask_bwd_pixel", _snr_bwd_pixel_kernel, (n_tiles, b),
         x, g, peak, part_s, part_n, g_light, g_dark, *x.stride(), *g.stride(), h, w, n_tiles_w, n_tiles,
         TILE_BLOCK=tile_block, NO_FMA=_no_fma(), **common,
     )
     dx = new_output((b, 3, h, w), x.dtype, x.device)
-    _launch(
+    launch(
         "snr_mask_bwd_input", _snr_bwd_input_kernel, (n_tiles, b),
         g_light, g_dark, dx, *dx.stride(), h, w, n_tiles_w, **common,
     )
