@@ -54,6 +54,12 @@ def launch(name: str, kernel, grid: tuple[int, ...], *args, **kwargs) -> None:
     """
     fake = any(isinstance(a, torch.Tensor) and is_fake(a) for a in (*args, *kwargs.values()))
     if fake and interpreting():
+        if torch.compiler.is_compiling():
+            # The graph would be traced without this kernel and give garbage at run time.
+            raise RuntimeError(
+                "torch.compile of the Triton backend needs a GPU: under TRITON_INTERPRET=1 the kernels "
+                "cannot be traced. On the CPU, compile with backend='reference' or run the Triton ops eagerly."
+            )
         return
     if not fake:
         count_launch(name)

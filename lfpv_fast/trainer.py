@@ -86,6 +86,8 @@ def resolve_features(cfg: RunConfig, local_rank: int = 0) -> Features:
             asked.append("train.fused_adam=on -> 'auto' or 'off'")
         if t.cuda_graphs:
             asked.append("train.cuda_graphs=true -> false")
+        if t.backend == "triton" and t.compile == "on":  # interpreted kernels cannot be traced
+            asked.append("train.compile=on with train.backend=triton -> compile 'off', or backend 'reference'")
         if d.device == "gpu":
             asked.append("data.device=gpu -> 'cpu'")
         if asked:

@@ -256,6 +256,15 @@ def test_gpu_features_on_a_cpu_machine_fail_before_any_work(tmp_path, capsys, mo
     assert not out.exists()
 
 
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the messages of a machine without CUDA")
+def test_compile_with_interpreted_triton_fails_before_any_work(tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    out = tmp_path / "run"
+    assert main(["--set", "train.backend=triton", "--set", "train.compile=on", "--out", str(out)]) == 2
+    assert "train.compile=on with train.backend=triton" in capsys.readouterr().err
+    assert not out.exists()
+
+
 def test_auto_switches_are_off_on_the_cpu():
     if torch.cuda.is_available():
         pytest.skip("CPU machine only")

@@ -1,0 +1,33 @@
+"""Backend selection, and the guard against compiling interpreted Triton kernels."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from lfpv_fast import LFPVNet, ModelConfig, reference
+from lfpv_fast.backends import select_ops, triton_interpreting
+
+
+def test_auto_picks_reference_on_cpu_tensors():
+    assert select_ops("auto", torch.zeros(1)) is reference
+    assert select_ops("reference", torch.zeros(1)) is reference
+    with pytest.raises(ValueError, match="unknown backend"):
+        select_ops("fast", torch.zeros(1))
+
+
+@pytest.mark.skipif(torch.cuda.is_available() or not triton_interpreting(), reason="CPU interpreter only")
+def test_compiling_interpreted_triton_ops_is_a_clear_error():
+    """Under TRITON_INTERPRET the kernels cannot be traced: compiling must refuse, not drop them."""
+    ops = select_ops("triton", torch.zeros(1))
+    compiled = torch.compile(ops.snr_mask, fullgraph=True, backend="aot_eager")
+    with pytest.raises(Exception, match="torch.compile of the Triton backend needs a GPU"):
+        compiled(torch.rand(1, 3, 8, 8))
+    # Eagerly, the same op runs (interpreted) and matches its reference twin.
+    x = torch.rand(1, 3, 8, 8, dtype=torch.float64)
+    torch.testing.assert_close(ops.snr_mask(x), reference.snr_mask(x), rtol=0, atol=1e-12)
+
+
+def test_model_backend_is_chosen_per_input():
+    net = LFPVNet(ModelConfig(nf=8, light_blocks=1, layers=1, heads=2, head_dim=8, ffn_dim=16, bank_size=4))
+    assert net.ops_for(torch.zeros(1)) is reference
