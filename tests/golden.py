@@ -61,9 +61,10 @@ def golden_draws(case: dict) -> BankDraws:
 
 
 def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
+    a, b = a.detach().cpu(), b.detach().cpu()
     return ((a - b).norm() / b.norm()).item()
 
 
 def fingerprint(grad: torch.Tensor) -> torch.Tensor:
-    g = grad.detach().to(torch.float64).flatten()
+    g = grad.detach().cpu().to(torch.float64).flatten()
     return torch.stack([g.norm(), (g * torch.cos(0.3 * torch.arange(g.numel(), dtype=torch.float64))).sum()])

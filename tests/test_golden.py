@@ -25,8 +25,8 @@ def run_training_step(net, case):
     x = case["input"].clone().requires_grad_(True)
     out, out_no_lfpv = net(x, case["net_mask"], golden_draws(case))
     n = out.numel()
-    w1 = torch.sin(torch.arange(n, dtype=torch.float64)).reshape(out.shape)
-    w2 = torch.cos(torch.arange(n, dtype=torch.float64)).reshape(out.shape)
+    w1 = torch.sin(torch.arange(n, dtype=torch.float64)).reshape(out.shape).to(out.device)
+    w2 = torch.cos(torch.arange(n, dtype=torch.float64)).reshape(out.shape).to(out.device)
     ((out * w1).sum() + (out_no_lfpv * w2).sum()).backward()
     return out, out_no_lfpv, x
 
@@ -97,9 +97,11 @@ def test_triton_backend_matches_published_and_runs_kernels(case):
     """The whole model through the Triton kernels (interpreted on the CPU) passes the golden case."""
     from lfpv_fast.kernels import _common
 
-    if not case["input"].is_cuda and not _common.interpreting():
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    if device == "cpu" and not _common.interpreting():
         pytest.skip("needs CUDA or TRITON_INTERPRET=1")
-    net = golden_net(case, backend="triton").eval()
+    case = {k: v.to(device) if torch.is_tensor(v) else v for k, v in case.items()}
+    net = golden_net(case, backend="triton").to(device).eval()
     _common.reset_launches()
     with torch.no_grad():
         out = net(case["input"], case["net_mask"])
