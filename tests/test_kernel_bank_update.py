@@ -14,6 +14,10 @@ from lfpv_fast import reference
 from lfpv_fast.kernels import _common
 from lfpv_fast.kernels import bank_update as bu
 
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+if DEVICE == "cpu" and not _common.interpreting():
+    pytest.skip("no CUDA device and TRITON_INTERPRET is not set", allow_module_level=True)
+
 DTYPES = [torch.float64, torch.float32, torch.bfloat16, torch.float16]
 # float32 accumulation, one rounding to 16 bits: at most one unit in the last place (the CPU
 # interpreter truncates float32 -> bfloat16 where GPUs round to nearest), plus float32 arithmetic.
@@ -27,7 +31,12 @@ def poison_outputs(monkeypatch):
 
 
 def rand(*size, seed: int = 0, dtype: torch.dtype = torch.float64) -> torch.Tensor:
-    return torch.randn(*size, generator=torch.Generator().manual_seed(seed), dtype=torch.float64).to(dtype)
+    """Drawn in float64 with a CPU generator (the same values on every device), then put on DEVICE."""
+    return torch.randn(*size, generator=torch.Generator().manual_seed(seed), dtype=torch.float64).to(dtype).to(DEVICE)
+
+
+def index(values) -> torch.Tensor:
+    return torch.tensor(values, device=DEVICE)
 
 
 def assert_close(actual: torch.Tensor, truth: torch.Tensor, dtype: torch.dtype, what: str = "") -> None:
@@ -86,7 +95,7 @@ GATHER_CASES = [
 @pytest.mark.parametrize("case", GATHER_CASES)
 def test_gather_samples(case, dtype):
     b, c, h, w, p, vpos, ppos = case
-    vpos, ppos = torch.tensor(vpos), torch.tensor(ppos)
+    vpos, ppos = index(vpos), index(ppos)
     check_against_reference(
         lambda f: bu.gather_samples(f, vpos, ppos, p), lambda f: reference.gather_samples(f, vpos, ppos, p),
         [rand(b, c, h, w)], dtype, exact_forward=True, names=["features"])
@@ -116,7 +125,7 @@ def test_sample_updater_inputs(case, dtype):
 @pytest.mark.parametrize("case", [GATHER_CASES[1], GATHER_CASES[3]])
 def test_sample_updater_inputs_from_features(case, dtype):
     b, c, h, w, p, vpos, ppos = case
-    vpos, ppos = torch.tensor(vpos), torch.tensor(ppos)
+    vpos, ppos = index(vpos), index(ppos)
     n = 6
     leaves = [rand(b, c, h, w), rand(n, c, seed=1), rand(n, c, p, p, seed=2), rand(n, c, seed=5)]
 
@@ -145,7 +154,7 @@ MUTUAL_CASES = [
 @pytest.mark.parametrize("case", MUTUAL_CASES)
 def test_mutual_updater_inputs(case, dtype):
     n, c, p, vp, pp = case
-    vp, pp = torch.tensor(vp), torch.tensor(pp)
+    vp, pp = index(vp), index(pp)
     check_against_reference(lambda bv, bp, emb: bu.mutual_updater_inputs(bv, bp, vp, pp, emb),
                             lambda bv, bp, emb: reference.mutual_updater_inputs(bv, bp, vp, pp, emb),
                             [rand(n, c, seed=1), rand(n, c, p, p, seed=2), rand(n, c, seed=5)], dtype,
@@ -177,8 +186,9 @@ def test_batch_mean_layer_norm(case, dtype, reduce):
 
 def test_all_reduce_mean_sees_the_batch_mean_once():
     n, b, shape = 4, 3, (8, 2, 2)
-    updates, w, bias = rand(n * b, *shape), torch.ones(shape, dtype=torch.float64), torch.zeros(shape,
-                                                                                                  dtype=torch.float64)
+    updates = rand(n * b, *shape)
+    w = torch.ones(shape, dtype=torch.float64, device=DEVICE)
+    bias = torch.zeros(shape, dtype=torch.float64, device=DEVICE)
     seen = []
 
     def record(mean: torch.Tensor) -> torch.Tensor:
@@ -195,7 +205,7 @@ def test_all_reduce_mean_sees_the_batch_mean_once():
 def test_all_reduce_mean_gets_the_mean_unrounded():
     updates = rand(6, 8, dtype=torch.bfloat16)
     seen = []
-    norm = (torch.ones(8, dtype=torch.bfloat16), torch.zeros(8, dtype=torch.bfloat16))
+    norm = (torch.ones(8, dtype=torch.bfloat16, device=DEVICE), torch.zeros(8, dtype=torch.bfloat16, device=DEVICE))
     out = bu.batch_mean_layer_norm(updates, 3, norm, lambda m: seen.append(m) or m)
     assert seen[0].dtype == torch.float32 and out.dtype == torch.bfloat16
 
@@ -207,15 +217,15 @@ def test_all_reduce_mean_gets_the_mean_unrounded():
 def test_each_op_is_one_launch_forward():
     n, b, c, h, w, p = 4, 3, 8, 6, 6, 4
     f = rand(b, c, h, w)
-    pos = torch.tensor([1, 2])
+    pos = index([1, 2])
     bv, bp, sv, sp, emb = sample_leaves(n, b, c, p)
-    partners = torch.tensor([1, 2, 3, 0])
+    partners = index([1, 2, 3, 0])
     _common.reset_launches()
     bu.gather_samples(f, pos, pos, p)
     bu.sample_updater_inputs(bv, bp, sv, sp, emb)
     bu.sample_updater_inputs_from_features(f, pos, pos, bv, bp, emb)
     bu.mutual_updater_inputs(bv, bp, partners, partners, emb)
-    norm = (torch.ones(c, dtype=torch.float64), torch.zeros(c, dtype=torch.float64))
+    norm = (torch.ones(c, dtype=torch.float64, device=DEVICE), torch.zeros(c, dtype=torch.float64, device=DEVICE))
     bu.batch_mean_layer_norm(rand(n * b, c), b, norm)
     assert dict(_common.LAUNCHES) == {"gather_samples": 1, "sample_updater_inputs": 2, "mutual_updater_inputs": 1,
                                       "batch_mean_layer_norm": 1}
@@ -225,9 +235,10 @@ def test_backward_launches():
     n, b, c, h, w, p = 4, 3, 8, 6, 6, 4
     f = rand(b, c, h, w).requires_grad_(True)
     bv, bp, _, _, emb = (t.requires_grad_(True) for t in sample_leaves(n, b, c, p))
-    pos = torch.tensor([1, 2])
+    pos = index([1, 2])
     vin, pin = bu.sample_updater_inputs_from_features(f, pos, pos, bv, bp, emb)
-    weight, bias = torch.ones(c, dtype=torch.float64, requires_grad=True), torch.zeros(c, dtype=torch.float64)
+    weight = torch.ones(c, dtype=torch.float64, device=DEVICE, requires_grad=True)
+    bias = torch.zeros(c, dtype=torch.float64, device=DEVICE)
     out = bu.batch_mean_layer_norm(vin.flatten(1)[:, :c], b, (weight, bias))
     _common.reset_launches()
     (out.sum() + pin.sum()).backward()
@@ -236,12 +247,12 @@ def test_backward_launches():
 
 
 @pytest.mark.parametrize("op, make_args", [
-    ("gather_samples", lambda: (rand(2, 8, 5, 6), torch.tensor([1, 2]), torch.tensor([0, 3]), 2)),
+    ("gather_samples", lambda: (rand(2, 8, 5, 6), index([1, 2]), index([0, 3]), 2)),
     ("sample_updater_inputs", lambda: tuple(sample_leaves(4, 3, 8, 2))),
-    ("sample_updater_inputs_from_features", lambda: (rand(3, 8, 5, 6), torch.tensor([1, 2]), torch.tensor([0, 3]),
+    ("sample_updater_inputs_from_features", lambda: (rand(3, 8, 5, 6), index([1, 2]), index([0, 3]),
                                                      *sample_leaves(4, 3, 8, 2)[:2], rand(4, 8))),
-    ("mutual_updater_inputs", lambda: (*sample_leaves(4, 3, 8, 2)[:2], torch.tensor([1, 1, 3, 0]),
-                                       torch.tensor([2, 0, 0, 1]), rand(4, 8))),
+    ("mutual_updater_inputs", lambda: (*sample_leaves(4, 3, 8, 2)[:2], index([1, 1, 3, 0]),
+                                       index([2, 0, 0, 1]), rand(4, 8))),
     ("batch_mean_layer_norm", lambda: (rand(12, 8, 2, 2), 3, rand(8, 2, 2), rand(8, 2, 2), 1e-5)),
     ("batch_mean", lambda: (rand(12, 8, 2, 2), 3)),
     ("bank_layer_norm", lambda: (rand(4, 8, 2, 2), rand(8, 2, 2), rand(8, 2, 2), 1e-5, torch.float64)),
@@ -269,11 +280,10 @@ def test_lfpv_training_step_matches_reference():
 
     cfg = ModelConfig(nf=8, bank_size=4, patch_size=4, updater_width=1)
     torch.manual_seed(0)
-    module = LFPVModule(cfg).double()
+    module = LFPVModule(cfg).double().to(DEVICE)
     features = rand(3, 8, 8, 12, seed=1)
     bank_vectors, bank_patches = rand(4, 8, seed=2), rand(4, 8, 4, 4, seed=3)
-    draws = BankDraws(torch.tensor([7, 11]), torch.tensor([4, 8]), torch.tensor([1, 0, 0, 2]),
-                      torch.tensor([3, 3, 1, 0]))
+    draws = BankDraws(index([7, 11]), index([4, 8]), index([1, 0, 0, 2]), index([3, 3, 1, 0]))
     weights = rand(3, 8, 8, 12, seed=4)
 
     def step(ops):

@@ -14,6 +14,10 @@ from lfpv_fast import reference
 from lfpv_fast.kernels import _common
 from lfpv_fast.kernels import query_fusion as qf
 
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+if DEVICE == "cpu" and not _common.interpreting():
+    pytest.skip("no CUDA device and TRITON_INTERPRET is not set", allow_module_level=True)
+
 # (B, C, H, W, N, p). Odd batches, non-square maps, padded channels (8, 12 -> 16) and banks (8, 10 -> 16),
 # several patch tiles per patch row and masked patches in a tile (forward: W=24, C=64 gives 6 patches in
 # tiles of 4; backward: W=6, C=12, p=2 gives 3 in a tile of 4), p = 4, 2, 1.
@@ -38,8 +42,9 @@ def poison_outputs(monkeypatch):
 
 
 def make_inputs(shape, seed: int = 0) -> list[torch.Tensor]:
-    """float64 leaves in NAMES order. The LayerNorm weights are scaled by dim**-0.25 so that the scores
-    are O(1): softmaxes neither saturate nor flatten, and their gradients are exercised."""
+    """float64 leaves on DEVICE in NAMES order (drawn on the CPU, then moved). The LayerNorm weights are
+    scaled by dim**-0.25 so that the scores are O(1): softmaxes neither saturate nor flatten, and their
+    gradients are exercised."""
     b, c, h, w, n, p = shape
     gen = torch.Generator().manual_seed(seed)
 
@@ -50,7 +55,7 @@ def make_inputs(shape, seed: int = 0) -> list[torch.Tensor]:
     leaves = [rand(b, c, h, w), rand(n, c), rand(n, c, p, p)]
     for dim in (c, c, d, d):
         leaves += [(1 + 0.1 * rand(dim)) * dim ** -0.25, 0.1 * rand(dim)]
-    return leaves
+    return [t.to(DEVICE) for t in leaves]
 
 
 def run(fn, leaves: list[torch.Tensor], grad_weights: torch.Tensor):
@@ -77,7 +82,8 @@ def assert_close(actual: torch.Tensor, truth: torch.Tensor, rel: float, ulp: flo
 
 def check(shape, dtype: torch.dtype, rel: float, ulp: float = 0.0) -> None:
     leaves = [t.to(dtype) for t in make_inputs(shape)]
-    grad_weights = torch.randn(shape[:4], generator=torch.Generator().manual_seed(1), dtype=torch.float64).to(dtype)
+    grad_weights = torch.randn(shape[:4], generator=torch.Generator().manual_seed(1),
+                               dtype=torch.float64).to(dtype).to(DEVICE)
     truth_out, truth_grads = run(reference.query_fusion, [t.double() for t in leaves], grad_weights.double())
     out, grads = run(qf.query_fusion, leaves, grad_weights)
     assert out.dtype == dtype
@@ -109,7 +115,7 @@ def test_half_precision_matches_reference(dtype):
 
 def test_kernels_ran_and_backward_is_deterministic():
     leaves = make_inputs(SHAPES[3])
-    grad_weights = torch.randn(SHAPES[3][:4], dtype=torch.float64)
+    grad_weights = torch.randn(SHAPES[3][:4], dtype=torch.float64).to(DEVICE)
     _common.reset_launches()
     out, grads = run(qf.query_fusion, leaves, grad_weights)
     # Forward: the keys, the fused op. Backward: the keys again, d features + pixel-branch sums,
@@ -131,8 +137,10 @@ def test_registered_custom_op():
 
 def test_rejects_patch_size_that_is_not_a_power_of_two():
     f, bv, _, *norms = make_inputs((1, 8, 6, 6, 4, 2))
-    bp = torch.randn(4, 8, 3, 3, dtype=torch.float64)
+    bp = torch.randn(4, 8, 3, 3, dtype=torch.float64).to(DEVICE)
+
+    def norm72():
+        return torch.ones(72, dtype=torch.float64, device=DEVICE), torch.zeros(72, dtype=torch.float64, device=DEVICE)
+
     with pytest.raises(NotImplementedError, match="power-of-two"):
-        qf.query_fusion(f, bv, bp, (norms[0], norms[1]), (norms[2], norms[3]),
-                        (torch.ones(72, dtype=torch.float64), torch.zeros(72, dtype=torch.float64)),
-                        (torch.ones(72, dtype=torch.float64), torch.zeros(72, dtype=torch.float64)))
+        qf.query_fusion(f, bv, bp, (norms[0], norms[1]), (norms[2], norms[3]), norm72(), norm72())
