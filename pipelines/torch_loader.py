@@ -9,6 +9,7 @@ worker processes hold no random state and the batches do not depend on num_worke
 
 from __future__ import annotations
 
+import signal
 from collections.abc import Iterator
 
 import numpy as np
@@ -76,6 +77,13 @@ def plan_keys(plan: BatchPlan) -> list[Key]:
     ]
 
 
+def _ignore_sigint(_worker_id: int) -> None:
+    # Ctrl-C at a terminal signals the whole process group. The main process decides how to stop (the
+    # trainer finishes the step and writes a checkpoint) and shuts its workers down itself; a worker
+    # dying of the SIGINT would instead surface as "DataLoader worker exited unexpectedly".
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
 class TorchPairLoader(PairLoader):
     """`PairLoader` on a torch DataLoader with `num_workers` processes (pinned memory on "gpu")."""
 
@@ -93,5 +101,6 @@ class TorchPairLoader(PairLoader):
             num_workers=self.num_workers,
             collate_fn=_collate,
             pin_memory=self.pin_memory,
+            worker_init_fn=_ignore_sigint,
         )
         yield from loader

@@ -349,6 +349,26 @@ def test_a_signal_finishes_the_step_writes_a_checkpoint_and_exits_0(tmp_path, de
     trainer.close()
 
 
+def test_ctrl_c_at_a_terminal_with_loader_workers_stops_cleanly(tmp_path, demo_root):
+    """A terminal's Ctrl-C reaches the whole process group, DataLoader workers included."""
+    cfg_file = write_tiny_yaml(tmp_path / "tiny.yaml", demo_root, "train.iterations=100000", "val.every=100000",
+                               "train.checkpoint_every=100000", "data.num_workers=2")
+    run = tmp_path / "run"
+    proc = subprocess.Popen([sys.executable, "-m", "lfpv_fast.train", "-c", str(cfg_file), "--out", str(run)],
+                            cwd=tmp_path, env=dict(os.environ), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True, start_new_session=True)
+    deadline = time.monotonic() + 180
+    while not ((run / "metrics.jsonl").exists() and len((run / "metrics.jsonl").read_text().splitlines()) >= 2):
+        assert proc.poll() is None, proc.communicate()[0]
+        assert time.monotonic() < deadline, "the run did not start"
+        time.sleep(0.2)
+    os.killpg(proc.pid, signal.SIGINT)
+    output = proc.communicate(timeout=180)[0]
+    assert proc.returncode == 0, output
+    assert "stopped by SIGINT" in output and "exited unexpectedly" not in output
+    assert read_checkpoint(latest_checkpoint(run))["step"] >= 2
+
+
 KILL_SCRIPT = textwrap.dedent("""
     import sys
     from pathlib import Path
