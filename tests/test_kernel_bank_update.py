@@ -25,9 +25,8 @@ ULP = {torch.float64: 0.0, torch.float32: 0.0, torch.bfloat16: 2.0 ** -7, torch.
 REL = {torch.float64: 1e-10, torch.float32: 1e-5, torch.bfloat16: 1e-5, torch.float16: 1e-5}
 
 
-@pytest.fixture(autouse=True)
-def poison_outputs(monkeypatch):
-    monkeypatch.setattr(_common, "POISON_OUTPUTS", True)
+# Outputs poisoned with NaN, launch counter reset: the fixture lives in conftest.py.
+pytestmark = pytest.mark.usefixtures("poisoned_outputs")
 
 
 def rand(*size, seed: int = 0, dtype: torch.dtype = torch.float64) -> torch.Tensor:

@@ -36,9 +36,8 @@ NAMES = ["features", "bank_vectors", "bank_patches", "pixel_w", "pixel_b", "vkey
 ZERO_GRAD_SCALE = {"vkey_b": "vkey_w", "pkey_b": "pkey_w"}
 
 
-@pytest.fixture(autouse=True)
-def poison_outputs(monkeypatch):
-    monkeypatch.setattr(_common, "POISON_OUTPUTS", True)
+# Outputs poisoned with NaN, launch counter reset: the fixture lives in conftest.py.
+pytestmark = pytest.mark.usefixtures("poisoned_outputs")
 
 
 def make_inputs(shape, seed: int = 0) -> list[torch.Tensor]:

@@ -23,13 +23,8 @@ if DEVICE == "cpu" and not _common.interpreting():
     pytest.skip("no CUDA device and TRITON_INTERPRET is not set", allow_module_level=True)
 
 
-@pytest.fixture(autouse=True)
-def poisoned_outputs():
-    """Every kernel output starts as NaN, so an element a kernel fails to write shows up."""
-    _common.POISON_OUTPUTS = True
-    _common.reset_launches()
-    yield
-    _common.POISON_OUTPUTS = False
+# Outputs poisoned with NaN, launch counter reset: the fixture lives in conftest.py.
+pytestmark = pytest.mark.usefixtures("poisoned_outputs")
 
 
 def make_images(batch: int, height: int, width: int, dtype: torch.dtype, seed: int,
