@@ -4,48 +4,54 @@ The op (see `lfpv_fast.reference.query_fusion`) adds to every feature pixel the 
 the raw vector bank (queries: LayerNorm of the pixel's C-vector, keys: LayerNorm of the bank) and to
 every p x p patch the same over the patch bank (D = C*p*p values per patch, channel-major).
 
-Design:
-- A program owns a tile of G consecutive patches of one patch row of one image (about 4K values).
-  The whole (G, C, p*p) block is loaded once and, permuted to (G*p*p, C), gives the pixel queries;
-  seen as (G, D) it gives the patch LayerNorm statistics. Everything touching the (N, D) patch bank
-  runs over chunks of 16 channels (re-reading the block's chunk from L1/L2), so register tiles stay
-  small. Both attentions are `tl.dot`s; the output (features + both updates) is written once.
+Design (sizes chosen with the compile gate, `python -m lfpv_fast.kernels.compile_gate`: no spills in
+any dtype on sm_90 and sm_80 at the training and inference shapes, shared memory well under both cards):
+- A tile is G consecutive patches of one patch row of one image. A kernel never holds a whole tile:
+  it makes passes over chunks of CC channels, (G, CC, p*p) values re-read from L1/L2 each pass:
+  LayerNorm statistics (mean, then mean squared deviation) of every pixel (over C) and every patch
+  (over D), then the scores of both branches (`tl.dot`s against the keys' chunks), then the output.
+  Only the statistics and the (G*p*p, N) and (G, N) scores stay in registers between passes.
 - The two bank LayerNorms (keys) are tiny (N x C and N x D) and shared by every program: a small
   kernel computes them once per call, in the accumulator dtype; backward recomputes them, and a last
   small kernel takes the key grads back through their LayerNorm, adds the value path's bank grads and
   rounds each bank grad once (two separately rounded bf16 paths would cancel badly).
-- Backward recomputes LayerNorms and softmaxes from the features (cheaper than storing them). The
-  first kernel writes d features, the partial sums of the pixel branch's parameter grads over its
-  tiles (small (N, C) accumulators), and per patch its softmax weights, score grads and statistics
-  (2N + 2 values). A second kernel owns a 16-channel column chunk of the patch bank and sums the
-  patch branch's parameter grads over a range of patches. A third sums the partial rows. Fixed
-  order everywhere, no atomics: bitwise reproducible.
+- Backward recomputes LayerNorms and softmaxes from the features (cheaper than storing them), in
+  three kernels that each keep little state: the pixel branch over runs of (pixels, C) tiles (its part
+  of d features, in the accumulator dtype, and its parameter grads summed in registers over the run:
+  small (N, C) accumulators); the patch branch per tile (d features = dO + pixel part + patch part,
+  rounded once, and per patch its softmax weights, score grads and statistics: 2N + 2 values); the
+  patch branch's parameter grads, a program per (channel chunk, run of patches). The partial sums of
+  each run are added up by `sum_rows`. Fixed order everywhere, no atomics: bitwise reproducible.
 
-Launches: forward 2 (keys, fused op); backward 5 (keys, d features, patch sums, row sums, keys' backward).
+Launches: forward 2 (keys, fused op); backward 7 (keys, pixel branch, patch branch, patch parameters,
+two row sums, keys' backward).
 """
 
 from __future__ import annotations
-
-import functools
 
 import torch
 import triton
 import triton.language as tl
 from torch.library import triton_op
 
-from lfpv_fast.kernels._common import accumulator_dtype, launch, new_output
+from lfpv_fast.kernels._common import accumulator_dtype, launch, new_output, target_for
 
 # Channel and bank dimensions are padded (masked) up to this: the K of a dot must be >= 16 for
 # 16-bit and >= 8 for 32-bit operands on NVIDIA GPUs.
 _MIN_DOT = 16
-# Values of the (patches, C, p, p) block a program holds at once, forward and backward (which holds
-# more per value). Chosen by register spills in offline sm_90 builds (ptxas -v), not yet by timings.
-_TILE_ELEMENTS = 4096
-_TILE_ELEMENTS_BWD = 2048
+# Sizes of a (patches, C, p, p) tile, forward and backward (which keeps more per value): G patches
+# where G * C * p * p is about this many values. Chosen by register spills in offline sm_90 and sm_80
+# builds (the compile gate), not yet by timings.
+_TILE_ELEMENTS = 8192
+_TILE_ELEMENTS_BWD = 4096
+# Channels per chunk of every pass over a tile (a chunk of a tile is G x 8 x p x p values).
+_CHUNK_CHANNELS = 8
 # Patches per step of the patch-parameter gradient kernel: the K of its dots (>= 16).
 _PATCH_BLOCK = 16
-# Channels per chunk of the patch-bank work (a chunk is 16 * p * p values of the D-vectors).
-_CHUNK_CHANNELS = 16
+# Pixels per tile of the pixel-branch backward (a (pixels, C) block), and its programs per SM: enough
+# to fill the GPU, few enough partial-sum rows to add up afterwards.
+_PIXEL_BLOCK = 16
+_PROGRAMS_PER_SM = 4
 
 
 
@@ -131,15 +137,72 @@ def _load_rows(ptr, n, cols, n_ok, col_ok, row_len, acc_ty):
 
 
 @triton.jit
+def _chunk(x_ptr, t, c0, H, W, Hp, Wp, n_groups, total_tiles,
+           C: tl.constexpr, P: tl.constexpr, CC: tl.constexpr, G: tl.constexpr, acc_ty):
+    """Channels c0 .. c0+CC-1 of tile t as a (G, CC, P*P) block in acc_ty (zeros outside), its offsets and mask."""
+    offs, mask, _, _ = _tile(t, c0, H, W, Hp, Wp, n_groups, total_tiles, C, P, CC, G)
+    return tl.load(x_ptr + offs, mask=mask, other=0.0).to(acc_ty), offs, mask
+
+
+@triton.jit
+def _tile_stats(x_ptr, t, H, W, Hp, Wp, n_groups, total_tiles, eps,
+                C: tl.constexpr, P: tl.constexpr, BC: tl.constexpr, CC: tl.constexpr, G: tl.constexpr, acc_ty):
+    """LayerNorm statistics of tile t: per pixel over its C channels (G, P*P) and per patch over its
+    D = C*P*P values (G,). Two passes over chunks of CC channels, mean then mean squared deviation, so
+    that no more than a chunk is held at once."""
+    PP: tl.constexpr = P * P
+    sum_v = tl.zeros((G, PP), acc_ty)
+    for c0 in tl.range(0, BC, CC):
+        x, _, _ = _chunk(x_ptr, t, c0, H, W, Hp, Wp, n_groups, total_tiles, C, P, CC, G, acc_ty)
+        sum_v += tl.sum(x, axis=1)
+    mean_v = sum_v / C
+    mean_p = tl.sum(sum_v, axis=1) / (C * PP)
+    sq_v = tl.zeros((G, PP), acc_ty)
+    sq_p = tl.zeros((G, PP), acc_ty)
+    for c0 in tl.range(0, BC, CC):
+        x, _, mask = _chunk(x_ptr, t, c0, H, W, Hp, Wp, n_groups, total_tiles, C, P, CC, G, acc_ty)
+        dv = tl.where(mask, x - mean_v[:, None, :], 0.0)
+        dp = tl.where(mask, x - mean_p[:, None, None], 0.0)
+        sq_v += tl.sum(dv * dv, axis=1)
+        sq_p += tl.sum(dp * dp, axis=1)
+    rstd_v = 1.0 / tl.sqrt(sq_v / C + eps)
+    rstd_p = 1.0 / tl.sqrt(tl.sum(sq_p, axis=1) / (C * PP) + eps)
+    return mean_v, rstd_v, mean_p, rstd_p
+
+
+@triton.jit
+def _pixel_queries(x, c0, mean_v, rstd_v, xw_ptr, xb_ptr, C: tl.constexpr, CC: tl.constexpr, acc_ty):
+    """Chunk (G, CC, PP) -> the pixels' LayerNorm'd queries on these channels (G, CC, PP), and xhat."""
+    cc = c0 + tl.arange(0, CC)
+    cc_ok = cc < C
+    w = tl.load(xw_ptr + cc, mask=cc_ok, other=0.0).to(acc_ty)
+    bias = tl.load(xb_ptr + cc, mask=cc_ok, other=0.0).to(acc_ty)
+    xhat = tl.where(cc_ok[None, :, None], (x - mean_v[:, None, :]) * rstd_v[:, None, :], 0.0)
+    return xhat * w[None, :, None] + bias[None, :, None], xhat
+
+
+@triton.jit
+def _patch_queries(x, c0, mean_p, rstd_p, qw_ptr, qb_ptr, C: tl.constexpr, CC: tl.constexpr, PP: tl.constexpr,
+                   G: tl.constexpr, acc_ty):
+    """Chunk (G, CC, PP) -> the patches' LayerNorm'd queries on its CC*PP values (G, CC*PP), and xhat."""
+    d = c0 * PP + tl.arange(0, CC * PP)
+    d_ok = d < C * PP
+    wp = tl.load(qw_ptr + d, mask=d_ok, other=0.0).to(acc_ty)
+    bp = tl.load(qb_ptr + d, mask=d_ok, other=0.0).to(acc_ty)
+    xhat = _normalize(tl.reshape(x, (G, CC * PP)), mean_p, rstd_p, d_ok[None, :])
+    return xhat * wp[None, :] + bp[None, :], xhat
+
+
+@triton.jit
 def _query_fusion_fwd_kernel(
     x_ptr, out_ptr, vbank_ptr, vkey_ptr, pbank_ptr, pkey_ptr, xw_ptr, xb_ptr, qw_ptr, qb_ptr,
     H, W, Hp, Wp, n_groups, total_tiles,
     C: tl.constexpr, N: tl.constexpr, P: tl.constexpr, BC: tl.constexpr, CC: tl.constexpr, BN: tl.constexpr,
     G: tl.constexpr, EPS: tl.constexpr,
 ):
-    """One tile of G patches. The whole (G, C, PP) block is only held for the pixel queries and the
-    patch statistics; everything that involves the (N, D) patch bank runs over chunks of CC channels
-    (reloading the block's chunk, an L1/L2 hit) so that register tiles stay small."""
+    """One tile of G patches, in passes over chunks of CC channels (re-read from L1/L2), so that only a
+    chunk, the statistics and the (pixels, N) and (G, N) scores are held: statistics, scores of both
+    branches, then the output chunk by chunk, written once."""
     acc_ty = vkey_ptr.dtype.element_ty  # keys are stored in the accumulator dtype
     eps = tl.full([], EPS, acc_ty)
     PP: tl.constexpr = P * P
@@ -147,69 +210,50 @@ def _query_fusion_fwd_kernel(
     t = tl.program_id(0)
     n = tl.arange(0, BN)
     n_ok = n < N
-    c = tl.arange(0, BC)
-    c_ok = c < C
-
-    offs, mask, _, _ = _tile(t, 0, H, W, Hp, Wp, n_groups, total_tiles, C, P, BC, G)
-    x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(acc_ty)  # (G, BC, PP)
-
-    # Pixel branch: softmax weights (G*PP, BN) over the vector bank.
-    xv = _pixels(x, G, BC, PP)
-    mean_v, rstd_v = _row_stats(xv, c_ok[None, :], C, eps)
-    w = tl.load(xw_ptr + c, mask=c_ok, other=0.0).to(acc_ty)
-    bias = tl.load(xb_ptr + c, mask=c_ok, other=0.0).to(acc_ty)
-    q = _normalize(xv, mean_v, rstd_v, c_ok[None, :]) * w[None, :] + bias[None, :]
-    keys = _load_rows(vkey_ptr, n, c, n_ok, c_ok, C, acc_ty)
-    probs_v = _softmax_rows(_mm(q, tl.trans(keys)), n_ok[None, :])
-
-    # Patch branch: statistics over all D values, then the scores chunk by chunk.
-    d_all = tl.arange(0, BC * PP)
-    mean_p, rstd_p = _row_stats(tl.reshape(x, (G, BC * PP)), (d_all < D)[None, :], D, eps)
-    scores = tl.zeros((G, BN), acc_ty)
-    for c0 in tl.static_range(0, BC, CC):
-        offs, mask, _, _ = _tile(t, c0, H, W, Hp, Wp, n_groups, total_tiles, C, P, CC, G)
-        xc = tl.reshape(tl.load(x_ptr + offs, mask=mask, other=0.0).to(acc_ty), (G, CC * PP))
+    mean_v, rstd_v, mean_p, rstd_p = _tile_stats(x_ptr, t, H, W, Hp, Wp, n_groups, total_tiles, eps,
+                                                 C, P, BC, CC, G, acc_ty)
+    scores_v = tl.zeros((G * PP, BN), acc_ty)
+    scores_p = tl.zeros((G, BN), acc_ty)
+    for c0 in tl.range(0, BC, CC):
+        x, offs, mask = _chunk(x_ptr, t, c0, H, W, Hp, Wp, n_groups, total_tiles, C, P, CC, G, acc_ty)
+        cc = c0 + tl.arange(0, CC)
+        q, xhat = _pixel_queries(x, c0, mean_v, rstd_v, xw_ptr, xb_ptr, C, CC, acc_ty)
+        scores_v += _mm(_pixels(q, G, CC, PP), tl.trans(_load_rows(vkey_ptr, n, cc, n_ok, cc < C, C, acc_ty)))
         d = c0 * PP + tl.arange(0, CC * PP)
-        d_ok = d < D
-        wp = tl.load(qw_ptr + d, mask=d_ok, other=0.0).to(acc_ty)
-        bp = tl.load(qb_ptr + d, mask=d_ok, other=0.0).to(acc_ty)
-        qc = _normalize(xc, mean_p, rstd_p, d_ok[None, :]) * wp[None, :] + bp[None, :]
-        scores += _mm(qc, tl.trans(_load_rows(pkey_ptr, n, d, n_ok, d_ok, D, acc_ty)))
-    probs_p = _softmax_rows(scores, n_ok[None, :])
+        qp, xhat_p = _patch_queries(x, c0, mean_p, rstd_p, qw_ptr, qb_ptr, C, CC, PP, G, acc_ty)
+        scores_p += _mm(qp, tl.trans(_load_rows(pkey_ptr, n, d, n_ok, d < D, D, acc_ty)))
+    probs_v = _softmax_rows(scores_v, n_ok[None, :])
+    probs_p = _softmax_rows(scores_p, n_ok[None, :])
 
     # Output chunk by chunk: features + (vector update + patch update), the reference's order.
-    for c0 in tl.static_range(0, BC, CC):
-        offs, mask, _, _ = _tile(t, c0, H, W, Hp, Wp, n_groups, total_tiles, C, P, CC, G)
-        xc = tl.load(x_ptr + offs, mask=mask, other=0.0).to(acc_ty)
+    for c0 in tl.range(0, BC, CC):
+        x, offs, mask = _chunk(x_ptr, t, c0, H, W, Hp, Wp, n_groups, total_tiles, C, P, CC, G, acc_ty)
         cc = c0 + tl.arange(0, CC)
         d = c0 * PP + tl.arange(0, CC * PP)
         vector_update = _unpixels(_mm(probs_v, _load_rows(vbank_ptr, n, cc, n_ok, cc < C, C, acc_ty)), G, CC, PP)
         patch_update = tl.reshape(_mm(probs_p, _load_rows(pbank_ptr, n, d, n_ok, d < D, D, acc_ty)), (G, CC, PP))
-        out = xc + (vector_update + patch_update)
+        out = x + (vector_update + patch_update)
         tl.store(out_ptr + offs, out.to(out_ptr.dtype.element_ty), mask=mask)
 
 
 @triton.jit
-def _query_fusion_bwd_kernel(
-    x_ptr, dout_ptr, dx_ptr, part_ptr, aux_ptr, vbank_ptr, vkey_ptr, pbank_ptr, pkey_ptr,
-    xw_ptr, xb_ptr, qw_ptr, qb_ptr,
-    H, W, Hp, Wp, n_groups, total_tiles, tiles_per_program, part_cols,
-    C: tl.constexpr, N: tl.constexpr, P: tl.constexpr, BC: tl.constexpr, CC: tl.constexpr, BN: tl.constexpr,
-    G: tl.constexpr, EPS: tl.constexpr,
+def _query_fusion_bwd_pixel_kernel(
+    x_ptr, dout_ptr, dxv_ptr, part_ptr, vbank_ptr, vkey_ptr, xw_ptr, xb_ptr,
+    HW, tiles_per_image, total_tiles, tiles_per_program,
+    C: tl.constexpr, N: tl.constexpr, BC: tl.constexpr, BN: tl.constexpr, BM: tl.constexpr, EPS: tl.constexpr,
 ):
-    """d features for this program's tiles, its partial sums of the pixel branch's parameter grads
-    (vector bank, vector keys, pixel LayerNorm: small enough for registers), and per patch the softmax
-    weights, their score grads and the LayerNorm statistics (aux) for _query_fusion_bwd_patch_kernel."""
+    """The pixel branch's backward over this program's run of pixel tiles (BM consecutive pixels of one
+    image, all C channels): its part of d features (dxv, accumulator dtype; the patch-branch kernel adds
+    the rest) and this program's partial sums of the vector bank, vector key and pixel LayerNorm grads
+    (small enough to stay in registers across the loop)."""
     acc_ty = vkey_ptr.dtype.element_ty
     eps = tl.full([], EPS, acc_ty)
-    PP: tl.constexpr = P * P
-    D: tl.constexpr = C * PP
     pid = tl.program_id(0)
     n = tl.arange(0, BN)
     n_ok = n < N
     c = tl.arange(0, BC)
     c_ok = c < C
-    d_all = tl.arange(0, BC * PP)
+    m = tl.arange(0, BM)
     w = tl.load(xw_ptr + c, mask=c_ok, other=0.0).to(acc_ty)
     bias = tl.load(xb_ptr + c, mask=c_ok, other=0.0).to(acc_ty)
     keys = _load_rows(vkey_ptr, n, c, n_ok, c_ok, C, acc_ty)
@@ -220,115 +264,126 @@ def _query_fusion_bwd_kernel(
     g_keys = tl.zeros((BN, BC), acc_ty)
     g_w = tl.zeros((BC,), acc_ty)
     g_b = tl.zeros((BC,), acc_ty)
-
     for k in range(tiles_per_program):
         t = pid * tiles_per_program + k
-        offs, mask, patch, patch_ok = _tile(t, 0, H, W, Hp, Wp, n_groups, total_tiles, C, P, BC, G)
-        x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(acc_ty)
+        image = t // tiles_per_image
+        hw = (t % tiles_per_image) * BM + m
+        # A program's tail tiles beyond the last get no pixel. (A scalar bool `&` a tensor mask comes out
+        # int32 under the interpreter, hence the where on the bound.)
+        px_ok = hw < tl.where(t < total_tiles, HW, 0)
+        offs = image.to(tl.int64) * C * HW + c[None, :].to(tl.int64) * HW + hw[:, None]
+        mask = px_ok[:, None] & c_ok[None, :]
+        x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(acc_ty)  # (BM, BC): a pixel per row
         dout = tl.load(dout_ptr + offs, mask=mask, other=0.0).to(acc_ty)
 
-        # Pixel branch, whole rows of C.
-        xv = _pixels(x, G, BC, PP)
-        dv = _pixels(dout, G, BC, PP)
-        mean_v, rstd_v = _row_stats(xv, c_ok[None, :], C, eps)
-        xhat = _normalize(xv, mean_v, rstd_v, c_ok[None, :])
+        mean, rstd = _row_stats(x, c_ok[None, :], C, eps)
+        xhat = _normalize(x, mean, rstd, c_ok[None, :])
         q = xhat * w[None, :] + bias[None, :]
-        probs_v = _softmax_rows(_mm(q, tl.trans(keys)), n_ok[None, :])
-        dprobs = _mm(dv, tl.trans(bank))
-        ds_v = probs_v * (dprobs - tl.sum(probs_v * dprobs, axis=1)[:, None])
-        g_bank += _mm(tl.trans(probs_v), dv)
-        g_keys += _mm(tl.trans(ds_v), q)
-        dq = _mm(ds_v, keys)
+        probs = _softmax_rows(_mm(q, tl.trans(keys)), n_ok[None, :])
+        dprobs = _mm(dout, tl.trans(bank))
+        ds = probs * (dprobs - tl.sum(probs * dprobs, axis=1)[:, None])
+        g_bank += _mm(tl.trans(probs), dout)
+        g_keys += _mm(tl.trans(ds), q)
+        dq = _mm(ds, keys)
         g_w += tl.sum(dq * xhat, axis=0)
         g_b += tl.sum(dq, axis=0)
         dxhat = dq * w[None, :]
-        m1_v = tl.sum(dxhat, axis=1) / C  # LayerNorm backward: dx = rstd (dxhat - m1 - xhat m2)
-        m2_v = tl.sum(dxhat * xhat, axis=1) / C
+        # LayerNorm backward: dx = rstd (dxhat - mean(dxhat) - xhat mean(dxhat xhat))
+        m1 = tl.sum(dxhat, axis=1) / C
+        m2 = tl.sum(dxhat * xhat, axis=1) / C
+        dxv = (dxhat - m1[:, None] - xhat * m2[:, None]) * rstd[:, None]
+        tl.store(dxv_ptr + offs, dxv, mask=mask)
 
-        # Patch branch: statistics, then scores and their grads chunk by chunk.
-        mean_p, rstd_p = _row_stats(tl.reshape(x, (G, BC * PP)), (d_all < D)[None, :], D, eps)
-        scores = tl.zeros((G, BN), acc_ty)
-        dprobs_p = tl.zeros((G, BN), acc_ty)
-        for c0 in tl.static_range(0, BC, CC):
-            offs, mask, _, _ = _tile(t, c0, H, W, Hp, Wp, n_groups, total_tiles, C, P, CC, G)
-            xc = tl.reshape(tl.load(x_ptr + offs, mask=mask, other=0.0).to(acc_ty), (G, CC * PP))
-            dc = tl.reshape(tl.load(dout_ptr + offs, mask=mask, other=0.0).to(acc_ty), (G, CC * PP))
-            d = c0 * PP + tl.arange(0, CC * PP)
-            d_ok = d < D
-            wp = tl.load(qw_ptr + d, mask=d_ok, other=0.0).to(acc_ty)
-            bp = tl.load(qb_ptr + d, mask=d_ok, other=0.0).to(acc_ty)
-            qc = _normalize(xc, mean_p, rstd_p, d_ok[None, :]) * wp[None, :] + bp[None, :]
-            scores += _mm(qc, tl.trans(_load_rows(pkey_ptr, n, d, n_ok, d_ok, D, acc_ty)))
-            dprobs_p += _mm(dc, tl.trans(_load_rows(pbank_ptr, n, d, n_ok, d_ok, D, acc_ty)))
-        probs_p = _softmax_rows(scores, n_ok[None, :])
-        ds_p = probs_p * (dprobs_p - tl.sum(probs_p * dprobs_p, axis=1)[:, None])
-
-        # aux row of a patch: [softmax weights (N) | score grads (N) | mean | rstd]
-        aux = aux_ptr + patch.to(tl.int64)[:, None] * (2 * N + 2)
-        gn_ok = patch_ok[:, None] & n_ok[None, :]
-        tl.store(aux + n[None, :], probs_p, mask=gn_ok)
-        tl.store(aux + N + n[None, :], ds_p, mask=gn_ok)
-        tl.store(aux_ptr + patch.to(tl.int64) * (2 * N + 2) + 2 * N, mean_p, mask=patch_ok)
-        tl.store(aux_ptr + patch.to(tl.int64) * (2 * N + 2) + 2 * N + 1, rstd_p, mask=patch_ok)
-
-        # The patch LayerNorm's backward needs two sums over all D values first.
-        m1_p = tl.zeros((G,), acc_ty)
-        m2_p = tl.zeros((G,), acc_ty)
-        for c0 in tl.static_range(0, BC, CC):
-            offs, mask, _, _ = _tile(t, c0, H, W, Hp, Wp, n_groups, total_tiles, C, P, CC, G)
-            xc = tl.reshape(tl.load(x_ptr + offs, mask=mask, other=0.0).to(acc_ty), (G, CC * PP))
-            d = c0 * PP + tl.arange(0, CC * PP)
-            d_ok = d < D
-            wp = tl.load(qw_ptr + d, mask=d_ok, other=0.0).to(acc_ty)
-            dxhat_p = _mm(ds_p, _load_rows(pkey_ptr, n, d, n_ok, d_ok, D, acc_ty)) * wp[None, :]
-            m1_p += tl.sum(dxhat_p, axis=1)
-            m2_p += tl.sum(dxhat_p * _normalize(xc, mean_p, rstd_p, d_ok[None, :]), axis=1)
-        m1_p = m1_p / D
-        m2_p = m2_p / D
-
-        # d features chunk by chunk: dO + (pixel LayerNorm grad + patch LayerNorm grad).
-        for c0 in tl.static_range(0, BC, CC):
-            offs, mask, _, _ = _tile(t, c0, H, W, Hp, Wp, n_groups, total_tiles, C, P, CC, G)
-            xc3 = tl.load(x_ptr + offs, mask=mask, other=0.0).to(acc_ty)
-            dc3 = tl.load(dout_ptr + offs, mask=mask, other=0.0).to(acc_ty)
-            cc = c0 + tl.arange(0, CC)
-            cc_ok = cc < C
-            wc = tl.load(xw_ptr + cc, mask=cc_ok, other=0.0).to(acc_ty)
-            xhat_c = _normalize(_pixels(xc3, G, CC, PP), mean_v, rstd_v, cc_ok[None, :])
-            dxhat_c = _mm(ds_v, _load_rows(vkey_ptr, n, cc, n_ok, cc_ok, C, acc_ty)) * wc[None, :]
-            dx_v = tl.where(cc_ok[None, :], (dxhat_c - m1_v[:, None] - xhat_c * m2_v[:, None]) * rstd_v[:, None], 0.0)
-
-            d = c0 * PP + tl.arange(0, CC * PP)
-            d_ok = d < D
-            wp = tl.load(qw_ptr + d, mask=d_ok, other=0.0).to(acc_ty)
-            xhat_pc = _normalize(tl.reshape(xc3, (G, CC * PP)), mean_p, rstd_p, d_ok[None, :])
-            dxhat_pc = _mm(ds_p, _load_rows(pkey_ptr, n, d, n_ok, d_ok, D, acc_ty)) * wp[None, :]
-            dx_p = tl.where(d_ok[None, :],
-                            (dxhat_pc - m1_p[:, None] - xhat_pc * m2_p[:, None]) * rstd_p[:, None], 0.0)
-
-            dx = dc3 + (_unpixels(dx_v, G, CC, PP) + tl.reshape(dx_p, (G, CC, PP)))
-            tl.store(dx_ptr + offs, dx.to(dx_ptr.dtype.element_ty), mask=mask)
-
-    # This program's partial-sum row, pixel-branch columns:
-    # [bank (N*C) | keys (N*C) | patch bank (N*D) | patch keys (N*D) | pixel w (C) | pixel b (C) | patch w | patch b]
-    row = part_ptr + pid.to(tl.int64) * part_cols
+    # This program's partial-sum row: [bank (N*C) | keys (N*C) | pixel w (C) | pixel b (C)]
+    row = part_ptr + pid.to(tl.int64) * (2 * N * C + 2 * C)
     nc = n[:, None] * C + c[None, :]
     nc_mask = n_ok[:, None] & c_ok[None, :]
     tl.store(row + nc, g_bank, mask=nc_mask)
     tl.store(row + N * C + nc, g_keys, mask=nc_mask)
-    tl.store(row + 2 * N * C + 2 * N * D + c, g_w, mask=c_ok)
-    tl.store(row + 2 * N * C + 2 * N * D + C + c, g_b, mask=c_ok)
+    tl.store(row + 2 * N * C + c, g_w, mask=c_ok)
+    tl.store(row + 2 * N * C + C + c, g_b, mask=c_ok)
 
 
 @triton.jit
 def _query_fusion_bwd_patch_kernel(
+    x_ptr, dout_ptr, dxv_ptr, dx_ptr, aux_ptr, pbank_ptr, pkey_ptr, qw_ptr, qb_ptr,
+    H, W, Hp, Wp, n_groups, total_tiles,
+    C: tl.constexpr, N: tl.constexpr, P: tl.constexpr, BC: tl.constexpr, CC: tl.constexpr, BN: tl.constexpr,
+    G: tl.constexpr, EPS: tl.constexpr,
+):
+    """The patch branch's backward for one tile of G patches, and d features: dO + (pixel part + patch
+    part), rounded once. Per patch it also stores the softmax weights, their score grads and the
+    LayerNorm statistics (aux) for _query_fusion_bwd_patch_params_kernel. Passes over chunks of CC
+    channels as in the forward."""
+    acc_ty = pkey_ptr.dtype.element_ty
+    eps = tl.full([], EPS, acc_ty)
+    PP: tl.constexpr = P * P
+    D: tl.constexpr = C * PP
+    t = tl.program_id(0)
+    n = tl.arange(0, BN)
+    n_ok = n < N
+    # (The pixel statistics are unused here; the compiler drops them. Names bound in these loops keep
+    # one type from loop to loop, as Triton requires: hence no `_` for unused results.)
+    mean_v, rstd_v, mean_p, rstd_p = _tile_stats(x_ptr, t, H, W, Hp, Wp, n_groups, total_tiles, eps,
+                                                 C, P, BC, CC, G, acc_ty)
+    scores = tl.zeros((G, BN), acc_ty)
+    dprobs = tl.zeros((G, BN), acc_ty)
+    for c0 in tl.range(0, BC, CC):
+        x, offs, mask = _chunk(x_ptr, t, c0, H, W, Hp, Wp, n_groups, total_tiles, C, P, CC, G, acc_ty)
+        dout, offs, mask = _chunk(dout_ptr, t, c0, H, W, Hp, Wp, n_groups, total_tiles, C, P, CC, G, acc_ty)
+        d = c0 * PP + tl.arange(0, CC * PP)
+        qp, xhat = _patch_queries(x, c0, mean_p, rstd_p, qw_ptr, qb_ptr, C, CC, PP, G, acc_ty)
+        scores += _mm(qp, tl.trans(_load_rows(pkey_ptr, n, d, n_ok, d < D, D, acc_ty)))
+        dprobs += _mm(tl.reshape(dout, (G, CC * PP)), tl.trans(_load_rows(pbank_ptr, n, d, n_ok, d < D, D, acc_ty)))
+    probs = _softmax_rows(scores, n_ok[None, :])
+    ds = probs * (dprobs - tl.sum(probs * dprobs, axis=1)[:, None])
+
+    # aux row of a patch: [softmax weights (N) | score grads (N) | mean | rstd]
+    offs, mask, patch, patch_ok = _tile(t, 0, H, W, Hp, Wp, n_groups, total_tiles, C, P, CC, G)
+    aux = aux_ptr + patch.to(tl.int64) * (2 * N + 2)
+    gn_ok = patch_ok[:, None] & n_ok[None, :]
+    tl.store(aux[:, None] + n[None, :], probs, mask=gn_ok)
+    tl.store(aux[:, None] + N + n[None, :], ds, mask=gn_ok)
+    tl.store(aux + 2 * N, mean_p, mask=patch_ok)
+    tl.store(aux + 2 * N + 1, rstd_p, mask=patch_ok)
+
+    # The patch LayerNorm's backward needs two sums over all D values first.
+    m1 = tl.zeros((G,), acc_ty)
+    m2 = tl.zeros((G,), acc_ty)
+    for c0 in tl.range(0, BC, CC):
+        x, offs, mask = _chunk(x_ptr, t, c0, H, W, Hp, Wp, n_groups, total_tiles, C, P, CC, G, acc_ty)
+        d = c0 * PP + tl.arange(0, CC * PP)
+        wp = tl.load(qw_ptr + d, mask=d < D, other=0.0).to(acc_ty)
+        qp, xhat = _patch_queries(x, c0, mean_p, rstd_p, qw_ptr, qb_ptr, C, CC, PP, G, acc_ty)
+        dxhat = _mm(ds, _load_rows(pkey_ptr, n, d, n_ok, d < D, D, acc_ty)) * wp[None, :]
+        m1 += tl.sum(dxhat, axis=1)
+        m2 += tl.sum(dxhat * xhat, axis=1)
+    m1 = m1 / D
+    m2 = m2 / D
+
+    # d features chunk by chunk: dO + (pixel LayerNorm grad + patch LayerNorm grad).
+    for c0 in tl.range(0, BC, CC):
+        x, offs, mask = _chunk(x_ptr, t, c0, H, W, Hp, Wp, n_groups, total_tiles, C, P, CC, G, acc_ty)
+        d = c0 * PP + tl.arange(0, CC * PP)
+        wp = tl.load(qw_ptr + d, mask=d < D, other=0.0).to(acc_ty)
+        qp, xhat = _patch_queries(x, c0, mean_p, rstd_p, qw_ptr, qb_ptr, C, CC, PP, G, acc_ty)
+        dxhat = _mm(ds, _load_rows(pkey_ptr, n, d, n_ok, d < D, D, acc_ty)) * wp[None, :]
+        dx_p = tl.where((d < D)[None, :], (dxhat - m1[:, None] - xhat * m2[:, None]) * rstd_p[:, None], 0.0)
+        dout = tl.load(dout_ptr + offs, mask=mask, other=0.0).to(acc_ty)
+        dx_v = tl.load(dxv_ptr + offs, mask=mask, other=0.0)
+        dx = dout + (dx_v + tl.reshape(dx_p, (G, CC, PP)))
+        tl.store(dx_ptr + offs, dx.to(dx_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _query_fusion_bwd_patch_params_kernel(
     x_ptr, dout_ptr, part_ptr, aux_ptr, pkey_ptr, qw_ptr, qb_ptr,
-    H, W, Hp, Wp, total_patches, patches_per_program, part_cols,
+    H, W, Hp, Wp, total_patches, patches_per_program,
     C: tl.constexpr, N: tl.constexpr, P: tl.constexpr, CC: tl.constexpr, BN: tl.constexpr, GB: tl.constexpr,
 ):
     """Program (chunk, i): the patch branch's parameter grads restricted to one chunk of CC channels,
-    summed over the i-th range of patches (GB at a time, any rows or images), into the patch columns of
-    partial row i. Owning a column chunk keeps the (N, chunk) accumulators in registers."""
+    summed over the i-th range of patches (GB at a time, any rows or images), into partial row i.
+    Owning a column chunk keeps the (N, chunk) accumulators in registers."""
     acc_ty = pkey_ptr.dtype.element_ty
     PP: tl.constexpr = P * P
     D: tl.constexpr = C * PP
@@ -377,13 +432,14 @@ def _query_fusion_bwd_patch_kernel(
         g_wp += tl.sum(dq * xhat, axis=0)
         g_bp += tl.sum(dq, axis=0)
 
-    row = part_ptr + pid.to(tl.int64) * part_cols + 2 * N * C
+    # Partial row i: [patch bank (N*D) | patch keys (N*D) | patch w (D) | patch b (D)]
+    row = part_ptr + pid.to(tl.int64) * (2 * N * D + 2 * D)
     nd = n[:, None] * D + d[None, :]
     nd_mask = n_ok[:, None] & d_ok[None, :]
     tl.store(row + nd, g_pbank, mask=nd_mask)
     tl.store(row + N * D + nd, g_pkeys, mask=nd_mask)
-    tl.store(row + 2 * N * D + 2 * C + d, g_wp, mask=d_ok)
-    tl.store(row + 2 * N * D + 2 * C + D + d, g_bp, mask=d_ok)
+    tl.store(row + 2 * N * D + d, g_wp, mask=d_ok)
+    tl.store(row + 2 * N * D + D + d, g_bp, mask=d_ok)
 
 
 @triton.jit
@@ -514,18 +570,6 @@ def _pow2_at_least(value: int, minimum: int) -> int:
     return max(minimum, triton.next_power_of_2(value))
 
 
-@functools.cache
-def _sm_count(device_index: int) -> int:
-    return torch.cuda.get_device_properties(device_index).multi_processor_count
-
-
-def _tiles_per_program(total_tiles: int, device: torch.device) -> int:
-    """Backward tiles per program: enough programs to fill the GPU, few enough partial-sum rows."""
-    if device.type != "cuda":
-        return 2  # the interpreter: exercise the multi-tile loop (and an out-of-range tail tile)
-    return max(1, total_tiles // (4 * _sm_count(device.index or 0)))
-
-
 def _geometry(features: torch.Tensor, bank_patches: torch.Tensor, tile_elements: int) -> dict:
     b, c, h, w = features.shape
     n, p = bank_patches.shape[0], bank_patches.shape[-1]
@@ -607,36 +651,53 @@ def _query_fusion_backward_op(
     d = c * p * p
     device = features.device
     acc = accumulator_dtype(features.dtype)
+    target = target_for(device)
     vector_keys, patch_keys = _bank_keys(bank_vectors, bank_patches, vkey_weight, vkey_bias, pkey_weight, pkey_bias,
                                          eps, acc)  # recomputed: cheaper than keeping them
-    per_program = _tiles_per_program(geo["total_tiles"], device)
-    programs = triton.cdiv(geo["total_tiles"], per_program)
-    cols = 2 * n * c + 2 * n * d + 2 * c + 2 * d
-    # Row i: the partial sums of backward program i's share (pixel columns from the first kernel,
-    # patch columns from the second); every element is written once.
-    partials = new_output((programs, cols), acc, device)
-    aux = new_output((b * geo["Hp"] * geo["Wp"], 2 * n + 2), acc, device)
+
+    # 1. The pixel branch over runs of pixel tiles: its part of d features and its partial sums.
+    hw = geo["H"] * geo["W"]
+    tiles_per_image = triton.cdiv(hw, _PIXEL_BLOCK)
+    pixel_tiles = b * tiles_per_image
+    per_program = triton.cdiv(pixel_tiles, min(pixel_tiles, _PROGRAMS_PER_SM * target.sm_count))
+    pixel_programs = triton.cdiv(pixel_tiles, per_program)
+    pixel_partials = new_output((pixel_programs, 2 * n * c + 2 * c), acc, device)
+    grad_pixels = new_output(features.shape, acc, device)
+    launch("query_fusion_bwd_pixel", _query_fusion_bwd_pixel_kernel, (pixel_programs,),
+           features, grad_out, grad_pixels, pixel_partials, bank_vectors, vector_keys, pixel_weight, pixel_bias,
+           hw, tiles_per_image, pixel_tiles, per_program,
+           C=c, N=n, BC=geo["BC"], BN=geo["BN"], BM=_PIXEL_BLOCK, EPS=eps, num_warps=4)
+
+    # 2. The patch branch per tile of patches, and d features (pixel part + patch part + dO).
+    total_patches = b * geo["Hp"] * geo["Wp"]
+    aux = new_output((total_patches, 2 * n + 2), acc, device)
     grad_features = new_output(features.shape, features.dtype, device)
-    tiling = (geo["H"], geo["W"], geo["Hp"], geo["Wp"], geo["n_groups"], geo["total_tiles"], per_program, cols)
-    launch("query_fusion_bwd", _query_fusion_bwd_kernel, (programs,),
-           features, grad_out, grad_features, partials, aux, bank_vectors, vector_keys, bank_patches, patch_keys,
-           pixel_weight, pixel_bias, patch_weight, patch_bias, *tiling,
+    launch("query_fusion_bwd_patch", _query_fusion_bwd_patch_kernel, (geo["total_tiles"],),
+           features, grad_out, grad_pixels, grad_features, aux, bank_patches, patch_keys, patch_weight, patch_bias,
+           geo["H"], geo["W"], geo["Hp"], geo["Wp"], geo["n_groups"], geo["total_tiles"],
            C=c, N=n, P=p, BC=geo["BC"], CC=geo["CC"], BN=geo["BN"], G=geo["G"], EPS=eps, num_warps=4)
-    total_patches = aux.shape[0]
-    launch("query_fusion_bwd_patch", _query_fusion_bwd_patch_kernel, (geo["BC"] // geo["CC"], programs),
-           features, grad_out, partials, aux, patch_keys, patch_weight, patch_bias,
-           geo["H"], geo["W"], geo["Hp"], geo["Wp"], total_patches, triton.cdiv(total_patches, programs), cols,
+
+    # 3. The patch branch's parameter grads: a program per (channel chunk, run of patches).
+    chunks = geo["BC"] // geo["CC"]
+    patch_programs = min(total_patches, target.sm_count)
+    patch_partials = new_output((patch_programs, 2 * n * d + 2 * d), acc, device)
+    launch("query_fusion_bwd_patch_params", _query_fusion_bwd_patch_params_kernel, (chunks, patch_programs),
+           features, grad_out, patch_partials, aux, patch_keys, patch_weight, patch_bias,
+           geo["H"], geo["W"], geo["Hp"], geo["Wp"], total_patches, triton.cdiv(total_patches, patch_programs),
            C=c, N=n, P=p, CC=geo["CC"], BN=geo["BN"], GB=_PATCH_BLOCK, num_warps=8)
 
     def like(t: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
         return new_output(t.shape, t.dtype if dtype is None else dtype, device)
 
-    # Value-path bank grads and key grads stay in the accumulator dtype until the keys' backward.
+    # 4. Sums of the partial rows. Value-path bank grads and key grads stay in the accumulator dtype
+    # until the keys' backward.
     g_vvalue, g_vkeys, g_pvalue, g_pkeys = like(vector_keys), like(vector_keys), like(patch_keys), like(patch_keys)
     g_pixel_w, g_pixel_b, g_patch_w, g_patch_b = like(pixel_weight), like(pixel_bias), like(patch_weight), \
         like(patch_bias)
-    sum_rows(partials, [g_vvalue, g_vkeys, g_pvalue, g_pkeys, g_pixel_w, g_pixel_b, g_patch_w, g_patch_b])
+    sum_rows(pixel_partials, [g_vvalue, g_vkeys, g_pixel_w, g_pixel_b])
+    sum_rows(patch_partials, [g_pvalue, g_pkeys, g_patch_w, g_patch_b])
 
+    # 5. Back through the keys' LayerNorm.
     g_bv, g_bp = like(bank_vectors), like(bank_patches)
     g_vkey_w, g_vkey_b, g_pkey_w, g_pkey_b = like(vkey_weight), like(vkey_bias), like(pkey_weight), like(pkey_bias)
     launch("query_fusion_keys_bwd", _bank_keys_bwd_kernel, (2,),

@@ -117,14 +117,50 @@ def test_kernels_ran_and_backward_is_deterministic():
     grad_weights = torch.randn(SHAPES[3][:4], dtype=torch.float64).to(DEVICE)
     _common.reset_launches()
     out, grads = run(qf.query_fusion, leaves, grad_weights)
-    # Forward: the keys, the fused op. Backward: the keys again, d features + pixel-branch sums,
-    # patch-branch sums, the reduction of the partial sums, the keys' LayerNorm backward.
-    assert dict(_common.LAUNCHES) == {"query_fusion_keys": 2, "query_fusion_fwd": 1, "query_fusion_bwd": 1,
-                                      "query_fusion_bwd_patch": 1, "sum_rows": 1, "query_fusion_keys_bwd": 1}
+    # Forward: the keys, the fused op. Backward: the keys again, the pixel branch, the patch branch,
+    # the patch parameters, the two reductions of partial sums, the keys' LayerNorm backward.
+    assert dict(_common.LAUNCHES) == {"query_fusion_keys": 2, "query_fusion_fwd": 1, "query_fusion_bwd_pixel": 1,
+                                      "query_fusion_bwd_patch": 1, "query_fusion_bwd_patch_params": 1,
+                                      "sum_rows": 2, "query_fusion_keys_bwd": 1}
     out2, grads2 = run(qf.query_fusion, leaves, grad_weights)
     assert torch.equal(out, out2)
     for name in NAMES:  # fixed-order sums, no atomics: bitwise reproducible
         assert torch.equal(grads[name], grads2[name]), name
+
+
+def recorded_launches(shape) -> dict[str, _common.LaunchRecord]:
+    """The launches one forward + backward makes at `shape` with the sm_90 configuration, by name."""
+    leaves = [t.requires_grad_(True) for t in make_inputs(shape)]
+    f, bv, bp, *norms = leaves
+    with _common.record_launches(_common.TARGETS["sm_90"]) as records:
+        out = qf.query_fusion(f, bv, bp, *zip(norms[::2], norms[1::2], strict=True))
+        out.sum().backward()
+    return {r.name: r for r in records}
+
+
+@pytest.mark.slow
+def test_sm90_configuration_with_multi_step_loops():
+    """The exact sm_90 configuration at a shape where every loop runs several steps and ends ragged:
+    several pixel tiles per program of the pixel-branch backward with an out-of-range tail tile,
+    several patch steps per program of the patch-parameter kernel with a ragged last step, several
+    channel chunks per pass, several patch tiles per patch row with missing patches in the last."""
+    shape = (3, 8, 108, 108, 16, 4)
+    launches = recorded_launches(shape)
+    pixel = launches["query_fusion_bwd_pixel"]
+    hw, tiles_per_image, total_tiles, per_program = pixel.args[8:12]
+    assert per_program >= 2 and pixel.grid[0] * per_program > total_tiles, "no multi-tile run with a tail"
+    params = launches["query_fusion_bwd_patch_params"]
+    patches_per_program = params.args[-1]
+    assert patches_per_program > qf._PATCH_BLOCK and patches_per_program % qf._PATCH_BLOCK, "no ragged multi-step"
+    fwd = launches["query_fusion_fwd"].kwargs
+    assert fwd["BC"] // fwd["CC"] >= 2 and (shape[3] // 4) % fwd["G"], "no multi-chunk pass or ragged tile"
+    check(shape, torch.float64, rel=1e-10)
+
+
+def test_a100_configuration():
+    """sm_80 has fewer SMs: more pixel tiles per program at the same shape."""
+    with _common.use_target(_common.TARGETS["sm_80"]):
+        check((2, 16, 36, 28, 16, 4), torch.float64, rel=1e-10)
 
 
 def test_registered_custom_op():
