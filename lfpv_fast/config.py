@@ -378,9 +378,6 @@ def validate_data_keys(d: DataConfig, src: str) -> None:
         if d.root is not None:
             raise ConfigError(f"{src}: data.root is read by the presets ({', '.join(IMAGE_PRESETS)}); dataset "
                               "'pairs' reads data.lq_root and data.gt_root")
-        if not d.lq_root or not d.gt_root:
-            raise ConfigError(f"{src}: dataset 'pairs' needs data.lq_root and data.gt_root (folders of low-light "
-                              "and ground-truth images)")
         if (d.test_lq_root is None) != (d.test_gt_root is None):
             raise ConfigError(f"{src}: set both data.test_lq_root and data.test_gt_root, or neither")
         if d.test_lq_root is not None and d.test_list is not None:
@@ -392,9 +389,5 @@ def validate_data_keys(d: DataConfig, src: str) -> None:
     if fixed:
         raise ConfigError(f"{src}: dataset {d.dataset!r} takes its folders and file names from its layout; "
                           f"data.{fixed[0]} cannot be set (use dataset 'pairs' for another layout)")
-    if d.dataset == "demo_png":
-        if d.root is not None:
-            raise ConfigError(f"{src}: dataset 'demo_png' is written to data.demo_root; data.root cannot be set")
-    elif not d.root:
-        raise ConfigError(f"{src}: dataset {d.dataset!r} needs data.root, the folder of the dataset as distributed "
-                          "(set it with --set data.root=/path/to/it)")
+    if d.dataset == "demo_png" and d.root is not None:
+        raise ConfigError(f"{src}: dataset 'demo_png' is written to data.demo_root; data.root cannot be set")

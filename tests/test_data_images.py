@@ -435,10 +435,12 @@ def test_test_list_crop_and_config_errors(tmp_path):
         build_loader(_pairs_cfg(tmp_path, crop=32), "train")
     with pytest.raises(ConfigError, match="has no test split"):
         build_loader(_pairs_cfg(tmp_path, test_lq_root=None, test_gt_root=None), "test")
+    for data, match in [({"dataset": "lol_v1"}, "dataset 'lol_v1' needs data.root"),
+                        ({"dataset": "pairs", "lq_root": "/x"}, "needs data.lq_root and data.gt_root")]:
+        with pytest.raises(ConfigError, match=re.escape(match)):  # when the loader is built, as for smid
+            build_loader(config_from_dict({"data": data}), "train")
     bad = [
-        ({"dataset": "lol_v1"}, "dataset 'lol_v1' needs data.root"),
         ({"dataset": "lol_v1", "root": "/x", "lq_root": "/y"}, "data.lq_root cannot be set"),
-        ({"dataset": "pairs", "lq_root": "/x"}, "needs data.lq_root and data.gt_root"),
         ({"dataset": "pairs", "lq_root": "/x", "gt_root": "/y", "test_lq_root": "/z"}, "both data.test_lq_root"),
         ({"dataset": "pairs", "lq_root": "/x", "gt_root": "/y", "test_scenes": "t.txt"}, "data.test_list"),
         ({"dataset": "smid", "resize": None}, "data.resize=null"),

@@ -91,9 +91,15 @@ def _image_folders(d: DataConfig, split: str) -> tuple[Path, Path, Naming, Path 
 
             root, preset = make_demo_png(d.demo_root), "lol_v1"  # written on first use
         else:
-            root, preset = Path(d.root or ""), d.dataset
+            if not d.root:
+                raise ConfigError(f"dataset {d.dataset!r} needs data.root, the folder of the dataset as distributed "
+                                  "(set it with --set data.root=/path/to/it)")
+            root, preset = Path(d.root), d.dataset
         lq, gt, naming = preset_folders(preset, root, split)
         return lq, gt, naming, None
+    if not d.lq_root or not d.gt_root:
+        raise ConfigError("dataset 'pairs' needs data.lq_root and data.gt_root (the folders of low-light and of "
+                          "ground-truth images)")
     naming = Naming(d.lq_prefix, d.lq_suffix, d.gt_prefix, d.gt_suffix)
     if split == "test" and d.test_lq_root:
         return Path(d.test_lq_root).expanduser(), Path(d.test_gt_root or "").expanduser(), naming, None
