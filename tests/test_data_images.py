@@ -149,7 +149,7 @@ def _variants(rng: np.random.Generator, fmt: str) -> list[tuple[str, dict]]:
     if fmt == "png8":
         return [("rgb", {}), ("gray", {"gray": True}), ("palette", {"palette": True}), ("rgba", {"alpha": True}),
                 ("rotated", {"exif": 6})]
-    if fmt == "png16":
+    if fmt in ("png16", "png8-gt16"):
         return [("rgb", {}), ("gray", {"gray": True}), ("rgba", {"alpha": True})]
     if fmt == "jpeg":
         return [("s444", {"subsampling": 0}), ("s422", {"subsampling": 1}), ("s420", {"subsampling": 2}),
@@ -186,17 +186,19 @@ def _write_variant(path: Path, img: np.ndarray, fmt: str, opts: dict) -> None:
     im.save(path, format="JPEG" if fmt == "jpeg" else "PNG", **opts)
 
 
-@pytest.mark.parametrize("fmt", ["png8", "png16", "jpeg", "tiff8", "tiff16"])
+@pytest.mark.parametrize("fmt", ["png8", "png16", "png8-gt16", "jpeg", "tiff8", "tiff16"])
 def test_dali_cpu_decodes_exactly_like_the_torch_loader(tmp_path, fmt):
     """Train (crops, flips, per-image sizes) and test batches are bit-equal. JPEG is equal too: DALI's CPU decoder
-    and Pillow both run libjpeg-turbo with its default ISLOW IDCT and fancy upsampling (see pipelines/dali.py)."""
+    and Pillow both run libjpeg-turbo with its default ISLOW IDCT and fancy upsampling (see pipelines/dali.py).
+    png8-gt16: 8-bit inputs with 16-bit ground truths (each side has its own depth)."""
     rng = np.random.default_rng(7)
     bits = 16 if fmt.endswith("16") else 8
-    ext = {"png8": "png", "png16": "png", "jpeg": "jpg"}.get(fmt, "tif")
+    ext = {"jpeg": "jpg"}.get(fmt, "tif" if fmt.startswith("tiff") else "png")
     for split in ("train", "test"):
         for k, (name, opts) in enumerate(_variants(rng, fmt)):
             gt = smooth(rng, 30 + 2 * k, 40 - k, bits)  # odd, differing sizes
-            _write_variant(tmp_path / split / "low" / f"{name}.{ext}", relate(gt, 1), fmt, opts)
+            lq = relate(gt, 1) if fmt != "png8-gt16" else relate((gt >> 8).astype(np.uint8), 1)
+            _write_variant(tmp_path / split / "low" / f"{name}.{ext}", lq, fmt, opts)
             _write_variant(tmp_path / split / "high" / f"{name}.{ext}", gt, fmt, opts)
     d = dict(dataset="pairs", lq_root=str(tmp_path / "train/low"), gt_root=str(tmp_path / "train/high"),
              test_lq_root=str(tmp_path / "test/low"), test_gt_root=str(tmp_path / "test/high"), resize=None,

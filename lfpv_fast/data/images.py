@@ -256,7 +256,7 @@ def _list_side(root: Path, prefix: str, suffix: str, side: str, what: str,
     _check_folder(root, what)
     found: dict[tuple[str, str], Path] = {}
     others = 0
-    for folder, dirs, files in os.walk(root):
+    for folder, dirs, files in os.walk(root, followlinks=True):  # datasets are often assembled from links
         dirs[:] = sorted(d for d in dirs if not d.startswith("."))
         rel_dir = Path(folder).relative_to(root).as_posix()
         rel_dir = "" if rel_dir == "." else rel_dir
