@@ -26,21 +26,28 @@ class ConfigError(ValueError):
     """A run configuration that cannot be used; the message names the file and the key."""
 
 
+# Datasets of encoded image pairs (PNG, JPEG, TIFF): `pairs` (any two folders) and the presets with a known
+# layout under data.root. `demo_png` is the demo dataset written as PNG pairs in the lol_v1 layout.
+IMAGE_PRESETS = ("lol_v1", "lol_v2_real", "lol_v2_synthetic")
+IMAGE_DATASETS = ("pairs", "demo_png", *IMAGE_PRESETS)
+
+
 @dataclass
 class DataConfig:
-    dataset: Literal["smid", "demo"] = "smid"
-    # Raw SMID folders: <root>/<scene>/<frame>.npy (uint8 HWC, BGR).
+    dataset: Literal["smid", "demo", "pairs", "lol_v1", "lol_v2_real", "lol_v2_synthetic", "demo_png"] = "smid"
+    # smid: <root>/<scene>/<frame>.npy (uint8 HWC, BGR). pairs: folders of images paired by relative path and stem.
     lq_root: str | None = None
     gt_root: str | None = None
     # Output of `python -m lfpv_fast.prepare`; null reads (and resizes) the raw frames.
     prepared_root: str | None = None
-    # Where `lfpv_fast.data.demo` writes the demo dataset (dataset: demo).
+    # Where `lfpv_fast.data.demo` writes the demo dataset (dataset: demo or demo_png).
     demo_root: str = "~/.cache/lfpv_fast/demo"
     # Scenes held out for testing; a bare file name is looked up in the packaged configs/.
     # null: the dataset's own list (smid_test_scenes.txt for smid, <demo_root>/test_scenes.txt for demo).
     test_scenes: str | None = None
     test_frames: int = 30
-    resize: list[int] = field(default_factory=lambda: [960, 512])  # width, height
+    # Every frame is resized to this [width, height]; null keeps each image's own size (image datasets only).
+    resize: list[int] | None = field(default_factory=lambda: [960, 512])
     crop: int = 256
     batch_size: int = 12  # global: split evenly over the DDP ranks
     flips: bool = True
@@ -48,6 +55,21 @@ class DataConfig:
     device: Literal["cpu", "gpu"] = "cpu"
     num_workers: int = 3  # torch loader: DataLoader worker processes (0: load in the main process)
     num_threads: int = 2  # DALI loader: pipeline CPU threads
+    # Image datasets. A preset (lol_v1, lol_v2_real, lol_v2_synthetic) needs only `root`; `pairs` reads
+    # lq_root/gt_root, with the test split in test_lq_root/test_gt_root or listed in test_list (paths of LQ
+    # files relative to lq_root, held out of training). A file <prefix><key><suffix>.<ext> pairs with the
+    # other side's file of the same relative folder and key.
+    root: str | None = None
+    test_lq_root: str | None = None
+    test_gt_root: str | None = None
+    test_list: str | None = None
+    lq_prefix: str = ""
+    lq_suffix: str = ""
+    gt_prefix: str = ""
+    gt_suffix: str = ""
+    # Bad files (unreadable, truncated, unpaired, mismatched size or bit depth, not an image): an error naming
+    # the file before training starts, or skipped with a warning when true.
+    skip_bad: bool = False
 
     def __post_init__(self) -> None:
         # Checked here (not in validate()) so that a DataConfig built in code is checked too.
@@ -55,6 +77,11 @@ class DataConfig:
             raise ValueError(f"data.num_workers must be >= 0, got {self.num_workers}")
         if self.num_threads < 1:
             raise ValueError(f"data.num_threads must be >= 1, got {self.num_threads}")
+
+    @property
+    def is_images(self) -> bool:
+        """Encoded image pairs (decoded by Pillow or DALI), not SMID-style .npy arrays."""
+        return self.dataset in IMAGE_DATASETS
 
 
 @dataclass
@@ -294,10 +321,11 @@ def validate(cfg: RunConfig) -> None:
     """Checks across keys, done before any work starts."""
     src = cfg.source
     d, t = cfg.data, cfg.train
-    if len(d.resize) != 2 or min(d.resize) < 16:
-        raise ConfigError(f"{src}: data.resize must be [width, height], each >= 16, got {d.resize}")
-    if d.crop < 16 or d.crop > min(d.resize):
+    if d.resize is not None and (len(d.resize) != 2 or min(d.resize) < 16):
+        raise ConfigError(f"{src}: data.resize must be [width, height], each >= 16, or null, got {d.resize}")
+    if d.crop < 16 or (d.resize is not None and d.crop > min(d.resize)):
         raise ConfigError(f"{src}: data.crop must be in [16, min(data.resize)], got {d.crop}")
+    validate_data_keys(d, src)
     if d.batch_size < 1:
         raise ConfigError(f"{src}: data.batch_size must be >= 1, got {d.batch_size}")
     if d.test_frames < 1:
@@ -326,3 +354,40 @@ def validate(cfg: RunConfig) -> None:
         raise ConfigError(f"{src}: val.max_images must be >= 1 or null, got {cfg.val.max_images}")
     if cfg.val.save_images < 0:
         raise ConfigError(f"{src}: val.save_images must be >= 0, got {cfg.val.save_images}")
+
+
+def validate_data_keys(d: DataConfig, src: str) -> None:
+    """Which data keys a dataset reads: a key that the dataset would ignore is an error, not a surprise."""
+    if d.resize is None and not d.is_images:
+        raise ConfigError(f"{src}: data.resize=null (each image at its own size) is for image datasets; dataset "
+                          f"{d.dataset!r} needs data.resize: [width, height]")
+    image_keys = ("root", "test_lq_root", "test_gt_root", "test_list", "lq_prefix", "lq_suffix", "gt_prefix",
+                  "gt_suffix")
+    defaults = DataConfig()
+    set_keys = [k for k in image_keys if getattr(d, k) != getattr(defaults, k)]
+    if not d.is_images:
+        if set_keys:
+            raise ConfigError(f"{src}: data.{set_keys[0]} is read by image datasets (pairs, lol_*), not by dataset "
+                              f"{d.dataset!r}")
+        return
+    for key in ("prepared_root", "test_scenes"):
+        if getattr(d, key) is not None:
+            hint = "; list held-out images in data.test_list" if key == "test_scenes" else ""
+            raise ConfigError(f"{src}: data.{key} is for SMID-style datasets, not for dataset {d.dataset!r}{hint}")
+    if d.dataset == "pairs":
+        if d.root is not None:
+            raise ConfigError(f"{src}: data.root is read by the presets ({', '.join(IMAGE_PRESETS)}); dataset "
+                              "'pairs' reads data.lq_root and data.gt_root")
+        if (d.test_lq_root is None) != (d.test_gt_root is None):
+            raise ConfigError(f"{src}: set both data.test_lq_root and data.test_gt_root, or neither")
+        if d.test_lq_root is not None and d.test_list is not None:
+            raise ConfigError(f"{src}: the test split comes from data.test_lq_root/test_gt_root or from "
+                              "data.test_list, not both")
+        return
+    # A preset (or demo_png) fixes the folders and names itself.
+    fixed = [k for k in ("lq_root", "gt_root", *image_keys) if k != "root" and getattr(d, k) != getattr(defaults, k)]
+    if fixed:
+        raise ConfigError(f"{src}: dataset {d.dataset!r} takes its folders and file names from its layout; "
+                          f"data.{fixed[0]} cannot be set (use dataset 'pairs' for another layout)")
+    if d.dataset == "demo_png" and d.root is not None:
+        raise ConfigError(f"{src}: dataset 'demo_png' is written to data.demo_root; data.root cannot be set")

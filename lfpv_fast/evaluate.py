@@ -1,9 +1,13 @@
-"""`python -m lfpv_fast.evaluate -c CONFIG --checkpoint PATH [--save-images DIR]`
+"""`python -m lfpv_fast.evaluate -c CONFIG --checkpoint PATH [--save-images DIR] [--gt-mean]`
 
-Runs the test split (SMID's 49 held-out scenes, first 30 frames each, or the demo's test scenes)
-through a model and reports PSNR/SSIM with the published formulas, averaged as the published test
-script does: a mean per scene, then the mean of the scene means (the headline number). The mean
-over all frames is reported too. Accepts our checkpoints and the published `SMID.pth`.
+Runs the test split (SMID's 49 held-out scenes, first 30 frames each, the demo's test scenes, or the
+test images of an image dataset such as LOL's eval15) through a model and reports PSNR/SSIM with the
+published formulas. SMID-style datasets are averaged as the published test script does: a mean per
+scene, then the mean of the scene means (the headline number); the mean over all frames is reported
+too. Image datasets (pairs, lol_*) have no scenes: per-image values and their mean over images, as the
+low-light literature reports LOL. --gt-mean adds the GT-mean-corrected PSNR (see
+lfpv_fast.metrics.psnr_gt_mean), reported under that name. Accepts our checkpoints and the published
+`SMID.pth`.
 """
 
 from __future__ import annotations
@@ -22,7 +26,7 @@ from tqdm import tqdm
 from lfpv_fast.checkpoint import atomic_write_text, is_original_state_dict, load_model, read_checkpoint
 from lfpv_fast.config import ConfigError, RunConfig, load_config
 from lfpv_fast.data.smid import DataError
-from lfpv_fast.metrics import psnr, quantize, ssim
+from lfpv_fast.metrics import psnr, psnr_gt_mean, quantize, ssim
 from lfpv_fast.model import LFPVNet
 
 
@@ -58,6 +62,25 @@ def summarize(per_frame: list[dict]) -> dict:
     }
 
 
+def summarize_images(rows: list[dict]) -> dict:
+    """Image datasets: the mean over images of each metric (every image counts once)."""
+    out = {key: float(np.mean([r[key] for r in rows])) for key in ("psnr", "ssim", "psnr_gt_mean") if key in rows[0]}
+    out["images"] = len(rows)
+    return out
+
+
+def format_image_table(summary: dict) -> str:
+    gt_mean = "psnr_gt_mean" in summary
+    head = f"{'image':<32}{'PSNR':>10}{'SSIM':>9}" + (f"{'GT-mean PSNR':>14}" if gt_mean else "")
+    lines = [head]
+    for r in summary["per_image"]:
+        lines.append(f"{r['image']:<32}{r['psnr']:>10.4f}{r['ssim']:>9.4f}"
+                     + (f"{r['psnr_gt_mean']:>14.4f}" if gt_mean else ""))
+    lines.append(f"{'mean of ' + str(summary['images']) + ' images':<32}{summary['psnr']:>10.4f}{summary['ssim']:>9.4f}"
+                 + (f"{summary['psnr_gt_mean']:>14.4f}" if gt_mean else ""))
+    return "\n".join(lines)
+
+
 def format_table(summary: dict) -> str:
     lines = [f"{'scene':<24}{'frames':>8}{'PSNR':>10}{'SSIM':>9}"]
     for name, s in summary["scenes"].items():
@@ -70,11 +93,12 @@ def format_table(summary: dict) -> str:
 
 @torch.no_grad()
 def evaluate(net: LFPVNet, cfg: RunConfig, device: torch.device, save_images: Path | None = None,
-             max_images: int | None = None, progress: bool = True) -> dict:
-    """Evaluate `net` on the config's test split; returns the summary with per-frame rows."""
+             max_images: int | None = None, progress: bool = True, gt_mean: bool = False) -> dict:
+    """Evaluate `net` on the config's test split; returns the summary with per-frame (per-image) rows."""
     from lfpv_fast.pipelines import build_loader
 
     net = net.to(device).eval()
+    images = cfg.data.is_images
     loader = build_loader(cfg, "test")
     total = len(loader) if max_images is None else min(len(loader), max_images)
     per_frame: list[dict] = []
@@ -89,15 +113,25 @@ def evaluate(net: LFPVNet, cfg: RunConfig, device: torch.device, save_images: Pa
             if len(per_frame) >= total:
                 break
             pred, gt = to_uint8_hwc(out[i]), to_uint8_hwc(batch["gt"][i])
-            row = {"scene": batch["scene"][i], "frame": batch["frame"][i],
-                   "psnr": float(psnr(pred, gt)), "ssim": float(ssim(pred, gt))}
+            scene, frame = batch["scene"][i], batch["frame"][i]
+            if images:  # named by the LQ file's path relative to its folder, without extension
+                row = {"image": f"{scene}/{frame}" if scene else frame}
+            else:
+                row = {"scene": scene, "frame": frame}
+            row.update(psnr=float(psnr(pred, gt)), ssim=float(ssim(pred, gt)))
+            if gt_mean:
+                row["psnr_gt_mean"] = float(psnr_gt_mean(pred, gt))
             input_rows.append(float(psnr(to_uint8_hwc(batch["lq"][i]), gt)))
             per_frame.append(row)
             if save_images is not None:
                 from PIL import Image
 
-                stem = f"{row['scene']}.{Path(row['frame']).stem}"
-                Image.fromarray(pred).save(save_images / f"{stem}.png")
+                if images:
+                    target = save_images / f"{row['image']}.png"
+                    target.parent.mkdir(parents=True, exist_ok=True)
+                else:
+                    target = save_images / f"{scene}.{Path(frame).stem}.png"
+                Image.fromarray(pred).save(target)
             bar.update(1)
             bar.set_postfix(psnr=f"{np.mean([r['psnr'] for r in per_frame]):.2f}")
         if len(per_frame) >= total:
@@ -105,7 +139,14 @@ def evaluate(net: LFPVNet, cfg: RunConfig, device: torch.device, save_images: Pa
     bar.close()
     if not per_frame:
         raise RuntimeError("the test split is empty: check data.test_scenes and the dataset folders")
+    if images:
+        summary = summarize_images(per_frame)
+        summary["input_psnr"] = float(np.mean(input_rows))
+        summary["per_image"] = per_frame
+        return summary
     summary = summarize(per_frame)
+    if gt_mean:
+        summary["psnr_gt_mean_all_frames"] = float(np.mean([r["psnr_gt_mean"] for r in per_frame]))
     summary["input_psnr_all_frames"] = float(np.mean(input_rows))
     summary["per_frame"] = per_frame
     return summary
@@ -123,6 +164,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="auto", help="auto (GPU if there is one), cpu, cuda, cuda:1 ...")
     p.add_argument("--backend", default="auto", choices=["auto", "reference", "triton"])
     p.add_argument("--max-images", type=int, default=None, help="stop after this many frames")
+    p.add_argument("--gt-mean", action="store_true",
+                   help="also report the GT-mean-corrected PSNR (the output scaled so that its mean gray level is the "
+                        "ground truth's, as several LOL papers report it; not comparable with the plain PSNR)")
     p.add_argument("--no-progress", action="store_true")
     return p
 
@@ -147,7 +191,8 @@ def main(argv: list[str] | None = None) -> int:
     print(f"checkpoint {args.checkpoint} ({kind}); device {device}; test split of {cfg.source}")
     start = time.perf_counter()
     try:
-        summary = evaluate(net, cfg, device, args.save_images, args.max_images, progress=not args.no_progress)
+        summary = evaluate(net, cfg, device, args.save_images, args.max_images, progress=not args.no_progress,
+                           gt_mean=args.gt_mean)
     except (DataError, ConfigError) as exc:  # a dataset problem names the file; no traceback for it
         print(f"error: {exc}", file=sys.stderr)
         return 2
@@ -156,8 +201,14 @@ def main(argv: list[str] | None = None) -> int:
                    model_config=asdict(net.config))
     out = args.out or Path(args.checkpoint).with_name(f"eval_{Path(args.checkpoint).stem}.json")
     atomic_write_text(out, json.dumps(summary, indent=2))
-    print(format_table(summary))
-    print(f"input (dark) PSNR, mean of frames: {summary['input_psnr_all_frames']:.4f}")
+    if "per_image" in summary:
+        print(format_image_table(summary))
+        print(f"input (dark) PSNR, mean of images: {summary['input_psnr']:.4f}")
+    else:
+        print(format_table(summary))
+        if "psnr_gt_mean_all_frames" in summary:
+            print(f"GT-mean PSNR, mean of frames: {summary['psnr_gt_mean_all_frames']:.4f}")
+        print(f"input (dark) PSNR, mean of frames: {summary['input_psnr_all_frames']:.4f}")
     print(f"results written to {out}" + (f"; images in {args.save_images}" if args.save_images else ""))
     return 0
 

@@ -167,6 +167,16 @@ def _read_tiff(path: Path) -> np.ndarray:
 def read_image(path: str | Path) -> LoadedImage:
     """Read a PNG, JPEG or TIFF file (8 or 16 bit, gray/RGB, optional alpha) for enhancement."""
     path = Path(path)
+    color, alpha, bit_depth, mode = read_pixels(path)
+    rgb = color.astype(np.float32) / np.float32(255.0 if bit_depth == 8 else 65535.0)
+    return LoadedImage(path=path, rgb=rgb, bit_depth=bit_depth, alpha=None if alpha is None else alpha.copy(),
+                       source_mode=mode)
+
+
+def read_pixels(path: str | Path) -> tuple[np.ndarray, np.ndarray | None, int, str]:
+    """A PNG, JPEG or TIFF file's samples as stored: (H x W x 3 colour, H x W alpha or None, bit depth 8 or 16,
+    source mode), uint8 or uint16, gray replicated to RGB, EXIF orientation applied (see the module docstring)."""
+    path = Path(path)
     suffix = path.suffix.lower()
     if suffix not in IMAGE_EXTENSIONS:
         raise ImageReadError(f"{path}: unsupported file type {suffix!r} "
@@ -188,17 +198,15 @@ def read_image(path: str | Path) -> LoadedImage:
         raise ImageReadError(f"{path}: could not read image: {exc}") from exc
 
     if array.dtype == np.uint8:
-        bit_depth, scale = 8, 255.0
+        bit_depth = 8
     elif array.dtype == np.uint16:
-        bit_depth, scale = 16, 65535.0
+        bit_depth = 16
     else:
         raise ImageReadError(f"{path}: unsupported sample type {array.dtype} (expected 8- or 16-bit unsigned integers)")
     color, alpha, mode = _split_channels(array, path)
     if min(color.shape[:2]) < 1:
         raise ImageReadError(f"{path}: empty image {color.shape[:2]}")
-    rgb = color.astype(np.float32) / np.float32(scale)
-    return LoadedImage(path=path, rgb=rgb, bit_depth=bit_depth, alpha=None if alpha is None else alpha.copy(),
-                       source_mode=mode)
+    return color, alpha, bit_depth, mode
 
 
 def to_integer(rgb: np.ndarray | torch.Tensor, bit_depth: int) -> np.ndarray:

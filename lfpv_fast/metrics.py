@@ -151,3 +151,24 @@ def ssim_batch(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
 
     ssim_map = _ssim_map_terms(filt(x), filt(y), filt(x * x), filt(y * y), filt(x * y))
     return ssim_map.flatten(1).mean(dim=1)
+
+
+def gray_opencv(img: np.ndarray) -> np.ndarray:
+    """Gray levels of a uint8 RGB image exactly as OpenCV's cvtColor(COLOR_RGB2GRAY) computes them on uint8:
+    (4899 R + 9617 G + 1868 B + 2^13) >> 14, i.e. 0.299 R + 0.587 G + 0.114 B in 14-bit fixed point, rounded."""
+    x = _as_uint8_array(img, "image").astype(np.int64)
+    if x.ndim == 2:
+        return x
+    return (4899 * x[..., 0] + 9617 * x[..., 1] + 1868 * x[..., 2] + (1 << 13)) >> 14
+
+
+def psnr_gt_mean(pred: np.ndarray | torch.Tensor, gt: np.ndarray | torch.Tensor) -> float:
+    """GT-mean-corrected PSNR, as several LOL papers report it next to the plain PSNR (not comparable with it):
+    the uint8 output is scaled by k = mean gray(gt) / mean gray(pred) (gray as `gray_opencv`), clipped to
+    [0, 255] and, not re-quantized, compared with the ground truth by the PSNR formula above. It forgives a
+    wrong overall brightness. An all-black output (mean 0) is left as it is (k = 1)."""
+    a, b = _pair(pred, gt)
+    mean_pred, mean_gt = float(gray_opencv(a).mean()), float(gray_opencv(b).mean())
+    k = mean_gt / mean_pred if mean_pred > 0 else 1.0
+    scaled = np.clip(a.astype(np.float64) * k, 0.0, 255.0)
+    return _psnr_from_mse(float(np.mean((scaled - b.astype(np.float64)) ** 2)))

@@ -1,9 +1,11 @@
 """Data loaders for training and evaluation: `build_loader(cfg, split, rank, world_size, seed)`.
 
 Batches are dicts: "lq" and "gt" float32 tensors B x 3 x h x w in [0, 1] (RGB; h x w is the crop
-for "train", data.resize for "test"), "scene" and "frame" (lists of str; frame is the LQ file name
-without .npy). Tensors are on the GPU for loader "dali" with device "gpu", otherwise on the CPU
-(pinned for the torch loader wherever CUDA is available, so host-to-device copies overlap compute).
+for "train", data.resize for "test", or the image's own size where data.resize is null), "scene" and
+"frame" (lists of str; SMID: the scene and the LQ file name without .npy; image pairs: the LQ file's
+folder relative to its root, "" at the top, and its name without extension). Tensors are on the
+GPU for loader "dali" with device "gpu", otherwise on the CPU (pinned for the torch loader wherever
+CUDA is available, so host-to-device copies overlap compute).
 
 Semantics (the same for both loaders; see `pipelines.sampling` for the exact draws):
 - train: each epoch a fresh permutation of the training pairs, a random crop and random
@@ -12,13 +14,11 @@ Semantics (the same for both loaders; see `pipelines.sampling` for the exact dra
   epoch is dropped; across ranks every other pair is seen exactly once per epoch.
 - test: every test frame in order, batch size 1, frames r, r + W, ... on rank r; no augmentation.
 - everything random is a pure function of (seed, epoch, sample index): `set_epoch`, `state_dict`
-  and `load_state_dict` reproduce any batch exactly, and DALI and torch give the same batches up
-  to uint8 rounding of the resize.
+  and `load_state_dict` reproduce any batch exactly, and DALI (on the CPU) and torch give the same
+  batches up to rounding ties of the resize (identical where nothing is resized).
 """
 
 from __future__ import annotations
-
-import warnings
 
 import torch
 
@@ -32,8 +32,8 @@ __all__ = ["Batch", "BatchPlan", "PairLoader", "build_loader"]
 def build_loader(cfg: RunConfig, split: str, rank: int = 0, world_size: int = 1, seed: int = 0) -> PairLoader:
     """The loader of `split` ("train" | "test") for `rank` of `world_size`, as cfg.data says.
 
-    cfg.data.loader "dali" falls back to the torch loader (with a warning) where DALI is not
-    installed. cfg.data.device "gpu" needs a visible CUDA device.
+    cfg.data.loader "dali" where DALI cannot be imported is a ConfigError naming the import failure.
+    cfg.data.device "gpu" needs a visible CUDA device.
     """
     d = cfg.data
     if split not in ("train", "test"):
@@ -47,6 +47,13 @@ def build_loader(cfg: RunConfig, split: str, rank: int = 0, world_size: int = 1,
         )
     if d.device == "gpu" and not torch.cuda.is_available():
         raise ConfigError(f"{cfg.source}: data.device is 'gpu' but no CUDA device is visible; use data.device=cpu")
+    if d.loader == "dali":
+        from lfpv_fast.pipelines import dali
+
+        if not dali.HAVE_DALI:  # an error, not the torch loader in its place: the run would not be what was asked
+            raise ConfigError(f"{cfg.source}: data.loader is 'dali' but nvidia.dali cannot be imported "
+                              f"({dali.DALI_IMPORT_ERROR}); install nvidia-dali-cuda120 (Linux only) or set "
+                              "data.loader=torch")
     data = resolve_split(d, split)
     common = dict(
         split=split,
@@ -60,9 +67,7 @@ def build_loader(cfg: RunConfig, split: str, rank: int = 0, world_size: int = 1,
     if d.loader == "dali":
         from lfpv_fast.pipelines import dali
 
-        if dali.HAVE_DALI:
-            return dali.DaliPairLoader(data, device=d.device, num_threads=d.num_threads, **common)
-        warnings.warn("data.loader is 'dali' but nvidia-dali is not installed: using the torch loader", stacklevel=2)
+        return dali.DaliPairLoader(data, device=d.device, num_threads=d.num_threads, **common)
     from lfpv_fast.pipelines.torch_loader import TorchPairLoader
 
     return TorchPairLoader(data, num_workers=d.num_workers, pin_memory=torch.cuda.is_available(), **common)

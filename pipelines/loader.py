@@ -100,7 +100,10 @@ class PairLoader:
         n = len(self.data.pairs)
         if self.split == "test":
             return [BatchPlan(np.array([i])) for i in test_indices(n, self.world_size, self.rank)]
-        d = epoch_draws(n, self.seed, epoch, self.data.size, self.crop, self.flips)
+        size = self.data.size
+        if size is None:  # images kept at their own, differing sizes: one (w, h) per pair
+            size = tuple(np.array(v) for v in zip(*self.data.sizes, strict=True))
+        d = epoch_draws(n, self.seed, epoch, size, self.crop, self.flips)
         return [
             BatchPlan(idx, d.x[idx], d.y[idx], d.hflip[idx], d.vflip[idx])
             for idx in train_batches(d.order, self.global_batch, self.world_size, self.rank)

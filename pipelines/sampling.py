@@ -6,9 +6,10 @@ they produce the same batches, and so that a resumed run (epoch, batch) reproduc
 Per epoch, one numpy Generator (PCG64 seeded with SeedSequence([seed, epoch, SALT])) draws, in
 this order: the permutation of the N training samples, then arrays indexed by sample index:
 x anchors, y anchors (pixels, top-left of the crop in the resized frame, uniform over every valid
-position), horizontal flips, vertical flips (each p = 0.5; all False when flips are off). The
-choices for a sample therefore depend only on (seed, epoch, sample index), not on the rank, the
-world size or the batch it lands in. Changing this order changes every run: it is part of the
+position of that frame, whose size may differ from sample to sample), horizontal flips, vertical
+flips (each p = 0.5; all False when flips are off). The choices for a sample therefore depend only
+on (seed, epoch, sample index) and the frame sizes, not on the rank, the world size or the batch it
+lands in. Changing this order changes every run: it is part of the
 reproducibility contract.
 
 Sharding (training): the permutation is cut into global batches of `global_batch` samples; rank r
@@ -42,13 +43,17 @@ class EpochDraws:
     vflip: np.ndarray  # bool [N]
 
 
-def epoch_draws(n: int, seed: int, epoch: int, size: tuple[int, int], crop: int, flips: bool) -> EpochDraws:
-    """The training choices of one epoch; `size` is the (width, height) of the resized frames."""
+def epoch_draws(n: int, seed: int, epoch: int, size: tuple[int, int] | tuple[np.ndarray, np.ndarray], crop: int,
+                flips: bool) -> EpochDraws:
+    """The training choices of one epoch; `size` is the (width, height) of the frames as read (resized), or
+    two arrays of N widths and heights where frames differ (images kept at their own size)."""
     if seed < 0 or epoch < 0:
         raise ValueError(f"seed and epoch must be >= 0, got seed={seed}, epoch={epoch}")
-    w, h = size
-    if crop > min(w, h):
-        raise ValueError(f"crop {crop} is larger than the frame size {w}x{h}")
+    w, h = (np.asarray(v, dtype=np.int64) for v in size)
+    if w.ndim and w.size and (w == w.flat[0]).all() and (h == h.flat[0]).all():
+        w, h = w.flat[0], h.flat[0]  # all alike: exactly the draws of one common size
+    if crop > min(w.min(initial=crop), h.min(initial=crop)):
+        raise ValueError(f"crop {crop} is larger than a frame ({w.min()}x{h.min()} at the smallest)")
     rng = np.random.Generator(np.random.PCG64(np.random.SeedSequence([seed, epoch, SALT])))
     order = rng.permutation(n)
     x = rng.integers(0, w - crop + 1, size=n)

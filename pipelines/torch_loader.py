@@ -1,9 +1,11 @@
 """The reference loader: a torch DataLoader doing the published per-sample steps.
 
-Per sample: np.load the LQ frame and its scene's GT, resize each to data.resize (OpenCV
-INTER_LINEAR, rounded to uint8; skipped for the prepared cache, whose frames are stored at that
-size), crop both at the planned anchor, flip both as planned, reverse BGR to RGB, and scale to
-float32 CHW in [0, 1]. The choices come from `pipelines.sampling` through a batch sampler, so
+Per sample: read the LQ frame and its GT (`.npy`: np.load; image files: decoded by Pillow, or
+imagecodecs for 16-bit PNG and tifffile for TIFF, through `lfpv_fast.imageio.read_pixels`: gray to
+RGB, alpha dropped, EXIF orientation applied), resize each to data.resize (OpenCV INTER_LINEAR,
+rounded to the sample type; skipped where frames are stored at that size), crop both at the planned
+anchor, flip both as planned, reverse BGR to RGB (SMID), and scale to float32 CHW in [0, 1] (x / 255,
+or x / 65535 for 16-bit files). The choices come from `pipelines.sampling` through a batch sampler, so
 worker processes hold no random state and the batches do not depend on num_workers.
 """
 
@@ -11,14 +13,29 @@ from __future__ import annotations
 
 import signal
 from collections.abc import Iterator
+from pathlib import Path
 
 import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from lfpv_fast.data.smid import load_frame, resize_linear
+from lfpv_fast.data.smid import DataError, load_frame, resize_linear
 from lfpv_fast.data.source import SplitData
+from lfpv_fast.imageio import ImageReadError, read_pixels
 from lfpv_fast.pipelines.loader import Batch, BatchPlan, PairLoader
+
+
+def read_image_frame(path: Path, bits: int, size: tuple[int, int]) -> np.ndarray:
+    """An image file's H x W x 3 samples (uint8 or uint16), checked against what the header scan found."""
+    try:
+        color, _alpha, depth, _mode = read_pixels(path)
+    except (ImageReadError, OSError) as exc:
+        raise DataError(str(exc) if str(path) in str(exc) else f"{path}: {exc}") from exc
+    if depth != bits or (color.shape[1], color.shape[0]) != size:
+        raise DataError(f"{path}: decoded as {color.shape[1]}x{color.shape[0]}, {depth} bit, but the scan before "
+                        f"training found {size[0]}x{size[1]}, {bits} bit; was the file changed?")
+    return color
+
 
 # A sample key: (index, x, y, hflip, vflip); x is -1 for "no crop" (test).
 Key = tuple[int, int, int, bool, bool]
@@ -29,14 +46,20 @@ class PairDataset(Dataset):
 
     def __init__(self, data: SplitData, crop: int) -> None:
         self.data, self.crop = data, crop
-        w, h = data.size
-        self._stored_shape = (h, w, 3) if data.resize is None else None
+        self._stored_shape = None
+        if data.resize is None and data.size is not None:
+            self._stored_shape = (data.size[1], data.size[0], 3)
 
     def __len__(self) -> int:
         return len(self.data.pairs)
 
-    def _read(self, path, x: int, y: int, hflip: bool, vflip: bool) -> torch.Tensor:
-        img = load_frame(path, self._stored_shape)
+    def _read(self, index: int, side: int, x: int, y: int, hflip: bool, vflip: bool) -> torch.Tensor:
+        pair, data = self.data.pairs[index], self.data
+        path = (pair.lq, pair.gt)[side]
+        if data.format == "image":
+            img = read_image_frame(path, data.bits[side], data.sizes[index])
+        else:
+            img = load_frame(path, self._stored_shape)
         if self.data.resize is not None:
             img = resize_linear(img, *self.data.resize)
         if x >= 0:
@@ -47,17 +70,18 @@ class PairDataset(Dataset):
             img = img[::-1]
         if self.data.bgr:
             img = img[:, :, ::-1]
-        # x * float32(1/255), as DALI's crop_mirror_normalize computes it: both loaders agree bit for
-        # bit. In numpy, which is single-threaded: torch's intra-op threads only add overhead here.
+        # x * float32(1/255) (or 1/65535), as DALI's crop_mirror_normalize computes it: both loaders agree bit
+        # for bit. In numpy, which is single-threaded: torch's intra-op threads only add overhead here.
         chw = np.ascontiguousarray(img.transpose(2, 0, 1))
-        return torch.from_numpy(np.multiply(chw, np.float32(1.0 / 255.0), dtype=np.float32))
+        scale = np.float32(1.0 / (65535.0 if img.dtype == np.uint16 else 255.0))
+        return torch.from_numpy(np.multiply(chw, scale, dtype=np.float32))
 
     def __getitem__(self, key: Key) -> tuple[torch.Tensor, torch.Tensor, str, str]:
         index, x, y, hflip, vflip = key
         pair = self.data.pairs[index]
         return (
-            self._read(pair.lq, x, y, hflip, vflip),
-            self._read(pair.gt, x, y, hflip, vflip),
+            self._read(index, 0, x, y, hflip, vflip),
+            self._read(index, 1, x, y, hflip, vflip),
             pair.scene,
             pair.frame,
         )
@@ -103,4 +127,10 @@ class TorchPairLoader(PairLoader):
             pin_memory=self.pin_memory,
             worker_init_fn=_ignore_sigint,
         )
-        yield from loader
+        try:
+            yield from loader
+        except DataError as exc:  # from a worker, torch adds the worker's traceback: keep the one-line message
+            lines = [line for line in str(exc).splitlines() if line.strip()]
+            if len(lines) > 1:
+                raise DataError(lines[-1].split("DataError: ", 1)[-1]) from exc
+            raise

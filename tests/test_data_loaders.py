@@ -1,11 +1,17 @@
 """The loaders (torch and DALI on the CPU): alignment, coverage and sharding, determinism, resume,
-and DALI against the torch reference on the same choices."""
+and DALI against the torch reference on the same choices. Each contract runs on SMID-style .npy
+frames and on the same frames as image pairs (8-bit and 16-bit PNG, decoded by Pillow/imagecodecs
+and by DALI)."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
+import imagecodecs
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 from test_data_smid import make_cfg, write_list, write_tree
 
 from lfpv_fast.config import ConfigError
@@ -22,15 +28,33 @@ def offset(scene: str, frame: str) -> int:
     return 10 * int(scene[1:]) + int(frame)
 
 
-@pytest.fixture(scope="module")
-def aligned(tmp_path_factory):
-    """LQ frame k of scene sN is GT // 4 + 10 N + k exactly (BGR on disk like SMID); t9 is the test scene."""
-    root = tmp_path_factory.mktemp("aligned")
+def write_png(path: Path, rgb: np.ndarray, bits: int) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if bits == 16:  # v * 257: the same value in [0, 1] as the 8-bit v
+        path.write_bytes(bytes(imagecodecs.png_encode(np.ascontiguousarray(rgb.astype(np.uint16) * 257))))
+    else:
+        Image.fromarray(np.ascontiguousarray(rgb)).save(path)
+
+
+@pytest.fixture(scope="module", params=["npy", "png", "png16"])
+def aligned(tmp_path_factory, request):
+    """LQ frame k of scene sN is GT // 4 + 10 N + k exactly; t9 is the test scene. npy: an SMID tree (BGR on
+    disk); png/png16: the same frames as image pairs <root>/<split>/<scene>/<k>.png (RGB on disk), one GT
+    copy per frame, the test split in its own folders."""
+    root = tmp_path_factory.mktemp(f"aligned-{request.param}")
     rng = np.random.default_rng(0)
     gts = {s: rng.integers(0, 256, (H, W, 3), dtype=np.uint8) for s in [*TRAIN, "t9"]}
     lqs = {s: [(g // 4 + offset(s, str(k))).astype(np.uint8) for k in range(FRAMES)] for s, g in gts.items()}
-    write_tree(root, lqs, gts)
-    write_list(root / "test.txt", ["t9"])
+    if request.param == "npy":
+        write_tree(root, lqs, gts)
+        write_list(root / "test.txt", ["t9"])
+    else:
+        bits = 16 if request.param == "png16" else 8
+        for scene, frames in lqs.items():
+            prefix = "test_" if scene == "t9" else ""
+            for k, lq in enumerate(frames):
+                write_png(root / f"{prefix}lq" / scene / f"{k:04d}.png", lq[:, :, ::-1], bits)
+                write_png(root / f"{prefix}gt" / scene / f"{k:04d}.png", gts[scene][:, :, ::-1], bits)
     return root, gts
 
 
@@ -40,6 +64,9 @@ def u8(t: torch.Tensor) -> np.ndarray:
 
 def cfg_for(root, loader, **kw):
     d = dict(resize=[W, H], crop=16, batch_size=4, loader=loader)
+    if (root / "test_lq").is_dir():  # image pairs
+        d.update(dataset="pairs", test_lq_root=str(root / "test_lq"), test_gt_root=str(root / "test_gt"),
+                 test_scenes=None, resize=None)
     d.update(kw)
     return make_cfg(root, **d)
 
@@ -188,15 +215,17 @@ def test_dali_matches_torch_with_resize(tmp_path):
         assert (torch.cat(diffs) > 0.5).float().mean() < 0.01
 
 
-def test_dali_fallback_to_torch(aligned, monkeypatch):
+def test_dali_loader_is_dali_and_missing_dali_is_an_error(aligned, monkeypatch):
+    """No silent fall-back: "dali" gives the DALI loader, or an error naming why DALI cannot be imported."""
     from lfpv_fast.pipelines import dali
-    from lfpv_fast.pipelines.torch_loader import TorchPairLoader
 
     root, _ = aligned
+    assert isinstance(build_loader(cfg_for(root, "dali"), "train"), dali.DaliPairLoader)
     monkeypatch.setattr(dali, "HAVE_DALI", False)
-    with pytest.warns(UserWarning, match="nvidia-dali is not installed"):
-        ld = build_loader(cfg_for(root, "dali"), "train")
-    assert isinstance(ld, TorchPairLoader)
+    monkeypatch.setattr(dali, "DALI_IMPORT_ERROR", "ImportError: libcudart.so.12: cannot open shared object file")
+    with pytest.raises(ConfigError, match=r"data.loader is 'dali' but nvidia.dali cannot be imported "
+                                          r"\(ImportError: libcudart.so.12.*data.loader=torch"):
+        build_loader(cfg_for(root, "dali"), "train")
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the no-CUDA error")

@@ -1,4 +1,5 @@
-"""Datasets: SMID as published (`smid`), the offline demo dataset (`demo`), config -> pairs (`source`)."""
+"""Datasets: SMID as published (`smid`), image-pair folders and the LOL presets (`images`), the offline demo
+dataset (`demo`, also as PNG pairs), config -> pairs (`source`)."""
 
 from lfpv_fast.data.demo import DemoPaths, make_demo_dataset
 from lfpv_fast.data.smid import DataError, Pair, load_frame, resize_linear

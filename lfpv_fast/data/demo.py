@@ -31,6 +31,14 @@ Layout, as SMID (uint8 H x W x 3, BGR)::
 The dataset is written to a temporary sibling folder and renamed into place, so concurrent callers
 (several DDP ranks) and interrupted runs never see a half-written dataset; when the manifest is
 already there, nothing is done.
+
+The same pairs as 8-bit RGB PNG files, in the LOL-v1 layout (dataset `demo_png`, written on first use
+and by this command; a GT is repeated for each of its scene's frames so that pairs are one to one)::
+
+    <root>/png/our485/low/<scene>_<frame>.png    training scenes
+    <root>/png/our485/high/<scene>_<frame>.png
+    <root>/png/eval15/low/<scene>_<frame>.png    test scenes
+    <root>/png/eval15/high/<scene>_<frame>.png
 """
 
 from __future__ import annotations
@@ -199,6 +207,37 @@ def make_demo_dataset(root: str | Path) -> DemoPaths:
     return paths
 
 
+def make_demo_png(root: str | Path) -> Path:
+    """The demo dataset as PNG pairs in the LOL-v1 layout under `root`/png (written once); returns that folder."""
+    from PIL import Image
+
+    paths = make_demo_dataset(root)
+    png = paths.root / "png"
+    if png.is_dir():  # renamed into place only when complete
+        return png
+    test = set(paths.test_scenes.read_text().split())
+    tmp = paths.root / f".png.tmp-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        for scene_dir in sorted(p for p in paths.lq_root.iterdir() if p.is_dir()):
+            split = "eval15" if scene_dir.name in test else "our485"
+            gt = np.load(paths.gt_root / scene_dir.name / "long.npy")[:, :, ::-1]  # stored BGR
+            for side in ("low", "high"):
+                (tmp / split / side).mkdir(parents=True, exist_ok=True)
+            for frame in sorted(scene_dir.glob("*.npy")):
+                name = f"{scene_dir.name}_{frame.stem}.png"
+                Image.fromarray(np.load(frame)[:, :, ::-1]).save(tmp / split / "low" / name)
+                Image.fromarray(gt).save(tmp / split / "high" / name)
+        try:
+            os.rename(tmp, png)
+        except OSError:
+            if not png.is_dir():  # not another process finishing first
+                raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return png
+
+
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="python -m lfpv_fast.data.demo", description=__doc__.split("\n\n")[0])
     ap.add_argument("--out", default="~/.cache/lfpv_fast/demo", help="dataset folder (default: %(default)s)")
@@ -209,13 +248,15 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         paths = make_demo_dataset(args.out)
+        png = make_demo_png(args.out)
     except DataError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     doc = json.loads(paths.manifest.read_text())
     print(
         f"demo dataset at {paths.root}: {len(doc['scenes'])} scenes ({len(doc['test_scenes'])} for testing, "
-        f"listed in {paths.test_scenes}), {doc['frames_per_scene']} frames each, {SIZE[0]}x{SIZE[1]}"
+        f"listed in {paths.test_scenes}), {doc['frames_per_scene']} frames each, {SIZE[0]}x{SIZE[1]}; "
+        f"as PNG pairs in the LOL-v1 layout in {png}"
     )
     return 0
 

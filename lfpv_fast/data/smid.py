@@ -98,17 +98,18 @@ def load_frame(path: str | Path, shape: tuple[int, int, int] | None = None) -> n
 
 
 def resize_linear(img: np.ndarray, width: int, height: int) -> np.ndarray:
-    """OpenCV INTER_LINEAR on a uint8 HWC image: half-pixel centres, borders clamped, no antialias.
+    """OpenCV INTER_LINEAR on a uint8 (or uint16) HWC image: half-pixel centres, borders clamped, no antialias.
 
     Computed in float32 (torch's bilinear with align_corners=False is this formula) and rounded
-    to uint8, as `cv2.resize` returns uint8 for uint8 input. Same size is the identity.
+    to the input's type, as `cv2.resize` returns uint8 for uint8 input. Same size is the identity.
     """
     h, w = img.shape[:2]
     if (w, h) == (width, height):
         return img
-    x = torch.from_numpy(np.ascontiguousarray(img)).permute(2, 0, 1)[None].float()
+    x = torch.from_numpy(np.ascontiguousarray(img, dtype=np.float32)).permute(2, 0, 1)[None]
     y = F.interpolate(x, size=(height, width), mode="bilinear", align_corners=False, antialias=False)
-    return y[0].permute(1, 2, 0).round_().clamp_(0, 255).to(torch.uint8).numpy()
+    top = float(np.iinfo(img.dtype).max)
+    return y[0].permute(1, 2, 0).round_().clamp_(0, top).numpy().astype(img.dtype)
 
 
 # ---------------------------------------------------------------------------------------------

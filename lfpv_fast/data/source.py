@@ -4,8 +4,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
 
 from lfpv_fast.config import ConfigError, DataConfig, resolve_data_file
+from lfpv_fast.data.images import PRESETS, Naming, preset_folders, scan_pairs, split_by_list
 from lfpv_fast.data.smid import DataError, Pair, Tree, check_pairs, read_scene_list, scan_tree, split_pairs
 
 
@@ -13,9 +15,19 @@ from lfpv_fast.data.smid import DataError, Pair, Tree, check_pairs, read_scene_l
 class SplitData:
     pairs: list[Pair]
     bgr: bool  # frames stored BGR (raw SMID, demo): reversed to RGB when read
-    resize: tuple[int, int] | None  # (w, h) to resize to when read; None: stored at `size` (prepared cache)
-    size: tuple[int, int]  # (w, h) of every frame after reading
-    test_list: Path
+    resize: tuple[int, int] | None  # (w, h) to resize to when read; None: read at the stored size
+    size: tuple[int, int] | None  # (w, h) of every frame after reading; None: sizes differ (see `sizes`)
+    test_list: Path | None
+    format: Literal["npy", "image"] = "npy"  # .npy arrays or encoded image files (PNG, JPEG, TIFF)
+    bits: tuple[int, int] = (8, 8)  # sample depth of the LQ and of the GT files (image files: 8 or 16)
+    sizes: tuple[tuple[int, int], ...] | None = None  # image files: each pair's stored (w, h)
+
+    def read_size(self, index: int) -> tuple[int, int]:
+        """(w, h) of pair `index` after reading (and resizing)."""
+        if self.size is not None:
+            return self.size
+        assert self.sizes is not None
+        return self.sizes[index]
 
 
 def _tree_and_list(d: DataConfig) -> tuple[Tree | None, Path, Path | None, Path | None]:
@@ -43,6 +55,9 @@ def resolve_split(d: DataConfig, split: str) -> SplitData:
     """The pairs of `split` ("train" | "test") with every file header-checked."""
     if split not in ("train", "test"):
         raise ValueError(f"split must be 'train' or 'test', got {split!r}")
+    if d.is_images:
+        return resolve_image_split(d, split)
+    assert d.resize is not None  # config.validate: only image datasets may keep their own sizes
     prepared, test_list, lq, gt = _tree_and_list(d)
     size = (int(d.resize[0]), int(d.resize[1]))
     if prepared is not None:
@@ -62,3 +77,67 @@ def resolve_split(d: DataConfig, split: str) -> SplitData:
     pairs = split_pairs(tree, read_scene_list(test_list), d.test_frames, split, str(test_list))
     check_pairs(pairs, (size[1], size[0], 3) if resize is None else None)
     return SplitData(pairs, tree.bgr, resize, size, test_list)
+
+
+# ---------------------------------------------------------------------------------------------
+# Image datasets: pairs, the presets, demo_png
+
+
+def _image_folders(d: DataConfig, split: str) -> tuple[Path, Path, Naming, Path | None]:
+    """(LQ folder, GT folder, naming, test list or None) of a split, before any file is read."""
+    if d.dataset in PRESETS or d.dataset == "demo_png":
+        if d.dataset == "demo_png":
+            from lfpv_fast.data.demo import make_demo_png
+
+            root, preset = make_demo_png(d.demo_root), "lol_v1"  # written on first use
+        else:
+            if not d.root:
+                raise ConfigError(f"dataset {d.dataset!r} needs data.root, the folder of the dataset as distributed "
+                                  "(set it with --set data.root=/path/to/it)")
+            root, preset = Path(d.root), d.dataset
+        lq, gt, naming = preset_folders(preset, root, split)
+        return lq, gt, naming, None
+    if not d.lq_root or not d.gt_root:
+        raise ConfigError("dataset 'pairs' needs data.lq_root and data.gt_root (the folders of low-light and of "
+                          "ground-truth images)")
+    naming = Naming(d.lq_prefix, d.lq_suffix, d.gt_prefix, d.gt_suffix)
+    if split == "test" and d.test_lq_root:
+        return Path(d.test_lq_root).expanduser(), Path(d.test_gt_root or "").expanduser(), naming, None
+    if d.test_list:
+        return Path(d.lq_root or "").expanduser(), Path(d.gt_root or "").expanduser(), naming, \
+            resolve_data_file(d.test_list)
+    if split == "test":
+        raise ConfigError("dataset 'pairs' has no test split: set data.test_lq_root and data.test_gt_root, or list "
+                          "held-out images of data.lq_root in data.test_list")
+    return Path(d.lq_root or "").expanduser(), Path(d.gt_root or "").expanduser(), naming, None
+
+
+def resolve_image_split(d: DataConfig, split: str) -> SplitData:
+    """The image pairs of `split`, header-scanned (see lfpv_fast.data.images)."""
+    lq_root, gt_root, naming, test_list = _image_folders(d, split)
+    what = f"{split}ing split" if split == "train" else "test split"
+    found = scan_pairs(lq_root, gt_root, naming, d.skip_bad, what)
+    if test_list is not None:
+        train, test = split_by_list(found, lq_root.expanduser(), test_list)
+        found = train if split == "train" else test
+        if not found:
+            raise DataError(f"the {what} is empty: test list {test_list} names every pair of {lq_root}")
+    stored = tuple((p.lq_header.width, p.lq_header.height) for p in found)
+    resize = None if d.resize is None else (int(d.resize[0]), int(d.resize[1]))
+    if resize is not None and all(s == resize for s in stored):
+        resize = None  # already that size: reading is enough
+        size: tuple[int, int] | None = stored[0]
+    else:
+        size = resize if resize is not None else (stored[0] if len(set(stored)) == 1 else None)
+    if split == "train":
+        read = [size or s for s in stored]
+        small = min(range(len(found)), key=lambda i: min(read[i]))
+        if min(read[small]) < d.crop:
+            w, h = read[small]
+            as_read = "" if size is None or resize is None else " after data.resize"
+            raise DataError(f"{found[small].lq}: {w}x{h}{as_read} is smaller than the training crop "
+                            f"data.crop={d.crop} (lower data.crop, or set data.resize)")
+    pairs = [Pair(p.rel_dir, p.stem, p.lq, p.gt) for p in found]
+    bits = (found[0].lq_header.bits, found[0].gt_header.bits)
+    return SplitData(pairs, bgr=False, resize=resize, size=size, test_list=test_list, format="image", bits=bits,
+                     sizes=stored)

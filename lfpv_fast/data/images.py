@@ -1,0 +1,421 @@
+"""Paired image folders (LOL-v1, LOL-v2, any low/high folders): listing, pairing, the header scan, presets.
+
+Pairing. A dataset is an LQ folder (low-light inputs) and a GT folder (ground truths), searched recursively.
+An LQ file `<dir>/<lq_prefix><key><lq_suffix>.<ext>` pairs with the GT file `<dir>/<gt_prefix><key><gt_suffix>.<ext>`
+of the same relative folder `<dir>` and the same key; the extensions may differ (`.png`, `.jpg`, `.jpeg`, `.tif`,
+`.tiff`, any case). Names starting with "." (`.DS_Store`, macOS `._12.png` resource files, `.thumbnails/`)
+are ignored; every other file must be an image of one pair.
+
+Header scan. Before any training, every file of a split is checked from its header and its last bytes,
+without decoding the pixels (about a millisecond a file): the format matches the extension, the file is
+not truncated (a PNG ends with its IEND chunk, a JPEG with its end-of-image marker, a TIFF holds every
+strip it lists), the size (after EXIF orientation) and the bit depth. Then: each LQ file has a GT partner
+and the reverse, the two have the same size, and all files of one side of a split have the same bit depth
+(8 or 16; a PNG with a palette or 1/2/4-bit gray decodes to 8 bit). A file that fails is an error naming
+it, or with `skip_bad` a warning, and its pair is left out.
+
+Presets (`data.root` is the folder of the dataset as distributed; folder names match in any case):
+
+    lol_v1            our485/low, our485/high (train); eval15/low, eval15/high (test); same names
+    lol_v2_real       Train/Low, Train/Normal; Test/Low, Test/Normal; low00001.png <-> normal00001.png
+    lol_v2_synthetic  Train/Low, Train/Normal; Test/Low, Test/Normal; same names
+"""
+
+from __future__ import annotations
+
+import os
+import struct
+import warnings
+from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path
+
+from lfpv_fast.data.smid import DataError, _few
+from lfpv_fast.imageio import IMAGE_EXTENSIONS, JPEG_EXTENSIONS, PNG_EXTENSIONS, TIFF_EXTENSIONS
+
+_PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+_PNG_IEND = b"\x00\x00\x00\x00IEND\xaeB`\x82"
+_JPEG_TAIL = 4096  # bytes searched for the end-of-image marker (some writers pad after it)
+_ORIENTATION = 0x0112  # EXIF/TIFF orientation tag; 5-8 swap width and height
+
+
+@dataclass(frozen=True)
+class ImageHeader:
+    width: int  # as decoded: after EXIF orientation
+    height: int
+    bits: int  # 8 or 16: the sample depth the decoders give
+
+
+@dataclass(frozen=True)
+class Naming:
+    """How file names map to pair keys: <prefix><key><suffix>.<ext> on each side."""
+
+    lq_prefix: str = ""
+    lq_suffix: str = ""
+    gt_prefix: str = ""
+    gt_suffix: str = ""
+
+
+@dataclass(frozen=True)
+class Layout:
+    """A preset: the (LQ, GT) folders of each split relative to data.root, and the file naming."""
+
+    train: tuple[str, str]
+    test: tuple[str, str]
+    naming: Naming = Naming()
+
+
+PRESETS: dict[str, Layout] = {
+    "lol_v1": Layout(("our485/low", "our485/high"), ("eval15/low", "eval15/high")),
+    "lol_v2_real": Layout(("Train/Low", "Train/Normal"), ("Test/Low", "Test/Normal"),
+                          Naming(lq_prefix="low", gt_prefix="normal")),
+    "lol_v2_synthetic": Layout(("Train/Low", "Train/Normal"), ("Test/Low", "Test/Normal")),
+}
+
+
+@dataclass(frozen=True)
+class ImagePair:
+    rel_dir: str  # folder relative to the split's roots, posix ("" at the top)
+    lq: Path
+    gt: Path
+    lq_header: ImageHeader
+    gt_header: ImageHeader
+
+    @property
+    def stem(self) -> str:
+        return self.lq.name[: -len(self.lq.suffix)]
+
+
+# ---------------------------------------------------------------------------------------------
+# Header scan
+
+
+def read_header(path: str | Path) -> ImageHeader:
+    """Size and bit depth of an image file from its header, and a check that it is complete; DataError if not."""
+    path = Path(path)
+    suffix = path.suffix.lower()
+    try:
+        if suffix in PNG_EXTENSIONS:
+            return _png_header(path)
+        if suffix in JPEG_EXTENSIONS:
+            return _jpeg_header(path)
+        if suffix in TIFF_EXTENSIONS:
+            return _tiff_header(path)
+    except DataError:
+        raise
+    except FileNotFoundError as exc:
+        raise DataError(f"{path}: file not found") from exc
+    except PermissionError as exc:
+        raise DataError(f"{path}: cannot be read ({exc.strerror})") from exc
+    except Exception as exc:  # whatever the parsers raise on garbage
+        raise DataError(f"{path}: not a readable {suffix[1:].upper()} file ({exc})") from exc
+    raise DataError(f"{path}: not an image file (expected one of {', '.join(IMAGE_EXTENSIONS)})")
+
+
+def _png_header(path: Path) -> ImageHeader:
+    with open(path, "rb") as f:
+        head = f.read(33)
+        if len(head) < 33 or head[:8] != _PNG_SIGNATURE or head[12:16] != b"IHDR":
+            raise DataError(f"{path}: not a PNG file (no PNG signature and IHDR chunk)")
+        width, height, depth, color_type = struct.unpack(">IIBB", head[16:26])
+        if color_type not in (0, 2, 3, 4, 6) or depth not in (1, 2, 4, 8, 16):
+            raise DataError(f"{path}: invalid PNG header (bit depth {depth}, colour type {color_type})")
+        orientation = _png_orientation(f)
+        f.seek(0, os.SEEK_END)
+        if f.tell() < 45:
+            raise DataError(f"{path}: truncated PNG file ({f.tell()} bytes)")
+        f.seek(-12, os.SEEK_END)
+        if f.read(12) != _PNG_IEND:
+            raise DataError(f"{path}: truncated PNG file (it does not end with the IEND chunk)")
+    bits = 16 if depth == 16 else 8  # palette and 1/2/4-bit gray decode to 8 bit
+    return _oriented(path, width, height, bits, orientation)
+
+
+def _png_orientation(f) -> int:
+    """The EXIF orientation of an eXIf chunk before the image data (1 if none); `f` is just past IHDR."""
+    f.seek(33)
+    while True:
+        head = f.read(8)
+        if len(head) < 8:
+            return 1
+        length, kind = struct.unpack(">I4s", head)
+        if kind in (b"IDAT", b"IEND"):
+            return 1
+        if kind == b"eXIf":
+            return _exif_orientation(f.read(length))
+        f.seek(length + 4, os.SEEK_CUR)
+
+
+def _exif_orientation(data: bytes) -> int:
+    from PIL import Image
+
+    exif = Image.Exif()
+    exif.load(data)
+    return int(exif.get(_ORIENTATION, 1) or 1)
+
+
+def _jpeg_header(path: Path) -> ImageHeader:
+    from PIL import Image
+
+    with open(path, "rb") as f:
+        if f.read(2) != b"\xff\xd8":
+            raise DataError(f"{path}: not a JPEG file (no start-of-image marker)")
+        f.seek(0, os.SEEK_END)
+        size = f.tell()
+        f.seek(max(0, size - _JPEG_TAIL))
+        if b"\xff\xd9" not in f.read():
+            raise DataError(f"{path}: truncated JPEG file (no end-of-image marker at the end)")
+    with Image.open(path) as im:  # reads the markers up to the first scan, decodes nothing
+        if im.format != "JPEG":
+            raise DataError(f"{path}: not a JPEG file (Pillow reads it as {im.format})")
+        if im.mode not in ("L", "RGB", "CMYK"):
+            raise DataError(f"{path}: unsupported JPEG colour mode {im.mode!r} (expected grayscale, RGB or CMYK)")
+        width, height = im.size
+        orientation = int(im.getexif().get(_ORIENTATION, 1) or 1)
+    return _oriented(path, width, height, 8, orientation)
+
+
+def _tiff_header(path: Path) -> ImageHeader:
+    import numpy as np
+    import tifffile
+
+    size = path.stat().st_size
+    with tifffile.TiffFile(path) as tif:
+        if not tif.pages:
+            raise DataError(f"{path}: TIFF file holds no image")
+        page = tif.pages[0]
+        photometric = page.photometric.name if page.photometric is not None else "?"
+        if photometric not in ("MINISBLACK", "RGB"):
+            raise DataError(f"{path}: unsupported TIFF photometric interpretation {photometric} "
+                            "(expected MINISBLACK grayscale or RGB)")
+        if page.dtype not in (np.uint8, np.uint16):
+            raise DataError(f"{path}: unsupported TIFF sample type {page.dtype} (expected 8- or 16-bit unsigned)")
+        tag = page.tags.get(_ORIENTATION)
+        if tag is not None and int(tag.value) != 1:
+            # DALI's decoder applies it, tifffile (the torch loader) does not: refuse rather than differ.
+            raise DataError(f"{path}: TIFF orientation tag {int(tag.value)} is not supported (expected 1, "
+                            "top-left); save the image upright without the tag")
+        end = max((o + n for o, n in zip(page.dataoffsets, page.databytecounts, strict=True)), default=0)
+        if end > size:
+            raise DataError(f"{path}: truncated TIFF file ({size} bytes, its image data ends at byte {end})")
+        return ImageHeader(int(page.imagewidth), int(page.imagelength), 8 * page.dtype.itemsize)
+
+
+def _oriented(path: Path, width: int, height: int, bits: int, orientation: int) -> ImageHeader:
+    if width < 1 or height < 1:
+        raise DataError(f"{path}: empty image ({width}x{height})")
+    if orientation in (5, 6, 7, 8):  # transposed: the decoders rotate it
+        width, height = height, width
+    return ImageHeader(width, height, bits)
+
+
+# ---------------------------------------------------------------------------------------------
+# Problems: collected over a whole split, then one error or one warning each
+
+
+class Problems:
+    """Bad files found while scanning a split: (path, what is wrong)."""
+
+    def __init__(self) -> None:
+        self.items: list[tuple[Path, str]] = []
+
+    def add(self, path: Path, why: str) -> None:
+        self.items.append((path, why))
+
+    def resolve(self, skip_bad: bool, what: str) -> None:
+        """Raise one DataError for all problems, or (skip_bad) warn about each."""
+        if not self.items:
+            return
+        if skip_bad:
+            for path, why in self.items:
+                warnings.warn(f"skipping {path}: {why} (data.skip_bad=true)", stacklevel=3)
+            return
+        path, why = self.items[0]
+        more = ""
+        if len(self.items) > 1:
+            others = [str(p) for p, _ in self.items[1:]]
+            more = f"; {len(others)} more bad file(s) in the {what}: {_few(others, 3)}"
+        raise DataError(f"{path}: {why}{more}. Fix or remove the file(s), or set data.skip_bad=true to leave them "
+                        "out with a warning")
+
+
+# ---------------------------------------------------------------------------------------------
+# Listing and pairing
+
+
+def _check_folder(root: Path, what: str) -> None:
+    if not root.exists():
+        raise DataError(f"{what} {root} does not exist")
+    if not root.is_dir():
+        raise DataError(f"{what} {root} is not a folder")
+
+
+def _list_side(root: Path, prefix: str, suffix: str, side: str, what: str,
+               problems: Problems) -> dict[tuple[str, str], Path]:
+    """{(relative folder, key): path} of one side's images; bad names go to `problems`."""
+    _check_folder(root, what)
+    found: dict[tuple[str, str], Path] = {}
+    others = 0
+    for folder, dirs, files in os.walk(root, followlinks=True):  # datasets are often assembled from links
+        dirs[:] = sorted(d for d in dirs if not d.startswith("."))
+        rel_dir = Path(folder).relative_to(root).as_posix()
+        rel_dir = "" if rel_dir == "." else rel_dir
+        for name in sorted(files):
+            if name.startswith("."):
+                continue
+            path = Path(folder) / name
+            ext = path.suffix.lower()
+            if ext not in IMAGE_EXTENSIONS:
+                others += 1
+                problems.add(path, f"not an image file (expected one of {', '.join(IMAGE_EXTENSIONS)})")
+                continue
+            stem = name[: -len(ext)]
+            if not (stem.startswith(prefix) and stem.endswith(suffix) and len(stem) > len(prefix) + len(suffix)):
+                problems.add(path, f"the name does not have the form {prefix}<key>{suffix}{ext} that "
+                                   f"data.{side}_prefix={prefix!r} and data.{side}_suffix={suffix!r} ask for")
+                continue
+            key = stem[len(prefix): len(stem) - len(suffix)]
+            if (rel_dir, key) in found:
+                problems.add(path, f"a second file for the image {found[(rel_dir, key)]} (same name, another "
+                                   "extension)")
+                continue
+            found[(rel_dir, key)] = path
+    if not found:
+        extra = f" ({others} other file(s))" if others else ""
+        raise DataError(f"{what} {root} holds no images{extra}: expected PNG, JPEG or TIFF files")
+    return found
+
+
+def _expected(root: Path, rel_dir: str, prefix: str, key: str, suffix: str) -> str:
+    return str(root / rel_dir / f"{prefix}{key}{suffix}") + ".<png|jpg|tif>"
+
+
+def scan_pairs(lq_root: str | Path, gt_root: str | Path, naming: Naming = Naming(), skip_bad: bool = False,
+               what: str = "split") -> list[ImagePair]:
+    """Every pair of two folders, header-checked, in the order of the LQ relative paths."""
+    lq_root, gt_root = Path(lq_root).expanduser(), Path(gt_root).expanduser()
+    problems = Problems()
+    lq = _list_side(lq_root, naming.lq_prefix, naming.lq_suffix, "lq", f"LQ folder of the {what}", problems)
+    gt = _list_side(gt_root, naming.gt_prefix, naming.gt_suffix, "gt", f"GT folder of the {what}", problems)
+    for rel_dir, key in sorted(set(lq) - set(gt)):
+        problems.add(lq[(rel_dir, key)], "no ground truth: expected "
+                     + _expected(gt_root, rel_dir, naming.gt_prefix, key, naming.gt_suffix))
+    for rel_dir, key in sorted(set(gt) - set(lq)):
+        problems.add(gt[(rel_dir, key)], "no low-light partner: expected "
+                     + _expected(lq_root, rel_dir, naming.lq_prefix, key, naming.lq_suffix))
+    pairs: list[ImagePair] = []
+    for k in sorted(set(lq) & set(gt), key=lambda k: str(lq[k].relative_to(lq_root))):
+        headers = []
+        for path in (lq[k], gt[k]):
+            try:
+                headers.append(read_header(path))
+            except DataError as exc:
+                problems.add(path, str(exc).removeprefix(f"{path}: "))
+        if len(headers) < 2:
+            continue
+        a, b = headers
+        if (a.width, a.height) != (b.width, b.height):
+            problems.add(lq[k], f"{a.width}x{a.height} but its ground truth {gt[k]} is {b.width}x{b.height}")
+            continue
+        pairs.append(ImagePair(k[0], lq[k], gt[k], a, b))
+    # One bit depth per side: a 16-bit file among 8-bit ones is most likely a mistake (and the decoders are set
+    # up once per side). The majority depth is the expected one.
+    bad: set[Path] = set()
+    for side in ("lq", "gt"):
+        depths = Counter(getattr(p, f"{side}_header").bits for p in pairs)
+        if len(depths) > 1:
+            expected = max(sorted(depths), key=lambda d: depths[d])
+            for p in pairs:
+                h = getattr(p, f"{side}_header")
+                if h.bits != expected:
+                    path = getattr(p, side)
+                    problems.add(path, f"{h.bits}-bit image among {depths[expected]} {expected}-bit ones in the "
+                                       f"{side.upper()} folder; convert it to {expected} bit")
+                    bad.add(path)
+    pairs = [p for p in pairs if p.lq not in bad and p.gt not in bad]
+    problems.resolve(skip_bad, what)
+    if not pairs:
+        raise DataError(f"the {what} ({lq_root} with {gt_root}) has no usable image pairs")
+    return pairs
+
+
+def split_by_list(pairs: list[ImagePair], lq_root: Path, list_file: Path) -> tuple[list[ImagePair], list[ImagePair]]:
+    """(train, test): the pairs whose LQ path (relative to lq_root, with or without extension) is listed are test."""
+    try:
+        text = list_file.read_text()
+    except OSError as exc:
+        raise DataError(f"test list {list_file}: cannot be read ({exc})") from exc
+    wanted = [line.split("#", 1)[0].strip() for line in text.splitlines()]
+    wanted = [w for w in wanted if w]
+    if not wanted:
+        raise DataError(f"test list {list_file} names no images")
+    index: dict[str, int] = {}
+    for i, p in enumerate(pairs):
+        rel = p.lq.relative_to(lq_root).as_posix()
+        index[rel] = index[rel[: -len(p.lq.suffix)]] = i
+    unknown = [w for w in wanted if w not in index]
+    if unknown:
+        raise DataError(f"test list {list_file} names images that are not pairs of {lq_root}: {_few(unknown)} "
+                        "(expected LQ paths relative to data.lq_root, e.g. 12.png)")
+    test = sorted({index[w] for w in wanted})
+    held = set(test)
+    return [p for i, p in enumerate(pairs) if i not in held], [pairs[i] for i in test]
+
+
+# ---------------------------------------------------------------------------------------------
+# Presets
+
+
+def _find_folder(root: Path, rel: str) -> Path | None:
+    """root/rel with each part matched exactly, or else in any case when that is unambiguous."""
+    folder = root
+    for part in rel.split("/"):
+        exact = folder / part
+        if exact.is_dir():
+            folder = exact
+            continue
+        try:
+            matches = [p for p in folder.iterdir() if p.is_dir() and p.name.lower() == part.lower()]
+        except OSError:
+            return None
+        if len(matches) != 1:
+            return None
+        folder = matches[0]
+    return folder
+
+
+def preset_folders(name: str, root: str | Path, split: str) -> tuple[Path, Path, Naming]:
+    """(LQ folder, GT folder, naming) of `split` of the preset `name` under `root`."""
+    layout = PRESETS[name]
+    root = Path(root).expanduser()
+    _check_folder(root, f"data.root of dataset {name!r}:")
+    folders = [_find_folder(root, rel) for rel in (layout.train if split == "train" else layout.test)]
+    if all(f is not None for f in folders):
+        return folders[0], folders[1], layout.naming  # type: ignore[return-value]
+    wanted = ", ".join(f"{a} and {b}" for a, b in (layout.train, layout.test))
+    try:
+        here = sorted(p.name for p in root.iterdir() if not p.name.startswith("."))
+    except OSError:
+        here = []
+    hint = ""
+    for candidate in _nearby(root):
+        if all(_find_folder(candidate, rel) for rel in (*layout.train, *layout.test)):
+            hint = f"; did you mean data.root={candidate}?"
+            break
+    raise DataError(f"data.root {root} does not have the {name} layout: expected the folders {wanted} "
+                    f"(found: {_few(here)}){hint}")
+
+
+def _nearby(root: Path, depth: int = 2) -> list[Path]:
+    """Sub-folders of root up to `depth` levels down (for a hint when data.root is a level too high)."""
+    out, level = [], [root]
+    for _ in range(depth):
+        nxt = []
+        for folder in level:
+            try:
+                nxt += sorted(p for p in folder.iterdir() if p.is_dir() and not p.name.startswith("."))
+            except OSError:
+                pass
+        out += nxt
+        level = nxt
+    return out
