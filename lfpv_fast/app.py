@@ -283,19 +283,23 @@ def build_demo(enhancer: Enhancer, work_dir: Path, *, max_files: int = DEFAULT_M
         out_dir = Path(tempfile.mkdtemp(prefix="request-", dir=work_dir))
         done: list[EnhancedFile] = []
         errors: list[str] = []
+        seen: dict[str, int] = {}
         for index, file in enumerate(files):
             path = Path(file)
-            progress((index, len(files)), desc=f"reading {path.name}", unit="images")
+            # Two uploads of the same name (from different folders) get distinct results: photo.png, photo_2.png.
+            seen[path.name] = count = seen.get(path.name, 0) + 1
+            name = path.name if count == 1 else f"{path.stem}_{count}{path.suffix}"
+            progress((index, len(files)), desc=f"reading {name}", unit="images")
 
             def started(plan: str, index: int = index) -> None:
                 progress((index, len(files)), desc=f"enhancing {plan}", unit="images")
 
             try:
-                done.append(enhancer.enhance_file(path, path.name, out_dir, on_start=started))
+                done.append(enhancer.enhance_file(path, name, out_dir, on_start=started))
             except InputError as exc:
                 errors.append(str(exc))
             except (RuntimeError, OSError, ValueError) as exc:  # out of memory, a full disk: say so, keep serving
-                errors.append(f"{path.name}: enhancement failed: {exc}")
+                errors.append(f"{name}: enhancement failed: {exc}")
         for message in errors:
             log.warning("error: %s", message)
         if not done:

@@ -18,6 +18,7 @@ from PIL import Image
 from app_server import AppServer, app_server, write_tiny_checkpoint
 from lfpv_fast import app as app_mod
 from lfpv_fast.checkpoint import load_model
+from lfpv_fast.enhance import DEFAULT_MAX_PIXELS, choose_tile
 from lfpv_fast.enhance import main as enhance_main
 from lfpv_fast.imageio import read_image
 
@@ -100,6 +101,16 @@ def test_enhance_file_matches_the_enhance_cli(enhancer: app_mod.Enhancer, tmp_pa
         assert result.tile is None and (result.height, result.width) == ours.size
         with Image.open(result.before_preview) as before, Image.open(result.after_preview) as after:
             assert before.size == after.size == (result.width, result.height) and after.mode == "RGB"
+
+
+@pytest.mark.parametrize("height, width, tile, max_pixels, expected", [
+    (1000, 1000, None, DEFAULT_MAX_PIXELS, None),   # fits: whole image
+    (2000, 1500, None, DEFAULT_MAX_PIXELS, 1024),   # over the limit: default tiles
+    (40, 72, 32, None, 32),                         # --tile, image larger than a tile
+    (32, 32, 32, None, None),                       # --tile, image within one tile: whole image
+])
+def test_choose_tile(height: int, width: int, tile: int | None, max_pixels: int | None, expected: int | None) -> None:
+    assert choose_tile(height, width, tile, max_pixels) == expected
 
 
 def test_enhance_file_reports_tiles(enhancer: app_mod.Enhancer, tmp_path: Path) -> None:
@@ -247,9 +258,9 @@ def test_served_app_bad_inputs_get_messages_and_it_keeps_serving(client, server:
     with pytest.raises(AppError, match="Upload one or more images first"):
         client.predict([], api_name="/enhance")
     # A mix: the good file is enhanced, the bad one is listed with its reason.
-    _, downloads, report, _ = client.predict([handle_file(tmp_path / "garbage.png"), handle_file(good)],
-                                             api_name="/enhance")
-    assert [Path(p).name for p in downloads] == ["good_enhanced.png"]
+    _, downloads, report, _ = client.predict([handle_file(tmp_path / "garbage.png"), handle_file(good),
+                                              handle_file(good)], api_name="/enhance")
+    assert [Path(p).name for p in downloads] == ["good_enhanced.png", "good_2_enhanced.png"]
     assert "1 file(s) not enhanced" in report and "garbage.png: could not read image" in report
     # Over --max-upload-mb: refused by the server before anything is read.
     noise = np.random.default_rng(0).integers(0, 256, (800, 800, 3), dtype=np.uint8)
@@ -269,10 +280,11 @@ def test_served_app_queues_one_at_a_time_and_turns_away_the_rest(server: AppServ
     from gradio_client import Client, handle_file
     from gradio_client.utils import Status
 
-    slow = handle_file(write_png8(tmp_path / "slow.png", 384, 448))  # 0.17 MP: ~1-3 s with the tiny model on a CPU
+    # The running request must outlast two submissions: three 0.17 MP images, >= 1.5 s with the tiny model on a CPU.
+    slow = [handle_file(write_png8(tmp_path / f"slow{i}.png", 384, 448, seed=i)) for i in range(3)]
     quick = handle_file(write_png8(tmp_path / "quick.png"))
     clients = [Client(server.url, verbose=False) for _ in range(3)]
-    running = clients[0].submit([slow], api_name="/enhance")
+    running = clients[0].submit(slow, api_name="/enhance")
     deadline = time.monotonic() + 60
     while running.status().code not in (Status.PROCESSING, Status.PROGRESS):
         assert time.monotonic() < deadline and not running.done(), running.status()
@@ -285,6 +297,6 @@ def test_served_app_queues_one_at_a_time_and_turns_away_the_rest(server: AppServ
     turned_away = clients[2].submit([quick], api_name="/enhance")
     with pytest.raises(Exception, match="(?i)queue is full"):
         turned_away.result(timeout=60)
-    assert read_image(running.result(timeout=120)[1][0]).size == (384, 448)
+    assert [read_image(path).size for path in running.result(timeout=120)[1]] == [(384, 448)] * 3
     assert read_image(waiting.result(timeout=120)[1][0]).size == (48, 64)
     assert "Traceback" not in server.log_text()
