@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import html
+import io
 import ipaddress
 import logging
 import os
@@ -38,7 +39,14 @@ from typing import Any
 import numpy as np
 import torch
 
-from lfpv_fast.enhance import DEFAULT_MAX_PIXELS, DEFAULT_OVERLAP, choose_tile, enhance_image, resolve_device
+from lfpv_fast.enhance import (
+    DEFAULT_MAX_PIXELS,
+    DEFAULT_OVERLAP,
+    DEFAULT_TILE,
+    choose_tile,
+    enhance_image,
+    resolve_device,
+)
 from lfpv_fast.imageio import (
     IMAGE_EXTENSIONS,
     ImageReadError,
@@ -139,8 +147,8 @@ class Enhancer:
     def summary_markdown(self) -> str:
         cfg = self.net.config
         params = sum(p.numel() for p in self.net.parameters())
-        tiling = (f"tiles of {self.tile}x{self.tile} px" if self.tile is not None else
-                  f"whole image up to {DEFAULT_MAX_PIXELS / 1e6:.1f} MP, tiles of 1024x1024 px above")
+        tiling = (_processed_as(self.tile) if self.tile is not None else
+                  f"whole image up to {DEFAULT_MAX_PIXELS / 1e6:.1f} MP, {_processed_as(DEFAULT_TILE)} above")
         return (f"**Model** `{_escape(self.model_name)}` ({params / 1e6:.2f} M parameters, nf {cfg.nf}, "
                 f"{cfg.layers} transformer layers) · **Device** {_escape(describe_device(self.device))} · "
                 f"**Precision** {self.precision} · **Backend** {self.backend_description} · **Inference** {tiling} · "
@@ -202,8 +210,6 @@ def _write_preview(path: Path, rgb: np.ndarray) -> bool:
     if scale < 1:
         image = image.resize((max(1, round(image.width * scale)), max(1, round(image.height * scale))),
                              Image.Resampling.LANCZOS)
-    import io
-
     buffer = io.BytesIO()
     image.save(buffer, format="PNG")
     write_bytes_atomic(path, buffer.getvalue())
@@ -295,7 +301,9 @@ def build_demo(enhancer: Enhancer, work_dir: Path, *, max_files: int = DEFAULT_M
                 progress((index, len(files)), desc=f"enhancing {plan}", unit="images")
 
             try:
-                done.append(enhancer.enhance_file(path, name, out_dir, on_start=started))
+                file_dir = out_dir / str(index)  # photo.png and photo.jpg both have a photo_before.png
+                file_dir.mkdir()
+                done.append(enhancer.enhance_file(path, name, file_dir, on_start=started))
             except InputError as exc:
                 errors.append(str(exc))
             except (RuntimeError, OSError, ValueError) as exc:  # out of memory, a full disk: say so, keep serving
@@ -393,7 +401,7 @@ def _parse_args(argv: Sequence[str] | None) -> tuple[argparse.ArgumentParser, ar
         parser.error(f"--port must be in [1, 65535], got {args.port}")
     if args.tile is not None and (args.tile < 16 or args.tile % 16):
         parser.error(f"--tile must be a positive multiple of 16, got {args.tile}")
-    if args.tile_overlap < 0 or args.tile_overlap >= (args.tile or 1024):
+    if args.tile_overlap < 0 or args.tile_overlap >= (args.tile or DEFAULT_TILE):
         parser.error(f"--tile-overlap must be in [0, tile), got {args.tile_overlap}")
     for flag in ("max_pixels", "max_files", "max_queue", "max_upload_mb"):
         if getattr(args, flag) < 1:

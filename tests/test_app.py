@@ -221,10 +221,12 @@ def test_served_app_enhances_at_full_size_and_depth(client, server: AppServer, t
     from gradio_client import handle_file
 
     png8, png16 = write_png8(tmp_path / "dark.png", 48, 80), write_png16_rgba(tmp_path / "rgba16.png")
-    comparison, downloads, report, _choice = client.predict([handle_file(png8), handle_file(png16)],
-                                                           api_name="/enhance")
-    assert [Path(p).name for p in downloads] == ["dark_enhanced.png", "rgba16_enhanced.png"]
-    for source, download in zip((png8, png16), downloads, strict=True):
+    jpeg = tmp_path / "dark.jpg"  # same stem as dark.png: their previews must not overwrite each other
+    Image.fromarray(np.round(dark_rgb(40, 32) * 255).astype(np.uint8)).save(jpeg, quality=95)
+    comparison, downloads, report, _choice = client.predict([handle_file(png8), handle_file(png16),
+                                                            handle_file(jpeg)], api_name="/enhance")
+    assert [Path(p).name for p in downloads] == ["dark_enhanced.png", "rgba16_enhanced.png", "dark_enhanced.jpg"]
+    for source, download in zip((png8, png16, jpeg), downloads, strict=True):
         given, got = read_image(source), read_image(download)
         assert got.size == given.size and got.bit_depth == given.bit_depth
         assert (got.alpha is None) == (given.alpha is None)
