@@ -12,6 +12,7 @@ from pathlib import Path
 import imagecodecs
 import numpy as np
 import pytest
+import tifffile
 import torch
 from PIL import Image
 
@@ -20,7 +21,7 @@ from lfpv_fast import app as app_mod
 from lfpv_fast.checkpoint import load_model
 from lfpv_fast.enhance import DEFAULT_MAX_PIXELS, choose_tile
 from lfpv_fast.enhance import main as enhance_main
-from lfpv_fast.imageio import read_image
+from lfpv_fast.imageio import read_image, read_image_size
 
 pytest.importorskip("gradio", reason="the app needs the [app] extra (pip install -e '.[dev]' includes it)")
 
@@ -147,6 +148,18 @@ def test_enhance_file_bad_inputs(enhancer: app_mod.Enhancer, tmp_path: Path, kin
     message = str(info.value)
     assert message.startswith(f"{path.name}: ") and expected in message
     assert str(path.parent) not in message  # the user's file name, not the server's temporary path
+
+
+@pytest.mark.parametrize("name", ["a.png", "a.jpg", "a.tif", "gray16.tiff", "rgba16.png"])
+def test_read_image_size_reads_the_header(tmp_path: Path, name: str) -> None:
+    path = tmp_path / name
+    if name == "gray16.tiff":
+        tifffile.imwrite(path, np.zeros((33, 47), dtype=np.uint16))
+    elif name == "rgba16.png":
+        write_png16_rgba(path, 33, 47)
+    else:
+        Image.fromarray(np.zeros((33, 47, 3), dtype=np.uint8)).save(path)
+    assert read_image_size(path) == (33, 47) == read_image(path).size
 
 
 def test_pillow_bomb_limit_still_applies(enhancer: app_mod.Enhancer, tmp_path: Path) -> None:
