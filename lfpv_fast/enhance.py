@@ -148,7 +148,7 @@ def enhance_image(net: LFPVNet, image: np.ndarray | torch.Tensor, tile: int | No
                 if tuple(snr.shape) != (b, 1, height, width):
                     raise ValueError(f"snr must have shape {(b, 1, height, width)}, got {tuple(snr.shape)}")
                 snr = snr.to(device, dtype)
-            if tile is None or (height <= tile and width <= tile):
+            if choose_tile(height, width, tile, max_pixels) is None:
                 out = torch.cat([net(x[i:i + batch_size], snr[i:i + batch_size]) for i in range(0, b, batch_size)])
             else:
                 out = _enhance_tiled(net, x, snr, tile, overlap, batch_size)
@@ -160,6 +160,15 @@ def enhance_image(net: LFPVNet, image: np.ndarray | torch.Tensor, tile: int | No
         return out[0].permute(1, 2, 0).float().cpu().numpy()
     out = out.to(source_device)
     return out[0] if layout == "chw" else out
+
+
+def choose_tile(height: int, width: int, tile: int | None = None, max_pixels: int | None = None) -> int | None:
+    """The tile side `enhance_image` uses for an image of this size, or None when it runs the whole image at once."""
+    if tile is None and max_pixels is not None and height * width > max_pixels:
+        tile = DEFAULT_TILE
+    if tile is None or (height <= tile and width <= tile):
+        return None
+    return tile
 
 
 def _enhance_tiled(net: LFPVNet, x: torch.Tensor, snr: torch.Tensor, tile: int, overlap: int,
@@ -241,7 +250,7 @@ def _parse_args(argv: Sequence[str] | None) -> tuple[argparse.ArgumentParser, ar
     return parser, args
 
 
-def _resolve_device(name: str) -> torch.device:
+def resolve_device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     try:
@@ -315,7 +324,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser, args = _parse_args(argv)
     try:
         plan = _plan(args)
-        device = _resolve_device(args.device)
+        device = resolve_device(args.device)
     except (ValueError, FileNotFoundError) as exc:
         parser.error(str(exc))  # exits with status 2
 
@@ -396,8 +405,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if pending and (pending[0][0].size != image.size or len(pending) >= args.batch_size):
             flush()
         pending.append((image, output, side))
-        tiled = (args.tile is not None and max(height, width) > args.tile) or height * width > args.max_pixels
-        if tiled:  # a tiled image fills the batch with its own tiles
+        if choose_tile(height, width, args.tile, args.max_pixels) is not None:  # a tiled image fills the batch
             flush()
     flush()
 

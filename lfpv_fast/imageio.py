@@ -300,3 +300,41 @@ def _convert_depth(values: np.ndarray, dtype: np.dtype) -> np.ndarray:
     if values.dtype == np.uint8 and dtype == np.uint16:
         return values.astype(np.uint16) * 257
     raise ValueError(f"cannot convert {values.dtype} samples to {dtype}")
+
+
+def read_image_size(path: str | Path) -> tuple[int, int]:
+    """(height, width) as stored in the file's header, without decoding the pixels.
+
+    For checking a size limit before `read_image` allocates the image: a small file can declare a
+    huge image (a decompression bomb). Pillow's own bomb limit applies to PNG and JPEG here too.
+    """
+    path = Path(path)
+    suffix = path.suffix.lower()
+    if suffix not in IMAGE_EXTENSIONS:
+        raise ImageReadError(f"{path}: unsupported file type {suffix!r} "
+                             f"(expected one of {', '.join(IMAGE_EXTENSIONS)})")
+    if not path.is_file():
+        raise FileNotFoundError(f"image {path} does not exist")
+    try:
+        if suffix in TIFF_EXTENSIONS:
+            import tifffile
+
+            with tifffile.TiffFile(path) as tif:
+                if not tif.pages:
+                    raise ImageReadError(f"{path}: TIFF file holds no image")
+                page = tif.pages[0]
+                return int(page.imagelength), int(page.imagewidth)
+        if suffix in PNG_EXTENSIONS:
+            with open(path, "rb") as f:
+                header = f.read(26)
+            _png_header(header)  # checks the signature and the IHDR chunk
+            width, height = struct.unpack(">II", header[16:24])
+            return height, width
+        from PIL import Image
+
+        with Image.open(path) as im:
+            return im.height, im.width
+    except (ImageReadError, FileNotFoundError):
+        raise
+    except Exception as exc:  # not an image, a truncated header, or over Pillow's decompression-bomb limit
+        raise ImageReadError(f"{path}: could not read image: {exc}") from exc

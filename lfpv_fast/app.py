@@ -1,0 +1,491 @@
+"""A local web page for enhancing photos with an LFPV model.
+
+    python -m lfpv_fast.app --checkpoint runs/<run>/final_weights.pth      (console script: lfpv-app)
+
+Upload one or several images (PNG, JPEG, TIFF; 8 and 16 bit; grayscale and RGBA), compare before and
+after with a slider, and download each result at full resolution in the input's format and bit depth.
+The work is `lfpv_fast.enhance`'s: the same reader and writer (`lfpv_fast.imageio`) and the same
+`enhance_image` (whole image when it fits, tiles otherwise; the page says which).
+
+- Offline: no analytics, no share link, no monitoring or MCP endpoints, no run history; the page's
+  front end, fonts included, is served by this process (Gradio's bundled assets).
+- Binds to 127.0.0.1 unless --host says otherwise (then a warning: the page has no login).
+- One enhancement at a time per process (a queue of --max-queue waiting requests; the page shows the
+  position), so that two users do not run the device out of memory.
+- Bad input (not an image, truncated, over --max-pixels, too many files at once) gets a message on
+  the page and a one-line note in the log; the server goes on serving.
+
+Gradio is an optional extra: pip install 'lfpv_fast[app]'.
+"""
+
+from __future__ import annotations
+
+import argparse
+import html
+import io
+import ipaddress
+import logging
+import os
+import shutil
+import signal
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from lfpv_fast.enhance import (
+    DEFAULT_MAX_PIXELS,
+    DEFAULT_OVERLAP,
+    DEFAULT_TILE,
+    choose_tile,
+    enhance_image,
+    resolve_device,
+)
+from lfpv_fast.imageio import (
+    IMAGE_EXTENSIONS,
+    ImageReadError,
+    read_image,
+    read_image_size,
+    to_integer,
+    write_bytes_atomic,
+    write_image,
+)
+from lfpv_fast.model import LFPVNet
+
+DEFAULT_HOST = "127.0.0.1"
+DEFAULT_PORT = 7860
+DEFAULT_RUNS = "runs"
+WEIGHTS_NAME = "final_weights.pth"
+# Largest image accepted by default: 40 MP covers an 8000x5000 photo; far below Pillow's decompression-bomb limit.
+DEFAULT_MAX_UPLOAD_PIXELS = 40_000_000
+DEFAULT_MAX_FILES = 16
+DEFAULT_MAX_QUEUE = 8
+DEFAULT_MAX_UPLOAD_MB = 200
+# The previews shown in the browser are scaled down to this longest side; downloads are always full size.
+PREVIEW_MAX_SIDE = 2048
+# Request folders older than this are removed (Gradio has copied their files into its own cache by then).
+STALE_REQUEST_SECONDS = 600
+
+log = logging.getLogger("lfpv_fast.app")
+
+
+class InputError(ValueError):
+    """An upload that cannot be enhanced; the message names the file and says what was expected."""
+
+
+@dataclass
+class EnhancedFile:
+    """One enhanced upload: where its files are and what the page says about it."""
+
+    name: str
+    height: int
+    width: int
+    bit_depth: int
+    source_mode: str
+    tile: int | None  # tile side used, None for the whole image at once
+    seconds: float
+    output: Path  # full resolution, the input's format and bit depth
+    before_preview: Path  # 8-bit PNGs for the comparison slider
+    after_preview: Path
+    preview_scaled: bool
+
+
+def find_newest_weights(runs: str | Path) -> Path | None:
+    """The most recently written final_weights.pth under `runs` (any depth), or None."""
+    runs = Path(runs)
+    if not runs.is_dir():
+        return None
+    found = [p for p in runs.rglob(WEIGHTS_NAME) if p.is_file()]
+    return max(found, key=lambda p: p.stat().st_mtime) if found else None
+
+
+def describe_device(device: torch.device) -> str:
+    if device.type == "cuda":
+        return f"{device} ({torch.cuda.get_device_name(device)})"
+    return str(device)
+
+
+class Enhancer:
+    """A loaded model and the rules of this server; `enhance_file` turns one upload into an EnhancedFile."""
+
+    def __init__(self, net: LFPVNet, checkpoint: Path, device: torch.device, *, max_pixels: int,
+                 tile: int | None = None, overlap: int = DEFAULT_OVERLAP) -> None:
+        self.net = net.to(device).eval()
+        self.checkpoint = checkpoint
+        self.device = device
+        self.max_pixels = max_pixels
+        self.tile = tile
+        self.overlap = overlap
+
+    @property
+    def model_name(self) -> str:
+        """The checkpoint's run folder and file name: what a user recognises."""
+        return f"{self.checkpoint.parent.name}/{self.checkpoint.name}" if self.checkpoint.parent.name else \
+            self.checkpoint.name
+
+    @property
+    def precision(self) -> str:
+        return str(next(self.net.parameters()).dtype).removeprefix("torch.")
+
+    @property
+    def backend_description(self) -> str:
+        """The requested backend and the ops it resolves to on this device."""
+        from lfpv_fast.backends import select_ops
+
+        try:
+            ops = select_ops(self.net.backend, torch.empty(0, device=self.device))
+        except (RuntimeError, NotImplementedError) as exc:  # e.g. triton asked for on a CPU
+            return f"{self.net.backend} (unavailable: {exc})"
+        return f"{self.net.backend} ({ops.__name__})"
+
+    def summary_markdown(self) -> str:
+        cfg = self.net.config
+        params = sum(p.numel() for p in self.net.parameters())
+        tiling = (_processed_as(self.tile) if self.tile is not None else
+                  f"whole image up to {DEFAULT_MAX_PIXELS / 1e6:.1f} MP, {_processed_as(DEFAULT_TILE)} above")
+        return (f"**Model** `{_escape(self.model_name)}` ({params / 1e6:.2f} M parameters, nf {cfg.nf}, "
+                f"{cfg.layers} transformer layers) · **Device** {_escape(describe_device(self.device))} · "
+                f"**Precision** {self.precision} · **Backend** {self.backend_description} · **Inference** {tiling} · "
+                f"**Limits** {self.max_pixels / 1e6:.1f} MP per image")
+
+    def enhance_file(self, path: Path, name: str, out_dir: Path,
+                     on_start: Callable[[str], None] | None = None) -> EnhancedFile:
+        """Read, check, enhance and write one upload. Bad input raises InputError naming `name`.
+
+        on_start: called with a line such as "photo.png: 4000x3000, tiles of 1024x1024 px" once the
+        image is read and its plan known (for a progress display).
+        """
+        suffix = path.suffix.lower()
+        if suffix not in IMAGE_EXTENSIONS:
+            raise InputError(f"{name}: not a supported image type {suffix or '(no extension)'!r} "
+                             f"(expected PNG, JPEG or TIFF: {', '.join(IMAGE_EXTENSIONS)})")
+        try:
+            height, width = read_image_size(path)  # before decoding: a small file can declare a huge image
+            if height * width > self.max_pixels:
+                raise InputError(f"{name}: {width}x{height} pixels ({height * width / 1e6:.1f} MP) is more than "
+                                 f"this server accepts ({self.max_pixels / 1e6:.1f} MP, --max-pixels)")
+            image = read_image(path)
+        except (ImageReadError, FileNotFoundError) as exc:
+            # The readers name the server's temporary path; the user knows the file by its own name.
+            raise InputError(str(exc).replace(str(path), name)) from exc
+        height, width = image.size
+        align = self.net.config.align
+        if min(height, width) < align:
+            raise InputError(f"{name}: {width}x{height} pixels is smaller than the model's minimum {align}x{align}")
+
+        tile = choose_tile(height, width, self.tile, DEFAULT_MAX_PIXELS)
+        if on_start is not None:
+            on_start(f"{name}: {width}x{height}, {_processed_as(tile)}")
+        start = time.perf_counter()
+        # batch_size=1 as the enhance CLI's default: one tile at a time keeps the peak memory lowest.
+        result = enhance_image(self.net, image.to_tensor(), tile=self.tile, overlap=self.overlap,
+                               max_pixels=DEFAULT_MAX_PIXELS, batch_size=1)
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        seconds = time.perf_counter() - start
+
+        stem = Path(name).stem
+        output = out_dir / f"{stem}_enhanced{suffix}"
+        write_image(output, result, bit_depth=image.bit_depth, alpha=image.alpha)
+        before, after = out_dir / f"{stem}_before.png", out_dir / f"{stem}_after.png"
+        scaled = _write_preview(before, image.rgb)
+        _write_preview(after, result.permute(1, 2, 0).numpy())
+        return EnhancedFile(name=name, height=height, width=width, bit_depth=image.bit_depth,
+                            source_mode=image.source_mode, tile=tile, seconds=seconds, output=output,
+                            before_preview=before, after_preview=after, preview_scaled=scaled)
+
+
+def _write_preview(path: Path, rgb: np.ndarray) -> bool:
+    """An 8-bit PNG for the browser, scaled to PREVIEW_MAX_SIDE at most; True when it was scaled down."""
+    from PIL import Image
+
+    image = Image.fromarray(to_integer(rgb, 8))
+    scale = PREVIEW_MAX_SIDE / max(image.size)
+    if scale < 1:
+        image = image.resize((max(1, round(image.width * scale)), max(1, round(image.height * scale))),
+                             Image.Resampling.LANCZOS)
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    write_bytes_atomic(path, buffer.getvalue())
+    return scale < 1
+
+
+def _escape(text: str) -> str:
+    """User-given text (file names) for Markdown and Gradio's HTML messages: shown as typed, never as markup."""
+    return html.escape(text, quote=False).replace("|", "\\|")
+
+
+def _processed_as(tile: int | None) -> str:
+    return "whole image" if tile is None else f"tiles of {tile}x{tile} px"
+
+
+def _mode_note(mode: str) -> str:
+    return {"rgb": "RGB", "rgba": "RGBA (alpha kept)", "gray": "grayscale (enhanced as RGB)",
+            "gray+alpha": "grayscale + alpha (enhanced as RGB, alpha kept)"}.get(mode, mode)
+
+
+def report_markdown(done: list[EnhancedFile], errors: list[str], enhancer: Enhancer) -> str:
+    """The results table shown under the comparison."""
+    lines = []
+    if done:
+        total = sum(item.seconds for item in done)
+        lines += [f"Enhanced {len(done)} image(s) in {total:.2f} s on {_escape(describe_device(enhancer.device))}, "
+                  f"{enhancer.precision}, model `{_escape(enhancer.model_name)}`.", "",
+                  "| file | size | bit depth | colour | processed as | time |", "| --- | --- | --- | --- | --- | --- |"]
+        for item in done:
+            size = f"{item.width}x{item.height}" + (" (preview scaled down)" if item.preview_scaled else "")
+            lines.append(f"| {_escape(item.name)} | {size} | {item.bit_depth} | {_mode_note(item.source_mode)} | "
+                         f"{_processed_as(item.tile)} | {item.seconds:.2f} s |")
+    if errors:
+        lines += ["", f"**{len(errors)} file(s) not enhanced:**", ""]
+        lines += [f"- {_escape(message)}" for message in errors]
+    return "\n".join(lines)
+
+
+# ------------------------------------------------------------------------------------------------
+# The page.
+
+
+def import_gradio() -> Any:
+    """Gradio, with its telemetry switched off before it is imported (it reads the variable on import)."""
+    os.environ["GRADIO_ANALYTICS_ENABLED"] = "False"
+    import gradio
+
+    return gradio
+
+
+def _remove_stale_requests(work_dir: Path) -> None:
+    now = time.time()
+    for folder in work_dir.iterdir():
+        try:
+            if folder.is_dir() and now - folder.stat().st_mtime > STALE_REQUEST_SECONDS:
+                shutil.rmtree(folder, ignore_errors=True)
+        except OSError:  # removed concurrently
+            pass
+
+
+def build_demo(enhancer: Enhancer, work_dir: Path, *, max_files: int = DEFAULT_MAX_FILES,
+               max_queue: int = DEFAULT_MAX_QUEUE) -> Any:
+    """The Gradio Blocks of the page, its queue set up (one enhancement at a time on this device)."""
+    gr = import_gradio()
+
+    def failed(message: str) -> Exception:
+        return gr.Error(_escape(message), duration=None, print_exception=False)  # stays until closed
+
+    def enhance(files: list[str] | None, progress: Any = gr.Progress()) -> tuple[Any, ...]:  # noqa: B008
+        if not files:
+            raise failed("Upload one or more images first (PNG, JPEG or TIFF).")
+        if len(files) > max_files:
+            log.warning("refused a request with %d files (--max-files %d)", len(files), max_files)
+            raise failed(f"{len(files)} files at once is more than this server takes ({max_files}, --max-files); "
+                         "upload them in smaller groups.")
+        _remove_stale_requests(work_dir)
+        out_dir = Path(tempfile.mkdtemp(prefix="request-", dir=work_dir))
+        done: list[EnhancedFile] = []
+        errors: list[str] = []
+        seen: dict[str, int] = {}
+        for index, file in enumerate(files):
+            path = Path(file)
+            # Two uploads of the same name (from different folders) get distinct results: photo.png, photo_2.png.
+            seen[path.name] = count = seen.get(path.name, 0) + 1
+            name = path.name if count == 1 else f"{path.stem}_{count}{path.suffix}"
+            progress((index, len(files)), desc=f"reading {name}", unit="images")
+
+            def started(plan: str, index: int = index) -> None:
+                progress((index, len(files)), desc=f"enhancing {plan}", unit="images")
+
+            try:
+                file_dir = out_dir / str(index)  # photo.png and photo.jpg both have a photo_before.png
+                file_dir.mkdir()
+                done.append(enhancer.enhance_file(path, name, file_dir, on_start=started))
+            except InputError as exc:
+                errors.append(str(exc))
+            except (RuntimeError, OSError, ValueError) as exc:  # out of memory, a full disk: say so, keep serving
+                errors.append(f"{name}: enhancement failed: {exc}")
+        for message in errors:
+            log.warning("error: %s", message)
+        if not done:
+            raise failed(" / ".join(errors))
+        for message in errors:
+            gr.Warning(_escape(message))
+        for item in done:
+            log.info("enhanced %s (%dx%d, %s) in %.2f s", item.name, item.width, item.height,
+                     _processed_as(item.tile), item.seconds)
+        pairs = {item.name: (str(item.before_preview), str(item.after_preview)) for item in done}
+        first = done[0].name
+        return (pairs[first], [str(item.output) for item in done], report_markdown(done, errors, enhancer),
+                gr.Dropdown(choices=list(pairs), value=first, visible=len(pairs) > 1), pairs)
+
+    def show(name: str | None, pairs: dict[str, tuple[str, str]] | None) -> Any:
+        if not pairs or name not in pairs:
+            return gr.skip()
+        return pairs[name]
+
+    with gr.Blocks(title="lfpv_fast: low-light enhancement", analytics_enabled=False,
+                   delete_cache=(1800, 86400)) as demo:
+        gr.Markdown("# Low-light enhancement (LFPV)\nUpload dark photos (PNG, JPEG or TIFF; 8 or 16 bit; "
+                    f"up to {max_files} at once), press **Enhance**, compare before and after with the slider, "
+                    "download the results at full resolution in their own format and bit depth.")
+        gr.Markdown(enhancer.summary_markdown(), elem_id="model-info")
+        with gr.Row():
+            with gr.Column(scale=1):
+                uploads = gr.File(label="Images (PNG, JPEG, TIFF)", file_count="multiple", elem_id="uploads")
+                button = gr.Button("Enhance", variant="primary", elem_id="enhance-button")
+                downloads = gr.File(label="Download (full resolution, the input's format and bit depth)",
+                                    file_count="multiple", interactive=False, elem_id="downloads")
+            with gr.Column(scale=2):
+                choice = gr.Dropdown(label="Compare", choices=[], visible=False, interactive=True,
+                                     elem_id="compare-choice")
+                slider = gr.ImageSlider(label="Before | after (drag the handle)", type="filepath", format="png",
+                                        interactive=False, elem_id="comparison", max_height=720,
+                                        buttons=["fullscreen"])  # no download here: it would be the 8-bit preview
+                report = gr.Markdown(elem_id="report")
+        pairs_state = gr.State({})
+        button.click(enhance, inputs=[uploads], outputs=[slider, downloads, report, choice, pairs_state],
+                     api_name="enhance", concurrency_limit=1, concurrency_id=f"enhance-{enhancer.device}",
+                     show_progress="full")
+        # Switching the comparison only reads finished files: it skips the enhancement queue.
+        choice.change(show, inputs=[choice, pairs_state], outputs=[slider], queue=False, api_name=False)
+    demo.queue(max_size=max_queue, default_concurrency_limit=1)
+    return demo
+
+
+# ------------------------------------------------------------------------------------------------
+# Command line.
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m lfpv_fast.app",
+        description="A local web page for enhancing low-light photos with an LFPV model (needs the [app] extra: "
+                    "pip install 'lfpv_fast[app]').",
+        epilog="Without --checkpoint the newest final_weights.pth under --runs is used; `python -m lfpv_fast.train` "
+               "trains one (the built-in demo). The page works offline and has no login: keep the default host "
+               "unless every machine that can reach the port may use it.",
+    )
+    parser.add_argument("--checkpoint", default=None,
+                        help="lfpv_fast checkpoint or published state dict (default: newest final_weights.pth "
+                             "under --runs)")
+    parser.add_argument("--runs", default=DEFAULT_RUNS, help="where to look for final_weights.pth without "
+                        f"--checkpoint (default: {DEFAULT_RUNS})")
+    parser.add_argument("--host", default=DEFAULT_HOST, help=f"address to bind (default {DEFAULT_HOST}: this "
+                        "machine only; 0.0.0.0 serves every network interface, with no login)")
+    parser.add_argument("--port", type=int, default=DEFAULT_PORT, help=f"port (default {DEFAULT_PORT})")
+    parser.add_argument("--device", default="auto", help="auto (GPU if present), cpu, cuda, cuda:N")
+    parser.add_argument("--backend", default="auto", choices=("auto", "reference", "triton"))
+    parser.add_argument("--tile", type=int, default=None, help="always enhance in tiles of this side (multiple of "
+                        f"16); default: whole image up to {DEFAULT_MAX_PIXELS} pixels, tiles above")
+    parser.add_argument("--tile-overlap", type=int, default=DEFAULT_OVERLAP, help="minimum tile overlap in pixels")
+    parser.add_argument("--max-pixels", type=int, default=DEFAULT_MAX_UPLOAD_PIXELS,
+                        help=f"largest image accepted, in pixels (default {DEFAULT_MAX_UPLOAD_PIXELS})")
+    parser.add_argument("--max-files", type=int, default=DEFAULT_MAX_FILES,
+                        help=f"most images in one request (default {DEFAULT_MAX_FILES})")
+    parser.add_argument("--max-queue", type=int, default=DEFAULT_MAX_QUEUE,
+                        help="most requests waiting for the device; more are turned away "
+                             f"(default {DEFAULT_MAX_QUEUE})")
+    parser.add_argument("--max-upload-mb", type=int, default=DEFAULT_MAX_UPLOAD_MB,
+                        help=f"largest upload per file in MB (default {DEFAULT_MAX_UPLOAD_MB})")
+    return parser
+
+
+def _parse_args(argv: Sequence[str] | None) -> tuple[argparse.ArgumentParser, argparse.Namespace]:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not 1 <= args.port <= 65535:
+        parser.error(f"--port must be in [1, 65535], got {args.port}")
+    if args.tile is not None and (args.tile < 16 or args.tile % 16):
+        parser.error(f"--tile must be a positive multiple of 16, got {args.tile}")
+    if args.tile_overlap < 0 or args.tile_overlap >= (args.tile or DEFAULT_TILE):
+        parser.error(f"--tile-overlap must be in [0, tile), got {args.tile_overlap}")
+    for flag in ("max_pixels", "max_files", "max_queue", "max_upload_mb"):
+        if getattr(args, flag) < 1:
+            parser.error(f"--{flag.replace('_', '-')} must be >= 1, got {getattr(args, flag)}")
+    return parser, args
+
+
+def exposure_warning(host: str, port: int) -> str | None:
+    """The warning printed when the page is served beyond this machine (it has no login), else None."""
+    if host == "localhost":
+        return None
+    try:
+        if ipaddress.ip_address(host).is_loopback:
+            return None
+    except ValueError:  # a host name: it may resolve to any interface
+        pass
+    return (f"warning: serving on {host}:{port}: anyone who can reach this address can use the page and this "
+            "machine's device; the page has no login")
+
+
+def resolve_checkpoint(checkpoint: str | None, runs: str) -> Path:
+    """--checkpoint, or the newest final_weights.pth under `runs` (said on stderr); ValueError when there is none."""
+    if checkpoint is not None:
+        return Path(checkpoint)
+    newest = find_newest_weights(runs)
+    if newest is None:
+        raise ValueError(f"no --checkpoint given and no {WEIGHTS_NAME} under {runs}/: train one with "
+                         "`python -m lfpv_fast.train` (the built-in demo, a few minutes on a CPU) or pass "
+                         "--checkpoint PATH (an lfpv_fast checkpoint or the published SMID.pth)")
+    print(f"no --checkpoint given: using the newest {newest}", file=sys.stderr)
+    return newest
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    from lfpv_fast.checkpoint import load_model
+
+    parser, args = _parse_args(argv)
+    try:
+        gr = import_gradio()
+    except ImportError as exc:
+        print(f"error: the web app needs Gradio ({exc}); install it with: pip install 'lfpv_fast[app]'",
+              file=sys.stderr)
+        return 2
+    try:
+        device = resolve_device(args.device)
+        checkpoint = resolve_checkpoint(args.checkpoint, args.runs)
+        net = load_model(checkpoint, backend=args.backend)
+    except (ValueError, FileNotFoundError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    # Our own lines only: the root logger would also print every HTTP request of Gradio's clients.
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
+    log.addHandler(handler)
+    log.setLevel(logging.INFO)
+    enhancer = Enhancer(net, checkpoint, device, max_pixels=args.max_pixels, tile=args.tile,
+                        overlap=args.tile_overlap)
+    warning = exposure_warning(args.host, args.port)
+    if warning is not None:
+        print(warning, file=sys.stderr)
+
+    work_dir = Path(tempfile.mkdtemp(prefix="lfpv-app-"))
+    # SIGTERM stops the server as Ctrl-C does (Gradio closes on KeyboardInterrupt), so the cleanup below runs.
+    previous_sigterm = signal.signal(signal.SIGTERM, signal.default_int_handler)
+    try:
+        demo = build_demo(enhancer, work_dir, max_files=args.max_files, max_queue=args.max_queue)
+        print(f"model {enhancer.model_name} on {describe_device(device)} ({enhancer.precision}); serving "
+              f"http://{args.host}:{args.port} (Ctrl-C stops)", file=sys.stderr, flush=True)
+        demo.launch(server_name=args.host, server_port=args.port, share=False, quiet=True, show_error=False,
+                    max_file_size=f"{args.max_upload_mb}mb", ssr_mode=False, pwa=False, mcp_server=False,
+                    enable_monitoring=False, run_history=False, footer_links=["api"], inbrowser=False,
+                    theme=gr.themes.Default())
+    except KeyboardInterrupt:
+        pass
+    except OSError as exc:  # the port is taken, or the host is not an address of this machine
+        reason = "the port is in use" if "empty port" in str(exc) else str(exc)
+        print(f"error: cannot serve on {args.host}:{args.port}: {reason} (choose another --port or --host)",
+              file=sys.stderr)
+        return 2
+    finally:
+        signal.signal(signal.SIGTERM, previous_sigterm)
+        shutil.rmtree(work_dir, ignore_errors=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

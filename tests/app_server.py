@@ -1,0 +1,87 @@
+"""Run `python -m lfpv_fast.app` in a subprocess on a free port with a small random model (for the app tests)."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from lfpv_fast import LFPVNet, ModelConfig
+from lfpv_fast.checkpoint import atomic_save, weights_only_checkpoint
+
+TINY = ModelConfig(nf=8, hr_nf=8, heads=2, head_dim=8, ffn_dim=32, layers=1, light_blocks=1)
+REPO = Path(__file__).resolve().parents[1]
+START_TIMEOUT_S = 120
+
+
+@dataclass
+class AppServer:
+    url: str
+    log: Path
+    checkpoint: Path
+    process: subprocess.Popen
+
+    def log_text(self) -> str:
+        return self.log.read_text(errors="replace")
+
+
+def write_tiny_checkpoint(path: Path) -> Path:
+    torch.manual_seed(0)
+    net = LFPVNet(TINY, backend="reference")
+    with torch.no_grad():  # non-zero banks, so that the LFPV fusion takes part
+        net.bank_vectors.normal_()
+        net.bank_patches.normal_()
+    atomic_save(weights_only_checkpoint(net), path)
+    return path
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@contextmanager
+def app_server(folder: Path, *extra_args: str) -> Iterator[AppServer]:
+    """The app serving a tiny random model from `folder`; its stdout and stderr go to folder/server.log."""
+    checkpoint = write_tiny_checkpoint(folder / "runs" / "tiny" / "final_weights.pth")
+    port = free_port()
+    log = folder / "server.log"
+    env = dict(os.environ, GRADIO_TEMP_DIR=str(folder / "gradio"), PYTHONUNBUFFERED="1")
+    with open(log, "wb") as out:
+        process = subprocess.Popen(
+            [sys.executable, "-m", "lfpv_fast.app", "--checkpoint", str(checkpoint), "--port", str(port),
+             "--device", "cpu", *extra_args],
+            cwd=REPO, env=env, stdout=out, stderr=subprocess.STDOUT)
+    server = AppServer(url=f"http://127.0.0.1:{port}/", log=log, checkpoint=checkpoint, process=process)
+    try:
+        deadline = time.monotonic() + START_TIMEOUT_S
+        while True:
+            if process.poll() is not None:
+                raise RuntimeError(f"the app exited with {process.returncode}:\n{server.log_text()}")
+            try:
+                with urllib.request.urlopen(server.url, timeout=5) as response:
+                    if response.status == 200:
+                        break
+            except OSError:
+                pass
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"the app did not answer within {START_TIMEOUT_S} s:\n{server.log_text()}")
+            time.sleep(0.5)
+        yield server
+    finally:
+        process.terminate()
+        try:
+            process.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
