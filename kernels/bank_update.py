@@ -317,6 +317,21 @@ def _is_fp64(*tensors: torch.Tensor) -> bool:
     return any(t.dtype == torch.float64 for t in tensors)
 
 
+def _promote(*dtypes: torch.dtype) -> torch.dtype:
+    out = dtypes[0]
+    for dtype in dtypes[1:]:
+        out = torch.promote_types(out, dtype)
+    return out
+
+
+def _layer_norm_dtype(x: torch.Tensor) -> torch.dtype:
+    """The dtype F.layer_norm returns for x here, which the reference's LayerNorm gives: CUDA autocast
+    runs layer_norm in float32; CPU autocast leaves it to its input's dtype (torch's autocast op lists)."""
+    if x.device.type == "cuda" and torch.is_autocast_enabled("cuda"):
+        return torch.float32
+    return x.dtype
+
+
 def _positions(pos: torch.Tensor, device: torch.device) -> torch.Tensor:
     """(h, w) as a contiguous int64 tensor on the features' device (a no-op when it already is)."""
     return pos.to(device=device, dtype=torch.int64).contiguous()
@@ -387,8 +402,12 @@ def _sample_inputs_launch(bank_vectors: torch.Tensor, bank_patches: torch.Tensor
     n, c = bank_vectors.shape
     p = bank_patches.shape[-1]
     device = bank_vectors.device
-    vector_in = new_output((n * batch, 3 * c, 1, 1), bank_vectors.dtype, device)
-    patch_in = new_output((n * batch, 3 * c, p, p), bank_patches.dtype, device)
+    # The dtypes torch.cat gives the reference (type promotion; autocast's "promote" rule is the same).
+    sample_dtype = (samples[0] if samples is not None else source[0]).dtype
+    vector_in = new_output((n * batch, 3 * c, 1, 1), _promote(bank_vectors.dtype, sample_dtype, embedding.dtype),
+                           device)
+    patch_in = new_output((n * batch, 3 * c, p, p), _promote(bank_patches.dtype, sample_dtype, embedding.dtype),
+                          device)
     if samples is not None:
         sv, sp = samples
         x, vpos, ppos, h, w = sv, sv, sv, 1, 1  # unused by FROM_FEATURES=False
@@ -518,8 +537,8 @@ def _mutual_inputs_op(bank_vectors: torch.Tensor, bank_patches: torch.Tensor, ve
     n, c = bank_vectors.shape
     p = bank_patches.shape[-1]
     device = bank_vectors.device
-    vector_in = new_output((n, 4 * c, 1, 1), bank_vectors.dtype, device)
-    patch_in = new_output((n, 4 * c, p, p), bank_patches.dtype, device)
+    vector_in = new_output((n, 4 * c, 1, 1), _promote(bank_vectors.dtype, embedding.dtype), device)
+    patch_in = new_output((n, 4 * c, p, p), _promote(bank_patches.dtype, embedding.dtype), device)
     launch("mutual_updater_inputs", _mutual_inputs_kernel, (n,),
            bank_vectors, bank_patches, vector_partner, patch_partner, embedding, vector_in, patch_in, **_blocks(c, p))
     return vector_in, patch_in
@@ -608,8 +627,8 @@ def _mean_norm_backward(grad: torch.Tensor, updates: torch.Tensor, batch: int, w
 
 @triton_op("lfpv::batch_mean_layer_norm", mutates_args=())
 def _batch_mean_layer_norm_op(updates: torch.Tensor, batch: int, weight: torch.Tensor, bias: torch.Tensor,
-                              eps: float) -> torch.Tensor:
-    return _mean_norm_forward(updates, batch, weight, bias, eps, True, True, tuple(weight.shape), updates.dtype)
+                              eps: float, out_dtype: torch.dtype) -> torch.Tensor:
+    return _mean_norm_forward(updates, batch, weight, bias, eps, True, True, tuple(weight.shape), out_dtype)
 
 
 @triton_op("lfpv::batch_mean_layer_norm_backward", mutates_args=())
@@ -620,7 +639,7 @@ def _batch_mean_layer_norm_backward_op(grad: torch.Tensor, updates: torch.Tensor
 
 
 def _bmln_setup(ctx, inputs, output) -> None:
-    updates, batch, weight, bias, eps = inputs
+    updates, batch, weight, bias, eps, _ = inputs
     ctx.save_for_backward(updates, weight, bias)
     ctx.batch, ctx.eps = batch, eps
 
@@ -628,7 +647,7 @@ def _bmln_setup(ctx, inputs, output) -> None:
 def _bmln_backward(ctx, grad: torch.Tensor):
     updates, weight, bias = ctx.saved_tensors
     g_u, g_w, g_b = _batch_mean_layer_norm_backward_op(grad.contiguous(), updates, ctx.batch, weight, bias, ctx.eps)
-    return g_u, None, g_w, g_b, None
+    return g_u, None, g_w, g_b, None, None
 
 
 _batch_mean_layer_norm_op.register_autograd(_bmln_backward, setup_context=_bmln_setup)
@@ -702,7 +721,8 @@ def batch_mean_layer_norm(
     One launch; with `all_reduce_mean` (DDP) the mean is materialised, averaged over ranks by the
     caller's function, then normalised (two launches around the all-reduce). The mean handed to
     `all_reduce_mean` is in the accumulator dtype (float32 for 16-bit updates, where the reference
-    rounds it to the updates' dtype); the result has the updates' dtype.
+    rounds it to the updates' dtype). The result has the dtype the reference's LayerNorm gives: the
+    updates' dtype, or float32 under CUDA autocast.
     """
     weight, bias = norm
     if updates.shape[0] % batch or updates[0].numel() != weight.numel():
@@ -710,10 +730,11 @@ def batch_mean_layer_norm(
                          f"{batch} images normalised over {tuple(weight.shape)}")
     updates = updates.contiguous()
     weight, bias = weight.contiguous(), bias.contiguous()
+    out_dtype = _layer_norm_dtype(updates)
     if all_reduce_mean is None:
-        return _batch_mean_layer_norm_op(updates, int(batch), weight, bias, float(eps))
+        return _batch_mean_layer_norm_op(updates, int(batch), weight, bias, float(eps), out_dtype)
     mean = all_reduce_mean(_batch_mean_op(updates, int(batch)))
-    return _layer_norm_op(mean.contiguous(), weight, bias, float(eps), updates.dtype)
+    return _layer_norm_op(mean.contiguous(), weight, bias, float(eps), out_dtype)
 
 
 __all__ = [

@@ -28,9 +28,9 @@ import torch
 import triton
 import triton.language as tl
 
-from lfpv_fast.kernels._common import accumulator_dtype, div_ieee, interpreting, launch, new_output
+from lfpv_fast.kernels._common import Target, accumulator_dtype, div_ieee, launch, new_output, target_for
+from lfpv_fast.reference import MASKED_SCORE
 
-MASKED_SCORE = -1e9  # the published masked_fill value (reference.MASKED_SCORE)
 _LOG2E = 1.4426950408889634  # the kernels use exp2/log2: base-2 scores s * log2(e)
 _SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 # Globals read inside @triton.jit functions must be constexpr.
@@ -290,40 +290,46 @@ def _block_d(head_dim: int) -> int:
     return max(16, triton.next_power_of_2(head_dim))
 
 
-def _dot_precision(dtype: torch.dtype) -> str:
-    return "ieee" if dtype in (torch.float32, torch.float64) or _upcast_dots(dtype) else "tf32"
+def _dot_precision(dtype: torch.dtype, target: Target) -> str:
+    return "ieee" if dtype in (torch.float32, torch.float64) or _upcast_dots(dtype, target) else "tf32"
 
 
-def _upcast_dots(dtype: torch.dtype) -> bool:
-    """bf16 dots run on float32 copies under the interpreter only (see UPCAST above the kernels)."""
-    return interpreting() and dtype == torch.bfloat16
+def _upcast_dots(dtype: torch.dtype, target: Target) -> bool:
+    """bf16 dots run on float32 copies under the interpreter only (see UPCAST above the kernels): the one
+    place where the interpreter does not run the GPU's arithmetic (the products are the same; the GPU
+    accumulates bf16 products in float32 inside the MMA, the interpreter in float32 after upcasting)."""
+    return target.interpreter and dtype == torch.bfloat16
 
 
-def _fwd_config(dtype: torch.dtype, block_d: int) -> tuple[int, int, int, int]:
+# Configurations chosen with the compile gate (python -m lfpv_fast.kernels.compile_gate): zero spills on
+# sm_90 and sm_80 at the model's head dim 64 (sm_80's bf16 backward: 244 B), shared memory well under
+# both cards. The interpreter runs them too, so the CPU tests cover the GPU's tiles, loops and tails.
+# sm_80 and sm_90 share them. Head dims above 64 (padded to 128) take the smaller-tile rows, which the
+# gate does not build (the model's head dim is 64).
+
+
+def _fwd_config(dtype: torch.dtype, block_d: int, target: Target) -> tuple[int, int, int, int]:
     """(BLOCK_M, BLOCK_N, num_warps, num_stages) of the forward kernel."""
-    if interpreting():
-        # Small tiles so that the CPU tests cover several key tiles and ragged last tiles cheaply.
-        return 16, 16, 1, 1
     if dtype == torch.float64:  # no tensor-core path worth tuning: small tiles, low register pressure
         return 32, 32, 4, 1
     if dtype == torch.float32:  # full-precision (ieee) dots: smaller tiles than the 16-bit path
-        return (64, 32, 4, 2) if block_d <= 64 else (32, 32, 4, 2)
-    # bf16 / fp16 on an H100: 128 queries x 64 keys per step, K/V tiles multi-buffered.
+        return (64, 32, 8, 2) if block_d <= 64 else (32, 32, 8, 2)
+    # bf16 / fp16: 128 queries x 64 keys per step, K/V tiles multi-buffered.
     return (128, 64, 8, 3) if block_d <= 64 else (128, 64, 8, 2)
 
 
-def _bwd_config(dtype: torch.dtype, block_d: int) -> tuple[int, int, int, int, int, int]:
+def _bwd_config(dtype: torch.dtype, block_d: int, target: Target) -> tuple[int, int, int, int, int, int]:
     """(BLOCK_M1, BLOCK_N1, BLOCK_M2, BLOCK_N2, num_warps, num_stages) of the backward kernel."""
-    if interpreting():
-        return 16, 32, 32, 16, 1, 1
     if dtype == torch.float64:
-        return 16, 32, 32, 16, 4, 1
+        return 16, 32, 32, 16, 8, 1
     if dtype == torch.float32:
-        return 32, 64, 64, 32, 4, 2
-    # The Triton fused-attention tutorial's H100 split: narrow query steps for dk/dv, narrow key steps for dq.
-    return (32, 128, 128, 32, 4, 3) if block_d <= 64 else (32, 64, 64, 32, 4, 2)
+        return 32, 32, 32, 32, 8, 2
+    # The Triton fused-attention tutorial's split: narrow query steps for dk/dv, narrow key steps for dq.
+    return (32, 128, 128, 32, 8, 3) if block_d <= 64 else (32, 64, 64, 32, 8, 2)
 
 
+# Rows per program of the backward's delta = rowsum(dO * O).
+_PREPROCESS_ROWS = 64
 
 
 def _check_inputs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_keep: torch.Tensor) -> None:
@@ -360,7 +366,8 @@ def masked_attention_fwd(
     out = new_output((b, h, lq, d), q.dtype, q.device)
     lse = new_output((b, h, lq), acc, q.device)
     block_d = _block_d(d)
-    block_m, block_n, warps, stages = _fwd_config(q.dtype, block_d)
+    target = target_for(q.device)
+    block_m, block_n, warps, stages = _fwd_config(q.dtype, block_d, target)
     keep = key_keep.view(torch.uint8)  # bool bytes, read as 0/1 (avoids i1 pointers)
     launch(
         "masked_attention_fwd", _attn_fwd_kernel, (triton.cdiv(lq, block_m), b * h),
@@ -368,8 +375,8 @@ def masked_attention_fwd(
         *q.stride(), *k.stride(), *v.stride(), *keep.stride(), *out.stride(),
         h, lq, lk,
         SCALE=d ** 0.5, HEAD_DIM=d, BLOCK_D=block_d, BLOCK_M=block_m, BLOCK_N=block_n,
-        IS_FP64=q.dtype == torch.float64, DOT_PREC=_dot_precision(q.dtype), UPCAST=_upcast_dots(q.dtype),
-        num_warps=warps, num_stages=stages,
+        IS_FP64=q.dtype == torch.float64, DOT_PREC=_dot_precision(q.dtype, target),
+        UPCAST=_upcast_dots(q.dtype, target), num_warps=warps, num_stages=stages,
     )
     return out, lse
 
@@ -388,18 +395,19 @@ def masked_attention_bwd(
     grad_out = grad_out.to(q.dtype)
     keep = key_keep.view(torch.uint8)
 
+    target = target_for(q.device)
     delta = torch.empty((b, h, lq), dtype=acc, device=q.device)  # scratch, fully written
-    pre_m = 16 if interpreting() else 64
     launch(
-        "masked_attention_bwd_preprocess", _attn_bwd_preprocess_kernel, (triton.cdiv(lq, pre_m), b * h),
+        "masked_attention_bwd_preprocess", _attn_bwd_preprocess_kernel,
+        (triton.cdiv(lq, _PREPROCESS_ROWS), b * h),
         out, grad_out, delta, *out.stride(), *grad_out.stride(), h, lq,
-        HEAD_DIM=d, BLOCK_D=block_d, BLOCK_M=pre_m, IS_FP64=is_fp64,
+        HEAD_DIM=d, BLOCK_D=block_d, BLOCK_M=_PREPROCESS_ROWS, IS_FP64=is_fp64,
     )
 
     dq = new_output((b, h, lq, d), q.dtype, q.device)
     dk = new_output((b, h, lk, d), k.dtype, k.device)
     dv = new_output((b, h, lk, d), v.dtype, v.device)
-    bm1, bn1, bm2, bn2, warps, stages = _bwd_config(q.dtype, block_d)
+    bm1, bn1, bm2, bn2, warps, stages = _bwd_config(q.dtype, block_d, target)
     grid = (max(triton.cdiv(lk, bn1), triton.cdiv(lq, bm2)), b * h)
     launch(
         "masked_attention_bwd", _attn_bwd_kernel, grid,
@@ -407,8 +415,8 @@ def masked_attention_bwd(
         *q.stride(), *k.stride(), *v.stride(), *keep.stride(), *grad_out.stride(),
         h, lq, lk,
         SCALE=d ** 0.5, HEAD_DIM=d, BLOCK_D=block_d,
-        BLOCK_M1=bm1, BLOCK_N1=bn1, BLOCK_M2=bm2, BLOCK_N2=bn2, IS_FP64=is_fp64, DOT_PREC=_dot_precision(q.dtype),
-        UPCAST=_upcast_dots(q.dtype),
+        BLOCK_M1=bm1, BLOCK_N1=bn1, BLOCK_M2=bm2, BLOCK_N2=bn2, IS_FP64=is_fp64,
+        DOT_PREC=_dot_precision(q.dtype, target), UPCAST=_upcast_dots(q.dtype, target),
         num_warps=warps, num_stages=stages,
     )
     return dq, dk, dv
@@ -433,6 +441,11 @@ masked_attention_fwd.register_autograd(_backward, setup_context=_setup_context)
 def masked_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_keep: torch.Tensor) -> torch.Tensor:
     """softmax(q k^T / sqrt(D), keys where not key_keep set to -1e9) v; same as reference.masked_attention.
 
-    q, k, v (B, heads, L, D) of one float dtype (any strides); key_keep (B, L) bool.
+    q, k, v (B, heads, L, D) of one float dtype (any strides); key_keep (B, L) bool. Under autocast
+    q, k, v are cast to its dtype first, as the reference's matmuls are (the result has that dtype).
     """
+    device = q.device.type
+    if torch.is_autocast_enabled(device) and q.dtype != torch.float64:
+        dtype = torch.get_autocast_dtype(device)
+        q, k, v = q.to(dtype), k.to(dtype), v.to(dtype)
     return masked_attention_fwd(q, k, v, key_keep)[0]

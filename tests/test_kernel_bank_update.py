@@ -252,7 +252,7 @@ def test_backward_launches():
                                                      *sample_leaves(4, 3, 8, 2)[:2], rand(4, 8))),
     ("mutual_updater_inputs", lambda: (*sample_leaves(4, 3, 8, 2)[:2], index([1, 1, 3, 0]),
                                        index([2, 0, 0, 1]), rand(4, 8))),
-    ("batch_mean_layer_norm", lambda: (rand(12, 8, 2, 2), 3, rand(8, 2, 2), rand(8, 2, 2), 1e-5)),
+    ("batch_mean_layer_norm", lambda: (rand(12, 8, 2, 2), 3, rand(8, 2, 2), rand(8, 2, 2), 1e-5, torch.float64)),
     ("batch_mean", lambda: (rand(12, 8, 2, 2), 3)),
     ("bank_layer_norm", lambda: (rand(4, 8, 2, 2), rand(8, 2, 2), rand(8, 2, 2), 1e-5, torch.float64)),
 ])

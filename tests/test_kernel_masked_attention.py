@@ -167,15 +167,19 @@ def test_float32_matches_reference():
 
 
 @pytest.mark.parametrize("dtype,rel", [(torch.bfloat16, 5 * 2.0**-8), (torch.float16, 5 * 2.0**-11)])
-def test_half_precision_against_float64(dtype, rel):
+@pytest.mark.parametrize("batch,length", [(3, 40), (1, 300)])
+def test_half_precision_against_float64(dtype, rel, batch, length):
     """16-bit inputs, float32 accumulation, vs the float64 reference of the same (rounded) inputs.
 
     Tolerances: outputs are rounded to the input type (bf16: 2^-8 relative, fp16: 2^-11) and q / sqrt(D),
     the softmax weights and dS are rounded to it before their dots: allow 5 ulps of the output scale
     (10 for the gradients, which go through two rounded dots).
-    (The reference itself cannot run in fp16: masked_fill(-1e9) overflows half.)"""
-    q, k, v = make_qkv(3, 2, 40, 40, 64, dtype, seed=17)
-    keep = make_mask(3, 40, "mixed", torch.Generator().manual_seed(17))
+    (The reference itself cannot run in fp16: masked_fill(-1e9) overflows half.)
+    Length 300 runs the 16-bit GPU tiles through several steps of every loop, with ragged last tiles
+    (query tiles of 128, key tiles of 64; backward key blocks of 128 over query steps of 32, query
+    blocks of 128 over key steps of 32)."""
+    q, k, v = make_qkv(batch, 2, length, length, 64, dtype, seed=17)
+    keep = make_mask(batch, length, "mixed" if batch > 1 else "random", torch.Generator().manual_seed(17))
     out, grads = forward_backward(masked_attention, q, k, v, keep)
     q64, k64, v64 = (t.detach().double().requires_grad_() for t in (q, k, v))
     ref_out, ref_grads = forward_backward(reference.masked_attention, q64, k64, v64, keep)

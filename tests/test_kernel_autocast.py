@@ -1,0 +1,183 @@
+"""The Triton ops under autocast (bf16 and fp16) against their reference twins under the same autocast.
+
+Autocast makes mixes of dtypes that no plain-dtype test sees: 16-bit features, q/k/v and updater outputs
+beside float32 banks, LayerNorm weights and embeddings. Each op must give the dtypes the reference
+gives under the same autocast (outputs, gradients, and the banks an update returns), and values at
+least as close to the float64 truth of the same inputs as 16-bit rounding allows: the kernels compute
+in float32 and round once, where the reference under autocast rounds its matmul inputs to 16 bits.
+
+On the CPU this runs CPU autocast through the interpreter; on a GPU, CUDA autocast, whose rules differ
+(CUDA autocast runs LayerNorm and softmax in float32): the dtypes are compared with the reference's on
+the same device, so each device checks its own rules.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from lfpv_fast import reference
+from lfpv_fast.kernels import _common, ops
+from lfpv_fast.model import BankDraws, LFPVModule, LFPVNet, ModelConfig
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+if DEVICE == "cpu" and not _common.interpreting():
+    pytest.skip("no CUDA device and TRITON_INTERPRET is not set", allow_module_level=True)
+
+AUTOCAST_DTYPES = [torch.bfloat16, torch.float16]
+ULP = {torch.bfloat16: 2.0**-7, torch.float16: 2.0**-10}
+
+pytestmark = pytest.mark.usefixtures("poisoned_outputs")
+
+
+def autocast(dtype: torch.dtype):
+    return torch.autocast(DEVICE, dtype=dtype)
+
+
+def rand(*size, seed: int, dtype: torch.dtype = torch.float32, scale: float = 1.0) -> torch.Tensor:
+    gen = torch.Generator().manual_seed(seed)
+    return (scale * torch.randn(*size, generator=gen, dtype=torch.float64)).to(dtype).to(DEVICE)
+
+
+def assert_close(actual: torch.Tensor, truth: torch.Tensor, ulps: float, dtype: torch.dtype, what: str,
+                 scale: float | None = None) -> None:
+    """|actual - truth| <= ulps * ULP[dtype] * scale (default max|truth|): 16-bit rounding errors, scaled."""
+    assert torch.isfinite(actual).all(), f"{what}: non-finite values"
+    err = (actual.double() - truth.double()).abs().max().item()
+    scale = truth.abs().max().item() if scale is None else scale
+    assert err <= ulps * ULP[dtype] * scale, f"{what}: error {err:.3e} > {ulps} ulps of {scale:.3e}"
+
+
+def run(fn, leaves: list[torch.Tensor], dtype: torch.dtype | None, seed: int = 9):
+    """fn(*leaves) under autocast(dtype) (None: no autocast), and the grads of a weighted sum of its
+    output with respect to every leaf."""
+    leaves = [t.detach().clone().requires_grad_(True) for t in leaves]
+    with autocast(dtype) if dtype is not None else torch.autocast(DEVICE, enabled=False):
+        out = fn(*leaves)
+    weights = rand(*out.shape, seed=seed, dtype=torch.float64)
+    grads = torch.autograd.grad((out.double() * weights).sum(), leaves)
+    return out, grads
+
+
+# ---------------------------------------------------------------------------------------------
+
+
+def query_fusion_leaves(dtype: torch.dtype) -> list[torch.Tensor]:
+    """16-bit features (a conv output under autocast), float32 banks and LayerNorm parameters."""
+    b, c, h, w, n, p = 2, 16, 8, 12, 16, 4
+    d = c * p * p
+    leaves = [rand(b, c, h, w, seed=1, dtype=dtype), rand(n, c, seed=2), rand(n, c, p, p, seed=3)]
+    for i, dim in enumerate((c, c, d, d)):
+        leaves += [(1 + 0.1 * rand(dim, seed=10 + i)) * dim ** -0.25, 0.1 * rand(dim, seed=20 + i)]
+    return leaves
+
+
+def query_fusion_with(op_set):
+    def fn(f, bv, bp, *norms):
+        return op_set.query_fusion(f, bv, bp, *zip(norms[::2], norms[1::2], strict=True))
+    return fn
+
+
+@pytest.mark.parametrize("dtype", AUTOCAST_DTYPES, ids=str)
+def test_query_fusion(dtype):
+    leaves = query_fusion_leaves(dtype)
+    out, grads = run(query_fusion_with(ops), leaves, dtype)
+    ref_out, ref_grads = run(query_fusion_with(reference), leaves, dtype)
+    truth, truth_grads = run(query_fusion_with(reference), [t.double() for t in leaves], None)
+    assert out.dtype == ref_out.dtype == dtype
+    assert [g.dtype for g in grads] == [g.dtype for g in ref_grads] == [t.dtype for t in leaves]
+    # One rounding of a float32 result to the 16-bit output (the interpreter truncates: up to 1 ulp).
+    assert_close(out, truth, 1, dtype, "output")
+    for i, (g, t) in enumerate(zip(grads, truth_grads, strict=True)):
+        # The key LayerNorms' biases (leaves 6 and 10) shift all scores of a query alike: their true
+        # gradient is 0, so they are held to the scale of their weights' gradients (leaves 5 and 9).
+        scale = truth_grads[i - 1].abs().max().item() if i in (6, 10) else None
+        assert_close(g, t, 1, dtype, f"grad {i}", scale)
+
+
+@pytest.mark.parametrize("dtype", AUTOCAST_DTYPES, ids=str)
+@pytest.mark.parametrize("leaf_dtype", [torch.float32, "autocast"], ids=["float32 q/k/v", "16-bit q/k/v"])
+def test_masked_attention(dtype, leaf_dtype):
+    """float32 q, k, v are cast to the autocast dtype as the reference's matmuls cast them; the result
+    has that dtype and the gradients their leaves'."""
+    leaf_dtype = dtype if leaf_dtype == "autocast" else leaf_dtype
+    b, h, length, d = 2, 2, 70, 64
+    leaves = [rand(b, h, length, d, seed=s, dtype=leaf_dtype) for s in (1, 2, 3)]
+    keep = torch.rand(b, length, generator=torch.Generator().manual_seed(4)) > 0.4
+    keep[0] = False  # a row that keeps no key: uniform weights
+    keep = keep.to(DEVICE)
+    out, grads = run(lambda q, k, v: ops.masked_attention(q, k, v, keep), leaves, dtype)
+    rounded = [t.to(dtype).double() for t in leaves]
+    truth, truth_grads = run(lambda q, k, v: reference.masked_attention(q, k, v, keep), rounded, None)
+    if dtype == torch.bfloat16:  # in fp16 the reference's masked_fill(-1e9) overflows half and raises
+        ref_out, ref_grads = run(lambda q, k, v: reference.masked_attention(q, k, v, keep), leaves, dtype)
+        assert out.dtype == ref_out.dtype
+        assert [g.dtype for g in grads] == [g.dtype for g in ref_grads]
+    assert out.dtype == dtype and [g.dtype for g in grads] == [leaf_dtype] * 3
+    # as tests/test_kernel_masked_attention.py: 5 ulps out, 10 for gradients (16-bit P and dS)
+    assert_close(out, truth, 5 * 2, dtype, "output")
+    for name, g, t in zip("qkv", grads, truth_grads, strict=True):
+        assert_close(g, t, 10 * 2, dtype, f"d{name}")
+
+
+@pytest.mark.parametrize("dtype", AUTOCAST_DTYPES, ids=str)
+def test_snr_mask(dtype):
+    """The map of a float32 batch stays float32 under autocast, on both backends."""
+    x = rand(2, 3, 17, 33, seed=5).abs().clamp(max=1)
+    with autocast(dtype):
+        out = ops.snr_mask(x)
+        expected = reference.snr_mask(x)
+    assert out.dtype == expected.dtype == torch.float32
+    torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-6)
+
+
+def tiny_config() -> ModelConfig:
+    return ModelConfig(nf=16, light_blocks=1, layers=1, heads=2, head_dim=16, ffn_dim=32, bank_size=16,
+                       updater_width=1)
+
+
+@pytest.mark.parametrize("dtype", AUTOCAST_DTYPES, ids=str)
+def test_bank_update(dtype):
+    """The sample- and mutual-updaters with 16-bit features and float32 banks: both backends return new
+    banks of the same dtype (the reference's LayerNorm decides it: the MLP output's dtype under CPU
+    autocast, float32 under CUDA autocast), with the same values up to 16-bit rounding."""
+    cfg = tiny_config()
+    module = LFPVModule(cfg).to(DEVICE).train()
+    features = rand(3, cfg.nf, 12, 16, seed=6, dtype=dtype)
+    banks = rand(cfg.bank_size, cfg.nf, seed=7), rand(cfg.bank_size, cfg.nf, 4, 4, seed=8)
+    draws = BankDraws.sample((12, 16), cfg.bank_size, cfg.patch_size, torch.Generator().manual_seed(0)).to(DEVICE)
+
+    def update(op_set):
+        with autocast(dtype):
+            return module.update_banks(features, *banks, draws, op_set)
+
+    vectors, patches = update(ops)
+    ref_vectors, ref_patches = update(reference)
+    assert vectors.dtype == ref_vectors.dtype and patches.dtype == ref_patches.dtype
+    # Both pass 16-bit updater outputs through a LayerNorm and a second 16-bit MLP: the backends differ
+    # by where they round (the reference rounds the batch mean to 16 bits, the kernel keeps float32),
+    # a few ulps of the unit-scale LayerNorm outputs.
+    assert_close(vectors, ref_vectors.double(), 8, dtype, "vectors")
+    assert_close(patches, ref_patches.double(), 8, dtype, "patches")
+    (vectors.float().sum() + patches.float().sum()).backward()  # the backward kernels take the mix too
+
+
+@pytest.mark.parametrize("dtype", AUTOCAST_DTYPES, ids=str)
+def test_model_training_step(dtype):
+    """A whole training forward and backward of a small model through the Triton ops under autocast:
+    outputs of the reference's dtypes, finite gradients, banks replaced. (Under fp16 autocast the
+    reference cannot run, as the published code cannot: its masked_fill(-1e9) overflows half.)"""
+    results = {}
+    for backend in ("triton", "reference") if dtype == torch.bfloat16 else ("triton",):
+        torch.manual_seed(0)
+        net = LFPVNet(tiny_config(), backend=backend).to(DEVICE).train()
+        x = rand(2, 3, 32, 32, seed=9).abs().clamp(max=1)
+        draws = BankDraws.sample((8, 8), 16, 4, torch.Generator().manual_seed(1))
+        with autocast(dtype):
+            out, without_lfpv = net(x, net.snr_mask(x), draws)
+        (out.float().mean() + without_lfpv.float().mean()).backward()
+        assert all(torch.isfinite(p.grad).all() for p in net.parameters() if p.grad is not None), backend
+        results[backend] = (out.dtype, without_lfpv.dtype, net.bank_vectors.clone())
+    # The decoder adds the float32 input to its last (16-bit) conv: float32 outputs.
+    assert results["triton"][:2] == results.get("reference", (torch.float32, torch.float32))[:2]
+    assert not torch.equal(results["triton"][2], torch.zeros_like(results["triton"][2]))
