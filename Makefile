@@ -4,7 +4,7 @@ PY ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 
-.PHONY: venv test lint demo bench clean
+.PHONY: venv test lint demo bench gpu-check compile-gate clean
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
@@ -29,6 +29,17 @@ demo: venv
 
 bench: venv
 	$(BIN)/python bench/run_all.py
+
+# On a machine with a GPU (whatever Python holds CUDA torch; .venv if there is one): GPU tests, the
+# compile gate for the local card, a training run with every fast switch, the benchmarks.
+GPU_PY ?= $(if $(wildcard $(BIN)/python),$(BIN)/python,python3)
+gpu-check:
+	$(GPU_PY) bench/gpu_check.py
+
+# Every Triton launch compiled ahead of time for sm_90 and sm_80 (no GPU needed); tables in bench/results.
+compile-gate: venv
+	$(BIN)/python -m lfpv_fast.kernels.compile_gate --json bench/results/compile-triton-$$($(BIN)/python -c 'import triton; print(triton.__version__)').json \
+		--markdown bench/results/compile-triton-$$($(BIN)/python -c 'import triton; print(triton.__version__)').md
 
 clean:
 	rm -rf $(VENV) build *.egg-info

@@ -30,6 +30,11 @@ LAUNCHES: Counter[str] = Counter()
 POISON_OUTPUTS = False
 
 
+# Specialization: Triton compiles a kernel once per pattern of its integer arguments (== 1, divisible
+# by 16). Arguments that only count or bound work (tiles, programs, sequence lengths) are marked
+# `do_not_specialize` on each kernel, so that images of many sizes share one compiled kernel; sizes that
+# scale addresses (widths, strides) stay specialized, which lets loads vectorize.
+
 # ---------------------------------------------------------------------------------------------
 # Targets: every launch configuration (tile sizes, warps, stages, programs) is a function of the
 # GPU the kernel is built for, never of whether the interpreter runs it. Under TRITON_INTERPRET the

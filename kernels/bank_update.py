@@ -94,7 +94,7 @@ def _gather_bwd_kernel(gvec_ptr, gpatch_ptr, vpos_ptr, ppos_ptr, dx_ptr, H, W,
     tl.store(dx_ptr + bc.to(tl.int64) * H * W + hw, dx.to(dx_ptr.dtype.element_ty), mask=ok)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["B"])
 def _sample_inputs_kernel(bv_ptr, bp_ptr, sv_ptr, sp_ptr, emb_ptr, x_ptr, vpos_ptr, ppos_ptr, vin_ptr, pin_ptr,
                           B, H, W, C: tl.constexpr, P: tl.constexpr, BC: tl.constexpr, BPP: tl.constexpr,
                           FROM_FEATURES: tl.constexpr):
@@ -130,7 +130,7 @@ def _sample_inputs_kernel(bv_ptr, bp_ptr, sv_ptr, sp_ptr, emb_ptr, x_ptr, vpos_p
     tl.store(pin + 2 * C * PP + cp, (e[:, None] + tl.zeros((BC, BPP), e.dtype)).to(pty), mask=cp_ok)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["N", "B"])
 def _sample_inputs_bwd_kernel(dvin_ptr, dpin_ptr, dbv_ptr, dbp_ptr, demb_ptr, dsv_ptr, dsp_ptr, N, B,
                               C: tl.constexpr, P: tl.constexpr, BC: tl.constexpr, BPP: tl.constexpr,
                               ACC_FP64: tl.constexpr):
@@ -242,7 +242,7 @@ def _mutual_inputs_bwd_kernel(dvin_ptr, dpin_ptr, vpart_ptr, ppart_ptr, dbv_ptr,
     tl.store(demb_ptr + j * C + c, (g_e + tl.sum(g_ep, axis=1)).to(demb_ptr.dtype.element_ty), mask=c_ok)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["B"])
 def _mean_norm_fwd_kernel(u_ptr, w_ptr, b_ptr, out_ptr, B, S, BS: tl.constexpr, EPS: tl.constexpr,
                           MEAN: tl.constexpr, NORM: tl.constexpr, ACC_FP64: tl.constexpr):
     """Row n of out: mean over b of u[n*B + b] (MEAN), then LayerNorm over its S values (NORM)."""
@@ -267,7 +267,7 @@ def _mean_norm_fwd_kernel(u_ptr, w_ptr, b_ptr, out_ptr, B, S, BS: tl.constexpr, 
     tl.store(out_ptr + n.to(tl.int64) * S + s, x.to(out_ptr.dtype.element_ty), mask=ok)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["B"])
 def _mean_norm_bwd_kernel(dy_ptr, u_ptr, w_ptr, du_ptr, part_ptr, B, S, BS: tl.constexpr, EPS: tl.constexpr,
                           MEAN: tl.constexpr, NORM: tl.constexpr, ACC_FP64: tl.constexpr):
     """Backward of _mean_norm_fwd_kernel for row n: d u rows, and (NORM) the row's partial dw | db."""

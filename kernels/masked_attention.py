@@ -64,7 +64,7 @@ def _any_key_kept(KEEP, s_keep_b, s_keep_l, b, LK, BLOCK: tl.constexpr):
     return tl.max(found, axis=0)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["H", "LQ", "LK"])
 def _attn_fwd_kernel(
     Q, K, V, KEEP, OUT, LSE,
     sqb, sqh, sql, sqd,
@@ -136,7 +136,7 @@ def _attn_fwd_kernel(
     tl.store(LSE + rows, m_i + tl.log2(l_i), mask=row_ok)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["H", "LQ"])
 def _attn_bwd_preprocess_kernel(
     OUT, DO, DELTA,
     sob, soh, sol, sod,
@@ -161,7 +161,7 @@ def _attn_bwd_preprocess_kernel(
     tl.store(DELTA + bh.to(tl.int64) * LQ + rows, delta, mask=rows < LQ)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["H", "LQ", "LK"])
 def _attn_bwd_kernel(
     Q, K, V, KEEP, DO, LSE, DELTA, DQ, DK, DV,
     sqb, sqh, sql, sqd,
@@ -302,10 +302,10 @@ def _upcast_dots(dtype: torch.dtype, target: Target) -> bool:
 
 
 # Configurations chosen with the compile gate (python -m lfpv_fast.kernels.compile_gate): zero spills on
-# sm_90 and sm_80 at the model's head dim 64 (sm_80's bf16 backward: 244 B), shared memory well under
-# both cards. The interpreter runs them too, so the CPU tests cover the GPU's tiles, loops and tails.
-# sm_80 and sm_90 share them. Head dims above 64 (padded to 128) take the smaller-tile rows, which the
-# gate does not build (the model's head dim is 64).
+# sm_90 and sm_80 at the model's head dim 64 (but sm_80's 16-bit backward), shared memory well under
+# both cards. The interpreter runs them too (sm_90's unless LFPV_TRITON_TARGET says otherwise), so the
+# CPU tests cover the GPU's tiles, loops and tails. Head dims above 64 (padded to 128) take the
+# smaller-tile rows, which the gate does not build (the model's head dim is 64).
 
 
 def _fwd_config(dtype: torch.dtype, block_d: int, target: Target) -> tuple[int, int, int, int]:
@@ -325,6 +325,8 @@ def _bwd_config(dtype: torch.dtype, block_d: int, target: Target) -> tuple[int, 
     if dtype == torch.float32:
         return 32, 32, 32, 32, 8, 2
     # The Triton fused-attention tutorial's split: narrow query steps for dk/dv, narrow key steps for dq.
+    if target.arch < 90:  # sm_80 spills with 64- and 128-wide blocks
+        return 32, 32, 32, 32, 4, 2
     return (32, 128, 128, 32, 8, 3) if block_d <= 64 else (32, 64, 64, 32, 8, 2)
 
 

@@ -193,7 +193,7 @@ def _patch_queries(x, c0, mean_p, rstd_p, qw_ptr, qb_ptr, C: tl.constexpr, CC: t
     return xhat * wp[None, :] + bp[None, :], xhat
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["Hp", "Wp", "n_groups", "total_tiles"])
 def _query_fusion_fwd_kernel(
     x_ptr, out_ptr, vbank_ptr, vkey_ptr, pbank_ptr, pkey_ptr, xw_ptr, xb_ptr, qw_ptr, qb_ptr,
     H, W, Hp, Wp, n_groups, total_tiles,
@@ -236,7 +236,7 @@ def _query_fusion_fwd_kernel(
         tl.store(out_ptr + offs, out.to(out_ptr.dtype.element_ty), mask=mask)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["tiles_per_image", "total_tiles", "tiles_per_program"])
 def _query_fusion_bwd_pixel_kernel(
     x_ptr, dout_ptr, dxv_ptr, part_ptr, vbank_ptr, vkey_ptr, xw_ptr, xb_ptr,
     HW, tiles_per_image, total_tiles, tiles_per_program,
@@ -304,7 +304,7 @@ def _query_fusion_bwd_pixel_kernel(
     tl.store(row + 2 * N * C + C + c, g_b, mask=c_ok)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["Hp", "Wp", "n_groups", "total_tiles"])
 def _query_fusion_bwd_patch_kernel(
     x_ptr, dout_ptr, dxv_ptr, dx_ptr, aux_ptr, pbank_ptr, pkey_ptr, qw_ptr, qb_ptr,
     H, W, Hp, Wp, n_groups, total_tiles,
@@ -375,7 +375,7 @@ def _query_fusion_bwd_patch_kernel(
         tl.store(dx_ptr + offs, dx.to(dx_ptr.dtype.element_ty), mask=mask)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["Hp", "Wp", "total_patches", "patches_per_program"])
 def _query_fusion_bwd_patch_params_kernel(
     x_ptr, dout_ptr, part_ptr, aux_ptr, pkey_ptr, qw_ptr, qb_ptr,
     H, W, Hp, Wp, total_patches, patches_per_program,
@@ -521,7 +521,7 @@ def _store_segment(out_ptr, values, j, start, size):
     tl.store(out_ptr + (j - start), values.to(out_ptr.dtype.element_ty), mask=ok)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["rows"])
 def _sum_rows_kernel(part_ptr, rows, cols,
                      o0, o1, o2, o3, o4, o5, o6, o7, s0, s1, s2, s3, s4, s5, s6, s7,
                      BLOCK: tl.constexpr):

@@ -140,7 +140,7 @@ def _image_peak(TILE_MAX, n_tiles, TILE_BLOCK: tl.constexpr):
 # ----------------------------------------------------------------------------------------------
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["n_tiles_w", "n_tiles"])
 def _snr_ratio_kernel(
     X, RATIO, TILE_MAX,
     sxb, sxc, sxh, sxw,
@@ -156,7 +156,7 @@ def _snr_ratio_kernel(
     tl.store(TILE_MAX + b * n_tiles + pid_t, tile_max)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["n_tiles"])
 def _snr_normalize_kernel(
     RATIO, TILE_MAX, OUT, PEAK,
     HW, n_tiles,
@@ -192,7 +192,7 @@ def _clamp_pass(ratio, g, ok, peak, IS_FP64: tl.constexpr):
     return denom, gt
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["n_tiles_w", "n_tiles"])
 def _snr_bwd_partials_kernel(
     X, G, PEAK, PART_S, PART_N,
     sxb, sxc, sxh, sxw, sgb, sgh, sgw,
@@ -214,7 +214,7 @@ def _snr_bwd_partials_kernel(
     tl.store(PART_N + b * n_tiles + pid_t, tl.sum(tl.sum(ties, axis=1), axis=0))
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["n_tiles_w", "n_tiles"])
 def _snr_bwd_pixel_kernel(
     X, G, PEAK, PART_S, PART_N, GLIGHT, GDARK,
     sxb, sxc, sxh, sxw, sgb, sgh, sgw,
@@ -254,7 +254,7 @@ def _snr_bwd_pixel_kernel(
     tl.store(GDARK + offs_px, g_u, mask=ok)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["n_tiles_w"])
 def _snr_bwd_input_kernel(
     GLIGHT, GDARK, DX,
     sdb, sdc, sdh, sdw,

@@ -1,0 +1,115 @@
+"""The compile gate: every Triton launch of a training step and of eval frames, compiled ahead of time for
+an H100 (sm_90) and an A100 (sm_80) with Triton's own compiler, must fit the card's shared memory.
+
+The interpreter replaces the kernels' JIT functions (tests/conftest.py sets TRITON_INTERPRET=1 on a CPU
+machine), so the compiles run in subprocesses without it. No GPU is needed.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+
+triton = pytest.importorskip("triton")
+
+from lfpv_fast.kernels import _common  # noqa: E402
+from lfpv_fast.kernels.compile_gate import PRECISIONS, record_scenario  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def run_without_interpreter(args: list[str], timeout: float) -> subprocess.CompletedProcess:
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    return subprocess.run([sys.executable, *args], cwd=ROOT, env=env, capture_output=True, text=True,
+                          timeout=timeout)
+
+
+@pytest.mark.slow
+def test_every_launch_fits_an_h100_and_an_a100(tmp_path):
+    out = tmp_path / "compile.json"
+    proc = run_without_interpreter(["-m", "lfpv_fast.kernels.compile_gate", "--json", str(out),
+                                    "--markdown", str(tmp_path / "compile.md")], timeout=1500)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    results = json.loads(out.read_text())["results"]
+    assert {r["target"] for r in results} == {"sm_90", "sm_80"}
+    assert {r["precision"] for r in results} == {*PRECISIONS, "fp64"}
+    assert all(r["error"] is None and r["shared"] is not None for r in results)
+    names = {r["name"] for r in results}
+    assert {"query_fusion_fwd", "query_fusion_bwd_pixel", "query_fusion_bwd_patch", "query_fusion_bwd_patch_params",
+            "masked_attention_fwd", "masked_attention_bwd", "snr_mask_ratio", "batch_mean_layer_norm"} <= names
+
+
+def test_the_gate_fails_what_does_not_fit(tmp_path):
+    """A kernel whose pipelined tiles need megabytes of shared memory, and a grid beyond CUDA's limit:
+    both compile, and both fail the gate with a message that says why."""
+    module = tmp_path / "toy_kernels.py"
+    module.write_text(textwrap.dedent('''
+        import triton
+        import triton.language as tl
+
+        @triton.jit
+        def big_tiles(a_ptr, b_ptr, c_ptr, K, BLOCK: tl.constexpr):
+            i = tl.arange(0, BLOCK)
+            acc = tl.zeros((BLOCK, BLOCK), tl.float32)
+            for k in range(0, K, BLOCK):
+                a = tl.load(a_ptr + i[:, None] * K + (k + i)[None, :])
+                b = tl.load(b_ptr + (k + i)[:, None] * BLOCK + i[None, :])
+                acc += tl.dot(a, b)
+            tl.store(c_ptr + i[:, None] * BLOCK + i[None, :], acc)
+    '''))
+    script = textwrap.dedent(f'''
+        import sys, torch
+        sys.path.insert(0, {str(tmp_path)!r})
+        import toy_kernels
+        from lfpv_fast.kernels._common import TARGETS, LaunchRecord, TensorSpec
+        from lfpv_fast.kernels.compile_gate import _compile_one
+        f32 = TensorSpec(torch.float32, True)
+        big = LaunchRecord("big", toy_kernels.big_tiles, (1,), (f32, f32, f32, 4096),
+                           dict(BLOCK=256, num_warps=8, num_stages=4))
+        small = LaunchRecord("small", toy_kernels.big_tiles, (1,), (f32, f32, f32, 4096),
+                             dict(BLOCK=32, num_warps=4, num_stages=2))
+        for record, grid in [(big, [1, 1, 1]), (small, [1, 1, 1]), (small, [1, 70000, 1])]:
+            r = _compile_one((record, grid, TARGETS["sm_80"], "fp32"))
+            print(record.name, r.shared, r.error)
+    ''')
+    proc = run_without_interpreter(["-c", script], timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    big, small, wide = proc.stdout.strip().splitlines()[-3:]
+    assert "needs" in big and "sm_80 gives 166912 B" in big, big
+    assert small.endswith("None"), small
+    assert "grid dimension 1 is 70000" in wide, wide
+
+
+def test_recording_sees_the_launches_and_dtypes_of_an_autocast_step():
+    """On fake tensors, one bf16-autocast training step and one eval frame: every op's launches are
+    recorded (none runs), with the mix of dtypes autocast makes and the sm_90 configuration."""
+    records = record_scenario(_common.TARGETS["sm_90"], "mix", [(2, 64)], [(64, 96)])
+    by_name = {}
+    for r in records:
+        by_name.setdefault(r.name, []).append(r)
+    assert {"snr_mask_ratio", "snr_mask_normalize", "query_fusion_keys", "query_fusion_fwd",
+            "query_fusion_bwd_pixel", "query_fusion_bwd_patch", "query_fusion_bwd_patch_params", "sum_rows",
+            "query_fusion_keys_bwd", "masked_attention_fwd", "masked_attention_bwd", "sample_updater_inputs",
+            "batch_mean_layer_norm", "mutual_updater_inputs"} <= set(by_name)
+
+
+    def dtypes(name: str, *positions: int) -> set[tuple[torch.dtype, ...]]:
+        return {tuple(r.args[i].dtype for i in positions) for r in by_name[name]}
+
+    # features and the vector bank: bf16 banks as CPU autocast updates them, float32 ones as CUDA
+    # autocast does (and as the stored banks are in eval); the backward sees both too.
+    assert dtypes("query_fusion_fwd", 0, 2) == {(torch.bfloat16, torch.bfloat16), (torch.bfloat16, torch.float32)}
+    assert dtypes("query_fusion_bwd_pixel", 0, 4) == {(torch.bfloat16, torch.bfloat16),
+                                                      (torch.bfloat16, torch.float32)}
+    assert dtypes("batch_mean_layer_norm", 0, 3) >= {(torch.bfloat16, torch.float32)}
+    assert dtypes("masked_attention_fwd", 0) == {(torch.bfloat16,)}
+    assert dtypes("snr_mask_ratio", 0) == {(torch.float32,)}
+    # The launch configuration is the target's: 4 programs per SM over the pixel tiles at most.
+    assert all(r.grid[0] <= 4 * 132 for r in by_name["query_fusion_bwd_pixel"])
