@@ -84,6 +84,10 @@ class TrainConfig:
     channels_last: bool = False
     fused_adam: Literal["auto", "on", "off"] = "auto"
     cuda_graphs: bool = False
+    # Bit-identical reruns with the same seed (deterministic algorithms, no cuDNN autotuning, fixed CPU threads).
+    deterministic: bool = False
+    # Intra-op CPU threads (torch.set_num_threads); null: torch's default, or 1 when deterministic.
+    cpu_threads: int | None = None
 
 
 @dataclass
@@ -345,6 +349,8 @@ def validate(cfg: RunConfig, where: str | None = None) -> None:
         raise ConfigError(f"{src}: train.betas must be in [0, 1), got {t.betas}")
     if t.pixel_weight < 0 or t.perceptual_weight < 0:
         raise ConfigError(f"{src}: train.pixel_weight and train.perceptual_weight must be >= 0")
+    if t.cpu_threads is not None and t.cpu_threads < 1:
+        raise ConfigError(f"{src}: train.cpu_threads must be >= 1 or null, got {t.cpu_threads}")
     if t.cuda_graphs and t.compile == "off":
         # CUDA graphs come from torch.compile's "reduce-overhead" mode (cudagraph trees).
         raise ConfigError(f"{src}: train.cuda_graphs=true needs train.compile 'on' or 'auto', got 'off'")
