@@ -286,6 +286,7 @@ class Trainer:
         self.device = self.features.device
         self._log_file: Any = None
         self._unwritten_log: list[str] = []  # lines logged before train.log is open
+        self._damaged: list[Path] = []  # checkpoints that --resume found unreadable
 
         determinism = configure_torch(cfg, self.device)
         resume_path, checkpoint = self._find_checkpoint(resume)
@@ -320,7 +321,6 @@ class Trainer:
         "latest" is the newest checkpoint that reads: a damaged newer one (a copy cut short, a full disk) is
         skipped, saying so, and set aside as <name>.damaged once the run folder is open.
         """
-        self._damaged: list[Path] = []
         if resume is None:
             if list_checkpoints(self.ckpt_dir):
                 raise FileExistsError(f"{self.run_dir} already holds a run (checkpoints/step_*.pth): continue it "
@@ -767,23 +767,24 @@ class Trainer:
         self.last_checkpoint = path
         return path
 
-    def _check_resumable(self, ckpt: dict[str, Any], path: Path) -> None:
-        missing = [k for k in ("format", "model", "optimizer", "scheduler", "step", "rng", "loader") if k not in ckpt]
-        if ckpt.get("format") != FORMAT or missing:
+    def _check_resumable(self, checkpoint: dict[str, Any], path: Path) -> None:
+        needed = ("format", "model", "optimizer", "scheduler", "step", "rng", "loader")
+        missing = [k for k in needed if k not in checkpoint]
+        if checkpoint.get("format") != FORMAT or missing:
             raise ValueError(f"checkpoint {path} is not a training checkpoint of lfpv_fast (missing {missing}); "
                              "weights-only files can be evaluated but not resumed")
-        if ckpt["model_config"] != asdict(self.cfg.model):
-            raise ValueError(f"checkpoint {path} was trained with model config {ckpt['model_config']}, but the "
+        if checkpoint["model_config"] != asdict(self.cfg.model):
+            raise ValueError(f"checkpoint {path} was trained with model config {checkpoint['model_config']}, but the "
                              f"run config has {asdict(self.cfg.model)}; resume with the run's config.yaml")
 
-    def _load_training_state(self, ckpt: dict[str, Any]) -> None:
-        self.optimizer.load_state_dict(ckpt["optimizer"])
-        self.scheduler.load_state_dict(ckpt["scheduler"])
-        self.step = int(ckpt["step"])
-        self.best_psnr = ckpt.get("best_psnr")
-        restore_rng(ckpt["rng"])
-        self.net.draw_generator.set_state(ckpt["draw_generator"])
-        self.train_loader.load_state_dict(ckpt["loader"])
+    def _load_training_state(self, checkpoint: dict[str, Any]) -> None:
+        self.optimizer.load_state_dict(checkpoint["optimizer"])
+        self.scheduler.load_state_dict(checkpoint["scheduler"])
+        self.step = int(checkpoint["step"])
+        self.best_psnr = checkpoint.get("best_psnr")
+        restore_rng(checkpoint["rng"])
+        self.net.draw_generator.set_state(checkpoint["draw_generator"])
+        self.train_loader.load_state_dict(checkpoint["loader"])
 
     # -----------------------------------------------------------------------------------------
     # The end
