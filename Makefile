@@ -1,15 +1,20 @@
-# `make test` works on a fresh CPU-only machine: it pins the CPU build of torch first so that
-# pip never pulls a multi-GB CUDA build, then installs the project with its dev extra.
+# `make test` creates .venv, installs torch (pinned) and then the project with its [dev] extra, which holds
+# every other extra (Triton, DALI, the demo's scikit-image) and the test tools.
+# Which torch build pip picks depends on where it looks: on a plain machine PyPI's Linux wheel is the CUDA
+# build (a few GB, with its own triton). For the CPU build there, point pip at PyTorch's CPU wheel index:
+#   make test TORCH_INDEX=https://download.pytorch.org/whl/cpu
 PY ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
+TORCH ?= torch==2.13.0
+TORCH_INDEX ?=
 
 .PHONY: venv test lint demo bench gpu-check compile-gate clean
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
 	$(BIN)/pip install --upgrade pip
-	$(BIN)/pip install torch==2.13.0
+	$(BIN)/pip install '$(TORCH)' $(if $(TORCH_INDEX),--index-url $(TORCH_INDEX))
 
 $(VENV)/.installed: $(BIN)/python pyproject.toml
 	$(BIN)/pip install -e '.[dev]'

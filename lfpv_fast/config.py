@@ -2,8 +2,9 @@
 
 The YAML is loaded into plain dataclasses. Every key is checked: an unknown key is an error naming
 the file, the key and the closest valid key; a value of the wrong type names the key and the type
-that was expected. `--set a.b=value` on the command line goes through the same parser
-(`load_config(path, overrides=["a.b=value"])`).
+that was expected. `--set a.b=value` on the command line goes through the same checks
+(`load_config(path, overrides=["a.b=value"])`), and an error about an override names the override, not
+the file (which may not contain the key at all).
 """
 
 from __future__ import annotations
@@ -110,6 +111,10 @@ class TrainConfig:
     channels_last: bool = False
     fused_adam: Literal["auto", "on", "off"] = "auto"
     cuda_graphs: bool = False
+    # Bit-identical reruns with the same seed (deterministic algorithms, no cuDNN autotuning, fixed CPU threads).
+    deterministic: bool = False
+    # Intra-op CPU threads (torch.set_num_threads); null: torch's default, or 1 when deterministic.
+    cpu_threads: int | None = None
 
 
 @dataclass
@@ -258,6 +263,13 @@ def _build_section(cls: type, values: dict[str, Any], where: str) -> Any:
 
 def config_from_dict(raw: dict[str, Any], source: str = "<dict>") -> RunConfig:
     """Build and validate a RunConfig from a nested dict (as read from YAML)."""
+    cfg = _build_config(raw, source)
+    validate(cfg)
+    return cfg
+
+
+def _build_config(raw: dict[str, Any], source: str) -> RunConfig:
+    """Every key checked, errors naming `source`; the checks across keys (validate) are left to the caller."""
     if raw is None:
         raw = {}
     if not isinstance(raw, dict):
@@ -269,7 +281,6 @@ def config_from_dict(raw: dict[str, Any], source: str = "<dict>") -> RunConfig:
         sections[key] = _build_section(SECTIONS[key], value or {}, f"{source}: {key}")
     cfg = RunConfig(**sections)
     cfg.source = source
-    validate(cfg)
     return cfg
 
 
@@ -281,15 +292,15 @@ def config_to_dict(cfg: RunConfig) -> dict[str, Any]:
 def parse_override(text: str) -> tuple[list[str], Any]:
     """`a.b=value` -> (["a", "b"], value), the value read as YAML (so 3, 1e-4, null, [1, 2] work)."""
     if "=" not in text:
-        raise ConfigError(f"override {text!r}: expected the form section.key=value")
+        raise ConfigError(f"--set {text}: expected the form section.key=value")
     key, _, value = text.partition("=")
     parts = key.strip().split(".")
     if len(parts) != 2 or not all(parts):
-        raise ConfigError(f"override {text!r}: the key must be section.key, e.g. train.iterations")
+        raise ConfigError(f"--set {text}: the key must be section.key, e.g. train.iterations")
     try:
         parsed = yaml.safe_load(value) if value.strip() else None
     except yaml.YAMLError as exc:
-        raise ConfigError(f"override {text!r}: value is not valid YAML ({exc})") from exc
+        raise ConfigError(f"--set {text}: the value is not valid YAML ({exc})") from exc
     return parts, parsed
 
 
@@ -306,20 +317,39 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
             raise ConfigError(f"{p}: not valid YAML ({exc})") from exc
         if not isinstance(raw, dict):
             raise ConfigError(f"{p}: expected a mapping with sections {list(SECTIONS)}")
+    cfg = _build_config(raw, source)
+    _apply_overrides(cfg, overrides)
+    validate(cfg, f"{source} with {' '.join(f'--set {t}' for t in overrides)}" if overrides else source)
+    return cfg
+
+
+def _apply_overrides(cfg: RunConfig, overrides: list[str] | tuple[str, ...]) -> None:
+    """`--set section.key=value` on top of the file's values; an error names the override it comes from."""
+    changes: dict[str, dict[str, Any]] = {}
+    given: dict[str, list[str]] = {}
     for text in overrides:
         (section, key), value = parse_override(text)
+        where = f"--set {text}"
         if section not in SECTIONS:
-            raise _unknown_key(section, list(SECTIONS), f"override {text!r}")
-        raw.setdefault(section, {})
-        if raw[section] is None:
-            raw[section] = {}
-        raw[section][key] = value
-    return config_from_dict(raw, source)
+            raise _unknown_key(section, list(SECTIONS), where)
+        cls = SECTIONS[section]
+        names = [f.name for f in dataclasses.fields(cls) if f.init]
+        if key not in names:
+            raise _unknown_key(key, names, f"{where}: {section}")
+        changes.setdefault(section, {})[key] = _coerce(value, typing.get_type_hints(cls)[key],
+                                                        f"{where}: {section}.{key}")
+        given.setdefault(section, []).append(where)
+    # One replace per section: a section's own checks across its keys see all of its overrides at once.
+    for section, values in changes.items():
+        try:
+            setattr(cfg, section, dataclasses.replace(getattr(cfg, section), **values))
+        except (ValueError, TypeError) as exc:
+            raise ConfigError(f"{', '.join(given[section])}: {section}: {exc}") from exc
 
 
-def validate(cfg: RunConfig) -> None:
-    """Checks across keys, done before any work starts."""
-    src = cfg.source
+def validate(cfg: RunConfig, where: str | None = None) -> None:
+    """Checks across keys, done before any work starts; errors start with `where` (default: cfg.source)."""
+    src = where or cfg.source
     d, t = cfg.data, cfg.train
     if d.resize is not None and (len(d.resize) != 2 or min(d.resize) < 16):
         raise ConfigError(f"{src}: data.resize must be [width, height], each >= 16, or null, got {d.resize}")
@@ -347,6 +377,8 @@ def validate(cfg: RunConfig) -> None:
         raise ConfigError(f"{src}: train.betas must be in [0, 1), got {t.betas}")
     if t.pixel_weight < 0 or t.perceptual_weight < 0:
         raise ConfigError(f"{src}: train.pixel_weight and train.perceptual_weight must be >= 0")
+    if t.cpu_threads is not None and t.cpu_threads < 1:
+        raise ConfigError(f"{src}: train.cpu_threads must be >= 1 or null, got {t.cpu_threads}")
     if t.cuda_graphs and t.compile == "off":
         # CUDA graphs come from torch.compile's "reduce-overhead" mode (cudagraph trees).
         raise ConfigError(f"{src}: train.cuda_graphs=true needs train.compile 'on' or 'auto', got 'off'")

@@ -13,6 +13,8 @@ folder), in the input's format and bit depth: 16-bit PNG/TIFF stay 16-bit.
 - Never overwrites an input: an output path that is an input file is an error (nothing is written).
 - An output folder inside an input folder is refused unless --allow-output-inside-input (files under
   it are then never taken as inputs). Existing outputs are skipped unless --overwrite.
+- A side-by-side file records which output it belongs to: one left by an earlier call for another input
+  (`a.png`, then `a.jpg`, share `a_side_by_side.png`) is an error, as two such inputs in one call are.
 - Large images are enhanced in overlapping tiles (see `enhance_image`), automatically above
   --max-pixels or always with --tile.
 
@@ -22,6 +24,7 @@ Python API: `enhance_image(net, image, tile=None, overlap=64)`.
 from __future__ import annotations
 
 import argparse
+import io
 import os
 import sys
 from collections.abc import Sequence
@@ -31,7 +34,17 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from lfpv_fast.imageio import IMAGE_EXTENSIONS, ImageReadError, LoadedImage, list_images, read_image, write_image
+from lfpv_fast.cli import ArgumentParser, fail, resolve_device
+from lfpv_fast.imageio import (
+    IMAGE_EXTENSIONS,
+    ImageReadError,
+    LoadedImage,
+    list_images,
+    read_image,
+    to_integer,
+    write_bytes_atomic,
+    write_image,
+)
 from lfpv_fast.model import LFPVNet
 
 DEFAULT_TILE = 1024
@@ -40,6 +53,8 @@ DEFAULT_OVERLAP = 64
 # of the image, so its attention matrix grows with the square of the pixel count (2 MP: 8192 tokens).
 DEFAULT_MAX_PIXELS = 2048 * 1024
 SIDE_BY_SIDE_SUFFIX = "_side_by_side.png"
+# PNG text key of a side-by-side file: the output (relative to the output folder) it shows.
+SIDE_BY_SIDE_KEY = "lfpv_fast.side_by_side_of"
 
 
 def tile_starts(length: int, tile: int, overlap: int, align: int = 16) -> list[int]:
@@ -207,8 +222,8 @@ def _enhance_tiled(net: LFPVNet, x: torch.Tensor, snr: torch.Tensor, tile: int, 
 # Command line.
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+def build_parser() -> ArgumentParser:
+    parser = ArgumentParser(
         prog="python -m lfpv_fast.enhance",
         description="Enhance low-light images with an LFPV model (our checkpoints or the published SMID.pth).",
         epilog="Grayscale inputs are enhanced as RGB (channel replicated) and written as RGB; an alpha channel "
@@ -248,18 +263,6 @@ def _parse_args(argv: Sequence[str] | None) -> tuple[argparse.ArgumentParser, ar
     if args.max_pixels < 1:
         parser.error(f"--max-pixels must be >= 1, got {args.max_pixels}")
     return parser, args
-
-
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        device = torch.device(name)
-    except RuntimeError as exc:
-        raise ValueError(f"--device {name!r} is not a device name (auto, cpu, cuda, cuda:N)") from exc
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"--device {name}: no CUDA device is available here (use --device cpu)")
-    return device
 
 
 def _plan(args: argparse.Namespace) -> list[tuple[Path, Path, Path | None]]:
@@ -307,6 +310,11 @@ def _plan(args: argparse.Namespace) -> list[tuple[Path, Path, Path | None]]:
                 raise ValueError(f"{path} and {claimed[resolved]} would both be written to {target}; "
                                  "enhance them into different output folders")
             claimed[resolved] = path
+        owner = side_by_side_owner(side) if side is not None and not args.overwrite else None
+        if owner is not None and owner != relative.as_posix():
+            raise ValueError(f"{path} would write its side-by-side to {side}, which holds the side-by-side of "
+                             f"{owner} from an earlier call; enhance them into different output folders (or pass "
+                             "--overwrite to replace it)")
         plan.append((path, output, side))
     return plan
 
@@ -316,6 +324,30 @@ def _side_by_side(image: LoadedImage, enhanced: torch.Tensor) -> np.ndarray:
     return np.concatenate([image.rgb, enhanced.permute(1, 2, 0).float().numpy()], axis=1)
 
 
+def write_side_by_side(path: Path, pixels: np.ndarray, output: str) -> None:
+    """An 8-bit PNG that records (SIDE_BY_SIDE_KEY) the output it belongs to, relative to the output folder."""
+    from PIL import Image, PngImagePlugin
+
+    info = PngImagePlugin.PngInfo()
+    info.add_text(SIDE_BY_SIDE_KEY, output)
+    buffer = io.BytesIO()
+    Image.fromarray(to_integer(pixels, 8)).save(buffer, format="PNG", pnginfo=info)
+    write_bytes_atomic(path, buffer.getvalue())
+
+
+def side_by_side_owner(path: Path) -> str | None:
+    """The output a side-by-side file belongs to; None if there is no such file or it does not say."""
+    from PIL import Image
+
+    if not path.is_file():
+        return None
+    try:
+        with Image.open(path) as im:
+            return getattr(im, "text", {}).get(SIDE_BY_SIDE_KEY)
+    except (OSError, ValueError):
+        return None
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     from tqdm import tqdm
 
@@ -323,8 +355,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     parser, args = _parse_args(argv)
     try:
-        plan = _plan(args)
         device = resolve_device(args.device)
+        plan = _plan(args)
     except (ValueError, FileNotFoundError) as exc:
         parser.error(str(exc))  # exits with status 2
 
@@ -335,6 +367,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     # Per image, the files still to write: existing ones are kept unless --overwrite.
     todo: list[tuple[Path, Path | None, Path | None]] = []
     skipped = 0
+    out_dir = Path(args.output)
+    side_owner = {side: output.relative_to(out_dir).as_posix() for _, output, side in plan if side is not None}
     for path, output, side in plan:
         keep = [t for t in (output, side) if t is not None and t.exists() and not args.overwrite]
         if keep and len(keep) == (1 if side is None else 2):
@@ -349,8 +383,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         net = load_model(args.checkpoint, backend=args.backend)
     except (ValueError, FileNotFoundError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+        return fail(str(exc))
     net.to(device).eval()
 
     failed = 0
@@ -377,7 +410,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 if output is not None:
                     write_image(output, result, bit_depth=img.bit_depth, alpha=img.alpha)
                 if side is not None:
-                    write_image(side, _side_by_side(img, result), bit_depth=8)
+                    write_side_by_side(side, _side_by_side(img, result), side_owner[side])
             except (OSError, ValueError) as exc:
                 print(f"error: {img.path}: could not write the result: {exc}", file=sys.stderr)
                 failed += 1

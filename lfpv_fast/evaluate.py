@@ -12,7 +12,6 @@ lfpv_fast.metrics.psnr_gt_mean), reported under that name. Accepts our checkpoin
 
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 import time
@@ -24,18 +23,11 @@ import torch
 from tqdm import tqdm
 
 from lfpv_fast.checkpoint import atomic_write_text, is_original_state_dict, load_model, read_checkpoint
+from lfpv_fast.cli import ArgumentParser, fail, resolve_device
 from lfpv_fast.config import ConfigError, RunConfig, load_config
 from lfpv_fast.data.smid import DataError
 from lfpv_fast.metrics import psnr, psnr_gt_mean, quantize, ssim
-from lfpv_fast.model import LFPVNet
-
-
-def pick_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise SystemExit(f"--device {name}: no CUDA device is available here; use --device cpu")
-    return torch.device(name)
+from lfpv_fast.model import LFPVNet, ModelConfig
 
 
 def to_uint8_hwc(image: torch.Tensor) -> np.ndarray:
@@ -138,7 +130,8 @@ def evaluate(net: LFPVNet, cfg: RunConfig, device: torch.device, save_images: Pa
             break
     bar.close()
     if not per_frame:
-        raise RuntimeError("the test split is empty: check data.test_scenes and the dataset folders")
+        raise DataError(f"{cfg.source}: the test split has no frames (data.dataset={cfg.data.dataset}); check "
+                        "data.test_scenes and the dataset folders")
     if images:
         summary = summarize_images(per_frame)
         summary["input_psnr"] = float(np.mean(input_rows))
@@ -152,8 +145,20 @@ def evaluate(net: LFPVNet, cfg: RunConfig, device: torch.device, save_images: Pa
     return summary
 
 
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m lfpv_fast.evaluate", description=__doc__.split("\n\n")[1])
+def describe_model_config(used: ModelConfig, from_checkpoint: bool, cfg: RunConfig) -> str:
+    """One line: which model config runs and where it came from (the checkpoint's wins over the config file's)."""
+    if not from_checkpoint:
+        return f"model config: the model section of {cfg.source} (the published format carries none)"
+    ours, theirs = asdict(used), asdict(cfg.model)
+    differs = [f"{k}={ours[k]} (config: {k}={theirs[k]})" for k in ours if ours[k] != theirs.get(k)]
+    if not differs:
+        return f"model config: from the checkpoint (the same as the model section of {cfg.source})"
+    return (f"model config: from the checkpoint, which differs from the model section of {cfg.source} in "
+            + ", ".join(differs))
+
+
+def build_parser() -> ArgumentParser:
+    p = ArgumentParser(prog="python -m lfpv_fast.evaluate", description=__doc__.split("\n\n")[1])
     p.add_argument("-c", "--config", required=True, help="run config (path, or a packaged name: smid, demo)")
     p.add_argument("--checkpoint", required=True, help="our checkpoint or the published SMID.pth")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
@@ -172,33 +177,31 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.max_images is not None and args.max_images < 1:
+        parser.error(f"--max-images must be >= 1, got {args.max_images}")
     try:
         cfg = load_config(args.config, args.overrides)
-    except ConfigError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    device = pick_device(args.device)
-    try:
+        device = resolve_device(args.device)
         raw = read_checkpoint(args.checkpoint)
         published = is_original_state_dict(raw.get("params", raw.get("state_dict", raw)))
         # A published checkpoint carries no config: the config file's model section describes it.
         net = load_model(args.checkpoint, backend=args.backend, config=cfg.model if published else None)
-    except (FileNotFoundError, ValueError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+    except (ConfigError, FileNotFoundError, ValueError) as exc:
+        return fail(str(exc))
     kind = "published SMID format" if published else "lfpv_fast"
     print(f"checkpoint {args.checkpoint} ({kind}); device {device}; test split of {cfg.source}")
+    print(describe_model_config(net.config, not published, cfg))
     start = time.perf_counter()
     try:
         summary = evaluate(net, cfg, device, args.save_images, args.max_images, progress=not args.no_progress,
                            gt_mean=args.gt_mean)
-    except (DataError, ConfigError) as exc:  # a dataset problem names the file; no traceback for it
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+    except (DataError, ConfigError, OSError) as exc:  # a dataset problem names the file; no traceback for it
+        return fail(str(exc))
     summary.update(checkpoint=str(args.checkpoint), checkpoint_format=kind, config=cfg.source,
                    device=str(device), seconds=round(time.perf_counter() - start, 2),
-                   model_config=asdict(net.config))
+                   model_config=asdict(net.config), model_config_source="config" if published else "checkpoint")
     out = args.out or Path(args.checkpoint).with_name(f"eval_{Path(args.checkpoint).stem}.json")
     atomic_write_text(out, json.dumps(summary, indent=2))
     if "per_image" in summary:

@@ -16,14 +16,14 @@ Pillow reads only as 8-bit RGB (it truncates "RGB;16" to 8 bits) and cannot writ
 from __future__ import annotations
 
 import io
-import os
 import struct
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
+
+from lfpv_fast.files import atomic_write_bytes
 
 PNG_EXTENSIONS = (".png",)
 JPEG_EXTENSIONS = (".jpg", ".jpeg")
@@ -259,17 +259,8 @@ def encode_image(suffix: str, pixels: np.ndarray) -> bytes:
 
 
 def write_bytes_atomic(path: Path, data: bytes) -> None:
-    """Write to a temporary file beside `path`, then rename: readers never see a half-written image."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    """Readers never see a half-written image; the file gets the usual mode (umask), see lfpv_fast.files."""
+    atomic_write_bytes(path, data)
 
 
 def write_image(path: str | Path, rgb: np.ndarray | torch.Tensor, bit_depth: int = 8,

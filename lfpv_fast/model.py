@@ -4,7 +4,7 @@ This is the published `low_light_transformer4` (SMID settings) written part by p
 
     x (B,3,H,W) -- bilinear resize to a multiple of 16 --> Encoder (conv to 1/4 size + residual blocks)
       features f (B,C,H/4,W/4)
-        training:  aux = decode(f)                        # the output without LFPV ("no_lfpv")
+        training:  without_lfpv = decode(f)               # the output without the LFPV fusion
                    banks' = mutual_update(sample_update(banks, f))
                    out = decode(query_fusion(f, banks'));  banks <- banks'
         eval:      out = decode(query_fusion(f, banks))
@@ -80,7 +80,7 @@ class ModelConfig:
 
 @dataclass
 class BankDraws:
-    """The random choices of one training forward (see ../shared/golden/README.md).
+    """The random choices of one training forward (see tests/data/README.md, "train_draws").
 
     vector_pos: (h, w) of the feature vector of every image that feeds the vector sample-updater.
     patch_pos: (h, w) top-left of the p x p window that feeds the patch sample-updater.

@@ -7,9 +7,11 @@
 
 -c takes a path or a packaged config name (demo, smid). --set section.key=value overrides a key (repeatable).
 --out is the run folder (default runs/<config name>-<YYYYmmdd-HHMMSS>); --resume continues the run in --out from
-its latest checkpoint, or from the checkpoint given (its run folder is then the default --out); without -c a
-resumed run reads the run folder's config.yaml, so `--out DIR --resume --set train.iterations=N` extends a run.
-Exit status: 0 done or stopped by SIGINT/SIGTERM (after a checkpoint), 1 non-finite loss, 2 bad config or data.
+its latest checkpoint that can be read (a damaged newer one is skipped, with a message), or from the checkpoint
+given (its run folder is then the default --out); without -c a resumed run reads the run folder's config.yaml,
+so `--out DIR --resume --set train.iterations=N` extends a run.
+Exit status: 0 done or stopped by SIGINT/SIGTERM (after a checkpoint), 1 non-finite loss, 2 bad arguments,
+config or data (one line on stderr starting with "error:"), 130 a second Ctrl-C.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ from pathlib import Path
 import torch.distributed as dist
 
 from lfpv_fast import distributed
+from lfpv_fast.cli import ArgumentParser, fail
 from lfpv_fast.config import ConfigError, RunConfig, load_config
 from lfpv_fast.data.smid import DataError
 from lfpv_fast.trainer import Trainer, resolve_features
@@ -30,9 +33,9 @@ from lfpv_fast.trainer import Trainer, resolve_features
 DEMO_CONFIG = "demo"
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser() -> ArgumentParser:
     doc = (__doc__ or "").split("\n\n")
-    ap = argparse.ArgumentParser(prog="python -m lfpv_fast.train", description=doc[0],
+    ap = ArgumentParser(prog="python -m lfpv_fast.train", description=doc[0],
                                  epilog="\n\n".join(doc[1:]), formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("-c", "--config", help="run config: a YAML path or a packaged name (default: demo)")
     ap.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
@@ -82,8 +85,7 @@ def main(argv: list[str] | None = None) -> int:
         cfg = load_run_config(args)
         features = resolve_features(cfg, int(os.environ.get("LOCAL_RANK", "0")))
     except (ConfigError, DataError, OSError, ValueError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+        return fail(str(exc))
     info = distributed.init(features.device.type == "cuda")
     trainer = None
     try:
@@ -91,8 +93,7 @@ def main(argv: list[str] | None = None) -> int:
         trainer = Trainer(cfg, run_dir, resume=args.resume, dist_info=info, features=features)
         return trainer.fit()
     except (ConfigError, DataError, OSError, ValueError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+        return fail(str(exc))
     except KeyboardInterrupt:  # a second Ctrl-C: no checkpoint for the step in progress
         last = trainer.last_checkpoint if trainer is not None else None
         print(f"interrupted; last checkpoint: {last}", file=sys.stderr)

@@ -2,9 +2,12 @@
 
 Read top to bottom:
   resolve_features  which fast-path switches are on (GPU-only ones on a CPU machine fail here, before any work)
-  Trainer.__init__  run folder, model, optimizer + scheduler, data, resume, DDP and torch.compile
+  configure_torch   global torch switches: cuDNN autotuning, or train.deterministic
+  Trainer.__init__  its steps in order: checkpoint to resume, data, run folder, network, loss, DDP,
+                    optimizer + scheduler, training state, torch.compile, metrics files
   Trainer.fit       the loop: step, log, validate, checkpoint, stop on SIGINT/SIGTERM
-  train_step        one published training step (both outputs, Charbonnier on both, perceptual on the aux)
+  train_step        one published training step (both outputs, Charbonnier on both, perceptual on the one
+                    without the LFPV fusion)
   validate          PSNR/SSIM on the held-out scenes, image grids, best.pth
   checkpoints       everything needed to continue bit-for-bit, loadable with torch.load(weights_only=True)
 
@@ -16,8 +19,10 @@ is the exception: deciding to skip a step needs its verdict, so that mode syncs 
 from __future__ import annotations
 
 import contextlib
+import importlib.util
 import json
 import math
+import os
 import random
 import re
 import signal
@@ -35,8 +40,16 @@ from tqdm import tqdm
 
 from lfpv_fast import distributed
 from lfpv_fast.backends import triton_interpreting, triton_ops
-from lfpv_fast.checkpoint import FORMAT, atomic_save, atomic_write_text, read_checkpoint, weights_only_checkpoint
+from lfpv_fast.checkpoint import (
+    FORMAT,
+    atomic_save,
+    atomic_write_text,
+    is_published_architecture,
+    read_checkpoint,
+    weights_only_checkpoint,
+)
 from lfpv_fast.config import ConfigError, RunConfig, config_to_dict
+from lfpv_fast.data.smid import DataError
 from lfpv_fast.losses import PerceptualLoss, charbonnier_loss
 from lfpv_fast.metrics import psnr_batch, ssim_batch
 from lfpv_fast.model import BankDraws, LFPVNet
@@ -124,6 +137,32 @@ def resolve_features(cfg: RunConfig, local_rank: int = 0) -> Features:
         fused_adam=switch(t.fused_adam),
         cuda_graphs=t.cuda_graphs,
     )
+
+
+def configure_torch(cfg: RunConfig, device: torch.device) -> str | None:
+    """Process-wide torch switches for this run; returns a description when train.deterministic is on.
+
+    Default: cuDNN picks its fastest kernels (training crops have one fixed size). train.deterministic: the same
+    seed gives bit-identical losses, run after run, on a busy machine too: deterministic algorithms only (an op
+    without one is an error naming it), deterministic cuDNN without autotuning, cuBLAS's fixed workspace, and
+    a fixed number of CPU threads (train.cpu_threads, default 1), since how a sum is split over threads changes
+    its rounding.
+    """
+    t = cfg.train
+    if t.cpu_threads is not None:
+        torch.set_num_threads(t.cpu_threads)
+    if not t.deterministic:
+        torch.use_deterministic_algorithms(False)
+        torch.backends.cudnn.deterministic = False
+        torch.backends.cudnn.benchmark = device.type == "cuda"
+        return None
+    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # read at cuBLAS's first use, which is later
+    torch.use_deterministic_algorithms(True)
+    torch.backends.cudnn.deterministic = True
+    torch.backends.cudnn.benchmark = False
+    if t.cpu_threads is None:
+        torch.set_num_threads(1)
+    return f"deterministic ({torch.get_num_threads()} CPU thread(s))"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -228,7 +267,12 @@ class NonFiniteError(RuntimeError):
 
 
 class Trainer:
-    """One training run in `run_dir`. `train_loader`/`val_loader` default to lfpv_fast.pipelines.build_loader."""
+    """One training run in `run_dir`. `train_loader`/`val_loader` default to lfpv_fast.pipelines.build_loader.
+
+    Two names for the network: `net` is the bare LFPVNet (its weights, banks and draws generator; what
+    checkpoints, validation and the exports use); `wrapped_net` is what the training step calls: `net` inside
+    DDP and/or torch.compile, or `net` itself when neither is on.
+    """
 
     def __init__(self, cfg: RunConfig, run_dir: str | Path, resume: str | Path | None = None,
                  dist_info: distributed.DistInfo | None = None, train_loader: Any = None, val_loader: Any = None,
@@ -237,90 +281,183 @@ class Trainer:
         self.dist = dist_info or distributed.DistInfo()
         self.main = self.dist.is_main
         self.run_dir = Path(run_dir)
-        t = cfg.train
-        # Checks that need the world size, before any work.
-        if cfg.data.batch_size % self.dist.world_size:
-            raise ConfigError(f"{cfg.source}: data.batch_size={cfg.data.batch_size} is the global batch and must "
-                              f"split evenly over the {self.dist.world_size} ranks")
-        self.features = f = features or resolve_features(cfg, self.dist.local_rank)
-        self.device = f.device
-        if self.device.type == "cuda":
-            torch.backends.cudnn.benchmark = True  # training crops have one fixed size
-        ckpt_path = self._resume_path(resume)
-        ckpt = read_checkpoint(ckpt_path) if ckpt_path else None
-        if ckpt is not None:
-            self._check_resumable(ckpt, ckpt_path)
-
-        # Data (a missing or broken file fails here, naming it); the loader splits the global batch over ranks.
-        if train_loader is None or val_loader is None:
-            from lfpv_fast.pipelines import build_loader  # makes the demo dataset on first use
-
-            train_loader = train_loader or build_loader(cfg, "train", self.dist.rank, self.dist.world_size, t.seed)
-            val_loader = val_loader or build_loader(cfg, "test", self.dist.rank, self.dist.world_size, t.seed)
-        self.train_loader, self.val_loader = train_loader, val_loader
-
-        # Run folder: config.yaml, train.log, metrics.jsonl, images/, checkpoints/.
         self.ckpt_dir = self.run_dir / "checkpoints"
-        if self.main:
-            self.ckpt_dir.mkdir(parents=True, exist_ok=True)
-            (self.run_dir / "images").mkdir(exist_ok=True)
-            for stale in self.ckpt_dir.glob(".*.tmp"):  # left by a write that was killed
-                stale.unlink(missing_ok=True)
-            atomic_write_text(self.run_dir / "config.yaml", yaml.safe_dump(config_to_dict(cfg), sort_keys=False))
-        self._log_file = open(self.run_dir / "train.log", "a") if self.main else None  # noqa: SIM115
-        self.log(f"run folder {self.run_dir} ({cfg.source}); {self.dist.world_size} process(es); {f.describe()}")
-        if ckpt is not None and self.main:
-            # Resuming from an older checkpoint: later step_*.pth belong to the abandoned continuation. Left in
-            # place they would count for retention (deleting the new ones) and be picked by a later --resume.
-            for later in list_checkpoints(self.ckpt_dir):
-                if checkpoint_step(later) > int(ckpt["step"]):
-                    later.rename(later.with_name(later.name + ".abandoned"))
-                    self.log(f"{later} is newer than the resumed step {int(ckpt['step'])}: renamed to "
-                             f"{later.name}.abandoned")
+        self.features = features or resolve_features(cfg, self.dist.local_rank)
+        self.device = self.features.device
+        self._log_file: Any = None
+        self._unwritten_log: list[str] = []  # lines logged before train.log is open
+        self._damaged: list[Path] = []  # checkpoints that --resume found unreadable
 
-        # Same seed everywhere: every rank builds the same initial weights and draws the same bank updates.
+        determinism = configure_torch(cfg, self.device)
+        resume_path, checkpoint = self._find_checkpoint(resume)
+        self.train_loader, self.val_loader = self._build_loaders(train_loader, val_loader)
+        self._open_run_folder()
+        self.log(f"run folder {self.run_dir} ({cfg.source}); {self.dist.world_size} process(es); "
+                 f"{self.features.describe()}" + (f"; {determinism}" if determinism else ""))
+        if checkpoint is not None:
+            self._set_aside_later_checkpoints(int(checkpoint["step"]))
+        self.net = self._build_net(checkpoint)
+        self.perceptual = self._build_perceptual_loss()
+        # DDP (bank hook + synchronized updater BatchNorms) before the optimizer: the BatchNorm swap makes new
+        # parameters. Then the optimizer, then its saved state (which must overwrite the scheduler's lr).
+        self.wrapped_net = distributed.prepare_model(self.net, self.dist, self.device.type == "cuda")
+        self.optimizer, self.scheduler = self._build_optimizer()
+        self._start_counters(resume_path)
+        if checkpoint is not None:
+            self._load_training_state(checkpoint)
+            self.log(f"resumed from {resume_path} at step {self.step}")
+        if self.features.compile:
+            # CUDA graphs through inductor's cudagraph trees: the part of the step that fits a graph.
+            self.wrapped_net = torch.compile(self.wrapped_net,
+                                             mode="reduce-overhead" if self.features.cuda_graphs else None)
+        self._open_metrics()
+
+    # -----------------------------------------------------------------------------------------
+    # The steps of __init__, in order
+
+    def _find_checkpoint(self, resume: str | Path | None) -> tuple[Path | None, dict[str, Any] | None]:
+        """The checkpoint to continue from (None, "latest" or a path), read and checked; (None, None) for a new run.
+
+        "latest" is the newest checkpoint that reads: a damaged newer one (a copy cut short, a full disk) is
+        skipped, saying so, and set aside as <name>.damaged once the run folder is open.
+        """
+        if resume is None:
+            if list_checkpoints(self.ckpt_dir):
+                raise FileExistsError(f"{self.run_dir} already holds a run (checkpoints/step_*.pth): continue it "
+                                      "with --resume, or pick another --out")
+            return None, None
+        if str(resume) != "latest":
+            path = Path(resume).expanduser()
+            if not path.is_file():
+                raise FileNotFoundError(f"--resume: checkpoint {path} does not exist")
+            checkpoint = read_checkpoint(path)
+        else:
+            found = list_checkpoints(self.ckpt_dir)
+            if not found:
+                raise FileNotFoundError(f"--resume: no checkpoint (step_*.pth) in {self.ckpt_dir}")
+            path, checkpoint = None, None
+            for candidate in reversed(found):
+                try:
+                    checkpoint = read_checkpoint(candidate)
+                except ValueError as exc:
+                    self.log(f"warning: {exc}; trying the checkpoint before it")
+                    self._damaged.append(candidate)
+                    continue
+                path = candidate
+                break
+            if checkpoint is None:
+                raise ValueError(f"--resume: none of the checkpoints in {self.ckpt_dir} can be read "
+                                 f"({', '.join(p.name for p in found)})")
+            if self._damaged:
+                self.log(f"resuming from {path.name}, the newest intact checkpoint (instead of "
+                         f"{self._damaged[0].name}, which cannot be read)")
+        self._check_resumable(checkpoint, path)
+        return path, checkpoint
+
+    def _build_loaders(self, train_loader: Any, val_loader: Any) -> tuple[Any, Any]:
+        """The loaders; a missing or broken data file fails here, naming it, before the run folder is made.
+
+        build_loader splits the global batch over the ranks (and refuses a batch that does not split evenly).
+        """
+        if train_loader is not None and val_loader is not None:
+            return train_loader, val_loader
+        from lfpv_fast.pipelines import build_loader
+
+        if self.cfg.data.dataset == "demo":
+            self._make_demo_dataset()
+        rank, world, seed = self.dist.rank, self.dist.world_size, self.cfg.train.seed
+        return (train_loader or build_loader(self.cfg, "train", rank, world, seed),
+                val_loader or build_loader(self.cfg, "test", rank, world, seed))
+
+    def _make_demo_dataset(self) -> None:
+        """The demo dataset is written on first use (some seconds); say so, and where."""
+        from lfpv_fast.data.demo import make_demo_dataset
+
+        root = Path(self.cfg.data.demo_root).expanduser()
+        if root.is_dir() and any(root.iterdir()):  # there already (make_demo_dataset checks that it is complete)
+            make_demo_dataset(root)
+            return
+        if importlib.util.find_spec("skimage") is None:
+            raise DataError("the demo dataset is made from photos that ship inside scikit-image, which is not "
+                            "installed: pip install 'lfpv_fast[demo]' (or scikit-image)")
+        self.log(f"building the demo dataset in {root} (data.demo_root; once, later runs reuse it)")
+        start = time.perf_counter()
+        make_demo_dataset(root)
+        self.log(f"demo dataset written to {root} in {time.perf_counter() - start:.1f} s")
+
+    def _open_run_folder(self) -> None:
+        """config.yaml (the resolved config), train.log, images/, checkpoints/; written by rank 0 only."""
+        if not self.main:
+            return
+        self.ckpt_dir.mkdir(parents=True, exist_ok=True)
+        (self.run_dir / "images").mkdir(exist_ok=True)
+        for stale in self.ckpt_dir.glob(".*.tmp"):  # left by a write that was killed
+            stale.unlink(missing_ok=True)
+        atomic_write_text(self.run_dir / "config.yaml", yaml.safe_dump(config_to_dict(self.cfg), sort_keys=False))
+        self._log_file = open(self.run_dir / "train.log", "a")  # noqa: SIM115 - closed in close()
+        for line in self._unwritten_log:
+            self._log_file.write(line)
+        self._unwritten_log.clear()
+        self._log_file.flush()
+
+    def _set_aside_later_checkpoints(self, resumed_step: int) -> None:
+        """Resuming from an older checkpoint: later step_*.pth belong to the abandoned continuation. Left in place
+        they would count for retention (deleting the new ones) and be picked by a later --resume."""
+        if not self.main:
+            return
+        for path in list_checkpoints(self.ckpt_dir):
+            if path in self._damaged:
+                path.rename(path.with_name(path.name + ".damaged"))
+                self.log(f"{path} cannot be read: renamed to {path.name}.damaged")
+            elif checkpoint_step(path) > resumed_step:
+                path.rename(path.with_name(path.name + ".abandoned"))
+                self.log(f"{path} is newer than the resumed step {resumed_step}: renamed to {path.name}.abandoned")
+
+    def _build_net(self, checkpoint: dict[str, Any] | None) -> LFPVNet:
+        """The bare LFPVNet. One seed everywhere: every rank builds the same weights and draws the same bank
+        updates; a resumed run then takes the checkpoint's weights."""
+        t, f = self.cfg.train, self.features
         torch.manual_seed(t.seed)
         np.random.seed(t.seed)
         random.seed(t.seed)
-        net = LFPVNet(cfg.model, backend=f.backend).to(self.device)
+        net = LFPVNet(self.cfg.model, backend=f.backend).to(self.device)
         net.seed_draws(t.seed)
         if f.channels_last:
             net = net.to(memory_format=torch.channels_last)
-        self.net = net
+        if checkpoint is not None:
+            net.load_state_dict(checkpoint["model"])
+        return net
 
-        self.perceptual = None
+    def _build_perceptual_loss(self) -> PerceptualLoss | None:
+        t = self.cfg.train
         if t.perceptual_weight > 0 and t.vgg_weights:
-            self.perceptual = PerceptualLoss.from_file(Path(t.vgg_weights).expanduser()).to(self.device)
-        elif t.perceptual_weight > 0:
+            return PerceptualLoss.from_file(Path(t.vgg_weights).expanduser()).to(self.device)
+        if t.perceptual_weight > 0:
             self.log("train.vgg_weights is null: the perceptual loss term is off (pixel losses only)")
+        return None
 
+    def _build_optimizer(self) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LambdaLR]:
+        """Adam over the bare net's parameters (after the DDP BatchNorm swap), cosine annealing with restarts."""
+        t = self.cfg.train
+        optimizer = torch.optim.Adam(self.net.parameters(), lr=t.lr, betas=tuple(t.betas),
+                                     weight_decay=t.weight_decay, fused=self.features.fused_adam or None)
+        self.lr_factor = cosine_restart_lambda(t.lr, t.restart_period, t.eta_min)
+        return optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, self.lr_factor)
+
+    def _start_counters(self, resume_path: Path | None) -> None:
         self.step = 0
         self.best_psnr: float | None = None
         self.input_metrics: tuple[float, float] | None = None
-        if ckpt is not None:
-            net.load_state_dict(ckpt["model"])
-
-        # DDP (bank hook + synchronized updater BatchNorms) before the optimizer: the BatchNorm swap makes
-        # new parameters. Then the optimizer, then its saved state (which must overwrite the scheduler's lr).
-        self.model = distributed.prepare_model(net, self.dist, self.device.type == "cuda")
-        self.optimizer = torch.optim.Adam(net.parameters(), lr=t.lr, betas=tuple(t.betas),
-                                          weight_decay=t.weight_decay, fused=f.fused_adam or None)
-        self.lr_factor = cosine_restart_lambda(t.lr, t.restart_period, t.eta_min)
-        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, self.lr_factor)
-        if ckpt is not None:
-            self._load_training_state(ckpt)
-            self.log(f"resumed from {ckpt_path} at step {self.step}")
-        if f.compile:
-            # CUDA graphs through inductor's cudagraph trees: the part of the step that fits a graph.
-            self.model = torch.compile(self.model, mode="reduce-overhead" if f.cuda_graphs else None)
-
         # Accumulated on the device between logging intervals (read with one sync per interval).
         self.loss_sum = torch.zeros((), dtype=torch.float64, device=self.device)
         self.grad_norm_sum = torch.zeros((), dtype=torch.float64, device=self.device)
         self.first_bad_step = torch.full((), -1, dtype=torch.long, device=self.device)
         self.counted_steps = 0
         self.skipped = 0
-        self.last_checkpoint: Path | None = ckpt_path
+        self.last_checkpoint: Path | None = resume_path
+
+    def _open_metrics(self) -> None:
+        """metrics.jsonl and val.jsonl (cut back to the resumed step), TensorBoard."""
         self.metrics_path = self.run_dir / "metrics.jsonl"
         if self.main:
             self._truncate_jsonl(self.metrics_path)
@@ -383,12 +520,12 @@ class Trainer:
     # -----------------------------------------------------------------------------------------
     # One step
 
-    def loss(self, out: torch.Tensor, aux: torch.Tensor, gt: torch.Tensor) -> torch.Tensor:
+    def loss(self, out: torch.Tensor, without_lfpv: torch.Tensor, gt: torch.Tensor) -> torch.Tensor:
         """Published: Charbonnier on both outputs, plus the perceptual loss on the output without the LFPV."""
         t = self.cfg.train
-        loss = t.pixel_weight * (charbonnier_loss(out.float(), gt) + charbonnier_loss(aux.float(), gt))
+        loss = t.pixel_weight * (charbonnier_loss(out.float(), gt) + charbonnier_loss(without_lfpv.float(), gt))
         if self.perceptual is not None:
-            loss = loss + t.perceptual_weight * self.perceptual(aux, gt).float()
+            loss = loss + t.perceptual_weight * self.perceptual(without_lfpv, gt).float()
         return loss
 
     def autocast(self) -> contextlib.AbstractContextManager:
@@ -411,8 +548,8 @@ class Trainer:
             draws = BankDraws(*(x.pin_memory() for x in (draws.vector_pos, draws.patch_pos, draws.vector_partner,
                                                          draws.patch_partner))).to(self.device)
         with self.autocast():
-            out, aux = self.model(lq, snr, draws)
-            loss = self.loss(out, aux, gt)
+            out, without_lfpv = self.wrapped_net(lq, snr, draws)
+            loss = self.loss(out, without_lfpv, gt)
         # DDP averages gradients over ranks; scaling by the world size makes them the gradient of the global
         # batch's (summed) loss, exactly what one process would compute on the whole batch.
         (loss * self.dist.world_size).backward()
@@ -453,12 +590,16 @@ class Trainer:
     # Logging
 
     def log(self, message: str) -> None:
+        """Print (rank 0 only) and append to train.log; what is logged before train.log opens is written then."""
         if not self.main:
             return
         tqdm.write(message)
-        if self._log_file is not None:
-            self._log_file.write(f"{time.strftime('%Y-%m-%d %H:%M:%S')} {message}\n")
-            self._log_file.flush()
+        line = f"{time.strftime('%Y-%m-%d %H:%M:%S')} {message}\n"
+        if self._log_file is None:
+            self._unwritten_log.append(line)
+            return
+        self._log_file.write(line)
+        self._log_file.flush()
 
     def _tensorboard(self) -> Any:
         if not (self.main and self.cfg.logging.tensorboard):
@@ -626,39 +767,24 @@ class Trainer:
         self.last_checkpoint = path
         return path
 
-    def _resume_path(self, resume: str | Path | None) -> Path | None:
-        if resume is None:
-            if list_checkpoints(self.run_dir / "checkpoints"):
-                raise FileExistsError(f"{self.run_dir} already holds a run (checkpoints/step_*.pth): continue it "
-                                      "with --resume, or pick another --out")
-            return None
-        if str(resume) != "latest":
-            path = Path(resume).expanduser()
-            if not path.is_file():
-                raise FileNotFoundError(f"--resume: checkpoint {path} does not exist")
-            return path
-        latest = latest_checkpoint(self.run_dir)
-        if latest is None:
-            raise FileNotFoundError(f"--resume: no checkpoint (step_*.pth) in {self.run_dir / 'checkpoints'}")
-        return latest
-
-    def _check_resumable(self, ckpt: dict[str, Any], path: Path) -> None:
-        missing = [k for k in ("format", "model", "optimizer", "scheduler", "step", "rng", "loader") if k not in ckpt]
-        if ckpt.get("format") != FORMAT or missing:
+    def _check_resumable(self, checkpoint: dict[str, Any], path: Path) -> None:
+        needed = ("format", "model", "optimizer", "scheduler", "step", "rng", "loader")
+        missing = [k for k in needed if k not in checkpoint]
+        if checkpoint.get("format") != FORMAT or missing:
             raise ValueError(f"checkpoint {path} is not a training checkpoint of lfpv_fast (missing {missing}); "
                              "weights-only files can be evaluated but not resumed")
-        if ckpt["model_config"] != asdict(self.cfg.model):
-            raise ValueError(f"checkpoint {path} was trained with model config {ckpt['model_config']}, but the "
+        if checkpoint["model_config"] != asdict(self.cfg.model):
+            raise ValueError(f"checkpoint {path} was trained with model config {checkpoint['model_config']}, but the "
                              f"run config has {asdict(self.cfg.model)}; resume with the run's config.yaml")
 
-    def _load_training_state(self, ckpt: dict[str, Any]) -> None:
-        self.optimizer.load_state_dict(ckpt["optimizer"])
-        self.scheduler.load_state_dict(ckpt["scheduler"])
-        self.step = int(ckpt["step"])
-        self.best_psnr = ckpt.get("best_psnr")
-        restore_rng(ckpt["rng"])
-        self.net.draw_generator.set_state(ckpt["draw_generator"])
-        self.train_loader.load_state_dict(ckpt["loader"])
+    def _load_training_state(self, checkpoint: dict[str, Any]) -> None:
+        self.optimizer.load_state_dict(checkpoint["optimizer"])
+        self.scheduler.load_state_dict(checkpoint["scheduler"])
+        self.step = int(checkpoint["step"])
+        self.best_psnr = checkpoint.get("best_psnr")
+        restore_rng(checkpoint["rng"])
+        self.net.draw_generator.set_state(checkpoint["draw_generator"])
+        self.train_loader.load_state_dict(checkpoint["loader"])
 
     # -----------------------------------------------------------------------------------------
     # The end
@@ -670,7 +796,14 @@ class Trainer:
         if not self.main:
             return
         atomic_save(weights_only_checkpoint(self.net), self.run_dir / "final_weights.pth")
-        atomic_save(self.net.to_original_state_dict(), self.run_dir / "final_original_format.pth")
+        original = self.run_dir / "final_original_format.pth"
+        if is_published_architecture(self.net.config):
+            atomic_save(self.net.to_original_state_dict(), original)
+            published = f"; published format: {original}"
+        else:
+            # The published format has no room for a config: a reader takes it for the SMID architecture.
+            published = (f"; {original.name} is not written: the published format holds only the published "
+                         "architecture (the default model section)")
         lines = [f"done: {self.step} steps."]
         if self.input_metrics is not None and self.best_psnr is not None:
             last = json.loads((self.run_dir / "val.jsonl").read_text().splitlines()[-1])
@@ -681,8 +814,7 @@ class Trainer:
             f"  images (input | output | ground truth): {self.run_dir / 'images'}",
             f"  log: {self.run_dir / 'train.log'}; metrics: {self.metrics_path}, {self.run_dir / 'val.jsonl'}",
             f"  checkpoint: {self.last_checkpoint} (best PSNR: {self.ckpt_dir / 'best.pth'})",
-            f"  weights: {self.run_dir / 'final_weights.pth'}; published format: "
-            f"{self.run_dir / 'final_original_format.pth'}",
+            f"  weights: {self.run_dir / 'final_weights.pth'}{published}",
         ]
         self.log("\n".join(lines))
 

@@ -25,6 +25,7 @@ import torch
 from lfpv_fast.config import ConfigError, RunConfig
 from lfpv_fast.data.source import resolve_split
 from lfpv_fast.pipelines.loader import Batch, BatchPlan, PairLoader
+from lfpv_fast.pipelines.sampling import per_rank_batch
 
 __all__ = ["Batch", "BatchPlan", "PairLoader", "build_loader"]
 
@@ -40,11 +41,11 @@ def build_loader(cfg: RunConfig, split: str, rank: int = 0, world_size: int = 1,
         raise ValueError(f"split must be 'train' or 'test', got {split!r}")
     if world_size < 1 or not 0 <= rank < world_size:
         raise ValueError(f"expected 0 <= rank < world_size, got rank={rank}, world_size={world_size}")
-    if split == "train" and d.batch_size % world_size:
-        raise ConfigError(
-            f"{cfg.source}: data.batch_size={d.batch_size} is the global batch and must be divisible by the "
-            f"world size {world_size}"
-        )
+    if split == "train":
+        try:
+            per_rank_batch(d.batch_size, world_size)  # the one place of the rule: the global batch splits evenly
+        except ValueError as exc:
+            raise ConfigError(f"{cfg.source}: {exc}") from exc
     if d.device == "gpu" and not torch.cuda.is_available():
         raise ConfigError(f"{cfg.source}: data.device is 'gpu' but no CUDA device is visible; use data.device=cpu")
     if d.loader == "dali":

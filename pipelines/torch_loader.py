@@ -11,7 +11,9 @@ worker processes hold no random state and the batches do not depend on num_worke
 
 from __future__ import annotations
 
+import os
 import signal
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -108,13 +110,38 @@ def _ignore_sigint(_worker_id: int) -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
+_reported_worker_caps: set[tuple[int, int]] = set()  # (asked, cores) already reported by this process
+
+
+def available_cores() -> int:
+    """CPU cores this process may run on (its affinity mask, e.g. under taskset or a container's cpuset)."""
+    if hasattr(os, "sched_getaffinity"):
+        return len(os.sched_getaffinity(0))
+    return os.cpu_count() or 1
+
+
+def cap_workers(asked: int) -> int:
+    """data.num_workers, at most one worker per available core (more only contend, and torch warns each epoch).
+
+    Says so once per process, on stderr."""
+    cores = available_cores()
+    if asked <= cores:
+        return asked
+    if (asked, cores) not in _reported_worker_caps:
+        _reported_worker_caps.add((asked, cores))
+        print(f"note: data.num_workers={asked} but this process may use {cores} CPU core(s): using {cores} "
+              "loader worker(s)", file=sys.stderr)
+    return cores
+
+
 class TorchPairLoader(PairLoader):
-    """`PairLoader` on a torch DataLoader with `num_workers` processes (pinned memory on "gpu")."""
+    """`PairLoader` on a torch DataLoader with `num_workers` processes (capped at the available cores; pinned
+    memory on "gpu")."""
 
     def __init__(self, data: SplitData, *args, num_workers: int = 0, pin_memory: bool = False, **kwargs) -> None:
         super().__init__(data, *args, **kwargs)
         self.dataset = PairDataset(data, self.crop)
-        self.num_workers, self.pin_memory = num_workers, pin_memory
+        self.num_workers, self.pin_memory = cap_workers(num_workers), pin_memory
 
     def _produce(self, plans: list[BatchPlan]) -> Iterator[Batch]:
         if not plans:

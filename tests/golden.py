@@ -1,4 +1,4 @@
-"""Helpers for the golden case of the published code (tests/data, copied from ../shared/golden)."""
+"""Helpers for the golden case of the published code (tests/data; what each file holds: tests/data/README.md)."""
 
 from __future__ import annotations
 

@@ -63,3 +63,29 @@ def test_cross_key_validation_and_bad_override_syntax():
         load_config("smid", ["train.iterations"])
     with pytest.raises(ConfigError, match="not found"):
         load_config("no_such_config")
+
+
+def test_errors_from_a_set_override_name_the_override_not_the_file(tmp_path):
+    p = tmp_path / "run.yaml"
+    p.write_text("train:\n  iterations: 10\n")
+    cases = {
+        "train.iteration=3": "did you mean 'iterations'",  # unknown key
+        "train.iterations=many": "expected int",  # wrong type
+        "data.num_workers=-1": "data.num_workers must be >= 0",  # refused by the section itself
+        "modle.nf=8": "did you mean 'model'",  # unknown section
+    }
+    for override, named in cases.items():
+        with pytest.raises(ConfigError) as info:
+            load_config(p, [override])
+        message = str(info.value)
+        assert message.startswith(f"--set {override}: ") and named in message, message
+        assert str(p) not in message, message
+    # A key the file itself gets wrong is still the file's.
+    p.write_text("train:\n  iteration: 10\n")
+    with pytest.raises(ConfigError, match=f"^{p}: train: unknown key 'iteration'"):
+        load_config(p, ["train.lr=1e-3"])
+    # A check across keys names both the file and the overrides that took part.
+    p.write_text("data:\n  resize: [64, 48]\n")
+    with pytest.raises(ConfigError) as info:
+        load_config(p, ["data.crop=60"])
+    assert str(p) in str(info.value) and "--set data.crop=60" in str(info.value)

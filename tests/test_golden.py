@@ -23,19 +23,19 @@ def run_training_step(net, case):
     """One training forward with the recorded draws and the golden loss; returns outputs and x."""
     net.train()
     x = case["input"].clone().requires_grad_(True)
-    out, out_no_lfpv = net(x, case["net_mask"], golden_draws(case))
+    out, without_lfpv = net(x, case["net_mask"], golden_draws(case))
     n = out.numel()
     w1 = torch.sin(torch.arange(n, dtype=torch.float64)).reshape(out.shape).to(out.device)
     w2 = torch.cos(torch.arange(n, dtype=torch.float64)).reshape(out.shape).to(out.device)
-    ((out * w1).sum() + (out_no_lfpv * w2).sum()).backward()
-    return out, out_no_lfpv, x
+    ((out * w1).sum() + (without_lfpv * w2).sum()).backward()
+    return out, without_lfpv, x
 
 
 def check_golden_training(net, case) -> None:
     assert rel_err(net.bank_vectors, case["train_bank_vectors_before"]) == 0
-    out, out_no_lfpv, x = run_training_step(net, case)
+    out, without_lfpv, x = run_training_step(net, case)
     assert rel_err(out, case["train_output"]) < 1e-9
-    assert rel_err(out_no_lfpv, case["train_output_no_lfpv"]) < 1e-9
+    assert rel_err(without_lfpv, case["train_output_no_lfpv"]) < 1e-9
     assert rel_err(net.bank_vectors, case["train_bank_vectors_after"]) < 1e-9
     assert rel_err(net.bank_patches, case["train_bank_patches_after"]) < 1e-9
     assert rel_err(x.grad, case["train_grad_input"]) < 1e-8

@@ -58,8 +58,8 @@ def test_training_forward_updates_banks_and_returns_two_outputs():
     net.seed_draws(3)
     x = torch.rand(3, 3, 32, 32)
     before = net.bank_vectors.clone()
-    out, out_no_lfpv = net(x, snr_mask(x))
-    assert out.shape == out_no_lfpv.shape == x.shape
+    out, without_lfpv = net(x, snr_mask(x))
+    assert out.shape == without_lfpv.shape == x.shape
     assert not torch.equal(before, net.bank_vectors)
     assert not net.bank_vectors.requires_grad
     # The banks learn through the updaters: their MLPs get gradients from the main output.
@@ -149,8 +149,8 @@ def test_float32_training_forward_backward_runs():
     torch.manual_seed(0)
     net = LFPVNet(ModelConfig(nf=32, layers=2, heads=2, head_dim=32, ffn_dim=64)).train()
     x = torch.rand(2, 3, 48, 40, requires_grad=True)
-    out, aux = net(x, snr_mask(x))
-    (out.mean() + aux.mean()).backward()
+    out, without_lfpv = net(x, snr_mask(x))
+    (out.mean() + without_lfpv.mean()).backward()
     assert torch.isfinite(x.grad).all() and x.grad.abs().sum() > 0
 
 

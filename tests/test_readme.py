@@ -59,3 +59,17 @@ def test_config_keys_named_in_readme_exist_and_all_are_documented():
 def test_bench_scripts_named_in_readme_exist():
     for path in set(re.findall(r"(bench/[\w/]+\.py)", README)):
         assert (ROOT / path).is_file(), path
+
+
+def test_entry_points_named_in_readme_exist_and_accept_the_flags_used():
+    scripts = dict(re.findall(r'^(lfpv-[\w-]+) = "([\w.]+):main"', (ROOT / "pyproject.toml").read_text(), flags=re.M))
+    named = set(re.findall(r"`(lfpv-[a-z]+)`", README))
+    assert named == set(scripts), (named, set(scripts))  # every entry point documented, none invented
+    for command, module in scripts.items():
+        assert f"`python -m {module}`" in README
+        flags = {opt for action in importlib.import_module(module).build_parser()._actions
+                 for opt in action.option_strings}
+        for line in README.splitlines():
+            if line.lstrip().startswith(command + " "):
+                used = set(re.findall(r"(?<![\w-])(--[a-z][\w-]*)", line.split(command, 1)[1]))
+                assert used <= flags, f"{command}: README uses unknown flags {used - flags}"

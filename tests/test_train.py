@@ -25,7 +25,6 @@ import yaml
 
 from lfpv_fast.checkpoint import load_model, read_checkpoint
 from lfpv_fast.config import ConfigError, config_to_dict, load_config
-from lfpv_fast.model import LFPVNet
 from lfpv_fast.train import load_run_config, main, parse_args
 from lfpv_fast.trainer import (
     Trainer,
@@ -134,8 +133,9 @@ def test_resume_in_the_middle_of_an_epoch_repeats_the_uninterrupted_losses(tmp_p
     assert len(list((run / "images").glob("step_00000008_*.png"))) == 1
     net = load_model(run / "checkpoints" / "step_00000008.pth", backend="reference")  # training checkpoints load
     assert torch.equal(net.bank_vectors, full.net.bank_vectors)
-    original = torch.load(run / "final_original_format.pth", weights_only=True)
-    LFPVNet.from_original_state_dict(original, config=full.net.config, backend="reference")
+    # The published format holds only the published architecture: a tiny model is exported as final_weights.pth.
+    assert not (run / "final_original_format.pth").exists()
+    assert "final_original_format.pth is not written" in (run / "train.log").read_text()
 
 
 def test_channels_last_trains_like_the_default_layout(tmp_path, demo_root):
@@ -155,9 +155,9 @@ def test_the_loss_is_the_published_one(tmp_path, demo_root):
     cfg = tiny_config(demo_root, f"train.vgg_weights={tmp_path / 'vgg19.pth'}", "train.pixel_weight=0.5")
     trainer = Trainer(cfg, tmp_path / "run")
     trainer.close()
-    out, aux, gt = (torch.rand(2, 3, 32, 32) for _ in range(3))
-    expected = 0.5 * (charbonnier_loss(out, gt) + charbonnier_loss(aux, gt)) + 0.1 * vgg(aux, gt)
-    torch.testing.assert_close(trainer.loss(out, aux, gt), expected)
+    out, without_lfpv, gt = (torch.rand(2, 3, 32, 32) for _ in range(3))
+    expected = 0.5 * (charbonnier_loss(out, gt) + charbonnier_loss(without_lfpv, gt)) + 0.1 * vgg(without_lfpv, gt)
+    torch.testing.assert_close(trainer.loss(out, without_lfpv, gt), expected)
     assert "perceptual loss term is off" not in (tmp_path / "run" / "train.log").read_text()
 
 
@@ -168,7 +168,7 @@ def test_torch_compile_trains_like_eager(tmp_path, demo_root):
     base = ("train.iterations=3", "data.batch_size=4", "val.max_images=1")
     fit(tiny_config(demo_root, *base), tmp_path / "eager")
     _, trainer = fit(tiny_config(demo_root, *base, "train.compile=on"), tmp_path / "compiled")
-    assert trainer.features.compile and trainer.model is not trainer.net
+    assert trainer.features.compile and trainer.wrapped_net is not trainer.net
     for a, b in zip(metrics(tmp_path / "eager"), metrics(tmp_path / "compiled"), strict=True):
         assert b["loss"] == pytest.approx(a["loss"], rel=1e-4)
 
@@ -301,6 +301,56 @@ def test_resuming_an_older_checkpoint_sets_the_later_ones_aside(tmp_path, demo_r
     assert [p.name for p in list_checkpoints(run / "checkpoints")] == ["step_00000002.pth", "step_00000003.pth"]
     assert read_checkpoint(latest_checkpoint(run))["step"] == 3
     assert (run / "checkpoints" / "step_00000004.pth.abandoned").is_file()
+
+
+def test_resume_falls_back_to_the_newest_intact_checkpoint_and_says_so(tmp_path, demo_root, capsys):
+    run = tmp_path / "run"
+    assert fit(tiny_config(demo_root, "train.iterations=4", "train.checkpoint_every=2"), run)[0] == 0
+    latest = run / "checkpoints" / "step_00000004.pth"
+    latest.write_bytes(latest.read_bytes()[: latest.stat().st_size // 2])  # a copy cut short
+    capsys.readouterr()
+    assert main(["--out", str(run), "--resume", "--set", "train.iterations=5"]) == 0
+    out = capsys.readouterr().out
+    assert "step_00000004.pth" in out and "truncated" in out
+    assert "resuming from step_00000002.pth, the newest intact checkpoint" in out
+    assert f"resumed from {run / 'checkpoints' / 'step_00000002.pth'} at step 2" in out
+    assert [r["step"] for r in metrics(run)] == [1, 2, 3, 4, 5]
+    assert (run / "checkpoints" / "step_00000004.pth.damaged").is_file()  # set aside, not deleted
+    assert read_checkpoint(latest_checkpoint(run))["step"] == 5
+    # An explicit --resume PATH to a damaged file is an error naming it (and no fallback).
+    broken = run / "checkpoints" / "step_00000004.pth.damaged"
+    assert main(["--out", str(run), "--resume", str(broken)]) == 2
+    assert str(broken) in capsys.readouterr().err
+
+
+def test_loader_workers_are_capped_at_the_available_cores_saying_so_once(monkeypatch, capsys, demo_root):
+    import warnings
+
+    from lfpv_fast.pipelines import build_loader, torch_loader
+
+    monkeypatch.setattr(torch_loader.os, "sched_getaffinity", lambda pid: {0}, raising=False)
+    monkeypatch.setattr(torch_loader, "_reported_worker_caps", set())
+    cfg = tiny_config(demo_root, "data.num_workers=3")
+    train, val = build_loader(cfg, "train"), build_loader(cfg, "test")
+    assert train.num_workers == val.num_workers == 1
+    err = capsys.readouterr().err
+    assert err.count("note: data.num_workers=3 but this process may use 1 CPU core(s): using 1") == 1
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # torch's "worker processes in total" warning would fail here
+        next(iter(val))
+    assert build_loader(tiny_config(demo_root, "data.num_workers=0"), "test").num_workers == 0
+
+
+def test_the_demo_says_when_it_builds_its_dataset_and_where(tmp_path, capsys):
+    cfg = load_config("demo", [*TINY, f"data.demo_root={tmp_path / 'demo'}", "train.iterations=1"])
+    trainer = Trainer(cfg, tmp_path / "run")
+    trainer.close()
+    out = capsys.readouterr().out
+    assert f"building the demo dataset in {tmp_path / 'demo'}" in out and "demo dataset written to" in out
+    assert "building the demo dataset" in (tmp_path / "run" / "train.log").read_text()  # also in the log
+    trainer = Trainer(cfg, tmp_path / "run2")
+    trainer.close()
+    assert "building the demo dataset" not in capsys.readouterr().out  # built once
 
 
 def test_resume_reads_the_config_of_a_run_folder_given_with_a_tilde(tmp_path, demo_root, monkeypatch):

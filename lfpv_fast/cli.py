@@ -1,0 +1,46 @@
+"""What the command-line tools (train, evaluate, enhance, prepare) share: one error convention.
+
+A usage or input error prints one line, `error: <what is wrong, naming the flag, key, file or value>`, on
+stderr and exits with status 2, before anything is written. Status 1 is left for failures during the work
+(a non-finite loss, images that could not be enhanced).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from typing import NoReturn
+
+import torch
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse with the project's convention: a usage error is one `error:` line and status 2."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"error: {message} (see {self.prog} --help)\n")
+
+
+def fail(message: str) -> int:
+    """Print `error: message` on stderr; returns the exit status of an input error, 2."""
+    print(f"error: {message}", file=sys.stderr)
+    return 2
+
+
+def resolve_device(name: str) -> torch.device:
+    """--device: auto (CUDA if there is one), cpu, cuda, cuda:N. ValueError for a name that cannot be used here."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError as exc:
+        raise ValueError(f"--device {name!r} is not a device name (expected auto, cpu, cuda or cuda:N)") from exc
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError(f"--device {name}: no CUDA device is visible to torch {torch.__version__} here "
+                             "(use --device cpu)")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise ValueError(f"--device {name}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+    elif device.type != "cpu":
+        raise ValueError(f"--device {name}: expected auto, cpu, cuda or cuda:N")
+    return device

@@ -1,0 +1,171 @@
+"""One convention for the four tools (train, evaluate, enhance, prepare): a usage or input error exits with
+status 2 and one line on stderr that starts with `error:` and names what was wrong; nothing is left behind."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from lfpv_fast import LFPVNet, ModelConfig
+from lfpv_fast import enhance as enhance_cli
+from lfpv_fast import evaluate as evaluate_cli
+from lfpv_fast import prepare as prepare_cli
+from lfpv_fast import train as train_cli
+from lfpv_fast.checkpoint import atomic_save, weights_only_checkpoint
+
+TOOLS = {"train": train_cli.main, "evaluate": evaluate_cli.main, "enhance": enhance_cli.main,
+         "prepare": prepare_cli.main}
+TINY = ModelConfig(nf=8, hr_nf=8, light_blocks=1, layers=1, heads=2, head_dim=8, ffn_dim=16, bank_size=4)
+no_cuda = pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
+
+
+def run(main: Callable[[list[str]], int], argv: list[str | Path], capsys: pytest.CaptureFixture) -> tuple[int, str]:
+    """Exit status and stderr of a CLI called in-process (argparse errors end in SystemExit)."""
+    try:
+        code = main([str(a) for a in argv])
+    except SystemExit as exc:
+        code = exc.code
+    return code, capsys.readouterr().err
+
+
+def assert_one_line_error(code: int, err: str, *named: str) -> str:
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert code == 2, err
+    assert len(lines) == 1 and lines[0].startswith("error: "), err
+    for text in named:
+        assert text in lines[0], (text, lines[0])
+    return lines[0]
+
+
+@pytest.fixture(scope="module")
+def tiny_checkpoint(tmp_path_factory) -> Path:
+    torch.manual_seed(0)
+    path = tmp_path_factory.mktemp("ckpt") / "tiny.pth"
+    atomic_save(weights_only_checkpoint(LFPVNet(TINY, backend="reference")), path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def raw_smid(tmp_path_factory) -> tuple[Path, Path]:
+    """Two raw SMID scenes (uint8 BGR .npy) for prepare."""
+    root = tmp_path_factory.mktemp("smid")
+    rng = np.random.default_rng(0)
+    for scene in ("s1", "s2"):
+        (root / "lq" / scene).mkdir(parents=True)
+        (root / "gt" / scene).mkdir(parents=True)
+        for k in range(2):
+            np.save(root / "lq" / scene / f"{k:04d}.npy", rng.integers(0, 256, (40, 30, 3), dtype=np.uint8))
+        np.save(root / "gt" / scene / "long.npy", rng.integers(0, 256, (40, 30, 3), dtype=np.uint8))
+    return root / "lq", root / "gt"
+
+
+@pytest.mark.parametrize("tool", sorted(TOOLS))
+def test_a_usage_error_is_one_line_with_status_2(tool, capsys):
+    code, err = run(TOOLS[tool], ["--no-such-flag"], capsys)
+    line = assert_one_line_error(code, err, "--help")
+    assert "--no-such-flag" in line or "required" in line  # prepare: its required flags are missing
+
+
+# ---------------------------------------------------------------------------------------------
+# prepare (defects 1 and 7): bad arguments fail before anything is written
+
+
+def prepare_args(raw_smid: tuple[Path, Path], out: Path, *extra: str | Path) -> list[str | Path]:
+    return ["--lq", raw_smid[0], "--gt", raw_smid[1], "--out", out, "--no-progress", *extra]
+
+
+@pytest.mark.parametrize("extra, named", [
+    (["--resize", "0", "-5"], "--resize"),
+    (["--workers", "-1"], "--workers"),
+    (["--workers", "0"], "--workers"),
+])
+def test_prepare_bad_numbers_are_errors_that_leave_nothing_behind(raw_smid, tmp_path, capsys, extra, named):
+    out = tmp_path / "cache"
+    code, err = run(prepare_cli.main, prepare_args(raw_smid, out, *extra), capsys)
+    assert_one_line_error(code, err, named)
+    assert not out.exists()
+
+
+def test_prepare_into_an_existing_file_is_an_error(raw_smid, tmp_path, capsys):
+    out = tmp_path / "cache"
+    out.write_text("not a folder")
+    code, err = run(prepare_cli.main, prepare_args(raw_smid, out), capsys)
+    assert_one_line_error(code, err, str(out))
+    assert out.read_text() == "not a folder"
+
+
+def test_prepare_with_the_same_folder_for_lq_and_gt_is_an_error(raw_smid, tmp_path, capsys):
+    lq = raw_smid[0]
+    code, err = run(prepare_cli.main, ["--lq", lq, "--gt", lq, "--out", tmp_path / "c", "--no-progress"], capsys)
+    assert_one_line_error(code, err, "--gt", "--lq")
+    # Also when spelled differently (a trailing "/.", a symlink).
+    (tmp_path / "link").symlink_to(lq)
+    code, err = run(prepare_cli.main, ["--lq", lq, "--gt", tmp_path / "link", "--out", tmp_path / "c"], capsys)
+    assert_one_line_error(code, err, "--gt")
+    assert not (tmp_path / "c").exists()
+
+
+def test_prepare_output_inside_an_input_is_an_error(raw_smid, capsys):
+    out = raw_smid[0] / "cache"
+    code, err = run(prepare_cli.main, prepare_args(raw_smid, out), capsys)
+    assert_one_line_error(code, err, "--out")
+    assert not out.exists()
+
+
+def test_prepare_refuses_to_rewrite_a_cache_of_another_size_unless_asked(raw_smid, tmp_path, capsys):
+    out = tmp_path / "cache"
+    assert prepare_cli.main([str(a) for a in prepare_args(raw_smid, out, "--resize", "24", "32")]) == 0
+    frame = out / "lq" / "s1" / "0000.npy"
+    before = frame.read_bytes()
+    capsys.readouterr()
+    code, err = run(prepare_cli.main, prepare_args(raw_smid, out, "--resize", "16", "32"), capsys)
+    line = assert_one_line_error(code, err, str(out), "24x32", "16x32", "--overwrite")
+    assert "--resize" in line
+    assert frame.read_bytes() == before and (out / "manifest.json").is_file()  # the cache is untouched
+
+    # The same check without a manifest (an interrupted run of the other size).
+    (out / "manifest.json").unlink()
+    code, err = run(prepare_cli.main, prepare_args(raw_smid, out, "--resize", "16", "32"), capsys)
+    assert_one_line_error(code, err, "24x32")
+    assert frame.read_bytes() == before
+
+    # --overwrite rebuilds at the new size and says so.
+    assert prepare_cli.main([str(a) for a in prepare_args(raw_smid, out, "--resize", "16", "32", "--overwrite")]) == 0
+    assert np.load(frame).shape == (32, 16, 3)
+    assert "24x32" in capsys.readouterr().out
+
+
+# ---------------------------------------------------------------------------------------------
+# evaluate (defects 1 and 9)
+
+
+def test_evaluate_max_images_below_one_is_a_usage_error(tiny_checkpoint, tmp_path, capsys):
+    for value in ("0", "-3"):
+        code, err = run(evaluate_cli.main, ["-c", "demo", "--checkpoint", tiny_checkpoint, "--device", "cpu",
+                                            "--max-images", value, "--set", f"data.demo_root={tmp_path}"], capsys)
+        assert_one_line_error(code, err, "--max-images")
+    assert not any(tmp_path.iterdir())  # failed before the demo dataset was built
+
+
+@no_cuda
+def test_evaluate_and_enhance_on_a_missing_cuda_device_exit_2(tiny_checkpoint, tmp_path, capsys):
+    code, err = run(evaluate_cli.main, ["-c", "demo", "--checkpoint", tiny_checkpoint, "--device", "cuda",
+                                        "--set", f"data.demo_root={tmp_path}"], capsys)
+    assert_one_line_error(code, err, "--device cuda", "no CUDA")
+    from PIL import Image
+
+    Image.fromarray(np.zeros((16, 16, 3), np.uint8)).save(tmp_path / "a.png")
+    code, err = run(enhance_cli.main, [tmp_path / "a.png", "--checkpoint", tiny_checkpoint, "-o", tmp_path / "o",
+                                       "--device", "cuda"], capsys)
+    assert_one_line_error(code, err, "--device cuda", "no CUDA")
+    assert not (tmp_path / "o").exists()
+
+
+def test_evaluate_bad_device_name_is_a_usage_error(tiny_checkpoint, tmp_path, capsys):
+    code, err = run(evaluate_cli.main, ["-c", "demo", "--checkpoint", tiny_checkpoint, "--device", "gpu0",
+                                        "--set", f"data.demo_root={tmp_path}"], capsys)
+    assert_one_line_error(code, err, "--device", "gpu0")
