@@ -28,6 +28,7 @@ import re
 import signal
 import threading
 import time
+import warnings
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -67,7 +68,8 @@ class Features:
     """The fast-path switches as this run uses them ("auto" resolved)."""
 
     device: torch.device
-    backend: str  # "reference" or "triton"
+    backend: str  # "reference" or "triton": the ops actually used
+    backend_note: str
     compile: bool
     bf16: bool
     channels_last: bool
@@ -77,7 +79,7 @@ class Features:
     def describe(self) -> str:
         on = {True: "on", False: "off"}
         graphs = " + CUDA graphs (reduce-overhead)" if self.cuda_graphs else ""
-        return (f"device {self.device}, backend {self.backend}, compile {on[self.compile]}{graphs}, "
+        return (f"device {self.device}, backend {self.backend}{self.backend_note}, compile {on[self.compile]}{graphs}, "
                 f"bf16 {on[self.bf16]}, channels_last {on[self.channels_last]}, fused Adam {on[self.fused_adam]}")
 
 
@@ -109,15 +111,17 @@ def resolve_features(cfg: RunConfig, local_rank: int = 0) -> Features:
                               f"features; change {'; '.join(asked)} (or run on a machine with a CUDA GPU)")
     device = torch.device("cuda", local_rank) if use_cuda else torch.device("cpu")
 
-    backend = t.backend
+    backend, backend_note = t.backend, ""
     if backend == "auto":
         backend = "reference"
         if use_cuda:
             try:
                 triton_ops()
                 backend = "triton"
-            except NotImplementedError:
-                pass  # no Triton here: the reference ops run on CUDA too (logged with the features)
+            except NotImplementedError as exc:  # the reference ops run on CUDA too, slowly: say why
+                backend_note = f" (Triton unavailable: {exc})"
+                warnings.warn(f"train.backend=auto runs the reference ops on {device}{backend_note}", RuntimeWarning,
+                              stacklevel=2)
     elif backend == "triton":
         try:
             triton_ops()
@@ -131,6 +135,7 @@ def resolve_features(cfg: RunConfig, local_rank: int = 0) -> Features:
     return Features(
         device=device,
         backend=backend,
+        backend_note=backend_note,
         compile=switch(t.compile),
         bf16=switch(t.bf16) and (t.bf16 == "on" or torch.cuda.is_bf16_supported()),
         channels_last=t.channels_last,

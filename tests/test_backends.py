@@ -5,8 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from lfpv_fast import LFPVNet, ModelConfig, reference
+from lfpv_fast import LFPVNet, ModelConfig, backends, reference
 from lfpv_fast.backends import select_ops, triton_interpreting
+from lfpv_fast.config import ConfigError, load_config
 
 
 def test_auto_picks_reference_on_cpu_tensors():
@@ -31,3 +32,40 @@ def test_compiling_interpreted_triton_ops_is_a_clear_error():
 def test_model_backend_is_chosen_per_input():
     net = LFPVNet(ModelConfig(nf=8, light_blocks=1, layers=1, heads=2, head_dim=8, ffn_dim=16, bank_size=4))
     assert net.ops_for(torch.zeros(1)) is reference
+
+
+class _CudaLike:
+    """Stands for a CUDA tensor where only `is_cuda` is read (this machine may have no GPU)."""
+
+    is_cuda = True
+
+
+def _triton_missing(monkeypatch):
+    def fail():
+        raise NotImplementedError("the triton backend is not available here: ModuleNotFoundError('triton')")
+
+    monkeypatch.setattr(backends, "triton_ops", fail)
+    monkeypatch.setattr(backends, "_warned_fallback", False)
+
+
+def test_auto_on_cuda_without_triton_warns_naming_the_import(monkeypatch):
+    _triton_missing(monkeypatch)
+    with pytest.warns(RuntimeWarning, match="reference ops on CUDA.*ModuleNotFoundError"):
+        assert select_ops("auto", _CudaLike()) is reference
+    with pytest.raises(NotImplementedError, match="ModuleNotFoundError"):  # asked for by name: an error
+        select_ops("triton", _CudaLike())
+
+
+def test_trainer_features_name_the_backend_actually_used(monkeypatch):
+    from lfpv_fast import trainer
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(trainer, "triton_ops", lambda: backends.triton_ops())
+    _triton_missing(monkeypatch)
+    cfg = load_config("demo", ["train.bf16=off", "train.compile=off", "train.fused_adam=off"])
+    with pytest.warns(RuntimeWarning, match="train.backend=auto runs the reference ops.*ModuleNotFoundError"):
+        features = trainer.resolve_features(cfg)
+    assert features.backend == "reference"
+    assert "backend reference (Triton unavailable: " in features.describe()
+    with pytest.raises(ConfigError, match="train.backend=triton: .*ModuleNotFoundError"):
+        trainer.resolve_features(load_config("demo", ["train.backend=triton", "train.bf16=off"]))
