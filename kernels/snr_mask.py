@@ -16,10 +16,10 @@ not fuse into FMAs (libdevice mul_rn). In float32 and float64 the result then ma
 bit for bit on the CPU interpreter. bf16/fp16 inputs are computed in float32 (the reference would
 compute in the 16-bit type).
 
-Backward (three launches; the SNR map is computed from the low-light input, which never needs a
+Backward (four launches; the SNR map is computed from the low-light input, which never needs a
 gradient in training, so it is written for correctness rather than speed): per-tile partial sums of
-the gradient reaching the per-image max; then dlight and ddark per pixel; then the transposed
-reflect-101 blur as a gather with per-tap multiplicities.
+the gradient reaching the per-image max; their sum per image; then dlight and ddark per pixel; then the
+transposed reflect-101 blur as a gather with per-tap multiplicities.
 """
 
 from __future__ import annotations
@@ -214,13 +214,28 @@ def _snr_bwd_partials_kernel(
     tl.store(PART_N + b * n_tiles + pid_t, tl.sum(tl.sum(ties, axis=1), axis=0))
 
 
-@triton.jit(do_not_specialize=["n_tiles_w", "n_tiles"])
+@triton.jit(do_not_specialize=["n_tiles"])
+def _snr_bwd_peak_kernel(PART_S, PART_N, PEAK_GRAD, n_tiles, TILE_BLOCK: tl.constexpr):
+    """Per image: the gradient reaching the peak, shared equally by the pixels equal to it (torch's amax
+    backward), from the tiles' partial sums in a fixed order."""
+    b = tl.program_id(0).to(tl.int64)
+    offs = tl.arange(0, TILE_BLOCK)
+    s_acc = tl.load(PART_S + b * n_tiles + offs, mask=offs < n_tiles, other=0.0)
+    n_acc = tl.load(PART_N + b * n_tiles + offs, mask=offs < n_tiles, other=0)
+    for start in range(TILE_BLOCK, n_tiles, TILE_BLOCK):
+        s_acc += tl.load(PART_S + b * n_tiles + start + offs, mask=start + offs < n_tiles, other=0.0)
+        n_acc += tl.load(PART_N + b * n_tiles + start + offs, mask=start + offs < n_tiles, other=0)
+    g_peak = -tl.sum(s_acc, axis=0)
+    n_ties = tl.sum(n_acc, axis=0)
+    tl.store(PEAK_GRAD + b, div_ieee(g_peak, n_ties.to(g_peak.dtype), g_peak.dtype == tl.float64))
+
+
+@triton.jit(do_not_specialize=["n_tiles_w"])
 def _snr_bwd_pixel_kernel(
-    X, G, PEAK, PART_S, PART_N, GLIGHT, GDARK,
+    X, G, PEAK, PEAK_GRAD, GLIGHT, GDARK,
     sxb, sxc, sxh, sxw, sgb, sgh, sgw,
-    H, W, n_tiles_w, n_tiles,
-    BLOCK_H: tl.constexpr, BLOCK_W: tl.constexpr, TILE_BLOCK: tl.constexpr,
-    IS_FP64: tl.constexpr, NO_FMA: tl.constexpr,
+    H, W, n_tiles_w,
+    BLOCK_H: tl.constexpr, BLOCK_W: tl.constexpr, IS_FP64: tl.constexpr, NO_FMA: tl.constexpr,
 ):
     """Per pixel: gradients of light and dark (the ratio's two inputs)."""
     pid_t = tl.program_id(0)
@@ -230,18 +245,8 @@ def _snr_bwd_pixel_kernel(
     g = tl.load(G + b * sgb + rows[:, None] * sgh + cols[None, :] * sgw, mask=ok, other=0.0).to(ratio.dtype)
     peak = tl.load(PEAK + b)
     denom, gt = _clamp_pass(ratio, g, ok, peak, IS_FP64)
-
-    # gradient of the peak, shared equally by the pixels equal to it (torch's amax backward)
-    offs = tl.arange(0, TILE_BLOCK)
-    s_acc = tl.load(PART_S + b * n_tiles + offs, mask=offs < n_tiles, other=0.0)
-    n_acc = tl.load(PART_N + b * n_tiles + offs, mask=offs < n_tiles, other=0)
-    for start in range(TILE_BLOCK, n_tiles, TILE_BLOCK):
-        s_acc += tl.load(PART_S + b * n_tiles + start + offs, mask=start + offs < n_tiles, other=0.0)
-        n_acc += tl.load(PART_N + b * n_tiles + start + offs, mask=start + offs < n_tiles, other=0)
-    g_peak = -tl.sum(s_acc, axis=0)
-    n_ties = tl.sum(n_acc, axis=0)
     g_ratio = div_ieee(gt, denom, IS_FP64)
-    g_ratio += tl.where(ratio == peak, div_ieee(g_peak, n_ties.to(g_peak.dtype), IS_FP64), 0.0)
+    g_ratio += tl.where(ratio == peak, tl.load(PEAK_GRAD + b), 0.0)
 
     # ratio = light / den, den = |dark - light| + 1e-4
     den = tl.abs(dark - light) + 0.0001
@@ -381,12 +386,14 @@ def snr_mask_bwd(grad_out: torch.Tensor, x: torch.Tensor, peak: torch.Tensor) ->
         x, g, peak, part_s, part_n, *x.stride(), *g.stride(), h, w, n_tiles_w, n_tiles,
         NO_FMA=_no_fma(target), **common,
     )
+    peak_grad = torch.empty((b,), dtype=acc, device=x.device)
+    launch("snr_mask_bwd_peak", _snr_bwd_peak_kernel, (b,), part_s, part_n, peak_grad, n_tiles, TILE_BLOCK=tile_block)
     g_light = torch.empty((b, h, w), dtype=acc, device=x.device)
     g_dark = torch.empty((b, h, w), dtype=acc, device=x.device)
     launch(
         "snr_mask_bwd_pixel", _snr_bwd_pixel_kernel, (n_tiles, b),
-        x, g, peak, part_s, part_n, g_light, g_dark, *x.stride(), *g.stride(), h, w, n_tiles_w, n_tiles,
-        TILE_BLOCK=tile_block, NO_FMA=_no_fma(target), **common,
+        x, g, peak, peak_grad, g_light, g_dark, *x.stride(), *g.stride(), h, w, n_tiles_w,
+        NO_FMA=_no_fma(target), **common,
     )
     dx = new_output((b, 3, h, w), x.dtype, x.device)
     launch(

@@ -165,7 +165,7 @@ def test_backward_launches():
     x = make_images(1, 5, 7, torch.float64, seed=3).requires_grad_()
     snr_mask(x).sum().backward()
     assert dict(_common.LAUNCHES) == {"snr_mask_ratio": 1, "snr_mask_normalize": 1, "snr_mask_bwd_partials": 1,
-                                      "snr_mask_bwd_pixel": 1, "snr_mask_bwd_input": 1}
+                                      "snr_mask_bwd_peak": 1, "snr_mask_bwd_pixel": 1, "snr_mask_bwd_input": 1}
 
 
 def test_backward_with_ties_zero_differences_and_clamping():
