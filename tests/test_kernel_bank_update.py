@@ -2,6 +2,8 @@
 
 Gathers and the updaters' inputs are copies, so they must match the reference bit for bit in every
 dtype; their backward passes are sums, checked against the float64 reference of the same inputs.
+On a GPU the same holds: copies are exact on any device, and the sums and LayerNorms (float32
+accumulation, approximate division and square root there) stay within 1e-5 of their scale.
 Outputs are poisoned with NaN, so an element a kernel fails to write fails the test.
 """
 

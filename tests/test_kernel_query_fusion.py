@@ -3,6 +3,12 @@
 Truth is the reference computed in float64 from the very inputs the kernel gets (rounded to the
 tested dtype first), so the only differences left are the kernel's own arithmetic and its final
 rounding. Outputs are poisoned with NaN, so an element a kernel fails to write fails the test.
+
+Tolerances on a GPU are the same as on the interpreter, by the error analysis: in float32 the GPU's
+approximate exp2 (ex2.approx, 2^-22 relative), division and reciprocal square root (2 ulps) move each
+softmax weight and LayerNorm statistic by a few 1e-7 relative, against a tolerance of 1e-5 of the
+tensor's scale; 16-bit results get one ulp (round to nearest on the GPU: half an ulp) on top. float64
+dots may fuse multiply-adds on a GPU: 1e-10 still leaves 1e5 ulps.
 """
 
 from __future__ import annotations

@@ -4,6 +4,10 @@ On a machine without CUDA the kernels run under TRITON_INTERPRET=1 (tests/confte
 kernels repeat the reference's float32/float64 operations in the reference's order: the forward must
 then be bit-identical to the reference, which matters because the ratio light / (|dark - light| + 1e-4)
 turns a one-ulp difference in `light` into ~1e-3 relative.
+
+On a GPU the reference runs torch's CUDA kernels, which may round a few operations differently: the
+maps must then agree within a per-pixel bound from the error analysis (gpu_bound below), which is
+large only where dark and light cancel. Gradients: 1e-5 relative in float32 on both.
 """
 
 from __future__ import annotations
