@@ -50,7 +50,7 @@ class Target:
     arch: int  # compute capability as major * 10 + minor
     sm_count: int  # streaming multiprocessors: sizes grids that loop over work
     shared_memory: int  # bytes of shared memory one program may use (the opt-in maximum)
-    interpreter: bool = False  # runs under TRITON_INTERPRET: only interpreter workarounds look at this
+    interpreter: bool = False  # runs under TRITON_INTERPRET here: only interpreter workarounds look at this
 
 
 # An H100 SXM and an A100: the cards the compile gate builds for (tests/test_compile_gate.py).
@@ -73,7 +73,8 @@ def target_for(device: torch.device) -> Target:
     """The target whose configuration a launch on `device` uses."""
     override = _TARGET_OVERRIDE.get()
     if override is not None:
-        return override
+        # Another card's configuration; whether the interpreter runs it is this process's business.
+        return replace(override, interpreter=interpreting())
     if device.type == "cuda":
         return _cuda_target(device.index if device.index is not None else torch.cuda.current_device())
     name = os.environ.get("LFPV_TRITON_TARGET", "sm_90")

@@ -39,6 +39,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from lfpv_fast.cli import ArgumentParser
 from lfpv_fast.enhance import (
     DEFAULT_MAX_PIXELS,
     DEFAULT_OVERLAP,
@@ -361,7 +362,7 @@ def build_demo(enhancer: Enhancer, work_dir: Path, *, max_files: int = DEFAULT_M
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = ArgumentParser(
         prog="python -m lfpv_fast.app",
         description="A local web page for enhancing low-light photos with an LFPV model (needs the [app] extra: "
                     "pip install 'lfpv_fast[app]').",
