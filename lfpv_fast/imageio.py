@@ -173,9 +173,8 @@ def read_image(path: str | Path) -> LoadedImage:
                        source_mode=mode)
 
 
-def read_pixels(path: str | Path) -> tuple[np.ndarray, np.ndarray | None, int, str]:
-    """A PNG, JPEG or TIFF file's samples as stored: (H x W x 3 colour, H x W alpha or None, bit depth 8 or 16,
-    source mode), uint8 or uint16, gray replicated to RGB, EXIF orientation applied (see the module docstring)."""
+def _checked_image_path(path: str | Path) -> tuple[Path, str]:
+    """(path, lower-case suffix) of an existing file of a supported type, else a clear error."""
     path = Path(path)
     suffix = path.suffix.lower()
     if suffix not in IMAGE_EXTENSIONS:
@@ -183,6 +182,13 @@ def read_pixels(path: str | Path) -> tuple[np.ndarray, np.ndarray | None, int, s
                              f"(expected one of {', '.join(IMAGE_EXTENSIONS)})")
     if not path.is_file():
         raise FileNotFoundError(f"image {path} does not exist")
+    return path, suffix
+
+
+def read_pixels(path: str | Path) -> tuple[np.ndarray, np.ndarray | None, int, str]:
+    """A PNG, JPEG or TIFF file's samples as stored: (H x W x 3 colour, H x W alpha or None, bit depth 8 or 16,
+    source mode), uint8 or uint16, gray replicated to RGB, EXIF orientation applied (see the module docstring)."""
+    path, suffix = _checked_image_path(path)
     try:
         if suffix in TIFF_EXTENSIONS:
             array = _read_tiff(path)
@@ -299,13 +305,7 @@ def read_image_size(path: str | Path) -> tuple[int, int]:
     For checking a size limit before `read_image` allocates the image: a small file can declare a
     huge image (a decompression bomb). Pillow's own bomb limit applies to PNG and JPEG here too.
     """
-    path = Path(path)
-    suffix = path.suffix.lower()
-    if suffix not in IMAGE_EXTENSIONS:
-        raise ImageReadError(f"{path}: unsupported file type {suffix!r} "
-                             f"(expected one of {', '.join(IMAGE_EXTENSIONS)})")
-    if not path.is_file():
-        raise FileNotFoundError(f"image {path} does not exist")
+    path, suffix = _checked_image_path(path)
     try:
         if suffix in TIFF_EXTENSIONS:
             import tifffile
