@@ -7,7 +7,7 @@ from types import ModuleType
 
 import torch
 
-from lfpv_fast import reference
+from lfpv_fast import cpu_ops, reference
 
 
 def triton_interpreting() -> bool:
@@ -24,11 +24,11 @@ def triton_ops() -> ModuleType:
 
 
 def select_ops(backend: str, x: torch.Tensor) -> ModuleType:
-    """backend "reference" | "triton" | "auto" (Triton on CUDA tensors, reference elsewhere)."""
+    """backend "reference" | "triton" | "auto" (Triton on CUDA tensors, lfpv_fast.cpu_ops on the CPU)."""
     if backend == "reference":
         return reference
     if backend == "auto":
-        return triton_ops() if x.is_cuda else reference
+        return triton_ops() if x.is_cuda else cpu_ops
     if backend == "triton":
         if not x.is_cuda and not triton_interpreting():
             raise RuntimeError(
