@@ -22,6 +22,7 @@ from tqdm import tqdm
 from lfpv_fast.checkpoint import atomic_write_text, is_original_state_dict, load_model, read_checkpoint
 from lfpv_fast.config import ConfigError, RunConfig, load_config
 from lfpv_fast.data.smid import DataError
+from lfpv_fast.inference import PRECISIONS, autocast, check_precision
 from lfpv_fast.metrics import psnr, quantize, ssim
 from lfpv_fast.model import LFPVNet
 
@@ -70,11 +71,17 @@ def format_table(summary: dict) -> str:
 
 @torch.no_grad()
 def evaluate(net: LFPVNet, cfg: RunConfig, device: torch.device, save_images: Path | None = None,
-             max_images: int | None = None, progress: bool = True) -> dict:
-    """Evaluate `net` on the config's test split; returns the summary with per-frame rows."""
+             max_images: int | None = None, progress: bool = True, precision: str = "fp32",
+             compile: bool = False) -> dict:
+    """Evaluate `net` on the config's test split; returns the summary with per-frame rows.
+
+    precision: "fp32" or "bf16"/"fp16" autocast (metrics are computed on the float32 result).
+    compile: run the model through torch.compile (the first frames pay the compilation).
+    """
     from lfpv_fast.pipelines import build_loader
 
     net = net.to(device).eval()
+    model = torch.compile(net, dynamic=True) if compile else net
     loader = build_loader(cfg, "test")
     total = len(loader) if max_images is None else min(len(loader), max_images)
     per_frame: list[dict] = []
@@ -84,7 +91,8 @@ def evaluate(net: LFPVNet, cfg: RunConfig, device: torch.device, save_images: Pa
     bar = tqdm(total=total, desc="evaluate", unit="img", disable=not progress)
     for batch in loader:
         lq = batch["lq"].to(device, non_blocking=True)
-        out = net(lq, net.snr_mask(lq))
+        with autocast(precision, device):
+            out = model(lq, net.snr_mask(lq)).float()
         for i in range(lq.shape[0]):
             if len(per_frame) >= total:
                 break
@@ -123,6 +131,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="auto", help="auto (GPU if there is one), cpu, cuda, cuda:1 ...")
     p.add_argument("--backend", default="auto", choices=["auto", "reference", "triton"])
     p.add_argument("--max-images", type=int, default=None, help="stop after this many frames")
+    p.add_argument("--precision", default="fp32", choices=tuple(PRECISIONS),
+                   help="bf16/fp16 autocast: on CUDA; on a CPU only where faster than fp32 (else refused)")
+    p.add_argument("--compile", action="store_true", help="torch.compile the model (the first frames are slow)")
     p.add_argument("--no-progress", action="store_true")
     return p
 
@@ -136,6 +147,11 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     device = pick_device(args.device)
     try:
+        check_precision(args.precision, device)
+    except ValueError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    try:
         raw = read_checkpoint(args.checkpoint)
         published = is_original_state_dict(raw.get("params", raw.get("state_dict", raw)))
         # A published checkpoint carries no config: the config file's model section describes it.
@@ -144,15 +160,18 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     kind = "published SMID format" if published else "lfpv_fast"
-    print(f"checkpoint {args.checkpoint} ({kind}); device {device}; test split of {cfg.source}")
+    print(f"checkpoint {args.checkpoint} ({kind}); device {device}, {args.precision}"
+          f"{', compiled' if args.compile else ''}; test split of {cfg.source}")
     start = time.perf_counter()
     try:
-        summary = evaluate(net, cfg, device, args.save_images, args.max_images, progress=not args.no_progress)
+        summary = evaluate(net, cfg, device, args.save_images, args.max_images, progress=not args.no_progress,
+                           precision=args.precision, compile=args.compile)
     except (DataError, ConfigError) as exc:  # a dataset problem names the file; no traceback for it
         print(f"error: {exc}", file=sys.stderr)
         return 2
     summary.update(checkpoint=str(args.checkpoint), checkpoint_format=kind, config=cfg.source,
-                   device=str(device), seconds=round(time.perf_counter() - start, 2),
+                   device=str(device), precision=args.precision, compiled=args.compile,
+                   seconds=round(time.perf_counter() - start, 2),
                    model_config=asdict(net.config))
     out = args.out or Path(args.checkpoint).with_name(f"eval_{Path(args.checkpoint).stem}.json")
     atomic_write_text(out, json.dumps(summary, indent=2))

@@ -37,7 +37,7 @@ def tiny_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="module")
 def tiny_net(tiny_checkpoint: Path) -> LFPVNet:
-    return load_model(tiny_checkpoint, backend="reference").eval()
+    return load_model(tiny_checkpoint).eval()  # the CLI's default backend, so results compare exactly
 
 
 def low_light(h: int, w: int, seed: int, channels: int = 3) -> np.ndarray:
