@@ -10,8 +10,8 @@ Parts:
              per-round ratio to the first row, and each output's largest difference from lfpv_fast's
              reference backend. Rows: the published code (--published; else "reference ops (numerically
              the published model)"), lfpv_fast reference backend (with --published), lfpv_fast auto
-             (net(x, snr)), auto through enhance's whole-image path (whole_image_forward: strips),
-             auto + channels_last, auto + bf16 autocast. Two inputs: a dark photo (the demo's coffee
+             (net(x, snr)), auto + channels_last (what enhance and evaluate run on the CPU), that through
+             enhance's whole-image path (whole_image_forward: strips), and + bf16 autocast. Two inputs: a dark photo (the demo's coffee
              photo, darkened by the demo's noise model; its SNR map keeps few or no attention keys) and
              the same photo with an SNR map of ones (every key kept: the attention's worst case).
   memory     Peak memory and time of enhancing a whole photo untiled (enhance_image, backend auto) at
@@ -41,7 +41,7 @@ import torch
 import torch.nn.functional as F
 
 from lfpv_fast.enhance import enhance_image, plan_enhancement
-from lfpv_fast.inference import estimate_peak_bytes, whole_image_forward
+from lfpv_fast.inference import estimate_peak_bytes, prepare_for_inference, whole_image_forward
 from lfpv_fast.model import LFPVNet, ModelConfig
 
 FRAME_HW = (512, 960)
@@ -79,7 +79,7 @@ def smid_net(backend: str, seed: int = 0) -> LFPVNet:
 def frame_part(pub, reps: int) -> dict:
     reference_net = smid_net("reference")
     auto_net = smid_net("auto")
-    auto_cl = smid_net("auto").to(memory_format=torch.channels_last)
+    enhance_net = prepare_for_inference(smid_net("auto"), torch.device("cpu"))  # what enhance/evaluate run
     x = dark_photo(*FRAME_HW)
     rows: dict = {}
     if pub is not None:
@@ -89,15 +89,15 @@ def frame_part(pub, reps: int) -> dict:
     else:
         rows[pub_mod.REFERENCE_LABEL] = lambda x, snr: reference_net(x, snr)
     rows["lfpv_fast auto"] = lambda x, snr: auto_net(x, snr)
-    rows["lfpv_fast auto, whole-image path (enhance)"] = lambda x, snr: whole_image_forward(auto_net, x, snr)
-    rows["lfpv_fast auto + channels_last"] = lambda x, snr: auto_cl(x.contiguous(memory_format=torch.channels_last),
-                                                                    snr)
+    rows["lfpv_fast auto + channels_last (enhance, evaluate)"] = lambda x, snr: enhance_net(
+        x.contiguous(memory_format=torch.channels_last), snr)
+    rows["lfpv_fast enhance's whole-image path (strips)"] = lambda x, snr: whole_image_forward(enhance_net, x, snr)
 
     def bf16(x, snr):
         with torch.autocast("cpu" if not x.is_cuda else "cuda", dtype=torch.bfloat16):
-            return auto_net(x, snr).float()
+            return enhance_net(x.contiguous(memory_format=torch.channels_last), snr).float()
 
-    rows["lfpv_fast auto + bf16 autocast"] = bf16
+    rows["lfpv_fast auto + channels_last + bf16 autocast"] = bf16
     inputs = {"dark photo": (x, reference_net.snr_mask(x)), "SNR map of ones (every key kept)":
               (x, torch.ones_like(x[:, :1]))}
     results = []
@@ -143,6 +143,8 @@ def memory_child(spec: dict) -> dict:
     """In a fresh process: one whole-image run, its time and peak RSS above the RSS before it."""
     height, width = spec["hw"]
     net = smid_net(spec["backend"])
+    if spec["path"] == "enhance":
+        prepare_for_inference(net, torch.device("cpu"))
     x = dark_photo(height, width)
     snr = net.snr_mask(x)
     before = _rss()
@@ -193,7 +195,7 @@ def precision_part(checkpoint: str, reps: int) -> dict:
     from lfpv_fast.config import load_config
     from lfpv_fast.pipelines import build_loader
 
-    net = load_model(checkpoint).eval()
+    net = prepare_for_inference(load_model(checkpoint), torch.device("cpu"))
     cfg = load_config("demo", ["data.num_workers=0"])
     images = [b["lq"] for b in build_loader(cfg, "test")]
     rows = []

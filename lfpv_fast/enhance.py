@@ -48,6 +48,7 @@ from lfpv_fast.inference import (
     check_precision,
     compile_stages,
     estimate_peak_bytes,
+    prepare_for_inference,
     whole_image_forward,
 )
 from lfpv_fast.model import LFPVNet
@@ -436,7 +437,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (ValueError, FileNotFoundError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    net.to(device).eval()
+    prepare_for_inference(net.to(device), device)
     if args.compile:
         compile_stages(net)
 

@@ -22,7 +22,7 @@ from tqdm import tqdm
 from lfpv_fast.checkpoint import atomic_write_text, is_original_state_dict, load_model, read_checkpoint
 from lfpv_fast.config import ConfigError, RunConfig, load_config
 from lfpv_fast.data.smid import DataError
-from lfpv_fast.inference import PRECISIONS, autocast, check_precision
+from lfpv_fast.inference import PRECISIONS, autocast, check_precision, prepare_for_inference
 from lfpv_fast.metrics import psnr, quantize, ssim
 from lfpv_fast.model import LFPVNet
 
@@ -80,7 +80,7 @@ def evaluate(net: LFPVNet, cfg: RunConfig, device: torch.device, save_images: Pa
     """
     from lfpv_fast.pipelines import build_loader
 
-    net = net.to(device).eval()
+    net = prepare_for_inference(net.to(device), device)
     model = torch.compile(net, dynamic=True) if compile else net
     loader = build_loader(cfg, "test")
     total = len(loader) if max_images is None else min(len(loader), max_images)

@@ -68,6 +68,8 @@ def whole_image_forward(net: LFPVNet, x: torch.Tensor, snr: torch.Tensor,
     if aligned != [height, width]:  # as LFPVNet.forward: resize to a multiple of the alignment and back
         x = F.interpolate(x, size=aligned, mode="bilinear", align_corners=False)
         snr = F.interpolate(snr, size=aligned, mode="bilinear", align_corners=False)
+    if uses_channels_last(net):
+        x = x.contiguous(memory_format=torch.channels_last)
     stages = getattr(net, "inference_stages", None) or InferenceStages(net)
     half_rows = aligned[0] // 2
     half = _in_strips(stages.encode_strip, [(x, 2)], half_rows, 1, ENCODER_HALO // 2, strip_rows // 2)
@@ -75,6 +77,23 @@ def whole_image_forward(net: LFPVNet, x: torch.Tensor, snr: torch.Tensor,
     out = _in_strips(stages.decode_strip, [(up, 1), (half, 1), (x, 2)], half_rows, 2, DECODER_HALO,
                      strip_rows // 2)
     return net._restore_size(out, height, width)
+
+
+def uses_channels_last(net: LFPVNet) -> bool:
+    return net.encoder.conv_full.weight.is_contiguous(memory_format=torch.channels_last) and \
+        net.encoder.conv_full.weight.shape[-1] > 1
+
+
+def prepare_for_inference(net: LFPVNet, device: torch.device) -> LFPVNet:
+    """Eval mode, and the CPU op set's memory format: channels_last convolutions where backend "auto"
+    runs on the CPU (1.2x faster for a 512x960 frame than NCHW there, bench/bench_inference.py; the
+    same numbers to float32 rounding). The reference backend stays the plain NCHW eager twin."""
+    from lfpv_fast import cpu_ops
+
+    net.eval()
+    if device.type == "cpu" and net.ops_for(torch.empty(0)) is cpu_ops:
+        net.to(memory_format=torch.channels_last)
+    return net
 
 
 class InferenceStages:
@@ -190,8 +209,9 @@ def check_precision(precision: str, device: torch.device) -> None:
     """Refuse a precision that is unsupported or slower than fp32 on `device`, saying why (ValueError).
 
     CUDA: bf16 needs a GPU that supports it (Ampere or newer); fp16 runs everywhere. CPU: reduced
-    precision only pays with matrix units for it (AMX); on CPUs without them oneDNN's bf16 is slower
-    than fp32 (measured 0.80x for a 512x960 frame on an AVX512-BF16 EPYC, bench/bench_inference.py).
+    precision pays only with native instructions for it: bf16 with AVX512-BF16 or AMX (measured faster
+    than fp32 for a 512x960 frame on an AVX512-BF16 EPYC, bench/bench_inference.py); fp16 with AMX-FP16.
+    Elsewhere oneDNN emulates them, slower than fp32, and they are refused.
     """
     if precision not in PRECISIONS:
         raise ValueError(f"--precision {precision!r}: expected one of {', '.join(PRECISIONS)}")
@@ -203,11 +223,13 @@ def check_precision(precision: str, device: torch.device) -> None:
                              "use --precision fp16 or fp32")
         return
     if device.type == "cpu":
-        fast = {"bf16": torch.cpu._is_amx_tile_supported(),
-                "fp16": torch.cpu._is_amx_fp16_supported()}[precision]
+        native = {"bf16": ("AVX512-BF16 or AMX", torch.cpu._is_avx512_bf16_supported()
+                           or torch.cpu._is_amx_tile_supported()),
+                  "fp16": ("AMX-FP16", torch.cpu._is_amx_fp16_supported())}
+        needs, fast = native[precision]
         if not fast:
-            raise ValueError(f"--precision {precision} on this CPU would be slower than fp32 (no AMX {precision} "
-                             "units; oneDNN then emulates it): use --precision fp32, or a GPU")
+            raise ValueError(f"--precision {precision} on this CPU would be slower than fp32 (it has no {needs} "
+                             "instructions; oneDNN then emulates it): use --precision fp32, or a GPU")
         return
     raise ValueError(f"--precision {precision} is not supported on device {device}")
 

@@ -111,6 +111,7 @@ def test_cli_says_whole_or_tiled(tmp_path, checkpoint, capsys):
 
 def test_cpu_precision_refused_where_slower(tmp_path, checkpoint, capsys, monkeypatch):
     monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: False)
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: False)
     with pytest.raises(ValueError, match="slower than fp32"):
         check_precision("bf16", torch.device("cpu"))
     check_precision("fp32", torch.device("cpu"))
