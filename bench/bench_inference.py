@@ -11,8 +11,9 @@ Parts:
              reference backend. Rows: the published code (--published; else "reference ops (numerically
              the published model)"), lfpv_fast reference backend (with --published), lfpv_fast auto
              (net(x, snr)), auto + channels_last (what enhance and evaluate run on the CPU), that through
-             enhance's whole-image path (whole_image_forward: strips), and + bf16 autocast. Two inputs: a dark photo (the demo's coffee
-             photo, darkened by the demo's noise model; its SNR map keeps few or no attention keys) and
+             enhance's whole-image path (whole_image_forward: strips), and + bf16 autocast. Two inputs:
+             a dark photo (the demo's coffee photo, darkened by the demo's noise model; its SNR map
+             keeps few or no attention keys) and
              the same photo with an SNR map of ones (every key kept: the attention's worst case).
   memory     Peak memory and time of enhancing a whole photo untiled (enhance_image, backend auto) at
              1, 4 and 12 megapixels (4:3), each in a fresh subprocess: peak RSS (VmHWM of
