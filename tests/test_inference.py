@@ -13,7 +13,7 @@ from PIL import Image
 from lfpv_fast import LFPVNet, ModelConfig
 from lfpv_fast.checkpoint import atomic_save, weights_only_checkpoint
 from lfpv_fast.enhance import enhance_image, main, parse_size, plan_enhancement
-from lfpv_fast.inference import check_precision, estimate_peak_bytes, whole_image_forward
+from lfpv_fast.inference import check_precision, estimate_peak_bytes, prepare_for_inference, whole_image_forward
 
 TINY = ModelConfig(nf=8, hr_nf=8, heads=2, head_dim=8, ffn_dim=32, layers=1, light_blocks=1, bank_size=4)
 
@@ -48,9 +48,14 @@ def test_whole_image_forward_is_the_forward(backend, size):
                                    rtol=0, atol=1e-6)
 
 
-def test_untiled_enhance_equals_the_reference_forward_of_the_whole_image():
-    """backend auto (memory-linear attention, strips) against the plain reference forward, whole image."""
+@pytest.mark.parametrize("prepared", [False, True], ids=["nchw", "as-the-cli-runs-it"])
+def test_untiled_enhance_equals_the_reference_forward_of_the_whole_image(prepared):
+    """backend auto (memory-linear attention, strips; channels_last as the CLI prepares it) against the
+    plain reference forward of the whole image."""
     reference_net, auto_net = tiny_net("reference"), tiny_net("auto")
+    if prepared:
+        prepare_for_inference(auto_net, torch.device("cpu"))
+        assert auto_net.encoder.conv_full.weight.is_contiguous(memory_format=torch.channels_last)
     x = dark_image(208, 320)
     snr = reference_net.snr_mask(x)
     with torch.no_grad():
@@ -105,7 +110,8 @@ def test_cli_says_whole_or_tiled(tmp_path, checkpoint, capsys):
     assert "tiled" in err and "--max-memory" in err
     whole = np.asarray(Image.open(tmp_path / "w" / "a.png"))
     x = torch.from_numpy(pixels).permute(2, 0, 1).float() / 255
-    expected = np.round(enhance_image(tiny_net("auto"), x, max_memory=2**30).permute(1, 2, 0).numpy() * 255)
+    net = prepare_for_inference(tiny_net("auto"), torch.device("cpu"))  # as the CLI runs it
+    expected = np.round(enhance_image(net, x, max_memory=2**30).permute(1, 2, 0).numpy() * 255)
     np.testing.assert_array_equal(whole, expected)
 
 
