@@ -1,6 +1,7 @@
 """Run every benchmark in bench/ and write one JSON and one markdown table for this device.
 
     python bench/run_all.py [--published PATH] [--quick] [--checkpoint PATH]
+    python bench/run_all.py --collect bench/results/2026-11-25-cpu-*.json   # merge runs made one by one
 
 Each script runs in its own process with --out into a scratch folder; their results are merged into
 `bench/results/<date>-<device>.json` and `bench/results/<date>-<device>.md`, with the versions of
@@ -78,13 +79,19 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--quick", action="store_true", help="short runs of every script")
     parser.add_argument("--checkpoint", help="passed to bench_inference.py (bf16 against fp32 PSNR)")
     parser.add_argument("--out", type=Path, default=None, help="results folder (default bench/results)")
+    parser.add_argument("--collect", nargs="+", type=Path, metavar="JSON",
+                        help="do not run anything: merge these scripts' JSON files into the device's JSON and table")
     pub_mod.add_argument(parser)
     args = parser.parse_args(argv)
     env = common.environment()
     out_dir = args.out or common.RESULTS
     results, failed = {}, []
+    for path in args.collect or []:  # <date>-<device>-<name>.json
+        doc = json.loads(path.read_text())
+        slug = doc.get("environment", {}).get("device_slug", "cpu")
+        results[path.stem.split(f"-{slug}-", 1)[-1]] = doc
     with tempfile.TemporaryDirectory(prefix="lfpv_bench_") as tmp:
-        for name, quick_args in SCRIPTS.items():
+        for name, quick_args in ({} if args.collect else SCRIPTS).items():
             print(f"== {name}", flush=True)
             json_path = Path(tmp) / f"{name}.json"
             cmd = [sys.executable, str(HERE / name), "--out", str(json_path)] + (quick_args if args.quick else [])
@@ -107,10 +114,15 @@ def main(argv: list[str] | None = None) -> int:
           f"torch {env['torch']}, Triton {env['triton']}, DALI {env['dali']}, Python {env['python']}; "
           f"load average {env['loadavg_start'][0]:.1f} at start, {env['loadavg_end'][0]:.1f} at end"
           f" ({env['cpu_count']} cores). Command: `{env['command']}`.",
-          f"Baselines: {'the published code at ' + args.published if args.published else pub_mod.REFERENCE_LABEL}.",
+          "Baselines: " + ("runs collected from separate commands, see each section's command" if args.collect else
+                           f"the published code at {args.published}" if args.published else pub_mod.REFERENCE_LABEL)
+          + ".",
           "Times are median (min-max) of >= 5 repetitions after warm-up; see each script's docstring.", ""]
     for name, doc in results.items():
-        md += [f"## {name}", "", markdown_table(rows_of(doc))]
+        run_env = doc.get("environment", {})
+        md += [f"## {name}", "", f"`{run_env.get('command', '?')}` at {run_env.get('date', '?')}, load average "
+               f"{run_env.get('loadavg_start', ['?'])[0]} at start; baseline: "
+               f"{doc.get('published') or pub_mod.REFERENCE_LABEL}", "", markdown_table(rows_of(doc))]
     if failed:
         md += [f"Failed: {', '.join(failed)}", ""]
     (out_dir / f"{stem}.md").write_text("\n".join(md))

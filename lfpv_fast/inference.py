@@ -29,6 +29,9 @@ from lfpv_fast.model import LFPVNet, ModelConfig
 ENCODER_HALO = 4  # full-res rows for conv_full (1) + conv_half (1, stride 2)
 DECODER_HALO = 3  # half-res rows: up_half (1 half row) + 3 full-res convs (3 full rows = 1.5 half rows)
 DEFAULT_STRIP_ROWS = 128  # full-resolution rows per strip
+# Working memory besides the tensors counted (oneDNN scratch and reordered weights, allocator slack):
+# the measured peak of a 1 MP photo was 0.04 GiB above the count without it (bench/bench_inference.py).
+FIXED_OVERHEAD = 256 * 2**20
 
 
 def _in_strips(fn: Callable[..., torch.Tensor], inputs: list[tuple[torch.Tensor, int]], rows: int, scale_out: int,
@@ -142,15 +145,17 @@ class MemoryEstimate:
 
     @property
     def total(self) -> int:
-        return self.whole_image + self.weights
+        return self.whole_image + self.weights + FIXED_OVERHEAD
 
 
 def estimate_peak_bytes(config: ModelConfig, batch: int, height: int, width: int, element_size: int = 4,
                         linear_attention: bool = True, strip_rows: int = DEFAULT_STRIP_ROWS) -> MemoryEstimate:
     """Peak memory of `whole_image_forward` on a (batch, 3, height, width) input, in bytes.
 
-    A count of the largest tensors alive at once (not a measurement; bench/bench_inference.py checks it
-    against the measured peak): the input, SNR map and output at full resolution, the half- and
+    A count of the largest tensors alive at once, plus FIXED_OVERHEAD in `total`. Measured against it
+    (bench/bench_inference.py, backend auto on the CPU, peak RSS above the start): 0.69 / 1.34 / 3.92 GiB
+    at 1 / 4 / 12 MP for a `whole_image` count of 0.65 / 2.14 / 5.85 GiB, so the count errs on the safe
+    side for large photos. It holds the input, SNR map and output at full resolution, the half- and
     quarter-resolution feature maps, the transformer's tokens, the attention, and one strip of the
     full-resolution stages. linear_attention=False is the reference op, which holds B x heads x L x L
     scores (three of them at once: scores, masked scores, softmax).
