@@ -92,7 +92,8 @@ def attention_runner(fn: Callable, pass_name: str, q, k, v, keep, grad) -> Calla
                 return fn(q, k, v, keep)
     else:
         def run():
-            return torch.autograd.grad(fn(q, k, v, keep), (q, k, v), grad)
+            # allow_unused: with every key masked, the output depends on v only (zero gradient for q, k)
+            return torch.autograd.grad(fn(q, k, v, keep), (q, k, v), grad, allow_unused=True, materialize_grads=True)
     return run
 
 

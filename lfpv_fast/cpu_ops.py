@@ -50,5 +50,8 @@ def masked_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_keep
                                                  v[i:i + 1].index_select(2, index))
         else:  # every score is -1e9: uniform weights over all keys
             out = v[i:i + 1].mean(dim=2, keepdim=True).expand(q[i:i + 1].shape[:3] + v.shape[-1:])
+            if torch.is_grad_enabled() and (q.requires_grad or k.requires_grad):
+                # q and k get zero gradients (not none), as through the reference's masked scores
+                out = out + (q[i:i + 1].sum() + k[i:i + 1].sum()) * 0.0
         outputs.append(out)
     return outputs[0] if len(outputs) == 1 else torch.cat(outputs)

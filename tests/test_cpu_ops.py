@@ -50,6 +50,14 @@ def test_masked_attention_gradients_match_reference():
         torch.testing.assert_close(got, expected, rtol=1e-10, atol=1e-12)
 
 
+def test_fully_masked_batch_gives_zero_gradients_to_queries_and_keys():
+    q, k, v = (t.requires_grad_() for t in _attention_inputs(1, 9, torch.float64))
+    out = cpu_ops.masked_attention(q, k, v, torch.zeros(1, 9, dtype=torch.bool))
+    grad_q, grad_k, grad_v = torch.autograd.grad(out.sum(), (q, k, v))
+    assert not grad_q.any() and not grad_k.any()
+    torch.testing.assert_close(grad_v, torch.full_like(v, 1.0))  # each key carries 1/L of each of L queries
+
+
 def test_model_auto_on_cpu_matches_reference_backend():
     cfg = ModelConfig(nf=8, light_blocks=1, layers=2, heads=2, head_dim=8, ffn_dim=32, bank_size=4)
     torch.manual_seed(0)
