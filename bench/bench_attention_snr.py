@@ -125,9 +125,10 @@ def bench_attention(impls: dict, device: str, dtype: torch.dtype, peak_tflops: f
                     group.append({**row, "status": why})
                     continue
                 ms = times[impl]
-                tflops = flops / (ms * 1e-3) / 1e12
+                # With every key masked the output is a mean: the dense attention's FLOP count does not apply.
+                tflops = None if all_masked else flops / (ms * 1e-3) / 1e12
                 group.append({**row, "status": "ok", "ms": ms, "ms_spread": timings[impl].summary(1e3),
-                              "tflops": tflops, "pct_of_matmul": 100 * tflops / peak_tflops})
+                              "tflops": tflops, "pct_of_matmul": None if all_masked else 100 * tflops / peak_tflops})
             add_speedups(group, times)
             rows += group
     return rows

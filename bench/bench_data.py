@@ -173,7 +173,7 @@ def main(argv: list[str] | None = None) -> int:
                     device=device,
                     source=source,
                     frame=raw_frame if source == "raw" else f"{CACHE_WH[1]}x{CACHE_WH[0]}",  # raw-512: already small
-                    workers=args.workers if loader == "torch" else 0,
+                    workers=args.workers if loader in ("torch", "its own") else 0,
                     threads=args.threads if loader == "dali" else 0,
                     samples_per_s=rate,
                     batches=batches,
