@@ -16,6 +16,8 @@ recomputed per strip rather than kept: 3 input channels make it the cheapest con
 
 from __future__ import annotations
 
+import dataclasses
+import functools
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -182,8 +184,13 @@ def estimate_peak_bytes(config: ModelConfig, batch: int, height: int, width: int
 
 
 def _parameter_count(config: ModelConfig) -> int:
+    return _parameter_count_of(tuple(sorted(dataclasses.asdict(config).items())))
+
+
+@functools.lru_cache(maxsize=8)
+def _parameter_count_of(config_items: tuple) -> int:
     with torch.device("meta"):
-        net = LFPVNet(config, backend="reference")
+        net = LFPVNet(ModelConfig(**dict(config_items)), backend="reference")
     return sum(p.numel() for p in net.parameters()) + sum(b.numel() for b in net.buffers())
 
 
