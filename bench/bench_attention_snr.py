@@ -16,7 +16,7 @@ Rows:
                     photo, where no key is kept (cpu_ops and reference only: SDPA gives NaN there).
                     FLOPs: forward 4*B*H*L^2*D, forward+backward 14*B*H*L^2*D (FlashAttention's
                     count: the backward's five matmuls, including recomputing S), reported as TFLOP/s
-                    and as a share of the device's dense matmul rate in the same dtype, measured here.
+                    and as a share of the fastest of the dense matmuls timed interleaved with each group of rows.
   snr_mask          B=12 at 256x256 and B=1 at 512x960, forward, triton vs reference; GB/s counts the
                     minimal traffic (read 3 channels, write 1) vs the device's copy bandwidth, measured here.
 
@@ -107,6 +107,9 @@ def add_speedups(rows: list[dict], times: dict[str, float]) -> None:
 def bench_attention(impls: dict, device: str, dtype: torch.dtype, peak_tflops: float, quick: bool) -> list[dict]:
     rows = []
     reps, warmup = (20, 5) if device == "cuda" else (common.MIN_REPS, 1)
+    size = 4096 if device == "cuda" else 1024
+    matmul_probe = (torch.randn(size, size, device=device, dtype=dtype), torch.randn(size, size, device=device,
+                                                                                   dtype=dtype))
     cases = [(name, shape, False) for name, shape in ATTN_SHAPES.items()] + [
         ("infer, all masked", ATTN_SHAPES["infer"], True)]
     for shape_name, shape, all_masked in cases:
@@ -115,7 +118,11 @@ def bench_attention(impls: dict, device: str, dtype: torch.dtype, peak_tflops: f
         for pass_name, flops in (("fwd", 4 * b * h * length**2 * d), ("fwd+bwd", 14 * b * h * length**2 * d)):
             runnable = {impl: attention_runner(fn, pass_name, *inputs) for impl, fn in impls.items()
                         if fn is not None and not (all_masked and impl == "sdpa")}
+            # The matmul ceiling, timed interleaved with the rows: the same load for both.
+            runnable["matmul"] = functools.partial(torch.matmul, *matmul_probe)
             timings = common.time_rows(runnable, reps, warmup, device)
+            n = matmul_probe[0].shape[0]
+            group_peak = 2 * n**3 / timings.pop("matmul").min / 1e12
             times, group = {impl: t.median * 1e3 for impl, t in timings.items()}, []
             for impl in impls:
                 row = {"op": "masked_attention", "shape": shape_name, "dims": list(shape), "pass": pass_name,
@@ -125,10 +132,13 @@ def bench_attention(impls: dict, device: str, dtype: torch.dtype, peak_tflops: f
                     group.append({**row, "status": why})
                     continue
                 ms = times[impl]
-                # With every key masked the output is a mean: the dense attention's FLOP count does not apply.
-                tflops = None if all_masked else flops / (ms * 1e-3) / 1e12
+                # cpu_ops computes over the kept keys only: count those FLOPs. With every key masked the
+                # output is a mean: the dense attention's FLOP count does not apply.
+                done = flops * float(inputs[3].float().mean()) if impl == "cpu_ops" else flops
+                tflops = None if all_masked else done / (ms * 1e-3) / 1e12
                 group.append({**row, "status": "ok", "ms": ms, "ms_spread": timings[impl].summary(1e3),
-                              "tflops": tflops, "pct_of_matmul": None if all_masked else 100 * tflops / peak_tflops})
+                              "tflops": tflops, "matmul_tflops": group_peak,
+                              "pct_of_matmul": None if all_masked else 100 * tflops / group_peak})
             add_speedups(group, times)
             rows += group
     return rows

@@ -40,6 +40,8 @@ def _is_spread(value) -> bool:
 
 
 def _cell(value) -> str:
+    if value is None:
+        return ""
     if _is_spread(value):
         return f"{value['median']:.4g} ({value['min']:.4g}-{value['max']:.4g})"
     if isinstance(value, float):

@@ -15,7 +15,7 @@ folder), in the input's format and bit depth: 16-bit PNG/TIFF stay 16-bit.
   it are then never taken as inputs). Existing outputs are skipped unless --overwrite.
 - Whole images, exactly: the whole image goes through the model at once (the transformer attends
   over all of it, as the published model does), with the full-resolution stages run in strips so
-  that peak memory stays about 450 bytes per pixel with a memory-linear attention (backend "auto";
+  that peak memory stays about 350 bytes per pixel with a memory-linear attention (backend "auto";
   see lfpv_fast/inference.py). This is chosen whenever the estimated peak fits the device's free
   memory (or --max-memory); otherwise, or with --tile or above --max-pixels, the image is enhanced in
   overlapping tiles (see `enhance_image`), which changes the result slightly. Each image's choice is

@@ -32,7 +32,7 @@ ENCODER_HALO = 4  # full-res rows for conv_full (1) + conv_half (1, stride 2)
 DECODER_HALO = 3  # half-res rows: up_half (1 half row) + 3 full-res convs (3 full rows = 1.5 half rows)
 DEFAULT_STRIP_ROWS = 128  # full-resolution rows per strip
 # Working memory besides the tensors counted (oneDNN scratch and reordered weights, allocator slack):
-# the measured peak of a 1 MP photo was 0.04 GiB above the count without it (bench/bench_inference.py).
+# the measured peak of a 1 MP photo was up to 0.04 GiB above the count without it (bench/bench_inference.py).
 FIXED_OVERHEAD = 256 * 2**20
 
 
@@ -155,7 +155,7 @@ def estimate_peak_bytes(config: ModelConfig, batch: int, height: int, width: int
     """Peak memory of `whole_image_forward` on a (batch, 3, height, width) input, in bytes.
 
     A count of the largest tensors alive at once, plus FIXED_OVERHEAD in `total`. Measured against it
-    (bench/bench_inference.py, backend auto on the CPU, peak RSS above the start): 0.69 / 1.34 / 3.92 GiB
+    (bench/bench_inference.py, backend auto on the CPU, peak RSS above the start): 0.57 / 1.40 / 3.92 GiB
     at 1 / 4 / 12 MP for a `whole_image` count of 0.65 / 2.14 / 5.85 GiB, so the count errs on the safe
     side for large photos. It holds the input, SNR map and output at full resolution, the half- and
     quarter-resolution feature maps, the transformer's tokens, the attention, and one strip of the
