@@ -1,10 +1,14 @@
 """Data-loading throughput (training samples/s, batch 12, 256 x 256 crops) of the loaders.
 
-    python bench/bench_data.py [--quick] [--workers N] [--threads N] [--out FILE]
+    python bench/bench_data.py [--published PATH] [--quick] [--workers N] [--threads N] [--out FILE]
     python bench/bench_data.py decode [--quick] [--cores N] [--out FILE]   # image datasets: see decode_main
 
 Rows:
-  published    torch loader on raw frames: per sample np.load 1424x2128 LQ + GT, resize to 960x512, crop, flip
+  published    with --published PATH (or $LFPV_PUBLISHED): the published training dataset itself
+               (data/dataset_SMID_train.py: per sample np.load of the full-size LQ and GT, OpenCV resize to
+               960x512, crop, flips, the 5x5 blur) in a DataLoader built as its create_dataloader does.
+               Without the path: "reference ops (numerically the published model)", lfpv_fast's torch
+               loader on the raw frames, which does the same work the same way.
   published-512  the same on raw frames that are already 512x960 (the resize is then a copy)
   torch-cache  torch loader on the prepared cache (512x960 frames: np.load, crop, flip)
   dali-cpu     DALI CPU pipeline on the cache (and on raw frames: dali-cpu-raw)
@@ -13,24 +17,25 @@ plus `prepare`: frames/s of `python -m lfpv_fast.prepare` building the cache.
 
 Synthetic frames (random uint8, BGR) at 1424x2128 (H x W, SMID's size) are written to a temp folder
 and prepared to 512x960; the files sit in the page cache, so this measures decode/resize/crop
-work, not the disk. The first batch of each row (worker start, pipeline build) is not timed.
+work, not the disk. The first batch of each row (worker start, pipeline build) is not timed; then
+each row times >= 5 repetitions of --batches batches from the same iterator: samples/s min / median /
+max. Rows run one after another, not interleaved: a loader's workers prefetch in the background, so
+interleaved loaders would time each other's prefetched batches.
 Prints a table and writes JSON (default bench/results/<date>-<device>-data.json).
 """
 
 from __future__ import annotations
 
 import argparse
-import datetime
-import json
 import os
-import platform
-import re
 import sys
 import tempfile
 import time
 from pathlib import Path
 
+import common
 import numpy as np
+import published as pub_mod
 import torch
 
 from lfpv_fast.config import config_from_dict
@@ -56,28 +61,31 @@ def write_raw(root: Path, scenes: int, frames: int, hw: tuple[int, int] = RAW_HW
     (root / "test.txt").write_text("test\n")
 
 
-def device_name() -> str:
-    if torch.cuda.is_available():
-        return re.sub(r"[^a-z0-9]+", "-", torch.cuda.get_device_name().lower()).strip("-")
-    return "cpu"
+def measure(loader, batches: int, reps: int) -> dict:
+    """Samples/s (min/median/max) over `reps` repetitions of `batches` batches, after one untimed batch."""
+    state = {"it": iter(loader)}
+    next(state["it"])  # worker start / pipeline build
+
+    def rep_batches() -> None:
+        done = 0
+        while done < batches:
+            try:
+                batch = next(state["it"])
+            except StopIteration:  # a new epoch
+                state["it"] = iter(loader)
+                continue
+            done += 1
+        key = "lq" if "lq" in batch else "LQs"  # ours, the published dataset's
+        if batch[key].is_cuda:
+            torch.cuda.synchronize()
+
+    timing = common.time_fn(rep_batches, reps, warmup=0)
+    return timing.rate(batches * BATCH)
 
 
-def measure(cfg, batches: int) -> tuple[float, int]:
-    """Samples/s over `batches` timed batches (after one untimed batch), epochs as needed."""
-    loader = build_loader(cfg, "train", seed=0)
-    it = iter(loader)
-    next(it)  # worker start / pipeline build
-    done, t0 = 0, time.perf_counter()
-    while done < batches:
-        try:
-            batch = next(it)
-        except StopIteration:
-            it = iter(loader)
-            continue
-        done += 1
-    if batch["lq"].is_cuda:
-        torch.cuda.synchronize()
-    return done * BATCH / (time.perf_counter() - t0), done
+def published_loader(pub, root: Path, workers: int, lq: str = "lq", gt: str = "gt"):
+    ds = pub_mod.dataset(pub, root / lq, root / gt, ["test"], CACHE_WH, CROP, flips=True)
+    return pub_mod.loader(pub, ds, BATCH, workers)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -85,29 +93,44 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--quick", action="store_true", help="fewer frames and batches (about a minute on 2 cores)")
     ap.add_argument("--workers", type=int, default=min(3, os.cpu_count() or 1), help="torch DataLoader workers")
     ap.add_argument("--threads", type=int, default=min(4, os.cpu_count() or 1), help="DALI CPU threads")
+    ap.add_argument("--reps", type=int, default=common.MIN_REPS, help="timed repetitions per row (at least 5)")
+    ap.add_argument("--batches", type=int, default=None, help="batches per repetition (default 4; --quick 2)")
     ap.add_argument("--out", default=None, help="JSON file (default bench/results/<date>-<device>-data.json)")
+    ap.add_argument("--rows", default=None, help="comma-separated subset of the rows (names as printed; "
+                    "'published' and 'reference ops' both mean the baseline)")
+    pub_mod.add_argument(ap)
     args = ap.parse_args(argv)
-    scenes, frames, batches = (2, 12, 3) if args.quick else (4, 24, 12)
+    scenes, frames = (2, 12) if args.quick else (4, 24)
+    batches = args.batches or (2 if args.quick else 4)
     has_cuda = torch.cuda.is_available()
+    env = common.environment()
+    pub = pub_mod.from_args(args)
+    baseline = "published" if pub else "reference"
     rows = []
     with tempfile.TemporaryDirectory(prefix="lfpv_bench_data_") as tmp:
         root = Path(tmp)
         write_raw(root, scenes, frames)
         # The published baseline pays for the size of the distributed arrays: measure it at both sizes.
         write_raw(root / "small", scenes, frames, SMALL_RAW_HW)
-        t0 = time.perf_counter()
-        rep = prepare(root / "lq", root / "gt", root / "cache", CACHE_WH, progress=False)
-        prep_rate = rep.written / (time.perf_counter() - t0)
+        raw_frame = f"{RAW_HW[0]}x{RAW_HW[1]}"
+        caches, written = iter(range(10**6)), {}
+
+        def prepare_once() -> None:  # a fresh cache folder each time; the last one is used below
+            written["frames"] = prepare(root / "lq", root / "gt", root / f"cache{next(caches)}", CACHE_WH,
+                                        progress=False).written
+
+        prep = common.time_fn(prepare_once, args.reps, warmup=0)
+        (root / f"cache{next(caches) - 1}").rename(root / "cache")
         rows.append(
             dict(
                 name="prepare",
                 loader="-",
                 device="cpu",
                 source="raw->cache",
-                frame="1424x2128",
+                frame=raw_frame,
                 workers=min(8, os.cpu_count() or 1),
                 threads=0,
-                samples_per_s=prep_rate,
+                samples_per_s=prep.rate(written["frames"]),  # frames/s
                 batches=0,
             )
         )
@@ -124,46 +147,56 @@ def main(argv: list[str] | None = None) -> int:
         )
         cache = dict(prepared_root=str(root / "cache"))
         plan = [
-            ("published", "torch", "cpu", {}, "raw"),
-            ("published-512", "torch", "cpu", {"lq_root": str(root / "small" / "lq"),
-                                               "gt_root": str(root / "small" / "gt")}, "raw-512"),
+            (baseline, "torch", "cpu", {}, "raw"),
+            (f"{baseline}-512", "torch", "cpu", {"lq_root": str(root / "small" / "lq"),
+                                                "gt_root": str(root / "small" / "gt")}, "raw-512"),
             ("torch-cache", "torch", "cpu", cache, "cache"),
             ("dali-cpu", "dali", "cpu", cache, "cache"),
             ("dali-cpu-raw", "dali", "cpu", {}, "raw"),
         ]
         if has_cuda:
             plan += [("dali-gpu", "dali", "gpu", cache, "cache"), ("dali-gpu-raw", "dali", "gpu", {}, "raw")]
+        if args.rows:
+            wanted = {w.strip().replace("reference ops", baseline).replace("published", baseline)
+                      for w in args.rows.split(",")}
+            plan = [p for p in plan if p[0] in wanted]
         for name, loader, device, extra, source in plan:
-            cfg = config_from_dict({"data": {**base, **extra, "loader": loader, "device": device}})
-            rate, n = measure(cfg, batches)
+            if name.startswith("published"):
+                data_root = root / "small" if source == "raw-512" else root
+                rate = measure(published_loader(pub, data_root, args.workers), batches, args.reps)
+                loader = "its own"
+            else:
+                cfg = config_from_dict({"data": {**base, **extra, "loader": loader, "device": device}})
+                rate = measure(build_loader(cfg, "train", seed=0), batches, args.reps)
             rows.append(
                 dict(
-                    name=name,
+                    name=name if not name.startswith("reference") else name.replace("reference", "reference ops"),
                     loader=loader,
                     device=device,
                     source=source,
-                    frame="1424x2128" if source == "raw" else "512x960",  # raw-512: arrays already 512x960
-                    workers=args.workers if loader == "torch" else 0,
+                    frame=raw_frame if source == "raw" else f"{CACHE_WH[1]}x{CACHE_WH[0]}",  # raw-512: already small
+                    workers=args.workers if loader in ("torch", "its own") else 0,
                     threads=args.threads if loader == "dali" else 0,
                     samples_per_s=rate,
-                    batches=n,
+                    batches=batches,
                 )
             )
-            print(f"  {name}: {rate:.1f} samples/s", file=sys.stderr)
+            print(f"  {name}: {common.fmt_spread(rate, '.1f')} samples/s", file=sys.stderr)
 
-    print(f"\n{'row':<14}{'loader':<7}{'device':<7}{'frames':<11}{'workers':>8}{'threads':>8}{'samples/s':>11}")
+    if not pub:
+        print(f"no --published PATH: the '{pub_mod.REFERENCE_LABEL}' rows stand in for the published data code")
+    print(f"{common.machine_note(env)}")
+    print(f"\n{'row':<18}{'loader':<8}{'device':<7}{'frames':<11}{'workers':>8}{'threads':>8}"
+          f"{'samples/s: median (min-max)':>32}")
     for r in rows:
         print(
-            f"{r['name']:<14}{r['loader']:<7}{r['device']:<7}{r['frame']:<11}{r['workers']:>8}{r['threads']:>8}"
-            f"{r['samples_per_s']:>11.1f}"
+            f"{r['name']:<18}{r['loader']:<8}{r['device']:<7}{r['frame']:<11}{r['workers']:>8}{r['threads']:>8}"
+            f"{common.fmt_spread(r['samples_per_s'], '.1f'):>32}"
         )
     doc = {
-        "date": datetime.datetime.now().isoformat(timespec="seconds"),
-        "device": device_name(),
-        "cpu_count": os.cpu_count(),
-        "platform": platform.platform(),
-        "torch": torch.__version__,
-        "dali": _dali_version(),
+        "environment": env,
+        "published": str(pub.root) if pub else None,
+        "baseline_label": pub_mod.PUBLISHED_LABEL if pub else pub_mod.REFERENCE_LABEL,
         "batch": BATCH,
         "crop": CROP,
         "raw_frame_hw": list(RAW_HW),
@@ -172,31 +205,19 @@ def main(argv: list[str] | None = None) -> int:
         "quick": args.quick,
         "rows": rows,
     }
-    out = Path(args.out or f"bench/results/{datetime.date.today()}-{doc['device']}-data.json")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(doc, indent=1))
-    print(f"wrote {out}")
+    common.finish(doc, "data", args.out)
     return 0
-
-
-def _dali_version() -> str | None:
-    try:
-        import nvidia.dali
-
-        return nvidia.dali.__version__
-    except ImportError:
-        return None
 
 
 # ---------------------------------------------------------------------------------------------
 # Decode section (image datasets): `python bench/bench_data.py decode [--quick] [--cores N] [--out FILE]`
 #
-# Self-contained (its own timing loop and image writer) so that it stays separate from the rest of this file.
 # Training samples/s of DALI decode + crop + flips (CPU; GPU where CUDA is available, else the row says "not
 # measured: no GPU") against the torch loader decoding with Pillow, on 600x400 PNG pairs (LOL's size) and on
 # 12-megapixel (4000x3000) JPEG pairs (a camera's), each loader given `--cores` workers / threads, so that
-# samples/s per core is samples/s / cores. Rows are interleaved over repeats (torch, DALI, torch, ...) and
-# the DALI/torch ratio is reported as min/median/max over the repeats. Then the data-wait share of a training
+# samples/s per core is samples/s / cores. Each row is timed by common.time_fn (>= 5 repetitions of `batches`
+# batches after a warm-up run), rows one after another (see the module docstring); the DALI/torch ratio is
+# min/median/max over the repetitions, paired in order. Then the data-wait share of a training
 # step: the fraction of wall time a training loop (the demo config's small model at the same crop and batch,
 # on the CPU) spends waiting for the next batch. Images are synthetic (smooth colour gradients plus noise,
 # written to a temporary folder at run time); files sit in the page cache, so this is decode work, not disk.
@@ -250,21 +271,24 @@ def _decode_cfg(root: Path, name: str, loader: str, device: str, cores: int, mod
     return config_from_dict(raw)
 
 
-def _decode_rate(cfg, batches: int) -> float:
-    """Training samples/s over `batches` batches after one untimed batch (worker start, pipeline build)."""
+def _batches_row(cfg, batches: int):
+    """A row for common.time_rows: each call takes the next `batches` batches of one loader (a new epoch
+    when one ends), so that worker start and pipeline build fall in the warm-up call."""
     loader = build_loader(cfg, "train", seed=0)
-    it = iter(loader)
-    next(it)
-    done, t0 = 0, time.perf_counter()
-    while done < batches:
-        batch = next(it, None)
-        if batch is None:
-            it = iter(loader)
-            continue
-        done += 1
-    if batch["lq"].is_cuda:
-        torch.cuda.synchronize()
-    return done * cfg.data.batch_size / (time.perf_counter() - t0)
+    state = {"it": iter(loader)}
+
+    def run() -> None:
+        done = 0
+        while done < batches:
+            batch = next(state["it"], None)
+            if batch is None:
+                state["it"] = iter(loader)
+                continue
+            done += 1
+        if batch["lq"].is_cuda:
+            torch.cuda.synchronize()
+
+    return run
 
 
 def _data_wait_share(cfg, steps: int, run_dir: Path) -> tuple[float, float]:
@@ -305,10 +329,10 @@ def decode_main(argv: list[str] | None = None) -> int:
     ap.add_argument("--cores", type=int, default=1, help="torch workers = DALI threads (default 1: per core)")
     ap.add_argument("--out", default=None, help="JSON file (default bench/results/<date>-<device>-decode.json)")
     args = ap.parse_args(argv)
-    repeats, batches, steps = (2, 3, 2) if args.quick else (3, 8, 3)
+    batches, steps = (3, 2) if args.quick else (8, 3)
     has_cuda = torch.cuda.is_available()
     model = yaml.safe_load((configs_dir() / "demo.yaml").read_text())["model"]
-    load_before = os.getloadavg()
+    env = common.environment()
     rows, waits = [], []
     with tempfile.TemporaryDirectory(prefix="lfpv_bench_decode_") as tmp:
         root = Path(tmp)
@@ -319,18 +343,21 @@ def decode_main(argv: list[str] | None = None) -> int:
             loaders = [("torch-pillow", "torch", "cpu"), ("dali-cpu", "dali", "cpu")]
             if has_cuda:
                 loaders.append(("dali-gpu", "dali", "gpu"))
-            rates: dict[str, list[float]] = {label: [] for label, _, _ in loaders}
-            for _ in range(repeats):  # interleaved: a change of machine load hits every row alike
-                for label, loader, device in loaders:
-                    rates[label].append(_decode_rate(_decode_cfg(root, name, loader, device, args.cores), batches))
+            # One row after another, each loader shut down before the next starts: idle loaders' workers
+            # would otherwise prefetch in the background while another row is timed.
+            timed = {}
+            for label, loader, device in loaders:
+                row = _batches_row(_decode_cfg(root, name, loader, device, args.cores), batches)
+                timed[label] = common.time_fn(row)
+                del row
+            samples = batches * DECODE_SETS[name][3]
             for label, _loader, _device in loaders:
-                r = rates[label]
-                ratio = [d / t for d, t in zip(r, rates["torch-pillow"], strict=True)]
-                rows.append(dict(set=name, row=label, cores=args.cores, samples_per_s_median=statistics.median(r),
-                                 samples_per_s=r, per_core_median=statistics.median(r) / args.cores,
-                                 vs_torch_min=min(ratio), vs_torch_median=statistics.median(ratio),
-                                 vs_torch_max=max(ratio)))
-                print(f"  {name} {label}: {statistics.median(r):.1f} samples/s", file=sys.stderr)
+                rate = timed[label].rate(samples)
+                ratio = [t / d for d, t in zip(timed[label].seconds, timed["torch-pillow"].seconds, strict=True)]
+                rows.append(dict(set=name, row=label, cores=args.cores, samples_per_s=rate,
+                                 per_core_median=rate["median"] / args.cores, vs_torch_min=min(ratio),
+                                 vs_torch_median=statistics.median(ratio), vs_torch_max=max(ratio)))
+                print(f"  {name} {label}: {common.fmt_spread(rate, '.1f')} samples/s", file=sys.stderr)
             if not has_cuda:
                 rows.append(dict(set=name, row="dali-gpu", note="not measured: no GPU"))
             for label, loader, device in loaders:
@@ -348,35 +375,25 @@ def decode_main(argv: list[str] | None = None) -> int:
             print(f"{r['set']:<13}{r['row']:<14}{'':>6}  {r['note']}")
             continue
         ratio = f"{r['vs_torch_min']:.2f}/{r['vs_torch_median']:.2f}/{r['vs_torch_max']:.2f}"
-        print(f"{r['set']:<13}{r['row']:<14}{r['cores']:>6}{r['samples_per_s_median']:>11.1f}"
+        print(f"{r['set']:<13}{r['row']:<14}{r['cores']:>6}{r['samples_per_s']['median']:>11.1f}"
               f"{r['per_core_median']:>10.1f}{ratio:>26}")
     print(f"\n{'set':<13}{'row':<14}{'s/step':>8}{'data wait':>11}   (demo model, CPU training step)")
     for w in waits:
         print(f"{w['set']:<13}{w['row']:<14}{w['seconds_per_step']:>8.2f}{w['data_wait_share']:>11.0%}")
     doc = {
-        "date": datetime.datetime.now().isoformat(timespec="seconds"),
-        "device": device_name(),
-        "cpu_count": os.cpu_count(),
-        "loadavg_before": list(load_before),
-        "loadavg_after": list(os.getloadavg()),
-        "platform": platform.platform(),
-        "torch": torch.__version__,
-        "dali": _dali_version(),
+        "environment": env,
         "pillow": _pillow_version(),
         "crop": DECODE_CROP,
         "sets": {k: dict(zip(("width", "height", "pairs", "batch", "format"), v, strict=True))
                  for k, v in DECODE_SETS.items()},
-        "repeats": repeats,
-        "timed_batches": batches,
+        "timed_batches_per_rep": batches,
         "quick": args.quick,
         "rows": rows,
         "data_wait": waits,
         "data_wait_model": "configs/demo.yaml model section, CPU, eager, fp32",
     }
-    out = Path(args.out or f"bench/results/{datetime.date.today()}-{doc['device']}-decode.json")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(doc, indent=1))
-    print(f"wrote {out}")
+    print(common.machine_note(env))
+    common.finish(doc, "decode", args.out)
     return 0
 
 

@@ -2,10 +2,15 @@
 
 For each op (query_fusion, gather_samples, sample_updater_inputs, mutual_updater_inputs,
 batch_mean_layer_norm on vectors and patches), at the training shape (B=12, C=64, 64x64 features) and
-the inference shape (B=1, C=64, 128x240), forward and forward+backward: the time, the achieved
-bandwidth (a minimum-traffic model: every input read and every output written once; backward reads
-the output grads and the inputs again and writes the input grads) as GB/s and as a fraction of the
-device's copy bandwidth (measured in the same run with a large tensor copy), and the speedup.
+the inference shape (B=1, C=64, 128x240), forward and forward+backward: the time (min / median / max
+of >= 5 repetitions after warm-up), the achieved bandwidth at the median as GB/s, as a fraction of
+a plain copy of the same number of bytes (timed interleaved with the op, so that the cache level
+and the machine's load are the same for both: "of copy"), and the speedup. The device's copy
+bandwidth (the fastest of >= 5 large copies) is printed too. Bandwidth counts only bytes an op must
+move (`traffic`): every input read and every output written once; backward reads the output grads,
+writes the input grads, and reads the inputs again where the gradient needs them. gather_samples reads
+only the sampled vector and patch, not the feature map it indexes; its backward writes the whole
+(dense) feature-map gradient.
 
 It also counts the launches of the LFPV part of one training step (sample and mutual update, then
 query-and-fusion, forward and backward) with torch.profiler: CUDA kernels on a GPU; on a CPU, the
@@ -13,22 +18,18 @@ reference path's leaf aten ops that would each be a kernel on a GPU.
 
 Without CUDA only the reference rows run (Triton rows are marked skipped), in well under a minute.
 
-    python bench/bench_lfpv_kernels.py [--quick] [--dtype float32|bfloat16|float16] [--out PATH]
+    python bench/bench_lfpv_kernels.py [--quick] [--shapes train,infer] [--dtype float32|bfloat16|float16] [--out PATH]
 """
 
 from __future__ import annotations
 
 import argparse
-import datetime as dt
-import json
 import platform
 import re
-import sys
-import time
-from collections.abc import Callable
 from pathlib import Path
 from types import SimpleNamespace
 
+import common
 import torch
 
 from lfpv_fast import reference
@@ -52,33 +53,12 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def timed(fn: Callable[[], object], device: torch.device, repeats: int, warmup: int) -> float:
-    """Median seconds of fn() over `repeats` runs after `warmup` runs."""
-    for _ in range(warmup):
-        fn()
-    sync(device)
-    times = []
-    for _ in range(repeats):
-        if device.type == "cuda":
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            fn()
-            end.record()
-            end.synchronize()
-            times.append(start.elapsed_time(end) / 1e3)
-        else:
-            t0 = time.perf_counter()
-            fn()
-            times.append(time.perf_counter() - t0)
-    return sorted(times)[len(times) // 2]
-
-
 def copy_bandwidth(device: torch.device, repeats: int) -> float:
-    """GB/s of a large device-to-device copy (bytes read + bytes written)."""
-    n = (256 if device.type == "cuda" else 32) * 2 ** 20 // 4
+    """GB/s of the fastest of `repeats` large device-to-device copies (bytes read + bytes written): a ceiling."""
+    n = (256 if device.type == "cuda" else 64) * 2 ** 20 // 4
     src = torch.randn(n, device=device)
     dst = torch.empty_like(src)
-    seconds = timed(lambda: dst.copy_(src), device, repeats, warmup=2)
+    seconds = common.time_fn(lambda: dst.copy_(src), repeats, warmup=2, device=device).min
     return 2 * src.numel() * src.element_size() / seconds / 1e9
 
 
@@ -123,21 +103,43 @@ def as_tuple(out) -> tuple[torch.Tensor, ...]:
     return out if isinstance(out, tuple) else (out,)
 
 
-def runner(fn, ops, inputs: list[torch.Tensor], backward: bool):
+def nbytes(tensors) -> int:
+    return sum(t.numel() * t.element_size() for t in tensors)
+
+
+def traffic(op_name: str, inputs: list[torch.Tensor], outputs: tuple[torch.Tensor, ...], backward: bool) -> int:
+    """Bytes the op must move at least: the only bandwidth that an achieved GB/s may count.
+
+    Forward reads every input and writes every output once. Backward reads the output grads and writes
+    the input grads, and reads the inputs again only where the gradient depends on them (the norms
+    and softmaxes of query_fusion and batch_mean_layer_norm; the updater-input ops only move data).
+    gather_samples reads only what it gathers (as many bytes as it writes), not the feature map; its
+    backward reads the output grads and writes the dense feature-map gradient.
+    """
+    out_bytes = nbytes(outputs)
+    if op_name == "gather_samples":
+        forward = 2 * out_bytes  # read the samples, write them
+        return forward + out_bytes + nbytes(inputs) if backward else forward
+    in_bytes = nbytes(inputs)
+    if not backward:
+        return in_bytes + out_bytes
+    rereads = in_bytes if op_name in ("query_fusion",) or op_name.startswith("batch_mean_layer_norm") else 0
+    return (in_bytes + out_bytes) + (out_bytes + in_bytes) + rereads
+
+
+def runner(fn, ops, inputs: list[torch.Tensor], backward: bool, op_name: str = ""):
     """A closure running the op (and its backward), and the bytes it moves at minimum."""
     leaves = [t.detach().requires_grad_(backward) for t in inputs]
     outs = as_tuple(fn(ops, *leaves))
-    in_bytes = sum(t.numel() * t.element_size() for t in leaves)
-    out_bytes = sum(o.numel() * o.element_size() for o in outs)
+    moved = traffic(op_name, leaves, outs, backward)
     grads = [torch.randn_like(o) for o in outs]
     if not backward:
-        return (lambda: fn(ops, *leaves)), in_bytes + out_bytes
+        return (lambda: fn(ops, *leaves)), moved
 
     def step():
         torch.autograd.grad(as_tuple(fn(ops, *leaves)), leaves, grads)
 
-    # forward (in + out) + backward (output grads + inputs again + input grads)
-    return step, 3 * in_bytes + 2 * out_bytes
+    return step, moved
 
 
 def triton_ops_or_reason(device: torch.device):
@@ -203,6 +205,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--quick", action="store_true", help="fewer repeats")
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--shapes", default=",".join(SHAPES), help=f"comma-separated subset of {', '.join(SHAPES)}")
     parser.add_argument("--out", type=Path, default=None,
                         help="JSON results (default bench/results/<date>-<device>-lfpv_kernels.json)")
     args = parser.parse_args(argv)
@@ -210,43 +213,50 @@ def main(argv: list[str] | None = None) -> int:
     device = torch.device(args.device)
     dtype = getattr(torch, args.dtype)
     on_gpu = device.type == "cuda"
-    repeats = (10 if args.quick else 50) if on_gpu else (2 if args.quick else 3)
+    repeats = (10 if args.quick else 50) if on_gpu else common.MIN_REPS
     warmup = 3 if on_gpu else 1
+    shapes = {name: SHAPES[name] for name in args.shapes.split(",")}
+    env = common.environment(device)
     triton_ops, skip_reason = triton_ops_or_reason(device)
     name = device_name(device)
-    out_path = args.out or Path(__file__).parent / "results" / f"{dt.date.today():%Y-%m-%d}-{name}-lfpv_kernels.json"
 
-    bandwidth = copy_bandwidth(device, max(repeats, 5))
+    bandwidth = copy_bandwidth(device, max(repeats, common.MIN_REPS))
     print(f"device: {name}  dtype: {args.dtype}  copy bandwidth: {bandwidth:.1f} GB/s")
-    header = f"{'op':31} {'shape':6} {'pass':8} {'impl':9} {'time ms':>10} {'GB/s':>9} {'of copy':>8} {'speedup':>8}"
+    header = (f"{'op':31} {'shape':6} {'pass':8} {'impl':9} {'ms: median (min-max)':>26} {'GB/s':>9} {'of copy':>8} "
+              f"{'speedup':>8}")
     print(header)
     print("-" * len(header))
 
     rows = []
     with torch.inference_mode(False):
-        for shape_name, shape in SHAPES.items():
+        for shape_name, shape in shapes.items():
             for op_name, (fn, inputs) in make_cases(shape, dtype, device).items():
                 for backward in (False, True):
                     pass_name = "fwd+bwd" if backward else "fwd"
-                    step, nbytes = runner(fn, reference, inputs, backward)
-                    ref_s = timed(step, device, repeats, warmup)
-                    impls = [("reference", ref_s, "")]
+                    step, moved = runner(fn, reference, inputs, backward, op_name)
+                    steps = {"reference": step}
                     if triton_ops is not None:
-                        step, _ = runner(fn, triton_ops, inputs, backward)
-                        impls.append(("triton", timed(step, device, repeats, warmup), ""))
-                    else:
-                        impls.append(("triton", None, skip_reason))
-                    for impl, seconds, status in impls:
+                        steps["triton"], _ = runner(fn, triton_ops, inputs, backward, op_name)
+                    copy_src = torch.empty(max(1, moved // 8), device=device)  # moved/2 bytes read, moved/2 written
+                    copy_dst = torch.empty_like(copy_src)
+                    steps["copy"] = lambda src=copy_src, dst=copy_dst: dst.copy_(src)
+                    timings = common.time_rows(steps, repeats, warmup, device)
+                    copy_gbps = moved / timings["copy"].median / 1e9
+                    ref_s = timings["reference"].median
+                    for impl in ("reference", "triton"):
                         row = {"op": op_name, "shape": shape_name, "dims": list(shape), "pass": pass_name,
-                               "impl": impl, "dtype": args.dtype, "bytes": nbytes, "status": status or "ok"}
-                        if seconds is None:
-                            print(f"{op_name:31} {shape_name:6} {pass_name:8} {impl:9} {'skipped':>10}")
+                               "impl": impl, "dtype": args.dtype, "bytes": moved,
+                               "status": "ok" if impl in timings else skip_reason}
+                        if impl not in timings:
+                            print(f"{op_name:31} {shape_name:6} {pass_name:8} {impl:9} {'skipped':>26}")
                         else:
-                            gbps = nbytes / seconds / 1e9
-                            row.update(time_ms=seconds * 1e3, GBps=gbps, fraction_of_copy=gbps / bandwidth,
-                                       speedup=ref_s / seconds)
-                            print(f"{op_name:31} {shape_name:6} {pass_name:8} {impl:9} {seconds * 1e3:10.3f} "
-                                  f"{gbps:9.2f} {gbps / bandwidth:8.1%} {ref_s / seconds:8.2f}x")
+                            seconds = timings[impl].median
+                            gbps = moved / seconds / 1e9
+                            row.update(time_ms=timings[impl].summary(1e3), GBps=gbps, copy_same_bytes_GBps=copy_gbps,
+                                       fraction_of_copy=gbps / copy_gbps, speedup=ref_s / seconds)
+                            print(f"{op_name:31} {shape_name:6} {pass_name:8} {impl:9} "
+                                  f"{common.fmt_spread(row['time_ms'], '.3f'):>26} "
+                                  f"{gbps:9.2f} {gbps / copy_gbps:8.1%} {ref_s / seconds:8.2f}x")
                         rows.append(row)
 
     launches = count_launches(device, triton_ops)
@@ -254,14 +264,11 @@ def main(argv: list[str] | None = None) -> int:
     for path, info in launches.items():
         print(f"  {path:9} {info['launches'] if info['launches'] is not None else 'skipped':>6}  ({info['unit']})")
 
-    out_path.parent.mkdir(parents=True, exist_ok=True)
-    out_path.write_text(json.dumps({
-        "date": dt.datetime.now().isoformat(timespec="seconds"), "device": name, "dtype": args.dtype,
-        "torch": torch.__version__, "python": sys.version.split()[0], "quick": args.quick, "repeats": repeats,
+    common.finish({
+        "environment": env, "dtype": args.dtype, "quick": args.quick, "repeats": repeats,
         "copy_bandwidth_GBps": bandwidth, "bank_size": BANK, "patch_size": PATCH,
-        "shapes": {k: list(v) for k, v in SHAPES.items()}, "rows": rows, "lfpv_step_launches": launches,
-    }, indent=2))
-    print(f"\nwrote {out_path}")
+        "shapes": {k: list(v) for k, v in shapes.items()}, "rows": rows, "lfpv_step_launches": launches,
+    }, "lfpv_kernels", args.out)
     return 0
 
 

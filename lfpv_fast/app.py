@@ -41,11 +41,10 @@ import torch
 
 from lfpv_fast.cli import ArgumentParser
 from lfpv_fast.enhance import (
-    DEFAULT_MAX_PIXELS,
     DEFAULT_OVERLAP,
     DEFAULT_TILE,
-    choose_tile,
     enhance_image,
+    plan_enhancement,
     resolve_device,
 )
 from lfpv_fast.imageio import (
@@ -57,6 +56,7 @@ from lfpv_fast.imageio import (
     write_bytes_atomic,
     write_image,
 )
+from lfpv_fast.inference import prepare_for_inference
 from lfpv_fast.model import LFPVNet
 
 DEFAULT_HOST = "127.0.0.1"
@@ -117,7 +117,7 @@ class Enhancer:
 
     def __init__(self, net: LFPVNet, checkpoint: Path, device: torch.device, *, max_pixels: int,
                  tile: int | None = None, overlap: int = DEFAULT_OVERLAP) -> None:
-        self.net = net.to(device).eval()
+        self.net = prepare_for_inference(net.to(device), device)
         self.checkpoint = checkpoint
         self.device = device
         self.max_pixels = max_pixels
@@ -149,7 +149,7 @@ class Enhancer:
         cfg = self.net.config
         params = sum(p.numel() for p in self.net.parameters())
         tiling = (_processed_as(self.tile) if self.tile is not None else
-                  f"whole image up to {DEFAULT_MAX_PIXELS / 1e6:.1f} MP, {_processed_as(DEFAULT_TILE)} above")
+                  "whole image when its estimated peak memory fits the device's free memory, tiles otherwise")
         return (f"**Model** `{_escape(self.model_name)}` ({params / 1e6:.2f} M parameters, nf {cfg.nf}, "
                 f"{cfg.layers} transformer layers) · **Device** {_escape(describe_device(self.device))} · "
                 f"**Precision** {self.precision} · **Backend** {self.backend_description} · **Inference** {tiling} · "
@@ -180,13 +180,14 @@ class Enhancer:
         if min(height, width) < align:
             raise InputError(f"{name}: {width}x{height} pixels is smaller than the model's minimum {align}x{align}")
 
-        tile = choose_tile(height, width, self.tile, DEFAULT_MAX_PIXELS)
+        # The enhance CLI's decision: the whole image when its estimated peak fits free memory, else tiles.
+        plan = plan_enhancement(self.net, 1, height, width, tile=self.tile, device=self.device)
+        tile = plan.tile if plan.tiled else None
         if on_start is not None:
             on_start(f"{name}: {width}x{height}, {_processed_as(tile)}")
         start = time.perf_counter()
         # batch_size=1 as the enhance CLI's default: one tile at a time keeps the peak memory lowest.
-        result = enhance_image(self.net, image.to_tensor(), tile=self.tile, overlap=self.overlap,
-                               max_pixels=DEFAULT_MAX_PIXELS, batch_size=1)
+        result = enhance_image(self.net, image.to_tensor(), overlap=self.overlap, batch_size=1, plan=plan)
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
         seconds = time.perf_counter() - start
@@ -381,7 +382,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--device", default="auto", help="auto (GPU if present), cpu, cuda, cuda:N")
     parser.add_argument("--backend", default="auto", choices=("auto", "reference", "triton"))
     parser.add_argument("--tile", type=int, default=None, help="always enhance in tiles of this side (multiple of "
-                        f"16); default: whole image up to {DEFAULT_MAX_PIXELS} pixels, tiles above")
+                        "16); default: the whole image when its estimated peak memory fits the device's free "
+                        "memory, tiles otherwise (as `enhance` decides)")
     parser.add_argument("--tile-overlap", type=int, default=DEFAULT_OVERLAP, help="minimum tile overlap in pixels")
     parser.add_argument("--max-pixels", type=int, default=DEFAULT_MAX_UPLOAD_PIXELS,
                         help=f"largest image accepted, in pixels (default {DEFAULT_MAX_UPLOAD_PIXELS})")

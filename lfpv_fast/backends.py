@@ -10,7 +10,7 @@ from types import ModuleType
 
 import torch
 
-from lfpv_fast import reference
+from lfpv_fast import cpu_ops, reference
 
 
 def triton_interpreting() -> bool:
@@ -59,7 +59,7 @@ def _auto_ops_on_cuda() -> ModuleType:
 
 
 def select_ops(backend: str, x: torch.Tensor) -> ModuleType:
-    """backend "reference" | "triton" | "auto" (Triton on CUDA tensors, reference elsewhere).
+    """backend "reference" | "triton" | "auto" (Triton on CUDA tensors, lfpv_fast.cpu_ops on the CPU).
 
     "auto" on CUDA without a working Triton warns (once) naming the failing import and runs the
     reference ops; "triton" raises instead.
@@ -67,7 +67,7 @@ def select_ops(backend: str, x: torch.Tensor) -> ModuleType:
     if backend == "reference":
         return reference
     if backend == "auto":
-        return _auto_ops_on_cuda() if x.is_cuda else reference
+        return _auto_ops_on_cuda() if x.is_cuda else cpu_ops
     if backend == "triton":
         if not x.is_cuda and not triton_interpreting() and not _recording_launches:
             raise RuntimeError(

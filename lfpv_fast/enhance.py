@@ -15,10 +15,16 @@ folder), in the input's format and bit depth: 16-bit PNG/TIFF stay 16-bit.
   it are then never taken as inputs). Existing outputs are skipped unless --overwrite.
 - A side-by-side file records which output it belongs to: one left by an earlier call for another input
   (`a.png`, then `a.jpg`, share `a_side_by_side.png`) is an error, as two such inputs in one call are.
-- Large images are enhanced in overlapping tiles (see `enhance_image`), automatically above
-  --max-pixels or always with --tile.
+- Whole images, exactly: the whole image goes through the model at once (the transformer attends
+  over all of it, as the published model does), with the full-resolution stages run in strips so
+  that peak memory stays about 350 bytes per pixel with a memory-linear attention (backend "auto";
+  see lfpv_fast/inference.py). This is chosen whenever the estimated peak fits the device's free
+  memory (or --max-memory); otherwise, or with --tile or above --max-pixels, the image is enhanced in
+  overlapping tiles (see `enhance_image`), which changes the result slightly. Each image's choice is
+  printed.
+- --precision bf16/fp16 (autocast; on the CPU only where it is faster than fp32) and --compile.
 
-Python API: `enhance_image(net, image, tile=None, overlap=64)`.
+Python API: `enhance_image(net, image, tile=None, overlap=64)`, `plan_enhancement(...)`.
 """
 
 from __future__ import annotations
@@ -26,14 +32,17 @@ from __future__ import annotations
 import argparse
 import io
 import os
+import re
 import sys
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
+from lfpv_fast import reference
 from lfpv_fast.cli import ArgumentParser, fail, resolve_device
 from lfpv_fast.imageio import (
     IMAGE_EXTENSIONS,
@@ -45,13 +54,23 @@ from lfpv_fast.imageio import (
     write_bytes_atomic,
     write_image,
 )
+from lfpv_fast.inference import (
+    PRECISIONS,
+    autocast,
+    available_memory,
+    check_precision,
+    compile_stages,
+    estimate_peak_bytes,
+    prepare_for_inference,
+    whole_image_forward,
+)
 from lfpv_fast.model import LFPVNet
 
 DEFAULT_TILE = 1024
 DEFAULT_OVERLAP = 64
-# Above this many pixels an image is tiled by default. The transformer attends over every 16x16 token
-# of the image, so its attention matrix grows with the square of the pixel count (2 MP: 8192 tokens).
-DEFAULT_MAX_PIXELS = 2048 * 1024
+# Share of the free memory that the whole-image path may plan to use (the estimate is not exact, and
+# the allocator and the rest of the process need room too).
+MEMORY_HEADROOM = 0.8
 SIDE_BY_SIDE_SUFFIX = "_side_by_side.png"
 # PNG text key of a side-by-side file: the output (relative to the output folder) it shows.
 SIDE_BY_SIDE_KEY = "lfpv_fast.side_by_side_of"
@@ -112,19 +131,76 @@ def _as_batch(image: np.ndarray | torch.Tensor) -> tuple[torch.Tensor, str]:
     raise ValueError(f"enhance_image expects a (3,H,W) or (B,3,H,W) tensor, got {tuple(image.shape)}")
 
 
+@dataclass
+class EnhancePlan:
+    """How one batch of images is enhanced: whole (exact) or in tiles, and why."""
+
+    tiled: bool
+    tile: int | None  # tile side when tiled
+    estimated_bytes: int  # estimated peak of the whole-image path
+    budget_bytes: int | None  # memory it had to fit in (None: not considered)
+    reason: str
+
+    def describe(self) -> str:
+        return (f"tiled {self.tile}x{self.tile} ({self.reason})" if self.tiled
+                else f"whole image, untiled ({self.reason})")
+
+
+def _gib(n: int) -> str:
+    return f"{n / 2**30:.1f} GiB"
+
+
+def plan_enhancement(net: LFPVNet, batch: int, height: int, width: int, *, tile: int | None = None,
+                     max_pixels: int | None = None, max_memory: int | None = None,
+                     precision: str = "fp32", device: torch.device | None = None) -> EnhancePlan:
+    """Whole image when its estimated peak memory fits, tiles otherwise (or when asked for).
+
+    tile: always tile (when the image is larger than a tile). max_pixels: tile images with more pixels.
+    max_memory: the budget in bytes; default MEMORY_HEADROOM of the device's free memory now.
+    """
+    device = device or next(net.parameters()).device
+    element = 2 if precision in ("bf16", "fp16") else 4
+    probe = torch.empty(0, device=device)
+    linear = net.ops_for(probe) is not reference
+    estimate = estimate_peak_bytes(net.config, batch, height, width, element, linear_attention=linear).total
+    if tile is not None:
+        if height <= tile and width <= tile:
+            return EnhancePlan(False, None, estimate, None, f"the image fits one {tile}x{tile} tile")
+        return EnhancePlan(True, tile, estimate, None, "--tile")
+    if max_pixels is not None and height * width > max_pixels:
+        return EnhancePlan(True, DEFAULT_TILE, estimate, None, f"{height * width} pixels > --max-pixels {max_pixels}")
+    budget = max_memory if max_memory is not None else int(MEMORY_HEADROOM * available_memory(device))
+    source = "--max-memory" if max_memory is not None else f"free {device.type} memory"
+    if estimate <= budget:
+        return EnhancePlan(False, None, estimate, budget, f"estimated peak {_gib(estimate)} <= {_gib(budget)} "
+                           f"of {source}")
+    if not linear:
+        hint = "; backend 'reference' holds the whole L x L attention, --backend auto does not"
+    else:
+        hint = ""
+    # The largest tile (halving from DEFAULT_TILE) whose own peak fits the budget.
+    side = DEFAULT_TILE
+    while side > 256 and estimate_peak_bytes(net.config, 1, side, side, element, linear).total > budget:
+        side //= 2
+    return EnhancePlan(True, side, estimate, budget, f"the whole image needs an estimated {_gib(estimate)}, "
+                       f"more than {_gib(budget)} of {source}{hint}")
+
+
 def enhance_image(net: LFPVNet, image: np.ndarray | torch.Tensor, tile: int | None = None,
                   overlap: int = DEFAULT_OVERLAP, *, snr: torch.Tensor | None = None, batch_size: int = 4,
-                  max_pixels: int | None = None) -> np.ndarray | torch.Tensor:
+                  max_pixels: int | None = None, max_memory: int | None = None, precision: str = "fp32",
+                  plan: EnhancePlan | None = None) -> np.ndarray | torch.Tensor:
     """Enhance RGB image(s) in [0, 1]; returns the result clamped to [0, 1] in the input's layout.
 
     image: (3,H,W) or (B,3,H,W) tensor, or an (H,W,3) numpy array; H, W >= 16. The model runs on its
     own device and dtype (the net is put in eval mode for the call); a tensor result is returned on the
     input's device.
     snr: the SNR map (B,1,H,W); default `net.snr_mask(image)`, computed from the whole image.
-    tile: enhance in tiles of tile x tile pixels (a multiple of the model's alignment, 16), overlapping
-      by at least `overlap` pixels and cross-faded with linear ramps. Default: no tiling, unless the
-      image has more than `max_pixels` pixels (then tiles of DEFAULT_TILE). Tiles are run `batch_size`
-      at a time.
+    Whole image or tiles: as `plan_enhancement(net, ..., tile, max_pixels, max_memory)` decides (or
+    `plan`): the whole image, exactly `net(x, snr)` in bounded memory (`whole_image_forward`), when it
+    fits; else tiles of tile x tile pixels (a multiple of the model's alignment, 16), overlapping
+      by at least `overlap` pixels and cross-faded with linear ramps, run `batch_size` at a time.
+    precision: "fp32", or "bf16"/"fp16" autocast (the result is float32 either way).
 
     Tiling and the model: the convolutions are local, but the SNR map is normalised by its maximum over
     the image and the transformer attends across the whole input. So the SNR map is computed once on
@@ -143,19 +219,23 @@ def enhance_image(net: LFPVNet, image: np.ndarray | torch.Tensor, tile: int | No
         raise ValueError(f"enhance_image needs images of at least {align}x{align} pixels, got {height}x{width}")
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-    if tile is None and max_pixels is not None and height * width > max_pixels:
-        tile = DEFAULT_TILE
     if tile is not None and (tile < align or tile % align):
         raise ValueError(f"tile must be a positive multiple of {align}, got {tile}")
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
+    device, dtype = _net_device_dtype(net)
+    if plan is None:
+        plan = plan_enhancement(net, min(b, batch_size), height, width, tile=tile, max_pixels=max_pixels,
+                                max_memory=max_memory, precision=precision, device=device)
+    tile = plan.tile if plan.tiled else None
     if tile is not None and not 0 <= overlap < tile:
         raise ValueError(f"tile overlap must be in [0, tile={tile}), got {overlap}")
 
-    device, dtype = _net_device_dtype(net)
     source_device = x.device
     was_training = net.training
     net.eval()
     try:
-        with torch.no_grad():  # not inference_mode: callers may feed the result to autograd later
+        with torch.no_grad(), autocast(precision, device):  # no_grad: callers may use autograd on the result
             x = x.to(device, dtype)
             if snr is None:
                 snr = net.snr_mask(x)
@@ -163,8 +243,9 @@ def enhance_image(net: LFPVNet, image: np.ndarray | torch.Tensor, tile: int | No
                 if tuple(snr.shape) != (b, 1, height, width):
                     raise ValueError(f"snr must have shape {(b, 1, height, width)}, got {tuple(snr.shape)}")
                 snr = snr.to(device, dtype)
-            if choose_tile(height, width, tile, max_pixels) is None:
-                out = torch.cat([net(x[i:i + batch_size], snr[i:i + batch_size]) for i in range(0, b, batch_size)])
+            if tile is None:
+                out = torch.cat([whole_image_forward(net, x[i:i + batch_size], snr[i:i + batch_size]).float()
+                                 for i in range(0, b, batch_size)])
             else:
                 out = _enhance_tiled(net, x, snr, tile, overlap, batch_size)
             out = out.clamp_(0.0, 1.0)
@@ -175,15 +256,6 @@ def enhance_image(net: LFPVNet, image: np.ndarray | torch.Tensor, tile: int | No
         return out[0].permute(1, 2, 0).float().cpu().numpy()
     out = out.to(source_device)
     return out[0] if layout == "chw" else out
-
-
-def choose_tile(height: int, width: int, tile: int | None = None, max_pixels: int | None = None) -> int | None:
-    """The tile side `enhance_image` uses for an image of this size, or None when it runs the whole image at once."""
-    if tile is None and max_pixels is not None and height * width > max_pixels:
-        tile = DEFAULT_TILE
-    if tile is None or (height <= tile and width <= tile):
-        return None
-    return tile
 
 
 def _enhance_tiled(net: LFPVNet, x: torch.Tensor, snr: torch.Tensor, tile: int, overlap: int,
@@ -202,8 +274,8 @@ def _enhance_tiled(net: LFPVNet, x: torch.Tensor, snr: torch.Tensor, tile: int, 
     wx = [_ramp(xs, j, tw) for j in range(len(xs))]
     tiles = [(i, j) for i in range(len(ys)) for j in range(len(xs))]
 
-    acc = torch.zeros_like(x)
-    weight_sum = torch.zeros((1, 1, hp, wp), dtype=x.dtype, device=x.device)
+    acc = torch.zeros_like(x, dtype=torch.float32)
+    weight_sum = torch.zeros((1, 1, hp, wp), dtype=torch.float32, device=x.device)
     for i, j in tiles:
         weight_sum[..., ys[i]:ys[i] + th, xs[j]:xs[j] + tw] += (wy[i][:, None] * wx[j][None, :]).to(x)
     for image in range(b):
@@ -211,7 +283,7 @@ def _enhance_tiled(net: LFPVNet, x: torch.Tensor, snr: torch.Tensor, tile: int, 
             chunk = tiles[first:first + batch_size]
             crops = torch.stack([x[image, :, ys[i]:ys[i] + th, xs[j]:xs[j] + tw] for i, j in chunk])
             masks = torch.stack([snr[image, :, ys[i]:ys[i] + th, xs[j]:xs[j] + tw] for i, j in chunk])
-            out = net(crops, masks)
+            out = whole_image_forward(net, crops, masks).float()
             for (i, j), result in zip(chunk, out, strict=True):
                 weight = (wy[i][:, None] * wx[j][None, :]).to(result)
                 acc[image, :, ys[i]:ys[i] + th, xs[j]:xs[j] + tw] += result * weight
@@ -237,11 +309,16 @@ def build_parser() -> ArgumentParser:
     parser.add_argument("--device", default="auto", help="auto (GPU if present), cpu, cuda, cuda:N")
     parser.add_argument("--backend", default="auto", choices=("auto", "reference", "triton"))
     parser.add_argument("--batch-size", type=int, default=1, help="images of the same size run together (and tiles)")
-    parser.add_argument("--tile", type=int, default=None, help="tile side in pixels (multiple of 16); default: "
-                        f"no tiling below --max-pixels, tiles of {DEFAULT_TILE} above")
+    parser.add_argument("--tile", type=int, default=None, help="always enhance in tiles of this side in pixels "
+                        "(multiple of 16); default: the whole image when it fits in memory, tiles otherwise")
     parser.add_argument("--tile-overlap", type=int, default=DEFAULT_OVERLAP, help="minimum tile overlap in pixels")
-    parser.add_argument("--max-pixels", type=int, default=DEFAULT_MAX_PIXELS,
-                        help="images with more pixels are tiled automatically")
+    parser.add_argument("--max-pixels", type=int, default=None, help="tile images with more pixels than this")
+    parser.add_argument("--max-memory", type=parse_size, default=None, metavar="SIZE",
+                        help="memory the whole-image path may use, e.g. 6G or 512M (default: "
+                        f"{MEMORY_HEADROOM:.0%} of the device's free memory); larger images are tiled")
+    parser.add_argument("--precision", default="fp32", choices=tuple(PRECISIONS),
+                        help="bf16/fp16 autocast: on CUDA; on a CPU only where faster than fp32 (else refused)")
+    parser.add_argument("--compile", action="store_true", help="torch.compile the model (first images are slow)")
     parser.add_argument("--overwrite", action="store_true", help="replace existing outputs (default: skip them)")
     parser.add_argument("--side-by-side", action="store_true",
                         help=f"also write an 8-bit PNG 'input | output' as NAME{SIDE_BY_SIDE_SUFFIX}")
@@ -260,9 +337,17 @@ def _parse_args(argv: Sequence[str] | None) -> tuple[argparse.ArgumentParser, ar
         parser.error(f"--tile must be a positive multiple of 16, got {args.tile}")
     if args.tile_overlap < 0 or args.tile_overlap >= (args.tile or DEFAULT_TILE):
         parser.error(f"--tile-overlap must be in [0, tile), got {args.tile_overlap}")
-    if args.max_pixels < 1:
+    if args.max_pixels is not None and args.max_pixels < 1:
         parser.error(f"--max-pixels must be >= 1, got {args.max_pixels}")
     return parser, args
+
+
+def parse_size(text: str) -> int:
+    """'6G', '512M', '1.5GiB', '2000000' -> bytes (binary units)."""
+    match = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([KMGT]?)(i?B)?\s*", text, flags=re.IGNORECASE)
+    if not match or float(match.group(1)) <= 0:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a memory size (e.g. 6G, 512M or a number of bytes)")
+    return int(float(match.group(1)) * 1024 ** " KMGT".index(match.group(2).upper() or " "))
 
 
 def _plan(args: argparse.Namespace) -> list[tuple[Path, Path, Path | None]]:
@@ -356,6 +441,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser, args = _parse_args(argv)
     try:
         device = resolve_device(args.device)
+        check_precision(args.precision, device)
         plan = _plan(args)
     except (ValueError, FileNotFoundError) as exc:
         parser.error(str(exc))  # exits with status 2
@@ -384,7 +470,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         net = load_model(args.checkpoint, backend=args.backend)
     except (ValueError, FileNotFoundError) as exc:
         return fail(str(exc))
-    net.to(device).eval()
+    prepare_for_inference(net.to(device), device)
+    if args.compile:
+        compile_stages(net)
 
     failed = 0
     done = 0
@@ -396,9 +484,12 @@ def main(argv: Sequence[str] | None = None) -> int:
             return
         batch = torch.stack([img.to_tensor() for img, _, _ in pending])
         height, width = batch.shape[-2:]
+        how = plan_enhancement(net, len(pending), height, width, tile=args.tile, max_pixels=args.max_pixels,
+                               max_memory=args.max_memory, precision=args.precision, device=device)
+        note(f"{', '.join(str(img.path) for img, _, _ in pending)} ({height}x{width}): {how.describe()}")
         try:
-            results = enhance_image(net, batch, tile=args.tile, overlap=args.tile_overlap,
-                                    batch_size=args.batch_size, max_pixels=args.max_pixels).cpu()
+            results = enhance_image(net, batch, overlap=args.tile_overlap, batch_size=args.batch_size,
+                                    precision=args.precision, plan=how).cpu()
         except (RuntimeError, ValueError) as exc:  # e.g. out of memory: report, go on with the next images
             for img, _, _ in pending:
                 print(f"error: {img.path}: enhancement failed ({height}x{width}): {exc}", file=sys.stderr)
@@ -438,7 +529,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         if pending and (pending[0][0].size != image.size or len(pending) >= args.batch_size):
             flush()
         pending.append((image, output, side))
-        if choose_tile(height, width, args.tile, args.max_pixels) is not None:  # a tiled image fills the batch
+        tiled = plan_enhancement(net, len(pending), height, width, tile=args.tile, max_pixels=args.max_pixels,
+                                 max_memory=args.max_memory, precision=args.precision, device=device).tiled
+        if tiled:  # a tiled image fills the batch with its own tiles
             flush()
     flush()
 

@@ -26,6 +26,7 @@ from lfpv_fast.checkpoint import atomic_write_text, is_original_state_dict, load
 from lfpv_fast.cli import ArgumentParser, fail, resolve_device
 from lfpv_fast.config import ConfigError, RunConfig, load_config
 from lfpv_fast.data.smid import DataError
+from lfpv_fast.inference import PRECISIONS, autocast, check_precision, prepare_for_inference
 from lfpv_fast.metrics import psnr, psnr_gt_mean, quantize, ssim
 from lfpv_fast.model import LFPVNet, ModelConfig
 
@@ -85,11 +86,17 @@ def format_table(summary: dict) -> str:
 
 @torch.no_grad()
 def evaluate(net: LFPVNet, cfg: RunConfig, device: torch.device, save_images: Path | None = None,
-             max_images: int | None = None, progress: bool = True, gt_mean: bool = False) -> dict:
-    """Evaluate `net` on the config's test split; returns the summary with per-frame (per-image) rows."""
+             max_images: int | None = None, progress: bool = True, gt_mean: bool = False, precision: str = "fp32",
+             compile: bool = False) -> dict:
+    """Evaluate `net` on the config's test split; returns the summary with per-frame (per-image) rows.
+
+    precision: "fp32" or "bf16"/"fp16" autocast (metrics are computed on the float32 result).
+    compile: run the model through torch.compile (the first frames pay the compilation).
+    """
     from lfpv_fast.pipelines import build_loader
 
-    net = net.to(device).eval()
+    net = prepare_for_inference(net.to(device), device)
+    model = torch.compile(net, dynamic=True) if compile else net
     images = cfg.data.is_images
     loader = build_loader(cfg, "test")
     total = len(loader) if max_images is None else min(len(loader), max_images)
@@ -100,7 +107,8 @@ def evaluate(net: LFPVNet, cfg: RunConfig, device: torch.device, save_images: Pa
     bar = tqdm(total=total, desc="evaluate", unit="img", disable=not progress)
     for batch in loader:
         lq = batch["lq"].to(device, non_blocking=True)
-        out = net(lq, net.snr_mask(lq))
+        with autocast(precision, device):
+            out = model(lq, net.snr_mask(lq)).float()
         for i in range(lq.shape[0]):
             if len(per_frame) >= total:
                 break
@@ -172,6 +180,9 @@ def build_parser() -> ArgumentParser:
     p.add_argument("--gt-mean", action="store_true",
                    help="also report the GT-mean-corrected PSNR (the output scaled so that its mean gray level is the "
                         "ground truth's, as several LOL papers report it; not comparable with the plain PSNR)")
+    p.add_argument("--precision", default="fp32", choices=tuple(PRECISIONS),
+                   help="bf16/fp16 autocast: on CUDA; on a CPU only where faster than fp32 (else refused)")
+    p.add_argument("--compile", action="store_true", help="torch.compile the model (the first frames are slow)")
     p.add_argument("--no-progress", action="store_true")
     return p
 
@@ -184,6 +195,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         cfg = load_config(args.config, args.overrides)
         device = resolve_device(args.device)
+        check_precision(args.precision, device)
         raw = read_checkpoint(args.checkpoint)
         published = is_original_state_dict(raw.get("params", raw.get("state_dict", raw)))
         # A published checkpoint carries no config: the config file's model section describes it.
@@ -191,16 +203,18 @@ def main(argv: list[str] | None = None) -> int:
     except (ConfigError, FileNotFoundError, ValueError) as exc:
         return fail(str(exc))
     kind = "published SMID format" if published else "lfpv_fast"
-    print(f"checkpoint {args.checkpoint} ({kind}); device {device}; test split of {cfg.source}")
+    print(f"checkpoint {args.checkpoint} ({kind}); device {device}, {args.precision}"
+          f"{', compiled' if args.compile else ''}; test split of {cfg.source}")
     print(describe_model_config(net.config, not published, cfg))
     start = time.perf_counter()
     try:
         summary = evaluate(net, cfg, device, args.save_images, args.max_images, progress=not args.no_progress,
-                           gt_mean=args.gt_mean)
+                           gt_mean=args.gt_mean, precision=args.precision, compile=args.compile)
     except (DataError, ConfigError, OSError) as exc:  # a dataset problem names the file; no traceback for it
         return fail(str(exc))
     summary.update(checkpoint=str(args.checkpoint), checkpoint_format=kind, config=cfg.source,
-                   device=str(device), seconds=round(time.perf_counter() - start, 2),
+                   device=str(device), precision=args.precision, compiled=args.compile,
+                   seconds=round(time.perf_counter() - start, 2),
                    model_config=asdict(net.config), model_config_source="config" if published else "checkpoint")
     out = args.out or Path(args.checkpoint).with_name(f"eval_{Path(args.checkpoint).stem}.json")
     atomic_write_text(out, json.dumps(summary, indent=2))

@@ -164,10 +164,20 @@ class Encoder(nn.Module):
         self.conv_quarter = nn.Conv2d(nf, nf, 3, 2, 1)
         self.blocks = _blocks(nf, cfg.front_blocks)
 
+    # The stages are separate so that lfpv_fast.inference can run the full-resolution ones in strips.
+    def full_res(self, x: torch.Tensor) -> torch.Tensor:
+        return _lrelu(self.conv_full(x))
+
+    def half_res(self, full: torch.Tensor) -> torch.Tensor:
+        return _lrelu(self.conv_half(full))
+
+    def quarter_res(self, half: torch.Tensor) -> torch.Tensor:
+        return _lrelu(self.conv_quarter(half))
+
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
-        full = _lrelu(self.conv_full(x))
-        half = _lrelu(self.conv_half(full))
-        quarter = _lrelu(self.conv_quarter(half))
+        full = self.full_res(x)
+        half = self.half_res(full)
+        quarter = self.quarter_res(half)
         return self.blocks(quarter), [full, half, quarter]
 
 
@@ -235,6 +245,12 @@ class SNRDecoder(nn.Module):
 
     def forward(self, features: torch.Tensor, mask: torch.Tensor, skips: list[torch.Tensor],
                 x: torch.Tensor, ops: ModuleType) -> torch.Tensor:
+        full, half, quarter = skips
+        return self.full_res(self.half_res(features, mask, quarter, ops), half, full, x)
+
+    def half_res(self, features: torch.Tensor, mask: torch.Tensor, quarter: torch.Tensor,
+                 ops: ModuleType) -> torch.Tensor:
+        """Both branches, the blend and the first upsampling: (B, nf, H/2, W/2)."""
         b, c, h, w = features.shape
         t = self.token_size
         light = self.light_blocks(features)
@@ -249,9 +265,11 @@ class SNRDecoder(nn.Module):
         long_range = F.fold(tokens.transpose(1, 2), output_size=(h, w), kernel_size=t, stride=t)
 
         blended = long_range * (1 - mask) + light * mask
-        full, half, quarter = skips
         out = torch.cat([self.blocks(blended), quarter], dim=1)
-        out = _lrelu(F.pixel_shuffle(self.up_quarter(out), 2))
+        return _lrelu(F.pixel_shuffle(self.up_quarter(out), 2))
+
+    def full_res(self, out: torch.Tensor, half: torch.Tensor, full: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        """The last upsampling and the full-resolution convs (local: 3x3 convs only) plus the input."""
         out = _lrelu(F.pixel_shuffle(self.up_half(torch.cat([out, half], dim=1)), 2))
         out = _lrelu(self.conv_full(torch.cat([out, full], dim=1)))
         return self.conv_out(out) + x

@@ -19,8 +19,8 @@ from PIL import Image
 from app_server import AppServer, app_server, write_tiny_checkpoint
 from lfpv_fast import app as app_mod
 from lfpv_fast.checkpoint import load_model
-from lfpv_fast.enhance import DEFAULT_MAX_PIXELS, choose_tile
 from lfpv_fast.enhance import main as enhance_main
+from lfpv_fast.enhance import plan_enhancement
 from lfpv_fast.imageio import read_image, read_image_size
 
 pytest.importorskip("gradio", reason="the app needs the [app] extra (pip install -e '.[dev]' includes it)")
@@ -104,14 +104,17 @@ def test_enhance_file_matches_the_enhance_cli(enhancer: app_mod.Enhancer, tmp_pa
             assert before.size == after.size == (result.width, result.height) and after.mode == "RGB"
 
 
-@pytest.mark.parametrize("height, width, tile, max_pixels, expected", [
-    (1000, 1000, None, DEFAULT_MAX_PIXELS, None),   # fits: whole image
-    (2000, 1500, None, DEFAULT_MAX_PIXELS, 1024),   # over the limit: default tiles
-    (40, 72, 32, None, 32),                         # --tile, image larger than a tile
-    (32, 32, 32, None, None),                       # --tile, image within one tile: whole image
+@pytest.mark.parametrize("height, width, tile, max_memory, expected", [
+    (1000, 1000, None, None, None),         # fits the free memory: whole image
+    (2000, 1500, None, 1 << 20, "tiles"),   # does not fit 1 MiB: tiles (of the largest side that fits)
+    (40, 72, 32, None, 32),                 # --tile, image larger than a tile
+    (32, 32, 32, None, None),               # --tile, image within one tile: whole image
 ])
-def test_choose_tile(height: int, width: int, tile: int | None, max_pixels: int | None, expected: int | None) -> None:
-    assert choose_tile(height, width, tile, max_pixels) == expected
+def test_the_page_plans_as_enhance_does(enhancer: app_mod.Enhancer, height: int, width: int, tile: int | None,
+                                        max_memory: int | None, expected: int | str | None) -> None:
+    plan = plan_enhancement(enhancer.net, 1, height, width, tile=tile, max_memory=max_memory,
+                            device=enhancer.device)
+    assert (plan.tile if plan.tiled else None) == expected if expected != "tiles" else plan.tiled
 
 
 def test_enhance_file_reports_tiles(enhancer: app_mod.Enhancer, tmp_path: Path) -> None:

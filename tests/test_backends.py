@@ -5,13 +5,13 @@ from __future__ import annotations
 import pytest
 import torch
 
-from lfpv_fast import LFPVNet, ModelConfig, backends, reference
+from lfpv_fast import LFPVNet, ModelConfig, backends, cpu_ops, reference
 from lfpv_fast.backends import select_ops, triton_interpreting
 from lfpv_fast.config import ConfigError, load_config
 
 
-def test_auto_picks_reference_on_cpu_tensors():
-    assert select_ops("auto", torch.zeros(1)) is reference
+def test_auto_picks_the_cpu_op_set_on_cpu_tensors():
+    assert select_ops("auto", torch.zeros(1)) is cpu_ops
     assert select_ops("reference", torch.zeros(1)) is reference
     with pytest.raises(ValueError, match="unknown backend"):
         select_ops("fast", torch.zeros(1))
@@ -31,7 +31,8 @@ def test_compiling_interpreted_triton_ops_is_a_clear_error():
 
 def test_model_backend_is_chosen_per_input():
     net = LFPVNet(ModelConfig(nf=8, light_blocks=1, layers=1, heads=2, head_dim=8, ffn_dim=16, bank_size=4))
-    assert net.ops_for(torch.zeros(1)) is reference
+    assert net.ops_for(torch.zeros(1)) is cpu_ops
+    assert LFPVNet(net.config, backend="reference").ops_for(torch.zeros(1)) is reference
 
 
 class _CudaLike:

@@ -19,6 +19,7 @@ from lfpv_fast import LFPVNet, ModelConfig
 from lfpv_fast.checkpoint import atomic_save, load_model, weights_only_checkpoint
 from lfpv_fast.enhance import SIDE_BY_SIDE_SUFFIX, _ramp, enhance_image, main, tile_starts
 from lfpv_fast.imageio import read_image
+from lfpv_fast.inference import prepare_for_inference
 
 TINY = ModelConfig(nf=8, hr_nf=8, heads=2, head_dim=8, ffn_dim=32, layers=1, light_blocks=1)
 
@@ -37,7 +38,8 @@ def tiny_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="module")
 def tiny_net(tiny_checkpoint: Path) -> LFPVNet:
-    return load_model(tiny_checkpoint, backend="reference").eval()
+    # As the CLI prepares it (default backend, CPU memory format), so that results compare exactly.
+    return prepare_for_inference(load_model(tiny_checkpoint), torch.device("cpu"))
 
 
 def low_light(h: int, w: int, seed: int, channels: int = 3) -> np.ndarray:

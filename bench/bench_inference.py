@@ -1,0 +1,253 @@
+"""Inference: one frame against the published code, whole photos in bounded memory, bf16 against fp32.
+
+    python bench/bench_inference.py --published ~/src/LFPVS_ICCV                 # all parts
+    python bench/bench_inference.py --parts frame --reps 7
+    python bench/bench_inference.py --parts precision --checkpoint runs/demo-.../final_weights.pth
+
+Parts:
+  frame      One 512x960 frame, eval, the SMID model (random weights, random banks; the same in every
+             row), timed interleaved in one process (min / median / max of >= 5 after warm-up) with the
+             per-round ratio to the first row, and each output's largest difference from lfpv_fast's
+             reference backend. Rows: the published code (--published; else "reference ops (numerically
+             the published model)"), lfpv_fast reference backend (with --published), lfpv_fast auto
+             (net(x, snr)), auto + channels_last (what enhance and evaluate run on the CPU), that through
+             enhance's whole-image path (whole_image_forward: strips), and + bf16 autocast. Two inputs:
+             a dark photo (the demo's coffee photo, darkened by the demo's noise model; its SNR map
+             keeps few or no attention keys) and
+             the same photo with an SNR map of ones (every key kept: the attention's worst case).
+  memory     Peak memory and time of enhancing a whole photo untiled (enhance_image, backend auto) at
+             1, 4 and 12 megapixels (4:3), each in a fresh subprocess: peak RSS (VmHWM of
+             /proc/self/status) above the RSS before the call, against estimate_peak_bytes. Also the
+             plain forward net(x, snr) with the auto and the reference backend at the sizes where they fit.
+  precision  With --checkpoint (e.g. the demo model of `python -m lfpv_fast.train`): PSNR of the bf16
+             output against the fp32 output on the demo's test images (whole images), and the times.
+
+Prints tables and writes JSON (bench/results/<date>-<device>-inference.json).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import subprocess
+import sys
+import time
+
+import common
+import numpy as np
+import published as pub_mod
+import torch
+import torch.nn.functional as F
+
+from lfpv_fast.enhance import enhance_image, plan_enhancement
+from lfpv_fast.inference import estimate_peak_bytes, prepare_for_inference, whole_image_forward
+from lfpv_fast.model import LFPVNet, ModelConfig
+
+FRAME_HW = (512, 960)
+SIZES_MP = {1: (864, 1152), 4: (1728, 2304), 12: (3000, 4000)}
+
+
+def dark_photo(height: int, width: int) -> torch.Tensor:
+    """(1,3,H,W) in [0,1]: the demo's coffee photo resized, darkened by the demo's low-light model."""
+    from PIL import Image
+
+    from lfpv_fast.data.demo import darken, load_photo
+
+    photo = np.asarray(Image.fromarray(load_photo("coffee")).resize((width, height), Image.Resampling.BICUBIC))
+    lq = darken(photo, np.random.default_rng(0), 0.02)
+    return torch.from_numpy(lq).permute(2, 0, 1)[None].float() / 255
+
+
+def kept_fraction(net: LFPVNet, snr: torch.Tensor) -> float:
+    """Share of attention keys kept (token patches with mean SNR > 0.5), as the model computes it."""
+    a, t = net.config.align, net.config.token_size
+    h, w = snr.shape[-2] // a * a, snr.shape[-1] // a * a
+    quarter = F.interpolate(F.interpolate(snr, size=[h, w], mode="bilinear"), size=[h // 4, w // 4], mode="nearest")
+    return float((F.avg_pool2d(quarter, t) > 0.5).float().mean())
+
+
+def smid_net(backend: str, seed: int = 0) -> LFPVNet:
+    torch.manual_seed(seed)
+    net = LFPVNet(ModelConfig(), backend=backend).eval()
+    with torch.no_grad():
+        net.bank_vectors.normal_()
+        net.bank_patches.normal_()
+    return net
+
+
+def frame_part(pub, reps: int) -> dict:
+    reference_net = smid_net("reference")
+    auto_net = smid_net("auto")
+    enhance_net = prepare_for_inference(smid_net("auto"), torch.device("cpu"))  # what enhance/evaluate run
+    x = dark_photo(*FRAME_HW)
+    rows: dict = {}
+    if pub is not None:
+        model = pub_mod.build_model(pub, reference_net.to_original_state_dict()).eval()
+        rows[pub_mod.PUBLISHED_LABEL] = lambda x, snr: model(x, snr)
+        rows["lfpv_fast reference backend"] = lambda x, snr: reference_net(x, snr)
+    else:
+        rows[pub_mod.REFERENCE_LABEL] = lambda x, snr: reference_net(x, snr)
+    rows["lfpv_fast auto"] = lambda x, snr: auto_net(x, snr)
+    rows["lfpv_fast auto + channels_last (enhance, evaluate)"] = lambda x, snr: enhance_net(
+        x.contiguous(memory_format=torch.channels_last), snr)
+    rows["lfpv_fast enhance's whole-image path (strips)"] = lambda x, snr: whole_image_forward(enhance_net, x, snr)
+
+    def bf16(x, snr):
+        with torch.autocast("cpu" if not x.is_cuda else "cuda", dtype=torch.bfloat16):
+            return enhance_net(x.contiguous(memory_format=torch.channels_last), snr).float()
+
+    rows["lfpv_fast auto + channels_last + bf16 autocast"] = bf16
+    inputs = {"dark photo": (x, reference_net.snr_mask(x)), "SNR map of ones (every key kept)":
+              (x, torch.ones_like(x[:, :1]))}
+    results = []
+    for input_name, (xi, snr) in inputs.items():
+        with torch.no_grad():
+            expected = reference_net(xi, snr)
+            diffs = {name: float((fn(xi, snr).float() - expected).abs().max()) for name, fn in rows.items()}
+            timings = common.time_rows({name: (lambda fn=fn, xi=xi, snr=snr: fn(xi, snr)) for name, fn in rows.items()},
+                                       reps, 1)
+        base_name = next(iter(rows))
+        for name in rows:
+            ratios = [b / s for b, s in zip(timings[base_name].seconds, timings[name].seconds, strict=True)]
+            results.append({"input": input_name, "kept_keys": kept_fraction(reference_net, snr), "name": name,
+                            "seconds": timings[name].summary(),
+                            "speedup_vs_first_row": common.Timing(ratios).summary(),
+                            "max_abs_diff_vs_reference": diffs[name]})
+        print(f"\n512x960 frame, {input_name} (kept attention keys {results[-1]['kept_keys']:.1%})")
+        print(f"{'row':<46}{'s: median (min-max)':>24}{'vs first row':>22}{'max |diff|':>12}")
+        for r in results[-len(rows):]:
+            print(f"{r['name']:<46}{common.fmt_spread(r['seconds'], '.3f'):>24}"
+                  f"{common.fmt_spread(r['speedup_vs_first_row'], '.2f') + 'x':>22}"
+                  f"{r['max_abs_diff_vs_reference']:>12.2e}")
+    return {"frame_hw": list(FRAME_HW), "baseline": next(iter(rows)), "rows": results}
+
+
+def _peak_rss() -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    raise RuntimeError("no VmHWM in /proc/self/status")
+
+
+def _rss() -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) * 1024
+    raise RuntimeError("no VmRSS in /proc/self/status")
+
+
+def memory_child(spec: dict) -> dict:
+    """In a fresh process: one whole-image run, its time and peak RSS above the RSS before it."""
+    height, width = spec["hw"]
+    net = smid_net(spec["backend"])
+    if spec["path"] == "enhance":
+        prepare_for_inference(net, torch.device("cpu"))
+    x = dark_photo(height, width)
+    snr = net.snr_mask(x)
+    before = _rss()
+    t0 = time.perf_counter()
+    with torch.no_grad():
+        if spec["path"] == "enhance":
+            plan = plan_enhancement(net, 1, height, width, max_memory=2**62)
+            out = enhance_image(net, x, snr=snr, plan=plan)
+        else:
+            out = net(x, snr)
+    seconds = time.perf_counter() - t0
+    peak = _peak_rss()
+    est = estimate_peak_bytes(net.config, 1, height, width, linear_attention=spec["backend"] != "reference")
+    return {**spec, "seconds": seconds, "peak_rss_above_start_bytes": peak - before, "peak_rss_bytes": peak,
+            "estimate_bytes": est.whole_image, "kept_keys": kept_fraction(net, snr), "out_mean": float(out.mean())}
+
+
+def memory_part(sizes: list[int]) -> dict:
+    specs = []
+    for mp in sizes:
+        specs.append({"megapixels": mp, "hw": SIZES_MP[mp], "backend": "auto", "path": "enhance"})
+        if mp <= 4:
+            specs.append({"megapixels": mp, "hw": SIZES_MP[mp], "backend": "auto", "path": "net(x, snr)"})
+        if mp <= 1:
+            specs.append({"megapixels": mp, "hw": SIZES_MP[mp], "backend": "reference", "path": "net(x, snr)"})
+    rows = []
+    print(f"\n{'MP':>4} {'size':>10} {'backend':>10} {'path':>12} {'s':>8} {'peak GiB':>9} {'estimate':>9} {'kept':>6}")
+    for spec in specs:
+        proc = subprocess.run([sys.executable, __file__, "--memory-child", json.dumps(spec)], capture_output=True,
+                              text=True)
+        lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("{")]
+        if proc.returncode != 0 or not lines:
+            tail = (proc.stderr.strip().splitlines() or ["killed (out of memory?)"])[-1]
+            rows.append({**spec, "failed": tail})
+            print(f"{spec['megapixels']:>4} {spec['backend']:>10} {spec['path']:>12} failed: {tail}")
+            continue
+        row = json.loads(lines[-1])
+        rows.append(row)
+        h, w = row["hw"]
+        print(f"{row['megapixels']:>4} {f'{w}x{h}':>10} {row['backend']:>10} {row['path']:>12} {row['seconds']:>8.1f} "
+              f"{row['peak_rss_above_start_bytes'] / 2**30:>9.2f} {row['estimate_bytes'] / 2**30:>9.2f} "
+              f"{row['kept_keys']:>6.1%}")
+    return {"rows": rows}
+
+
+def precision_part(checkpoint: str, reps: int) -> dict:
+    from lfpv_fast.checkpoint import load_model
+    from lfpv_fast.config import load_config
+    from lfpv_fast.pipelines import build_loader
+
+    net = prepare_for_inference(load_model(checkpoint), torch.device("cpu"))
+    cfg = load_config("demo", ["data.num_workers=0"])
+    images = [b["lq"] for b in build_loader(cfg, "test")]
+    rows = []
+    for lq in images:
+        fp32 = enhance_image(net, lq, max_memory=2**62)
+        bf16 = enhance_image(net, lq, max_memory=2**62, precision="bf16")
+        mse = float(((bf16 - fp32) ** 2).mean())
+        rows.append({"psnr_bf16_vs_fp32": 10 * math.log10(1 / mse) if mse > 0 else float("inf")})
+    x = images[0]
+    timings = common.time_rows({"fp32": lambda: enhance_image(net, x, max_memory=2**62),
+                                "bf16": lambda: enhance_image(net, x, max_memory=2**62, precision="bf16")}, reps, 1)
+    psnrs = [r["psnr_bf16_vs_fp32"] for r in rows]
+    result = {"checkpoint": checkpoint, "images": len(rows), "image_hw": list(x.shape[-2:]),
+              "psnr_bf16_vs_fp32": {"min": min(psnrs), "median": float(np.median(psnrs)), "max": max(psnrs)},
+              "seconds": {k: t.summary() for k, t in timings.items()}}
+    print(f"\nbf16 vs fp32 on {len(rows)} demo test images ({checkpoint}): PSNR "
+          f"{common.fmt_spread(result['psnr_bf16_vs_fp32'], '.1f')} dB; time per image fp32 "
+          f"{common.fmt_spread(result['seconds']['fp32'], '.3f')} s, "
+          f"bf16 {common.fmt_spread(result['seconds']['bf16'], '.3f')} s")
+    return result
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    pub_mod.add_argument(ap)
+    ap.add_argument("--parts", default="frame,memory,precision", help="comma-separated: frame, memory, precision")
+    ap.add_argument("--reps", type=int, default=common.MIN_REPS, help="timed repetitions per row (at least 5)")
+    ap.add_argument("--sizes", default="1,4,12", help="megapixels for the memory part (of 1, 4, 12)")
+    ap.add_argument("--checkpoint", help="model for the precision part (skipped without one)")
+    ap.add_argument("--out", help="JSON path (default bench/results/<date>-<device>-inference.json)")
+    ap.add_argument("--memory-child", help=argparse.SUPPRESS)
+    args = ap.parse_args(argv)
+    if args.memory_child:
+        print(json.dumps(memory_child(json.loads(args.memory_child))))
+        return 0
+    env = common.environment()
+    pub = pub_mod.from_args(args)
+    parts = args.parts.split(",")
+    doc = {"environment": env, "published": str(pub.root) if pub else None, "torch_threads": torch.get_num_threads()}
+    print(common.machine_note(env))
+    if "frame" in parts:
+        doc["frame"] = frame_part(pub, args.reps)
+    if "memory" in parts:
+        doc["memory"] = memory_part([int(s) for s in args.sizes.split(",")])
+    if "precision" in parts:
+        doc["precision"] = precision_part(args.checkpoint, args.reps) if args.checkpoint else {
+            "skipped": "no --checkpoint"}
+    doc["environment"]["loadavg_end"] = list(os.getloadavg())
+    common.finish(doc, "inference", args.out)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
