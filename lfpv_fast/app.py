@@ -56,7 +56,7 @@ from lfpv_fast.imageio import (
     write_bytes_atomic,
     write_image,
 )
-from lfpv_fast.inference import prepare_for_inference
+from lfpv_fast.inference import PRECISIONS, check_precision, prepare_for_inference
 from lfpv_fast.model import LFPVNet
 
 DEFAULT_HOST = "127.0.0.1"
@@ -116,13 +116,14 @@ class Enhancer:
     """A loaded model and the rules of this server; `enhance_file` turns one upload into an EnhancedFile."""
 
     def __init__(self, net: LFPVNet, checkpoint: Path, device: torch.device, *, max_pixels: int,
-                 tile: int | None = None, overlap: int = DEFAULT_OVERLAP) -> None:
+                 tile: int | None = None, overlap: int = DEFAULT_OVERLAP, precision: str = "fp32") -> None:
         self.net = prepare_for_inference(net.to(device), device)
         self.checkpoint = checkpoint
         self.device = device
         self.max_pixels = max_pixels
         self.tile = tile
         self.overlap = overlap
+        self.autocast = precision  # "fp32", or "bf16"/"fp16" autocast as enhance --precision
 
     @property
     def model_name(self) -> str:
@@ -132,7 +133,8 @@ class Enhancer:
 
     @property
     def precision(self) -> str:
-        return str(next(self.net.parameters()).dtype).removeprefix("torch.")
+        weights = str(next(self.net.parameters()).dtype).removeprefix("torch.")
+        return weights if self.autocast == "fp32" else f"{self.autocast} autocast ({weights} weights)"
 
     @property
     def backend_description(self) -> str:
@@ -181,13 +183,15 @@ class Enhancer:
             raise InputError(f"{name}: {width}x{height} pixels is smaller than the model's minimum {align}x{align}")
 
         # The enhance CLI's decision: the whole image when its estimated peak fits free memory, else tiles.
-        plan = plan_enhancement(self.net, 1, height, width, tile=self.tile, device=self.device)
+        plan = plan_enhancement(self.net, 1, height, width, tile=self.tile, precision=self.autocast,
+                                device=self.device)
         tile = plan.tile if plan.tiled else None
         if on_start is not None:
             on_start(f"{name}: {width}x{height}, {_processed_as(tile)}")
         start = time.perf_counter()
         # batch_size=1 as the enhance CLI's default: one tile at a time keeps the peak memory lowest.
-        result = enhance_image(self.net, image.to_tensor(), overlap=self.overlap, batch_size=1, plan=plan)
+        result = enhance_image(self.net, image.to_tensor(), overlap=self.overlap, batch_size=1,
+                               precision=self.autocast, plan=plan)
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
         seconds = time.perf_counter() - start
@@ -381,6 +385,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--port", type=int, default=DEFAULT_PORT, help=f"port (default {DEFAULT_PORT})")
     parser.add_argument("--device", default="auto", help="auto (GPU if present), cpu, cuda, cuda:N")
     parser.add_argument("--backend", default="auto", choices=("auto", "reference", "triton"))
+    parser.add_argument("--precision", default="fp32", choices=PRECISIONS,
+                        help="bf16/fp16 autocast: on CUDA; on a CPU only where faster than fp32 (else refused)")
     parser.add_argument("--tile", type=int, default=None, help="always enhance in tiles of this side (multiple of "
                         "16); default: the whole image when its estimated peak memory fits the device's free "
                         "memory, tiles otherwise (as `enhance` decides)")
@@ -450,6 +456,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     try:
         device = resolve_device(args.device)
+        check_precision(args.precision, device)
         checkpoint = resolve_checkpoint(args.checkpoint, args.runs)
         net = load_model(checkpoint, backend=args.backend)
     except (ValueError, FileNotFoundError) as exc:
@@ -461,7 +468,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     log.addHandler(handler)
     log.setLevel(logging.INFO)
     enhancer = Enhancer(net, checkpoint, device, max_pixels=args.max_pixels, tile=args.tile,
-                        overlap=args.tile_overlap)
+                        overlap=args.tile_overlap, precision=args.precision)
     warning = exposure_warning(args.host, args.port)
     if warning is not None:
         print(warning, file=sys.stderr)

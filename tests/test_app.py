@@ -318,3 +318,17 @@ def test_served_app_queues_one_at_a_time_and_turns_away_the_rest(server: AppServ
     assert [read_image(path).size for path in running.result(timeout=120)[1]] == [(384, 448)] * 3
     assert read_image(waiting.result(timeout=120)[1][0]).size == (48, 64)
     assert "Traceback" not in server.log_text()
+
+
+def test_precision_is_checked_like_enhance(capsys) -> None:
+    """--precision goes through enhance's check: fp16 on a CPU without native fp16 is refused, exit 2."""
+    from lfpv_fast.inference import check_precision
+
+    try:
+        check_precision("fp16", torch.device("cpu"))
+    except ValueError as exc:
+        assert app_mod.main(["--precision", "fp16", "--device", "cpu", "--checkpoint", "none.pth"]) == 2
+        assert capsys.readouterr().err.startswith("error: --precision fp16")
+        assert "fp16" in str(exc)
+    else:
+        pytest.skip("this CPU runs fp16 natively")
