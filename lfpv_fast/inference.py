@@ -22,7 +22,6 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 
 from lfpv_fast.model import LFPVNet, ModelConfig
 
@@ -65,14 +64,9 @@ def whole_image_forward(net: LFPVNet, x: torch.Tensor, snr: torch.Tensor,
     if strip_rows < 2 or strip_rows % 2:
         raise ValueError(f"strip_rows must be a positive even number, got {strip_rows}")
     height, width = x.shape[-2:]
-    a = net.config.align
-    if height < a or width < a:
-        raise ValueError(f"LFPVNet needs H, W >= {a}, got {height}x{width}")
+    x, snr = net.aligned_inputs(x, snr)  # as LFPVNet.forward: to a multiple of the alignment, and back at the end
     ops = net.ops_for(x)
-    aligned = [height // a * a, width // a * a]
-    if aligned != [height, width]:  # as LFPVNet.forward: resize to a multiple of the alignment and back
-        x = F.interpolate(x, size=aligned, mode="bilinear", align_corners=False)
-        snr = F.interpolate(snr, size=aligned, mode="bilinear", align_corners=False)
+    aligned = list(x.shape[-2:])
     if uses_channels_last(net):
         x = x.contiguous(memory_format=torch.channels_last)
     stages = getattr(net, "inference_stages", None) or InferenceStages(net)

@@ -381,7 +381,9 @@ class LFPVNet(nn.Module):
     def snr_mask(self, x: torch.Tensor) -> torch.Tensor:
         return self.ops_for(x).snr_mask(x)
 
-    def forward(self, x: torch.Tensor, snr_mask: torch.Tensor, draws: BankDraws | None = None):
+    def aligned_inputs(self, x: torch.Tensor, snr_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Check x (B,3,H,W) and snr_mask (B,1,H,W); as published, resize both (bilinear) to a multiple of
+        the alignment (16). `_restore_size` takes the output back to H x W."""
         if x.dim() != 4 or x.shape[1] != 3:
             raise ValueError(f"LFPVNet expects x of shape (B,3,H,W), got {tuple(x.shape)}")
         if snr_mask.dim() != 4 or snr_mask.shape[1] != 1 or snr_mask.shape[0] != x.shape[0] \
@@ -391,11 +393,16 @@ class LFPVNet(nn.Module):
         a = self.config.align
         if height < a or width < a:
             raise ValueError(f"LFPVNet needs H, W >= {a}, got {height}x{width}")
-        ops = self.ops_for(x)
         aligned = [height // a * a, width // a * a]
-        if aligned != [height, width]:  # published: bilinear resize to a multiple of 16 and back
+        if aligned != [height, width]:
             x = F.interpolate(x, size=aligned, mode="bilinear", align_corners=False)
             snr_mask = F.interpolate(snr_mask, size=aligned, mode="bilinear", align_corners=False)
+        return x, snr_mask
+
+    def forward(self, x: torch.Tensor, snr_mask: torch.Tensor, draws: BankDraws | None = None):
+        height, width = x.shape[-2:]
+        x, snr_mask = self.aligned_inputs(x, snr_mask)
+        ops = self.ops_for(x)
 
         features, skips = self.encoder(x)
         if self.training:
