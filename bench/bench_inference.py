@@ -124,20 +124,21 @@ def frame_part(pub, reps: int) -> dict:
     return {"frame_hw": list(FRAME_HW), "baseline": next(iter(rows)), "rows": results}
 
 
-def _peak_rss() -> int:
+def _status_bytes(key: str) -> int:
+    """A memory figure of this process from /proc/self/status (VmHWM: peak resident, VmRSS: resident)."""
     with open("/proc/self/status") as f:
         for line in f:
-            if line.startswith("VmHWM:"):
+            if line.startswith(key + ":"):
                 return int(line.split()[1]) * 1024
-    raise RuntimeError("no VmHWM in /proc/self/status")
+    raise RuntimeError(f"no {key} in /proc/self/status")
+
+
+def _peak_rss() -> int:
+    return _status_bytes("VmHWM")
 
 
 def _rss() -> int:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) * 1024
-    raise RuntimeError("no VmRSS in /proc/self/status")
+    return _status_bytes("VmRSS")
 
 
 def memory_child(spec: dict) -> dict:

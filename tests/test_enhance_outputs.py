@@ -8,21 +8,14 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
+import test_cli
 from PIL import Image
-from test_cli import TINY, assert_one_line_error, run
+from test_cli import assert_one_line_error, run
 
-from lfpv_fast import LFPVNet
 from lfpv_fast import enhance as enhance_cli
-from lfpv_fast.checkpoint import atomic_save, weights_only_checkpoint
 
-
-@pytest.fixture(scope="module")
-def tiny_checkpoint(tmp_path_factory) -> Path:
-    torch.manual_seed(0)
-    path = tmp_path_factory.mktemp("ckpt") / "tiny.pth"
-    atomic_save(weights_only_checkpoint(LFPVNet(TINY, backend="reference")), path)
-    return path
+# The CLI tests' small checkpoint (a fixture, shared rather than written twice).
+tiny_checkpoint = test_cli.tiny_checkpoint
 
 
 def dark_image(path: Path, seed: int) -> Path:

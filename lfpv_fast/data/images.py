@@ -30,7 +30,7 @@ from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
-from lfpv_fast.data.smid import DataError, _few
+from lfpv_fast.data.smid import DataError, _few, read_name_list
 from lfpv_fast.imageio import IMAGE_EXTENSIONS, JPEG_EXTENSIONS, PNG_EXTENSIONS, TIFF_EXTENSIONS
 
 _PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
@@ -341,14 +341,7 @@ def scan_pairs(lq_root: str | Path, gt_root: str | Path, naming: Naming = Naming
 
 def split_by_list(pairs: list[ImagePair], lq_root: Path, list_file: Path) -> tuple[list[ImagePair], list[ImagePair]]:
     """(train, test): the pairs whose LQ path (relative to lq_root, with or without extension) is listed are test."""
-    try:
-        text = list_file.read_text()
-    except OSError as exc:
-        raise DataError(f"test list {list_file}: cannot be read ({exc})") from exc
-    wanted = [line.split("#", 1)[0].strip() for line in text.splitlines()]
-    wanted = [w for w in wanted if w]
-    if not wanted:
-        raise DataError(f"test list {list_file} names no images")
+    wanted = read_name_list(list_file, "test list", "images")
     index: dict[str, int] = {}
     for i, p in enumerate(pairs):
         rel = p.lq.relative_to(lq_root).as_posix()

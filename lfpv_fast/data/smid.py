@@ -197,18 +197,23 @@ def _few(names: list[str], n: int = 5) -> str:
     return ", ".join(names[:n]) + more
 
 
-def read_scene_list(path: str | Path) -> list[str]:
-    """A test-scene list: one scene name a line; blank lines and `#` comments are ignored."""
+def read_name_list(path: str | Path, what: str = "test-scene list", items: str = "scenes") -> list[str]:
+    """A list file: one name a line; blank lines and `#` comments are ignored. Errors name the file."""
     path = Path(path)
     try:
         text = path.read_text()
     except OSError as exc:
-        raise DataError(f"test-scene list {path}: cannot be read ({exc})") from exc
+        raise DataError(f"{what} {path}: cannot be read ({exc})") from exc
     names = [line.split("#", 1)[0].strip() for line in text.splitlines()]
     names = [n for n in names if n]
     if not names:
-        raise DataError(f"test-scene list {path} names no scenes")
+        raise DataError(f"{what} {path} names no {items}")
     return names
+
+
+def read_scene_list(path: str | Path) -> list[str]:
+    """A test-scene list: one scene name a line."""
+    return read_name_list(path)
 
 
 # ---------------------------------------------------------------------------------------------
