@@ -22,3 +22,31 @@ def poisoned_outputs(monkeypatch):
 
     monkeypatch.setattr(_common, "POISON_OUTPUTS", True)
     _common.reset_launches()
+
+
+@pytest.fixture
+def small_filesystem(tmp_path):
+    """A factory for real, small filesystems: ``small_filesystem(size_kib)`` mounts a tmpfs of that size
+    and returns its folder, so a test sees a genuine ENOSPC ("No space left on device") when it fills
+    up. Unmounted at the end of the test. Needs root (CI runs as root); elsewhere the test is skipped
+    and says why."""
+    import subprocess
+
+    mounts: list = []
+
+    def make(size_kib: int):
+        mount_point = tmp_path / f"small_fs_{len(mounts)}"
+        mount_point.mkdir()
+        result = subprocess.run(
+            ["mount", "-t", "tmpfs", "-o", f"size={int(size_kib)}k", "tmpfs", str(mount_point)],
+            capture_output=True,
+            text=True,
+        )
+        if result.returncode != 0:
+            pytest.skip(f"cannot mount a small tmpfs (needs root): {result.stderr.strip() or result.returncode}")
+        mounts.append(mount_point)
+        return mount_point
+
+    yield make
+    for mount_point in reversed(mounts):
+        subprocess.run(["umount", "-l", str(mount_point)], check=False)
