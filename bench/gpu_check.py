@@ -465,17 +465,19 @@ class Report:
 
 
 def _stop_group(proc: subprocess.Popen) -> None:
-    """SIGTERM to the step's whole process group (pytest workers, loader workers), SIGKILL after the grace."""
-    for sig, wait in ((signal.SIGTERM, KILL_GRACE_S), (signal.SIGKILL, None)):
+    """SIGTERM to the step's whole process group (pytest workers, loader workers); after the grace (or as soon
+    as the step's own process has ended), SIGKILL to whatever of the group is left."""
+    for sig in (signal.SIGTERM, signal.SIGKILL):
         try:
             os.killpg(proc.pid, sig)
         except ProcessLookupError:
-            return
-        try:
-            proc.wait(timeout=wait)
-            return
-        except subprocess.TimeoutExpired:
-            continue
+            break
+        if sig == signal.SIGTERM:
+            try:
+                proc.wait(timeout=KILL_GRACE_S)
+            except subprocess.TimeoutExpired:
+                pass
+    proc.wait()
 
 
 def _last_line(path: Path) -> str:
@@ -491,9 +493,8 @@ def _last_line(path: Path) -> str:
 def run_step(step: Step, log_path: Path, timeout_s: float, env: dict) -> None:
     """Run the step's command, its output into `log_path`; sets status and seconds."""
     start = time.monotonic()
-    with open(log_path, "w") as log:
-        log.write(f"$ {shlex.join(step.command)}\n")
-        log.flush()
+    log_path.write_text(f"$ {shlex.join(step.command)}\n")
+    with open(log_path, "a") as log:  # appending: the step's process writes to the same file
         proc = None
         try:
             if step.prepare is not None:
@@ -510,6 +511,7 @@ def run_step(step: Step, log_path: Path, timeout_s: float, env: dict) -> None:
                     if now - start >= timeout_s:
                         _stop_group(proc)
                         step.status = f"timed out after {timeout_s:.0f} s"
+                        log.write(f"\ngpu-check: {step.status}; its process group was stopped\n")
                         return
                     if now >= next_note:
                         print(f"    ... {now - start:.0f} s: {_last_line(log_path)}", flush=True)

@@ -9,6 +9,7 @@ import importlib
 import json
 import os
 import shlex
+import shutil
 import signal
 import subprocess
 import sys
@@ -221,7 +222,9 @@ def test_a_step_that_times_out_is_stopped_and_the_next_one_still_runs(tmp_path, 
     assert [s["status"] for s in doc["steps"]] == [s.status for s in steps]
     for i, s in enumerate(doc["steps"], start=1):
         assert s["log"] == f"fake-gpu-check-logs/{i}-{s['key']}.log" and (report.out_dir / s["log"]).is_file()
-    assert "two started" in (report.out_dir / doc["steps"][1]["log"]).read_text()
+    log_two = (report.out_dir / doc["steps"][1]["log"]).read_text()
+    assert log_two.startswith("$ ") and "two started" in log_two
+    assert log_two.rstrip().endswith(f"gpu-check: {steps[1].status}; its process group was stopped")
     assert "three done" in report.md_path.read_text()
 
 
@@ -348,3 +351,31 @@ def test_the_data_test_modules_collect_and_skip_16_bit_png_without_imagecodecs()
                        "--collect-only", "tests/test_data_loaders.py", "tests/test_data_images.py")
     assert proc.returncode == 0 and "ERROR" not in proc.stdout, proc.stdout + proc.stderr
     assert "png16" in proc.stdout and "tests collected" in proc.stdout
+
+
+def test_train_and_inference_key_figures_read_what_the_steps_write(tmp_path):
+    run = tmp_path / "run"
+    run.mkdir()
+    rows = [{"step": 10, "loss": 0.5, "images_per_s": 10.0}, {"step": 40, "loss": 0.25, "images_per_s": 123.45}]
+    (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    assert gpu_check.train_figure(run)("") == "step 40: loss 0.25, 123.5 img/s"
+    (run / "val.jsonl").write_text(json.dumps({"step": 40, "psnr": 17.125}) + "\n")
+    assert gpu_check.train_figure(run)("") == "step 40: loss 0.25, 123.5 img/s, val PSNR 17.12 dB"
+
+    def row(name, median, speedup, diff, inp="dark photo"):
+        return {"input": inp, "name": name, "seconds": {"median": median}, "speedup_vs_first_row": {"median": speedup},
+                "max_abs_diff_vs_reference": diff}
+
+    doc = {"frame": {"rows": [row("reference ops", 0.0123, 1.0, 0.0), row("lfpv_fast auto", 0.004, 3.07, 2e-6),
+                              row("reference ops", 0.02, 1.0, 0.0, "SNR map of ones")]}}
+    (tmp_path / "inference.json").write_text(json.dumps(doc))
+    assert gpu_check.inference_figure(tmp_path / "inference.json")("") == \
+        "reference ops: 12.3 ms/frame; auto 3.07x, max |diff| 2.0e-06"
+
+
+def test_make_gpu_check_runs_the_gpu_python_with_the_arguments_given():
+    if not shutil.which("make"):
+        pytest.skip("make is not installed")
+    proc = subprocess.run(["make", "-n", "gpu-check", "GPU_PY=python3", "ARGS=--budget 300 --out /tmp/x"], cwd=ROOT,
+                          capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0 and proc.stdout.strip() == "python3 -u bench/gpu_check.py --budget 300 --out /tmp/x"
