@@ -81,6 +81,7 @@ PACKAGES = [
     Package("gradio", "gradio", "the web app (no step here)", False),
     Package("pip", "pip", "the offline install", False),
     Package("setuptools", "setuptools", "the offline install (build back end, no isolation)", False),
+    Package("wheel", "wheel", "the offline install, with a setuptools older than 70.1 only", False),
     # Core dependencies: --no-deps installs none of them, so they must be there already.
     Package("numpy", "numpy", "lfpv_fast (core)", False),
     Package("yaml", "PyYAML", "lfpv_fast (core)", False),
@@ -269,8 +270,9 @@ def write_synthetic_smid(root: Path, scenes: int = 8, frames: int = 3, width: in
 
 def pytest_command(python: str, *args: str) -> list[str]:
     # addopts is replaced: the project's holds --benchmark-disable, an error where pytest-benchmark is missing.
-    # A module that fails to import is reported and the others still run.
-    return [python, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-o", "addopts=-ra",
+    # A module that fails to import is reported and the others still run. One line per test (-v): a step cut
+    # off by its time limit shows in its log how far it got; the slowest tests are listed (first compiles).
+    return [python, "-m", "pytest", "-v", "-p", "no:cacheprovider", "-o", "addopts=-ra", "--durations=10",
             "--continue-on-collection-errors", *args]
 
 
@@ -564,7 +566,7 @@ def run_plan(report: Report, env: dict, started: float) -> None:
             report.write()
         tail = _last_line(report.out_dir / step.log)
         print(f"    {step.status} in {step.seconds} s" + (f": {step.key_figure}" if step.key_figure else "") +
-              (f"\n    last line: {tail}" if not step.status == "passed" else ""), flush=True)
+              (f"\n    last line: {tail}" if step.status != "passed" else ""), flush=True)
 
 
 def stop_on_signals() -> None:
@@ -661,7 +663,11 @@ def main(argv: list[str] | None = None) -> int:
     report = Report(out_dir, stem, run_meta(found, date, command), found, steps, args.budget, args.dry_run)
     print_plan(report)
     try:
-        report.write()
+        try:
+            report.write()
+        except OSError as exc:
+            print(f"error: --out {out_dir}: cannot write the report there ({exc.strerror or exc})", file=sys.stderr)
+            return 2
         if args.dry_run:
             print_summary(report, time.monotonic() - started)
             return 0

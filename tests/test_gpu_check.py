@@ -132,19 +132,27 @@ def test_dry_run_without_scikit_image_trains_on_synthetic_data_and_skips_the_pho
     assert [s["key"] for s in doc["steps"] if s["share_s"] > 0] == ["install", "kernel-tests", "golden", "train"]
 
 
-def test_without_cuda_a_real_run_is_refused_and_a_bad_budget_is_a_usage_error(tmp_path):
-    proc = subprocess.run([sys.executable, str(BENCH / "gpu_check.py"), "--out", str(tmp_path / "o")], cwd=ROOT,
-                          capture_output=True, text=True, timeout=300)
+def test_without_cuda_a_real_run_is_refused_and_bad_arguments_are_usage_errors(tmp_path):
     import torch
 
-    if torch.cuda.is_available():
-        pytest.skip("this machine has a CUDA device")
-    assert proc.returncode == 2 and proc.stderr.startswith("error: gpu-check needs a CUDA device")
-    assert "CPU build" in proc.stderr or "sees no CUDA device" in proc.stderr
-    assert not (tmp_path / "o").exists()
+    if not torch.cuda.is_available():
+        proc = subprocess.run([sys.executable, str(BENCH / "gpu_check.py"), "--out", str(tmp_path / "o")], cwd=ROOT,
+                              capture_output=True, text=True, timeout=300)
+        assert proc.returncode == 2 and proc.stderr.startswith("error: gpu-check needs a CUDA device")
+        assert "CPU build" in proc.stderr or "sees no CUDA device" in proc.stderr
+        assert not (tmp_path / "o").exists()
     proc = subprocess.run([sys.executable, str(BENCH / "gpu_check.py"), "--budget", "0"], cwd=ROOT,
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == 2 and proc.stderr.strip() == "error: --budget must be at least 5 seconds, got 0"
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    proc = subprocess.run([sys.executable, str(BENCH / "gpu_check.py"), "--dry-run", "--out", str(blocker / "o")],
+                          cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2 and proc.stderr.startswith(f"error: --out {blocker / 'o'}: cannot write the report")
+    assert len(proc.stderr.strip().splitlines()) == 1
+    proc = subprocess.run([sys.executable, str(BENCH / "gpu_check.py"), "--help"], cwd=ROOT, capture_output=True,
+                          text=True, timeout=300)
+    assert proc.returncode == 0 and "--budget SECONDS" in proc.stdout and "--dry-run" in proc.stdout
 
 
 def test_budget_split_sums_to_the_budget_in_proportion():
