@@ -387,3 +387,48 @@ def test_make_gpu_check_runs_the_gpu_python_with_the_arguments_given():
     proc = subprocess.run(["make", "-n", "gpu-check", "GPU_PY=python3", "ARGS=--budget 300 --out /tmp/x"], cwd=ROOT,
                           capture_output=True, text=True, timeout=60)
     assert proc.returncode == 0 and proc.stdout.strip() == "python3 -u bench/gpu_check.py --budget 300 --out /tmp/x"
+
+
+@pytest.mark.parametrize("missing,skipped", [
+    ("pip", {"install"}),
+    ("triton", {"kernel-tests", "golden", "train"}),
+    ("pytest", {"kernel-tests", "dali-gpu", "golden"}),
+    ("nvidia.dali", {"dali-gpu"}),
+    ("skimage", {"inference"}),
+    ("imagecodecs", set()),
+    ("xdist", set()),
+])
+def test_each_missing_package_skips_exactly_the_steps_that_need_it(tmp_path, missing, skipped):
+    found = fake_probe()
+    found.packages[missing].error = f"No module named {missing!r}"
+    steps = gpu_check.plan_steps(found, tmp_path, tmp_path, "stem")
+    assert {s.key for s in steps if s.skip_reason} == skipped
+    for s in steps:
+        if s.skip_reason:
+            assert found.packages[missing].dist in s.skip_reason and missing in s.skip_reason, s.skip_reason
+    gpu_check.assign_shares(steps, 480)
+    assert sum(s.share_s for s in steps) == 480 and all((s.share_s == 0) == bool(s.skip_reason) for s in steps)
+
+
+def test_an_externally_managed_python_gets_the_flag_and_the_reason(tmp_path):
+    found = fake_probe()
+    install = gpu_check.plan_steps(found, tmp_path, tmp_path, "stem")[0]
+    assert "--break-system-packages" not in install.command and not install.notes
+    found.externally_managed = True
+    install = gpu_check.plan_steps(found, tmp_path, tmp_path, "stem")[0]
+    assert install.command[-1] == "--break-system-packages" and "PEP 668" in install.notes[0]
+
+
+def test_when_the_install_fails_the_steps_that_need_it_are_skipped(tmp_path, capsys):
+    install = gpu_check.Step("install", "fails", [sys.executable, "-c", "import sys; sys.exit(3)"],
+                             needs_install=False)
+    needs = python_step("kernel-tests", "print('ran')")
+    needs.needs_install = True
+    independent = python_step("three", "print('three done')")
+    steps = [install, needs, independent]
+    report = fake_report(tmp_path / "out", steps, budget=120)
+    gpu_check.assign_shares(steps, 120)
+    gpu_check.run_plan(report, dict(os.environ), time.monotonic())
+    assert [s.status for s in steps] == ["failed (exit 3)", "skipped", "passed"]
+    assert needs.skip_reason == "the install step did not pass"
+    assert "kernel-tests: skipped (the install step did not pass)" in capsys.readouterr().out
