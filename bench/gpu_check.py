@@ -144,7 +144,8 @@ class Probe:
 
     def why_missing(self, module: str) -> str:
         found = self.packages[module]
-        return f"{found.dist} ({found.module}) is not importable: {found.error}"
+        name = found.dist if found.dist == found.module else f"{found.dist} ({found.module})"
+        return f"{name} is not importable: {found.error}"
 
 
 def probe(python: str = sys.executable) -> Probe:
@@ -617,7 +618,8 @@ def print_summary(report: Report, used_s: float) -> None:
     print(f"{'#':>2} {'step':<13} {'status':<24} {'s':>6}  key figure / log")
     for i, s in enumerate(report.steps, start=1):
         seconds = "" if s.seconds is None else f"{s.seconds:.1f}"
-        print(f"{i:>2} {s.key:<13} {s.status[:24]:<24} {seconds:>6}  {s.key_figure or s.skip_reason or ''}")
+        what = s.key_figure or s.skip_reason or ""
+        print(f"{i:>2} {s.key:<13} {s.status[:24]:<24} {seconds:>6}  {what[:90] + ('...' if len(what) > 90 else '')}")
         if s.log:
             print(f"{'':>48}{report.out_dir / s.log}")
     print(f"written: {report.md_path}\n         {report.json_path}")
