@@ -35,11 +35,15 @@ demo: venv
 bench: venv
 	$(BIN)/python bench/run_all.py
 
-# On a machine with a GPU (whatever Python holds CUDA torch; .venv if there is one): GPU tests, the
-# compile gate for the local card, a training run with every fast switch, the benchmarks.
+# On a machine with a GPU, in whatever Python holds CUDA torch (.venv if there is one, else python3; or
+# GPU_PY=...): creates no venv and downloads nothing; installs this checkout into that Python offline
+# (--no-index --no-deps --no-build-isolation), then the kernel tests, the golden case on Triton, a training run
+# with every fast switch and the frame benchmark, within ARGS' --budget (default 480 s). See README, "GPU check".
+#   make gpu-check GPU_PY=python3 ARGS="--budget 480 --out /tmp/gpu-check"
 GPU_PY ?= $(if $(wildcard $(BIN)/python),$(BIN)/python,python3)
+ARGS ?=
 gpu-check:
-	$(GPU_PY) bench/gpu_check.py
+	$(GPU_PY) -u bench/gpu_check.py $(ARGS)
 
 # Every Triton launch compiled ahead of time for sm_90 and sm_80 (no GPU needed); tables in bench/results.
 compile-gate: venv

@@ -2,6 +2,7 @@
 
     python bench/bench_inference.py --published ~/src/LFPVS_ICCV                 # all parts
     python bench/bench_inference.py --parts frame --reps 7
+    python bench/bench_inference.py --parts frame --device cuda                    # the frame part on a GPU
     python bench/bench_inference.py --parts precision --checkpoint runs/demo-.../final_weights.pth
 
 Parts:
@@ -77,14 +78,14 @@ def smid_net(backend: str, seed: int = 0) -> LFPVNet:
     return net
 
 
-def frame_part(pub, reps: int) -> dict:
-    reference_net = smid_net("reference")
-    auto_net = smid_net("auto")
-    enhance_net = prepare_for_inference(smid_net("auto"), torch.device("cpu"))  # what enhance/evaluate run
-    x = dark_photo(*FRAME_HW)
+def frame_part(pub, reps: int, device: torch.device) -> dict:
+    reference_net = smid_net("reference").to(device)
+    auto_net = smid_net("auto").to(device)
+    enhance_net = prepare_for_inference(smid_net("auto").to(device), device)  # what enhance/evaluate run
+    x = dark_photo(*FRAME_HW).to(device)
     rows: dict = {}
     if pub is not None:
-        model = pub_mod.build_model(pub, reference_net.to_original_state_dict()).eval()
+        model = pub_mod.build_model(pub, reference_net.to_original_state_dict()).to(device).eval()
         rows[pub_mod.PUBLISHED_LABEL] = lambda x, snr: model(x, snr)
         rows["lfpv_fast reference backend"] = lambda x, snr: reference_net(x, snr)
     else:
@@ -107,7 +108,7 @@ def frame_part(pub, reps: int) -> dict:
             expected = reference_net(xi, snr)
             diffs = {name: float((fn(xi, snr).float() - expected).abs().max()) for name, fn in rows.items()}
             timings = common.time_rows({name: (lambda fn=fn, xi=xi, snr=snr: fn(xi, snr)) for name, fn in rows.items()},
-                                       reps, 1)
+                                       reps, 1, device)
         base_name = next(iter(rows))
         for name in rows:
             ratios = [b / s for b, s in zip(timings[base_name].seconds, timings[name].seconds, strict=True)]
@@ -228,18 +229,21 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--sizes", default="1,4,12", help="megapixels for the memory part (of 1, 4, 12)")
     ap.add_argument("--checkpoint", help="model for the precision part (skipped without one)")
     ap.add_argument("--out", help="JSON path (default bench/results/<date>-<device>-inference.json)")
+    ap.add_argument("--device", default="cpu", help="where the frame part runs: cpu (default) or cuda; the memory "
+                    "and precision parts measure the CPU")
     ap.add_argument("--memory-child", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if args.memory_child:
         print(json.dumps(memory_child(json.loads(args.memory_child))))
         return 0
-    env = common.environment()
+    device = torch.device(args.device)
+    env = common.environment(device)
     pub = pub_mod.from_args(args)
     parts = args.parts.split(",")
     doc = {"environment": env, "published": str(pub.root) if pub else None, "torch_threads": torch.get_num_threads()}
     print(common.machine_note(env))
     if "frame" in parts:
-        doc["frame"] = frame_part(pub, args.reps)
+        doc["frame"] = frame_part(pub, args.reps, device)
     if "memory" in parts:
         doc["memory"] = memory_part([int(s) for s in args.sizes.split(",")])
     if "precision" in parts:
