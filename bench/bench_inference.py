@@ -340,7 +340,8 @@ def main(argv: list[str] | None = None) -> int:
                     "and precision parts measure the CPU")
     ap.add_argument("--input", default="photo", metavar="photo|synthetic|PATH",
                     help="the frame and memory parts' input: the demo's darkened photo (default; needs scikit-image), "
-                    "a synthetic dark frame made with numpy (no optional package), or an image file (see above)")
+                    "a synthetic dark frame made with numpy (no optional package), or an image file (PNG, JPEG, TIFF; "
+                    "resized, not darkened); recorded in the JSON")
     ap.add_argument("--memory-child", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if args.memory_child:
