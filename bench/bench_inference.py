@@ -13,15 +13,23 @@ Parts:
              the published model)"), lfpv_fast reference backend (with --published), lfpv_fast auto
              (net(x, snr)), auto + channels_last (what enhance and evaluate run on the CPU), that through
              enhance's whole-image path (whole_image_forward: strips), and + bf16 autocast. Two inputs:
-             a dark photo (the demo's coffee photo, darkened by the demo's noise model; its SNR map
-             keeps few or no attention keys) and
-             the same photo with an SNR map of ones (every key kept: the attention's worst case).
+             a dark frame (see --input; its SNR map keeps few or no attention keys) and the same frame
+             with an SNR map of ones (every key kept: the attention's worst case).
   memory     Peak memory and time of enhancing a whole photo untiled (enhance_image, backend auto) at
              1, 4 and 12 megapixels (4:3), each in a fresh subprocess: peak RSS (VmHWM of
              /proc/self/status) above the RSS before the call, against estimate_peak_bytes. Also the
              plain forward net(x, snr) with the auto and the reference backend at the sizes where they fit.
   precision  With --checkpoint (e.g. the demo model of `python -m lfpv_fast.train`): PSNR of the bf16
              output against the fp32 output on the demo's test images (whole images), and the times.
+
+The frame and memory parts' input (--input, recorded in the JSON as "input"):
+  photo      (default) the demo's coffee photo, resized, darkened by the demo's low-light model; needs
+             scikit-image, which ships the photo
+  synthetic  a deterministic photo-like scene made with numpy and torch alone (smooth shading, objects with
+             sharp edges, fine texture), darkened by the same model: for a Python without scikit-image
+             (gpu-check uses it there)
+  PATH       your own image (PNG, JPEG or TIFF, read as `enhance` reads it), resized, used as it is (give a
+             low-light photo); a file named photo or synthetic: ./photo
 
 Prints tables and writes JSON (bench/results/<date>-<device>-inference.json).
 """
@@ -48,6 +56,13 @@ from lfpv_fast.model import LFPVNet, ModelConfig
 
 FRAME_HW = (512, 960)
 SIZES_MP = {1: (864, 1152), 4: (1728, 2304), 12: (3000, 4000)}
+MODEL = ModelConfig()  # the published SMID model (the tests swap in a tiny one)
+DARK_EXPOSURE = 0.02  # of the demo's low-light model (lfpv_fast.data.demo.darken), for photo and synthetic
+INPUT_LABELS = {"photo": "dark photo", "synthetic": "dark synthetic frame"}
+
+
+class InputError(Exception):
+    """An --input that cannot be used (the message names it and what was expected)."""
 
 
 def dark_photo(height: int, width: int) -> torch.Tensor:
@@ -57,8 +72,98 @@ def dark_photo(height: int, width: int) -> torch.Tensor:
     from lfpv_fast.data.demo import darken, load_photo
 
     photo = np.asarray(Image.fromarray(load_photo("coffee")).resize((width, height), Image.Resampling.BICUBIC))
-    lq = darken(photo, np.random.default_rng(0), 0.02)
+    lq = darken(photo, np.random.default_rng(0), DARK_EXPOSURE)
     return torch.from_numpy(lq).permute(2, 0, 1)[None].float() / 255
+
+
+def _smooth_noise(rng: np.random.Generator, channels: int, height: int, width: int, cell: float) -> np.ndarray:
+    """(channels,H,W) float32 noise with features about `cell` pixels wide: a coarse random grid, upsampled
+    bicubically (torch on the CPU: deterministic)."""
+    grid = rng.standard_normal((1, channels, max(2, round(height / cell) + 1), max(2, round(width / cell) + 1)))
+    up = F.interpolate(torch.from_numpy(grid.astype(np.float32)), size=(height, width), mode="bicubic",
+                       align_corners=True)
+    return up[0].numpy()
+
+
+def synthetic_scene(height: int, width: int, seed: int = 0) -> np.ndarray:
+    """A well-lit, photo-like (H,W,3) uint8 scene from numpy and torch alone, the same for the same arguments:
+    smooth coloured shading, a few dozen objects (discs and boxes) with sharp edges and their own shading, and
+    fine texture. Object sizes scale with the frame; the texture is a few pixels wide, as in photos."""
+    rng = np.random.default_rng(seed)
+    side = min(height, width)
+    ys = np.arange(height, dtype=np.float32)[:, None]
+    xs = np.arange(width, dtype=np.float32)[None, :]
+    # Background: a colour gradient across the frame plus large soft blotches (light falloff, walls, sky).
+    base, slope_x, slope_y = rng.uniform(0.2, 0.8, (3, 3, 1, 1)).astype(np.float32)
+    image = base + 0.3 * (slope_x - 0.5) * xs / width + 0.3 * (slope_y - 0.5) * ys / height
+    image += 0.12 * _smooth_noise(rng, 3, height, width, side / 3)
+    # Objects: a colour with a top-to-bottom shading ramp, hard edges; each drawn inside its bounding box.
+    for _ in range(40):
+        cy, cx = rng.uniform(0, height), rng.uniform(0, width)
+        half_h = side * rng.uniform(0.03, 0.18)
+        half_w = half_h * (1.0 if rng.uniform() < 0.5 else rng.uniform(0.4, 2.5))
+        disc = half_w == half_h
+        colour = rng.uniform(0.05, 0.95, (3, 1, 1)).astype(np.float32)
+        y0, y1 = int(max(0, cy - half_h)), int(min(height, cy + half_h + 1))
+        x0, x1 = int(max(0, cx - half_w)), int(min(width, cx + half_w + 1))
+        dy, dx = ys[y0:y1] - cy, xs[:, x0:x1] - cx
+        inside = (dy**2 + dx**2 < half_h**2) if disc else (np.abs(dy) < half_h) & (np.abs(dx) < half_w)
+        shade = 1.0 - 0.5 * np.clip(dy / (2 * half_h) + 0.5, 0.0, 1.0)
+        box = image[:, y0:y1, x0:x1]
+        box[:] = np.where(inside, colour * shade, box)
+    # Texture: mid-frequency (fabric, foliage) and pixel-scale (grain) variation of brightness.
+    image *= 1.0 + 0.15 * _smooth_noise(rng, 1, height, width, 6.0) + 0.05 * _smooth_noise(rng, 1, height, width, 2.0)
+    return np.round(np.clip(image, 0.0, 1.0).transpose(1, 2, 0) * 255.0).astype(np.uint8)
+
+
+def dark_synthetic_frame(height: int, width: int) -> torch.Tensor:
+    """(1,3,H,W) in [0,1]: synthetic_scene darkened by the demo's low-light model, as dark_photo is."""
+    from lfpv_fast.data.demo import darken
+
+    lq = darken(synthetic_scene(height, width), np.random.default_rng(0), DARK_EXPOSURE)
+    return torch.from_numpy(lq).permute(2, 0, 1)[None].float() / 255
+
+
+def image_file_frame(path: str, height: int, width: int) -> torch.Tensor:
+    """(1,3,H,W) in [0,1]: an image file read as `enhance` reads it, resized bicubically, not darkened."""
+    from lfpv_fast.imageio import ImageReadError, read_image
+
+    try:
+        image = read_image(path)
+    except (ImageReadError, FileNotFoundError) as exc:
+        raise InputError(f"--input {path}: {exc} (expected photo, synthetic or a PNG, JPEG or TIFF file)") from exc
+    x = image.to_tensor()[None]
+    return F.interpolate(x, size=(height, width), mode="bicubic", antialias=True, align_corners=False).clamp(0, 1)
+
+
+def input_frame(source: str, height: int, width: int) -> torch.Tensor:
+    """The --input frame at (height, width): "photo", "synthetic" or an image file's path."""
+    if source == "photo":
+        from lfpv_fast.data.smid import DataError
+
+        try:
+            return dark_photo(height, width)
+        except DataError as exc:
+            raise InputError(f"--input photo: {exc}; without scikit-image use --input synthetic (needs no "
+                             "optional package) or --input PATH") from exc
+    if source == "synthetic":
+        return dark_synthetic_frame(height, width)
+    return image_file_frame(source, height, width)
+
+
+def describe_input(source: str) -> dict:
+    """What the JSON records about the input."""
+    if source == "photo":
+        return {"kind": "photo", "label": INPUT_LABELS["photo"],
+                "description": "the demo's coffee photo (scikit-image), resized, darkened by the demo's "
+                               f"low-light model (exposure {DARK_EXPOSURE}, seed 0)"}
+    if source == "synthetic":
+        return {"kind": "synthetic", "label": INPUT_LABELS["synthetic"],
+                "description": "bench_inference.synthetic_scene (seed 0), darkened by the demo's low-light "
+                               f"model (exposure {DARK_EXPOSURE}, seed 0)"}
+    path = os.path.abspath(source)
+    return {"kind": "file", "label": f"image {os.path.basename(path)}", "path": path,
+            "description": "read as enhance reads it, resized bicubically, not darkened"}
 
 
 def kept_fraction(net: LFPVNet, snr: torch.Tensor) -> float:
@@ -71,18 +176,18 @@ def kept_fraction(net: LFPVNet, snr: torch.Tensor) -> float:
 
 def smid_net(backend: str, seed: int = 0) -> LFPVNet:
     torch.manual_seed(seed)
-    net = LFPVNet(ModelConfig(), backend=backend).eval()
+    net = LFPVNet(MODEL, backend=backend).eval()
     with torch.no_grad():
         net.bank_vectors.normal_()
         net.bank_patches.normal_()
     return net
 
 
-def frame_part(pub, reps: int, device: torch.device) -> dict:
+def frame_part(pub, reps: int, device: torch.device, source: str = "photo") -> dict:
+    x = input_frame(source, *FRAME_HW).to(device)
     reference_net = smid_net("reference").to(device)
     auto_net = smid_net("auto").to(device)
     enhance_net = prepare_for_inference(smid_net("auto").to(device), device)  # what enhance/evaluate run
-    x = dark_photo(*FRAME_HW).to(device)
     rows: dict = {}
     if pub is not None:
         model = pub_mod.build_model(pub, reference_net.to_original_state_dict()).to(device).eval()
@@ -100,7 +205,7 @@ def frame_part(pub, reps: int, device: torch.device) -> dict:
             return enhance_net(x.contiguous(memory_format=torch.channels_last), snr).float()
 
     rows["lfpv_fast auto + channels_last + bf16 autocast"] = bf16
-    inputs = {"dark photo": (x, reference_net.snr_mask(x)), "SNR map of ones (every key kept)":
+    inputs = {describe_input(source)["label"]: (x, reference_net.snr_mask(x)), "SNR map of ones (every key kept)":
               (x, torch.ones_like(x[:, :1]))}
     results = []
     for input_name, (xi, snr) in inputs.items():
@@ -116,13 +221,14 @@ def frame_part(pub, reps: int, device: torch.device) -> dict:
                             "seconds": timings[name].summary(),
                             "speedup_vs_first_row": common.Timing(ratios).summary(),
                             "max_abs_diff_vs_reference": diffs[name]})
-        print(f"\n512x960 frame, {input_name} (kept attention keys {results[-1]['kept_keys']:.1%})")
+        print(f"\n{FRAME_HW[0]}x{FRAME_HW[1]} frame, {input_name} (kept attention keys {results[-1]['kept_keys']:.1%})")
         print(f"{'row':<46}{'s: median (min-max)':>24}{'vs first row':>22}{'max |diff|':>12}")
         for r in results[-len(rows):]:
             print(f"{r['name']:<46}{common.fmt_spread(r['seconds'], '.3f'):>24}"
                   f"{common.fmt_spread(r['speedup_vs_first_row'], '.2f') + 'x':>22}"
                   f"{r['max_abs_diff_vs_reference']:>12.2e}")
-    return {"frame_hw": list(FRAME_HW), "baseline": next(iter(rows)), "rows": results}
+    return {"frame_hw": list(FRAME_HW), "input": describe_input(source), "baseline": next(iter(rows)),
+            "rows": results}
 
 
 def _status_bytes(key: str) -> int:
@@ -148,7 +254,7 @@ def memory_child(spec: dict) -> dict:
     net = smid_net(spec["backend"])
     if spec["path"] == "enhance":
         prepare_for_inference(net, torch.device("cpu"))
-    x = dark_photo(height, width)
+    x = input_frame(spec.get("input", "photo"), height, width)
     snr = net.snr_mask(x)
     before = _rss()
     t0 = time.perf_counter()
@@ -165,14 +271,15 @@ def memory_child(spec: dict) -> dict:
             "estimate_bytes": est.whole_image, "kept_keys": kept_fraction(net, snr), "out_mean": float(out.mean())}
 
 
-def memory_part(sizes: list[int]) -> dict:
+def memory_part(sizes: list[int], source: str = "photo") -> dict:
     specs = []
     for mp in sizes:
-        specs.append({"megapixels": mp, "hw": SIZES_MP[mp], "backend": "auto", "path": "enhance"})
+        common_spec = {"megapixels": mp, "hw": SIZES_MP[mp], "input": source}
+        specs.append({**common_spec, "backend": "auto", "path": "enhance"})
         if mp <= 4:
-            specs.append({"megapixels": mp, "hw": SIZES_MP[mp], "backend": "auto", "path": "net(x, snr)"})
+            specs.append({**common_spec, "backend": "auto", "path": "net(x, snr)"})
         if mp <= 1:
-            specs.append({"megapixels": mp, "hw": SIZES_MP[mp], "backend": "reference", "path": "net(x, snr)"})
+            specs.append({**common_spec, "backend": "reference", "path": "net(x, snr)"})
     rows = []
     print(f"\n{'MP':>4} {'size':>10} {'backend':>10} {'path':>12} {'s':>8} {'peak GiB':>9} {'estimate':>9} {'kept':>6}")
     for spec in specs:
@@ -231,21 +338,33 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", help="JSON path (default bench/results/<date>-<device>-inference.json)")
     ap.add_argument("--device", default="cpu", help="where the frame part runs: cpu (default) or cuda; the memory "
                     "and precision parts measure the CPU")
+    ap.add_argument("--input", default="photo", metavar="photo|synthetic|PATH",
+                    help="the frame and memory parts' input: the demo's darkened photo (default; needs scikit-image), "
+                    "a synthetic dark frame made with numpy (no optional package), or an image file (PNG, JPEG, TIFF; "
+                    "resized, not darkened); recorded in the JSON")
     ap.add_argument("--memory-child", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if args.memory_child:
         print(json.dumps(memory_child(json.loads(args.memory_child))))
         return 0
     device = torch.device(args.device)
+    parts = args.parts.split(",")
+    if "frame" in parts or "memory" in parts:
+        try:  # a bad --input is a usage error before anything is timed (the frame is small: cheap to make twice)
+            input_frame(args.input, 32, 32)
+        except InputError as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return 2
     env = common.environment(device)
     pub = pub_mod.from_args(args)
-    parts = args.parts.split(",")
-    doc = {"environment": env, "published": str(pub.root) if pub else None, "torch_threads": torch.get_num_threads()}
+    doc = {"environment": env, "published": str(pub.root) if pub else None, "torch_threads": torch.get_num_threads(),
+           "input": describe_input(args.input)}
     print(common.machine_note(env))
+    print(f"input: {doc['input']['label']}: {doc['input']['description']}")
     if "frame" in parts:
-        doc["frame"] = frame_part(pub, args.reps, device)
+        doc["frame"] = frame_part(pub, args.reps, device, args.input)
     if "memory" in parts:
-        doc["memory"] = memory_part([int(s) for s in args.sizes.split(",")])
+        doc["memory"] = memory_part([int(s) for s in args.sizes.split(",")], args.input)
     if "precision" in parts:
         doc["precision"] = precision_part(args.checkpoint, args.reps) if args.checkpoint else {
             "skipped": "no --checkpoint"}

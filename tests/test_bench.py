@@ -227,3 +227,94 @@ def test_run_all_markdown_table():
             {"name": "b", "skipped": "needs CUDA"}]
     table = run_all.markdown_table(rows)
     assert "| name | skipped | seconds |" in table and "| a |  | 2 (1-3) |" in table
+
+
+# bench_inference's frame part with a tiny model on a small frame (the SMID model at 512x960 takes seconds a
+# forward here); what it runs and records is the same.
+TINY_CONFIG = {"nf": 8, "hr_nf": 8, "layers": 1, "light_blocks": 1, "heads": 2, "head_dim": 8, "ffn_dim": 16,
+               "bank_size": 4, "updater_width": 1}
+
+
+@pytest.fixture
+def bench_inference(monkeypatch):
+    from lfpv_fast.model import ModelConfig
+
+    module = importlib.import_module("bench_inference")
+    monkeypatch.setattr(module, "FRAME_HW", (48, 64))
+    monkeypatch.setattr(module, "MODEL", ModelConfig(**TINY_CONFIG))
+    return module
+
+
+def frame_rows_by_input(doc: dict) -> dict[str, list[dict]]:
+    rows: dict[str, list[dict]] = {}
+    for row in doc["frame"]["rows"]:
+        rows.setdefault(row["input"], []).append(row)
+    return rows
+
+
+def test_bench_inference_frame_runs_on_a_synthetic_input_without_scikit_image(bench_inference, tmp_path,
+                                                                              monkeypatch, capsys):
+    for name in ("skimage", "skimage.data"):  # importing them fails (even if imported before), as on a bare machine
+        monkeypatch.setitem(sys.modules, name, None)
+    monkeypatch.delenv(published.ENV, raising=False)
+    out = tmp_path / "inference.json"
+    # The default input is still the demo's photo: without scikit-image a one-line usage error naming the way out.
+    assert bench_inference.main(["--parts", "frame", "--out", str(out)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: --input photo: ") and "scikit-image" in err and "--input synthetic" in err
+    assert len(err.splitlines()) == 1 and not out.exists()
+
+    assert bench_inference.main(["--parts", "frame", "--input", "synthetic", "--out", str(out)]) == 0
+    doc = json.loads(out.read_text())
+    assert doc["input"]["kind"] == "synthetic" and doc["input"]["label"] == "dark synthetic frame"
+    assert doc["frame"]["input"] == doc["input"] and doc["frame"]["frame_hw"] == [48, 64]
+    rows = frame_rows_by_input(doc)
+    assert list(rows) == ["dark synthetic frame", "SNR map of ones (every key kept)"]
+    for name, input_rows in rows.items():
+        assert [r["name"] for r in input_rows][0] == published.REFERENCE_LABEL == doc["frame"]["baseline"]
+        assert len(input_rows) == 5
+        for r in input_rows:
+            assert r["seconds"]["reps"] >= common.MIN_REPS and r["seconds"]["min"] <= r["seconds"]["max"]
+            if "bf16" not in r["name"]:  # fp32 rows: the reference's output within 1e-4
+                assert r["max_abs_diff_vs_reference"] <= 1e-4, (name, r)
+    assert rows["SNR map of ones (every key kept)"][0]["kept_keys"] == 1.0
+    assert "48x64 frame, dark synthetic frame" in capsys.readouterr().out
+
+
+def test_synthetic_frame_is_deterministic_dark_and_keeps_few_keys_like_the_photo():
+    from lfpv_fast.model import LFPVNet, ModelConfig
+
+    bench = importlib.import_module("bench_inference")
+    scene = bench.synthetic_scene(96, 128)
+    assert scene.shape == (96, 128, 3) and scene.dtype == "uint8"
+    assert (scene == bench.synthetic_scene(96, 128)).all() and (scene != bench.synthetic_scene(96, 128, 1)).any()
+    # Well lit and varied (shading, objects, texture) before it is darkened.
+    assert 60 < scene.mean() < 200 and scene.std() > 30
+    steps = abs(scene[:, 1:].astype(int) - scene[:, :-1]).max(axis=2)
+    assert (steps > 40).mean() > 0.01  # hard edges, not only smooth gradients
+    frame = bench.dark_synthetic_frame(*bench.FRAME_HW)
+    assert frame.shape == (1, 3, *bench.FRAME_HW) and (frame == bench.dark_synthetic_frame(*bench.FRAME_HW)).all()
+    assert 0.02 < float(frame.mean()) < 0.15  # the demo's low-light model at the photo's exposure
+    # Like the dark photo, its SNR map keeps few attention keys (the case the benchmark's first input stands for).
+    net = LFPVNet(ModelConfig(**TINY_CONFIG))  # kept_fraction reads align and token_size: the SMID model's
+    assert net.config.align == ModelConfig().align and net.config.token_size == ModelConfig().token_size
+    assert bench.kept_fraction(net, net.snr_mask(frame)) < 0.1
+
+
+def test_bench_inference_frame_reads_an_image_file_as_input(bench_inference, tmp_path, monkeypatch, capsys):
+    from lfpv_fast.imageio import write_image
+
+    monkeypatch.delenv(published.ENV, raising=False)
+    image = tmp_path / "night.png"
+    write_image(image, bench_inference.synthetic_scene(40, 50) / 255.0 * 0.1)  # a small dark photo of one's own
+    out = tmp_path / "inference.json"
+    assert bench_inference.main(["--parts", "frame", "--input", str(image), "--out", str(out)]) == 0
+    doc = json.loads(out.read_text())
+    assert doc["input"]["kind"] == "file" and doc["input"]["path"] == str(image)
+    assert list(frame_rows_by_input(doc))[0] == "image night.png"
+
+    missing = tmp_path / "missing.png"
+    assert bench_inference.main(["--parts", "frame", "--input", str(missing), "--out", str(tmp_path / "x.json")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith(f"error: --input {missing}: ") and "does not exist" in err and len(err.splitlines()) == 1
+    assert not (tmp_path / "x.json").exists()

@@ -1,7 +1,8 @@
 """bench/gpu_check.py on the CPU: the plan of a dry run in a Python without DALI and imagecodecs (and without
-scikit-image), the budget split, a step that times out while the next still runs, the report on disk after
-every step (even when the run is killed), SIGTERM stopping the step in progress, and the data test modules
-collecting and skipping their 16-bit PNG cases without imagecodecs."""
+scikit-image: synthetic training data and a synthetic benchmark frame), the budget split, a step that times out
+while the next still runs, the report on disk after every step (even when the run is killed), SIGTERM stopping
+the step in progress, and the data test modules collecting and skipping their 16-bit PNG cases without
+imagecodecs."""
 
 from __future__ import annotations
 
@@ -104,7 +105,10 @@ def test_dry_run_without_dali_and_imagecodecs_plans_every_step(tmp_path):
     assert {"train.iterations=40", "train.backend=triton", "train.compile=on", "train.bf16=on",
             "train.fused_adam=on", "data.loader=torch", "train.device=cuda"} <= set(sets_of(train))
     assert "data.dataset=smid" not in train  # scikit-image is there: the demo dataset
-    assert "bench_inference.py --parts frame --device cuda --out" in steps["inference"]["command"]
+    inference = steps["inference"]
+    assert "bench_inference.py --parts frame --device cuda --out" in inference["command"]
+    assert "--input" not in inference["command"]  # scikit-image is there: the default input, the demo's photo
+    assert any("coffee photo" in n for n in inference["notes"])
 
     # What was printed: the probe, the split, the commands, the one-screen summary.
     out = proc.stdout
@@ -120,16 +124,24 @@ def test_dry_run_without_dali_and_imagecodecs_plans_every_step(tmp_path):
         assert f"| {s['key']}: {s['title']} | {s['status']}" in text and s["command"] in text
 
 
-def test_dry_run_without_scikit_image_trains_on_synthetic_data_and_skips_the_photo_benchmark(tmp_path):
-    _, doc, _ = dry_run(tmp_path, ["nvidia.dali", "imagecodecs", "skimage"], budget=300)
+def test_dry_run_without_scikit_image_trains_and_benchmarks_on_synthetic_data(tmp_path):
+    proc, doc, _ = dry_run(tmp_path, ["nvidia.dali", "imagecodecs", "skimage"], budget=300)
     steps = {s["key"]: s for s in doc["steps"]}
     assert doc["probe"]["skimage"]["available"] is False
-    assert steps["inference"]["status"] == "skipped" and "scikit-image" in steps["inference"]["skip_reason"]
     assert steps["train"]["status"] == "planned"
     assert "data.dataset=smid" in sets_of(steps["train"]["command"])
     assert any("synthetic SMID-style dataset" in n for n in steps["train"]["notes"])
+    # The frame benchmark runs on a synthetic frame made with numpy (its photo ships inside scikit-image).
+    inference = steps["inference"]
+    assert inference["status"] == "planned" and inference["skip_reason"] is None
+    words = shlex.split(inference["command"])
+    assert words[words.index("--input") + 1] == "synthetic" and words[words.index("--device") + 1] == "cuda"
+    assert any(n.startswith("input: a synthetic photo-like frame") and "scikit-image (skimage)" in n
+               for n in inference["notes"]), inference["notes"]
+    assert "note: input: a synthetic photo-like frame" in proc.stdout
     assert sum(s["share_s"] for s in doc["steps"]) == 300
-    assert [s["key"] for s in doc["steps"] if s["share_s"] > 0] == ["install", "kernel-tests", "golden", "train"]
+    assert [s["key"] for s in doc["steps"] if s["share_s"] > 0] == ["install", "kernel-tests", "golden", "train",
+                                                                    "inference"]
 
 
 def test_without_cuda_a_real_run_is_refused_and_bad_arguments_are_usage_errors(tmp_path):
@@ -374,11 +386,14 @@ def test_train_and_inference_key_figures_read_what_the_steps_write(tmp_path):
         return {"input": inp, "name": name, "seconds": {"median": median}, "speedup_vs_first_row": {"median": speedup},
                 "max_abs_diff_vs_reference": diff}
 
-    doc = {"frame": {"rows": [row("reference ops", 0.0123, 1.0, 0.0), row("lfpv_fast auto", 0.004, 3.07, 2e-6),
-                              row("reference ops", 0.02, 1.0, 0.0, "SNR map of ones")]}}
-    (tmp_path / "inference.json").write_text(json.dumps(doc))
-    assert gpu_check.inference_figure(tmp_path / "inference.json")("") == \
-        "reference ops: 12.3 ms/frame; auto 3.07x, max |diff| 2.0e-06"
+    for dark in ("dark photo", "dark synthetic frame"):  # the rows of the dark frame, whichever --input it was
+        doc = {"frame": {"rows": [row("reference ops", 0.0123, 1.0, 0.0, dark),
+                                  row("lfpv_fast auto", 0.004, 3.07, 2e-6, dark),
+                                  row("reference ops", 0.02, 1.0, 0.0, "SNR map of ones"),
+                                  row("lfpv_fast auto", 0.01, 2.0, 1e-6, "SNR map of ones")]}}
+        (tmp_path / "inference.json").write_text(json.dumps(doc))
+        assert gpu_check.inference_figure(tmp_path / "inference.json")("") == \
+            f"reference ops: 12.3 ms/frame; auto 3.07x, max |diff| 2.0e-06 ({dark})"
 
 
 def test_make_gpu_check_runs_the_gpu_python_with_the_arguments_given():
@@ -394,7 +409,7 @@ def test_make_gpu_check_runs_the_gpu_python_with_the_arguments_given():
     ("triton", {"kernel-tests", "golden", "train"}),
     ("pytest", {"kernel-tests", "dali-gpu", "golden"}),
     ("nvidia.dali", {"dali-gpu"}),
-    ("skimage", {"inference"}),
+    ("skimage", set()),  # the training step writes synthetic data, the frame benchmark makes a synthetic frame
     ("imagecodecs", set()),
     ("xdist", set()),
 ])
