@@ -209,7 +209,7 @@ def test_port_in_use_is_a_clear_error(tmp_path: Path, capsys: pytest.CaptureFixt
 
 
 def test_one_enhancement_at_a_time(enhancer: app_mod.Enhancer, tmp_path: Path) -> None:
-    demo = app_mod.build_demo(enhancer, tmp_path, max_queue=5)
+    demo = app_mod.build_demo(enhancer, app_mod.WorkFolder(tmp_path, 2**20, 10), max_queue=5)
     (enhance_fn,) = [fn for fn in demo.fns.values() if fn.api_name == "enhance"]
     assert enhance_fn.concurrency_limit == 1 and enhance_fn.queue
     assert demo._queue.max_size == 5 and not demo.analytics_enabled
