@@ -341,6 +341,13 @@ def _remove(folder: Path) -> None:
     shutil.rmtree(folder, ignore_errors=True)
 
 
+def _injects_request(fn: Callable[..., Any], gr: Any) -> Callable[..., Any]:
+    """Gradio passes the request (its session) to a parameter annotated gr.Request; this module's postponed
+    annotations are strings that it cannot resolve (gradio is imported late), so give it the class itself."""
+    fn.__annotations__["request"] = gr.Request
+    return fn
+
+
 def build_demo(enhancer: Enhancer, work: WorkFolder, *, max_files: int = DEFAULT_MAX_FILES,
                max_queue: int = DEFAULT_MAX_QUEUE) -> Any:
     """The Gradio Blocks of the page, its queue set up (one enhancement at a time on this device)."""
@@ -420,8 +427,9 @@ def build_demo(enhancer: Enhancer, work: WorkFolder, *, max_files: int = DEFAULT
                                         buttons=["fullscreen"])  # no download here: it would be the 8-bit preview
                 report = gr.Markdown(elem_id="report")
         pairs_state = gr.State({})
-        button.click(enhance, inputs=[uploads], outputs=[slider, downloads, report, choice, pairs_state],
-                     api_name="enhance", concurrency_limit=1, concurrency_id=f"enhance-{enhancer.device}",
+        button.click(_injects_request(enhance, gr), inputs=[uploads],
+                     outputs=[slider, downloads, report, choice, pairs_state], api_name="enhance",
+                     concurrency_limit=1, concurrency_id=f"enhance-{enhancer.device}",
                      show_progress="full")
         # Switching the comparison only reads finished files: it skips the enhancement queue.
         choice.change(show, inputs=[choice, pairs_state], outputs=[slider], queue=False, api_name=False)
@@ -429,7 +437,7 @@ def build_demo(enhancer: Enhancer, work: WorkFolder, *, max_files: int = DEFAULT
         def session_ended(request: gr.Request) -> None:
             work.end_session(getattr(request, "session_hash", None))
 
-        demo.unload(session_ended)
+        demo.unload(_injects_request(session_ended, gr))
     demo.queue(max_size=max_queue, default_concurrency_limit=1)
     return demo
 
