@@ -33,7 +33,6 @@ folder), in the input's format and bit depth: 16-bit PNG/TIFF stay 16-bit.
 The Python API (`enhance_image`, `plan_enhancement`, `ImageEnhancer`) is in lfpv_fast.enhancement.
 """
 
-
 from __future__ import annotations
 
 import argparse
@@ -281,14 +280,15 @@ def _enhance_batch(enhancer: ImageEnhancer, batch: list[tuple[LoadedImage, Job]]
         tally.failed += len(batch)
         return
     for (image, job), result in zip(batch, results, strict=True):
+        target = job.output
         try:
             if job.output is not None:
                 enhancer.write(job.output, image, result)
             if job.side is not None:
+                target = job.side
                 write_side_by_side(job.side, _side_by_side(image, result), job.side_owner)
         except OSError as exc:
             if exc.errno in _DISK_FULL:
-                target = job.output if job.output is not None else job.side
                 raise DiskFullError(exc.errno, f"{target}: could not write the result: {exc.strerror} (the run "
                                     f"stopped; {tally.done} image(s) written before are complete; free some space "
                                     "and run again: existing outputs are skipped)") from exc

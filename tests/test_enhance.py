@@ -411,3 +411,18 @@ def test_bad_inputs(tmp_path: Path, tiny_checkpoint: Path, capsys: pytest.Captur
     assert main([str(folder / "good.png"), "--checkpoint", str(tmp_path / "nope.pth"), "-o",
                  str(tmp_path / "out2")]) == 2
     assert "nope.pth does not exist" in capsys.readouterr().err
+
+
+def test_each_image_is_planned_once(tmp_path: Path, tiny_checkpoint: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Batches of same-size images: one plan per image, made when it joins its batch (and used to run it)."""
+    from lfpv_fast.enhancement import ImageEnhancer
+
+    calls = []
+    plan = ImageEnhancer.plan
+    monkeypatch.setattr(ImageEnhancer, "plan", lambda self, *args: calls.append(args) or plan(self, *args))
+    for k in range(3):
+        Image.fromarray(np.round(low_light(16, 32, k) * 255).astype(np.uint8)).save(tmp_path / f"{k}.png")
+    Image.fromarray(np.round(low_light(32, 16, 5) * 255).astype(np.uint8)).save(tmp_path / "tall.png")
+    assert run_cli(tmp_path / "0.png", tmp_path / "1.png", tmp_path / "2.png", tmp_path / "tall.png",
+                   "--checkpoint", tiny_checkpoint, "-o", tmp_path / "out", "--batch-size", "2") == 0
+    assert calls == [(1, 16, 32), (2, 16, 32), (1, 16, 32), (1, 32, 16)]
