@@ -4,8 +4,8 @@
 
 Upload one or several images (PNG, JPEG, TIFF; 8 and 16 bit; grayscale and RGBA), compare before and
 after with a slider, and download each result at full resolution in the input's format and bit depth.
-The work is `lfpv_fast.enhance`'s: the same reader and writer (`lfpv_fast.imageio`) and the same
-`enhance_image` (whole image when it fits, tiles otherwise; the page says which).
+The work is `lfpv_fast.enhance`'s: the same pipeline (`lfpv_fast.enhancement.ImageEnhancer`: header
+check, reader, plan, `enhance_image`, writer; whole image when it fits, tiles otherwise; the page says which).
 
 - Offline: no analytics, no share link, no monitoring or MCP endpoints, no run history; the page's
   front end, fonts included, is served by this process (Gradio's bundled assets).
@@ -14,6 +14,11 @@ The work is `lfpv_fast.enhance`'s: the same reader and writer (`lfpv_fast.imagei
   position), so that two users do not run the device out of memory.
 - Bad input (not an image, truncated, over --max-pixels, too many files at once) gets a message on
   the page and a one-line note in the log; the server goes on serving.
+- Results live in a work folder inside Gradio's upload folder (so Gradio serves them from there rather than
+  copying them into its cache): a session's results are deleted when its next request succeeds and when
+  its page is closed, and the folder is kept within --max-work-mb and --max-work-files (oldest first).
+- The address is resolved and bound before "serving ..." is printed: a port in use, a host that does not
+  resolve and one that is not an address of this machine are each one `error:` line, exit status 2.
 
 Gradio is an optional extra: pip install 'lfpv_fast[app]'.
 """
@@ -21,6 +26,7 @@ Gradio is an optional extra: pip install 'lfpv_fast[app]'.
 from __future__ import annotations
 
 import argparse
+import errno
 import html
 import io
 import ipaddress
@@ -28,8 +34,10 @@ import logging
 import os
 import shutil
 import signal
+import socket
 import sys
 import tempfile
+import threading
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -39,24 +47,15 @@ from typing import Any
 import numpy as np
 import torch
 
-from lfpv_fast.cli import ArgumentParser
-from lfpv_fast.enhance import (
-    DEFAULT_OVERLAP,
-    DEFAULT_TILE,
-    enhance_image,
-    plan_enhancement,
-    resolve_device,
-)
+from lfpv_fast.cli import ArgumentParser, resolve_device
+from lfpv_fast.enhancement import DEFAULT_OVERLAP, DEFAULT_TILE, ImageEnhancer
 from lfpv_fast.imageio import (
     IMAGE_EXTENSIONS,
     ImageReadError,
-    read_image,
-    read_image_size,
     to_integer,
     write_bytes_atomic,
-    write_image,
 )
-from lfpv_fast.inference import PRECISIONS, check_precision, prepare_for_inference
+from lfpv_fast.inference import PRECISIONS, check_precision
 from lfpv_fast.model import LFPVNet
 
 DEFAULT_HOST = "127.0.0.1"
@@ -70,8 +69,9 @@ DEFAULT_MAX_QUEUE = 8
 DEFAULT_MAX_UPLOAD_MB = 200
 # The previews shown in the browser are scaled down to this longest side; downloads are always full size.
 PREVIEW_MAX_SIDE = 2048
-# Request folders older than this are removed (Gradio has copied their files into its own cache by then).
-STALE_REQUEST_SECONDS = 600
+# The work folder's bounds: results of older requests are deleted beyond them (oldest first).
+DEFAULT_MAX_WORK_MB = 1024
+DEFAULT_MAX_WORK_FILES = 500
 
 log = logging.getLogger("lfpv_fast.app")
 
@@ -117,13 +117,18 @@ class Enhancer:
 
     def __init__(self, net: LFPVNet, checkpoint: Path, device: torch.device, *, max_pixels: int,
                  tile: int | None = None, overlap: int = DEFAULT_OVERLAP, precision: str = "fp32") -> None:
-        self.net = prepare_for_inference(net.to(device), device)
+        # batch_size=1 as the enhance CLI's default: one tile at a time keeps the peak memory lowest.
+        self.pipeline = ImageEnhancer(net, device, tile=tile, overlap=overlap, batch_size=1, precision=precision)
         self.checkpoint = checkpoint
         self.device = device
         self.max_pixels = max_pixels
         self.tile = tile
         self.overlap = overlap
         self.autocast = precision  # "fp32", or "bf16"/"fp16" autocast as enhance --precision
+
+    @property
+    def net(self) -> LFPVNet:
+        return self.pipeline.net
 
     @property
     def model_name(self) -> str:
@@ -169,36 +174,30 @@ class Enhancer:
             raise InputError(f"{name}: not a supported image type {suffix or '(no extension)'!r} "
                              f"(expected PNG, JPEG or TIFF: {', '.join(IMAGE_EXTENSIONS)})")
         try:
-            height, width = read_image_size(path)  # before decoding: a small file can declare a huge image
+            # The header first (nothing decoded): the decoded-size bound, the model's minimum size, then ours.
+            info = self.pipeline.check(path)
+            height, width = info.size
             if height * width > self.max_pixels:
                 raise InputError(f"{name}: {width}x{height} pixels ({height * width / 1e6:.1f} MP) is more than "
                                  f"this server accepts ({self.max_pixels / 1e6:.1f} MP, --max-pixels)")
-            image = read_image(path)
+            image = self.pipeline.read(path)
         except (ImageReadError, FileNotFoundError) as exc:
             # The readers name the server's temporary path; the user knows the file by its own name.
             raise InputError(str(exc).replace(str(path), name)) from exc
         height, width = image.size
-        align = self.net.config.align
-        if min(height, width) < align:
-            raise InputError(f"{name}: {width}x{height} pixels is smaller than the model's minimum {align}x{align}")
 
         # The enhance CLI's decision: the whole image when its estimated peak fits free memory, else tiles.
-        plan = plan_enhancement(self.net, 1, height, width, tile=self.tile, precision=self.autocast,
-                                device=self.device)
+        plan = self.pipeline.plan(1, height, width)
         tile = plan.tile if plan.tiled else None
         if on_start is not None:
             on_start(f"{name}: {width}x{height}, {_processed_as(tile)}")
         start = time.perf_counter()
-        # batch_size=1 as the enhance CLI's default: one tile at a time keeps the peak memory lowest.
-        result = enhance_image(self.net, image.to_tensor(), overlap=self.overlap, batch_size=1,
-                               precision=self.autocast, plan=plan)
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
+        result = self.pipeline.enhance([image], plan)[0]  # on the CPU: the device's work is finished
         seconds = time.perf_counter() - start
 
         stem = Path(name).stem
         output = out_dir / f"{stem}_enhanced{suffix}"
-        write_image(output, result, bit_depth=image.bit_depth, alpha=image.alpha)
+        self.pipeline.write(output, image, result)
         before, after = out_dir / f"{stem}_before.png", out_dir / f"{stem}_after.png"
         scaled = _write_preview(before, image.rgb)
         _write_preview(after, result.permute(1, 2, 0).numpy())
@@ -266,17 +265,90 @@ def import_gradio() -> Any:
     return gradio
 
 
-def _remove_stale_requests(work_dir: Path) -> None:
-    now = time.time()
-    for folder in work_dir.iterdir():
-        try:
-            if folder.is_dir() and now - folder.stat().st_mtime > STALE_REQUEST_SECONDS:
-                shutil.rmtree(folder, ignore_errors=True)
-        except OSError:  # removed concurrently
-            pass
+class WorkFolder:
+    """Where the page's results wait to be downloaded: a folder per request, bounded in size and file count.
+
+    A session's results are deleted once superseded (its next request succeeded: the page shows only the new
+    ones) and when the session ends (its page was closed); whenever the request folders together hold more
+    than `max_bytes` or `max_files`, the oldest are deleted first, except the newest request's own. Gradio
+    serves the files from here when the folder is inside its upload folder (it copies files from anywhere
+    else into its cache, where they would stay for a day).
+    """
+
+    def __init__(self, root: Path, max_bytes: int, max_files: int) -> None:
+        self.root = root
+        self.max_bytes, self.max_files = max_bytes, max_files
+        self._by_session: dict[str, Path] = {}
+        self._lock = threading.Lock()  # requests run one at a time, but sessions end concurrently
+
+    def new_request(self) -> Path:
+        return Path(tempfile.mkdtemp(prefix="request-", dir=self.root))
+
+    def finished(self, session: str | None, folder: Path) -> None:
+        """`folder` holds the results now on the session's page: the session's previous ones go, then the bounds."""
+        with self._lock:
+            if session is not None:
+                previous = self._by_session.get(session)
+                self._by_session[session] = folder
+                if previous is not None and previous != folder:
+                    _remove(previous)
+            self._enforce_bounds(keep=folder)
+
+    def discard(self, folder: Path) -> None:
+        """A request that produced nothing to show."""
+        _remove(folder)
+
+    def end_session(self, session: str | None) -> None:
+        with self._lock:
+            folder = self._by_session.pop(session, None) if session is not None else None
+            if folder is not None:
+                _remove(folder)
+
+    def usage(self) -> tuple[int, int]:
+        """(bytes, files) under the work folder now."""
+        sizes = [size for _, folder_sizes in self._requests() for size in folder_sizes]
+        return sum(sizes), len(sizes)
+
+    def _requests(self) -> list[tuple[Path, list[int]]]:
+        """Request folders, oldest first, with the sizes of their files."""
+        found = []
+        for folder in self.root.iterdir():
+            try:
+                sizes = [f.stat().st_size for f in folder.rglob("*") if f.is_file()]
+                found.append((folder.stat().st_mtime, folder, sizes))
+            except OSError:  # removed concurrently
+                continue
+        return [(folder, sizes) for _, folder, sizes in sorted(found, key=lambda item: (item[0], item[1].name))]
+
+    def _enforce_bounds(self, keep: Path) -> None:
+        requests = self._requests()
+        total = sum(sum(sizes) for _, sizes in requests)
+        files = sum(len(sizes) for _, sizes in requests)
+        for folder, sizes in requests:
+            if total <= self.max_bytes and files <= self.max_files:
+                break
+            if folder == keep:
+                continue
+            _remove(folder)
+            total, files = total - sum(sizes), files - len(sizes)
+            for session, held in list(self._by_session.items()):
+                if held == folder:
+                    del self._by_session[session]
+            log.info("work folder over its bounds: deleted the results in %s", folder.name)
 
 
-def build_demo(enhancer: Enhancer, work_dir: Path, *, max_files: int = DEFAULT_MAX_FILES,
+def _remove(folder: Path) -> None:
+    shutil.rmtree(folder, ignore_errors=True)
+
+
+def _injects_request(fn: Callable[..., Any], gr: Any) -> Callable[..., Any]:
+    """Gradio passes the request (its session) to a parameter annotated gr.Request; this module's postponed
+    annotations are strings that it cannot resolve (gradio is imported late), so give it the class itself."""
+    fn.__annotations__["request"] = gr.Request
+    return fn
+
+
+def build_demo(enhancer: Enhancer, work: WorkFolder, *, max_files: int = DEFAULT_MAX_FILES,
                max_queue: int = DEFAULT_MAX_QUEUE) -> Any:
     """The Gradio Blocks of the page, its queue set up (one enhancement at a time on this device)."""
     gr = import_gradio()
@@ -284,15 +356,15 @@ def build_demo(enhancer: Enhancer, work_dir: Path, *, max_files: int = DEFAULT_M
     def failed(message: str) -> Exception:
         return gr.Error(_escape(message), duration=None, print_exception=False)  # stays until closed
 
-    def enhance(files: list[str] | None, progress: Any = gr.Progress()) -> tuple[Any, ...]:  # noqa: B008
+    def enhance(files: list[str] | None, request: gr.Request,
+                progress: Any = gr.Progress()) -> tuple[Any, ...]:  # noqa: B008
         if not files:
             raise failed("Upload one or more images first (PNG, JPEG or TIFF).")
         if len(files) > max_files:
             log.warning("refused a request with %d files (--max-files %d)", len(files), max_files)
             raise failed(f"{len(files)} files at once is more than this server takes ({max_files}, --max-files); "
                          "upload them in smaller groups.")
-        _remove_stale_requests(work_dir)
-        out_dir = Path(tempfile.mkdtemp(prefix="request-", dir=work_dir))
+        out_dir = work.new_request()
         done: list[EnhancedFile] = []
         errors: list[str] = []
         seen: dict[str, int] = {}
@@ -317,7 +389,9 @@ def build_demo(enhancer: Enhancer, work_dir: Path, *, max_files: int = DEFAULT_M
         for message in errors:
             log.warning("error: %s", message)
         if not done:
+            work.discard(out_dir)  # the page keeps showing the session's previous results
             raise failed(" / ".join(errors))
+        work.finished(getattr(request, "session_hash", None), out_dir)
         for message in errors:
             gr.Warning(_escape(message))
         for item in done:
@@ -353,11 +427,17 @@ def build_demo(enhancer: Enhancer, work_dir: Path, *, max_files: int = DEFAULT_M
                                         buttons=["fullscreen"])  # no download here: it would be the 8-bit preview
                 report = gr.Markdown(elem_id="report")
         pairs_state = gr.State({})
-        button.click(enhance, inputs=[uploads], outputs=[slider, downloads, report, choice, pairs_state],
-                     api_name="enhance", concurrency_limit=1, concurrency_id=f"enhance-{enhancer.device}",
+        button.click(_injects_request(enhance, gr), inputs=[uploads],
+                     outputs=[slider, downloads, report, choice, pairs_state], api_name="enhance",
+                     concurrency_limit=1, concurrency_id=f"enhance-{enhancer.device}",
                      show_progress="full")
         # Switching the comparison only reads finished files: it skips the enhancement queue.
         choice.change(show, inputs=[choice, pairs_state], outputs=[slider], queue=False, api_name=False)
+
+        def session_ended(request: gr.Request) -> None:
+            work.end_session(getattr(request, "session_hash", None))
+
+        demo.unload(_injects_request(session_ended, gr))
     demo.queue(max_size=max_queue, default_concurrency_limit=1)
     return demo
 
@@ -400,6 +480,12 @@ def build_parser() -> argparse.ArgumentParser:
                              f"(default {DEFAULT_MAX_QUEUE})")
     parser.add_argument("--max-upload-mb", type=int, default=DEFAULT_MAX_UPLOAD_MB,
                         help=f"largest upload per file in MB (default {DEFAULT_MAX_UPLOAD_MB})")
+    parser.add_argument("--max-work-mb", type=int, default=DEFAULT_MAX_WORK_MB,
+                        help="most MB of results kept for download; beyond it the oldest requests' results are "
+                             f"deleted (default {DEFAULT_MAX_WORK_MB})")
+    parser.add_argument("--max-work-files", type=int, default=DEFAULT_MAX_WORK_FILES,
+                        help="most result files kept for download (three per image: the result and its two "
+                             f"previews); beyond it the oldest go (default {DEFAULT_MAX_WORK_FILES})")
     return parser
 
 
@@ -412,7 +498,7 @@ def _parse_args(argv: Sequence[str] | None) -> tuple[argparse.ArgumentParser, ar
         parser.error(f"--tile must be a positive multiple of 16, got {args.tile}")
     if args.tile_overlap < 0 or args.tile_overlap >= (args.tile or DEFAULT_TILE):
         parser.error(f"--tile-overlap must be in [0, tile), got {args.tile_overlap}")
-    for flag in ("max_pixels", "max_files", "max_queue", "max_upload_mb"):
+    for flag in ("max_pixels", "max_files", "max_queue", "max_upload_mb", "max_work_mb", "max_work_files"):
         if getattr(args, flag) < 1:
             parser.error(f"--{flag.replace('_', '-')} must be >= 1, got {getattr(args, flag)}")
     return parser, args
@@ -429,6 +515,29 @@ def exposure_warning(host: str, port: int) -> str | None:
         pass
     return (f"warning: serving on {host}:{port}: anyone who can reach this address can use the page and this "
             "machine's device; the page has no login")
+
+
+def address_problem(host: str, port: int) -> str | None:
+    """Why the page cannot be served on host:port, or None: the host is resolved and the port bound (and let go)
+    here, so that each reason gets its own message before anything says "serving"."""
+    try:
+        family, kind, proto, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0]
+    except (socket.gaierror, UnicodeError) as exc:
+        reason = exc.strerror if isinstance(exc, socket.gaierror) else str(exc)
+        return f"--host {host!r} does not resolve to an address ({reason}); choose another --host"
+    with socket.socket(family, kind, proto) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as the server binds it
+        try:
+            probe.bind(address)
+        except OSError as exc:
+            if exc.errno == errno.EADDRINUSE:
+                return "the port is in use (choose another --port)"
+            if exc.errno == errno.EADDRNOTAVAIL:
+                return f"{host} is not an address of this machine (choose another --host)"
+            if exc.errno == errno.EACCES:
+                return f"binding port {port} needs privileges here (choose a --port above 1023)"
+            return f"{exc.strerror or exc} (choose another --port or --host)"
+    return None
 
 
 def resolve_checkpoint(checkpoint: str | None, runs: str) -> Path:
@@ -454,6 +563,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"error: the web app needs Gradio ({exc}); install it with: pip install 'lfpv_fast[app]'",
               file=sys.stderr)
         return 2
+    problem = address_problem(args.host, args.port)
+    if problem is not None:
+        print(f"error: cannot serve on {args.host}:{args.port}: {problem}", file=sys.stderr)
+        return 2
     try:
         device = resolve_device(args.device)
         check_precision(args.precision, device)
@@ -473,27 +586,39 @@ def main(argv: Sequence[str] | None = None) -> int:
     if warning is not None:
         print(warning, file=sys.stderr)
 
-    work_dir = Path(tempfile.mkdtemp(prefix="lfpv-app-"))
-    # SIGTERM stops the server as Ctrl-C does (Gradio closes on KeyboardInterrupt), so the cleanup below runs.
+    # Inside Gradio's upload folder, so that Gradio serves the results from there instead of copying them.
+    from gradio.utils import get_upload_folder
+
+    upload_folder = Path(get_upload_folder())
+    upload_folder.mkdir(parents=True, exist_ok=True)
+    work = WorkFolder(Path(tempfile.mkdtemp(prefix="lfpv-app-", dir=upload_folder)), args.max_work_mb * 2**20,
+                      args.max_work_files)
+    # SIGTERM stops the server as Ctrl-C does, so the cleanup below runs.
     previous_sigterm = signal.signal(signal.SIGTERM, signal.default_int_handler)
+    demo = None
     try:
-        demo = build_demo(enhancer, work_dir, max_files=args.max_files, max_queue=args.max_queue)
-        print(f"model {enhancer.model_name} on {describe_device(device)} ({enhancer.precision}); serving "
-              f"http://{args.host}:{args.port} (Ctrl-C stops)", file=sys.stderr, flush=True)
+        demo = build_demo(enhancer, work, max_files=args.max_files, max_queue=args.max_queue)
         demo.launch(server_name=args.host, server_port=args.port, share=False, quiet=True, show_error=False,
                     max_file_size=f"{args.max_upload_mb}mb", ssr_mode=False, pwa=False, mcp_server=False,
                     enable_monitoring=False, run_history=False, footer_links=["api"], inbrowser=False,
-                    theme=gr.themes.Default())
+                    theme=gr.themes.Default(), prevent_thread_lock=True)
+        # Only now is the port ours: say so.
+        print(f"model {enhancer.model_name} on {describe_device(device)} ({enhancer.precision}); serving "
+              f"http://{args.host}:{args.port} (Ctrl-C stops)", file=sys.stderr, flush=True)
+        while demo.is_running:
+            time.sleep(0.2)
     except KeyboardInterrupt:
         pass
-    except OSError as exc:  # the port is taken, or the host is not an address of this machine
+    except OSError as exc:  # taken between the check above and the server's own bind
         reason = "the port is in use" if "empty port" in str(exc) else str(exc)
         print(f"error: cannot serve on {args.host}:{args.port}: {reason} (choose another --port or --host)",
               file=sys.stderr)
         return 2
     finally:
         signal.signal(signal.SIGTERM, previous_sigterm)
-        shutil.rmtree(work_dir, ignore_errors=True)
+        if demo is not None:
+            demo.close()
+        shutil.rmtree(work.root, ignore_errors=True)
     return 0
 
 

@@ -34,6 +34,9 @@ def atomic_save(obj: Any, path: str | Path) -> None:
 def read_checkpoint(path: str | Path) -> dict[str, Any]:
     """Load a checkpoint file safely (weights_only=True); a file that is not one is a one-line ValueError."""
     path = Path(path)
+    if path.is_dir():
+        raise ValueError(f"checkpoint {path} is a folder, expected a checkpoint file (.pth), e.g. a run's "
+                         "final_weights.pth")
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint {path} does not exist")
     try:

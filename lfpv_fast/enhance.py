@@ -23,271 +23,57 @@ folder), in the input's format and bit depth: 16-bit PNG/TIFF stay 16-bit.
   overlapping tiles (see `enhance_image`), which changes the result slightly. Each image's choice is
   printed.
 - --precision bf16/fp16 (autocast; on the CPU only where it is faster than fp32) and --compile.
+- Checked before anything is written: the flags, the checkpoint (even when every output exists already)
+  and the header of every image to enhance (supported, within --max-image-size once decoded, at least
+  16x16). Exit status (the tools' convention, lfpv_fast.cli): 2 for an input error (a bad flag, checkpoint
+  or image, also an image found damaged only while decoding: the others are still enhanced), 1 when
+  enhancing or writing failed (out of memory; a full disk stops the run with one error line, the
+  outputs written before it kept), 0 otherwise.
 
-Python API: `enhance_image(net, image, tile=None, overlap=64)`, `plan_enhancement(...)`.
+The Python API (`enhance_image`, `plan_enhancement`, `ImageEnhancer`) is in lfpv_fast.enhancement.
 """
 
 from __future__ import annotations
 
 import argparse
+import errno
 import io
 import os
 import re
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
-from lfpv_fast import reference
 from lfpv_fast.cli import ArgumentParser, fail, resolve_device
+from lfpv_fast.enhancement import (  # noqa: F401  (enhance_image, plan_enhancement, EnhancePlan: the API's old home)
+    DEFAULT_OVERLAP,
+    DEFAULT_TILE,
+    MEMORY_HEADROOM,
+    EnhancePlan,
+    ImageEnhancer,
+    enhance_image,
+    plan_enhancement,
+)
 from lfpv_fast.imageio import (
+    DEFAULT_MAX_DECODED_BYTES,
     IMAGE_EXTENSIONS,
     ImageReadError,
     LoadedImage,
     list_images,
-    read_image,
     to_integer,
     write_bytes_atomic,
-    write_image,
 )
-from lfpv_fast.inference import (
-    PRECISIONS,
-    autocast,
-    available_memory,
-    check_precision,
-    compile_stages,
-    estimate_peak_bytes,
-    prepare_for_inference,
-    whole_image_forward,
-)
-from lfpv_fast.model import LFPVNet
+from lfpv_fast.inference import PRECISIONS, check_precision
 
-DEFAULT_TILE = 1024
-DEFAULT_OVERLAP = 64
-# Share of the free memory that the whole-image path may plan to use (the estimate is not exact, and
-# the allocator and the rest of the process need room too).
-MEMORY_HEADROOM = 0.8
 SIDE_BY_SIDE_SUFFIX = "_side_by_side.png"
 # PNG text key of a side-by-side file: the output (relative to the output folder) it shows.
 SIDE_BY_SIDE_KEY = "lfpv_fast.side_by_side_of"
-
-
-def tile_starts(length: int, tile: int, overlap: int, align: int = 16) -> list[int]:
-    """Start offsets of tiles of size `tile` covering [0, length), neighbours overlapping by >= overlap.
-
-    Starts are multiples of `align` (when `length` and `tile` are), so that every tile sees the same
-    16x16 token grid as the whole image. The last tile ends at `length`. A length <= tile gives [0].
-    """
-    if tile < 1 or overlap < 0 or overlap >= tile:
-        raise ValueError(f"need tile >= 1 and 0 <= overlap < tile, got tile={tile}, overlap={overlap}")
-    if length <= tile:
-        return [0]
-    step = tile - overlap
-    starts = sorted({s // align * align for s in range(0, length - tile, step)} | {length - tile})
-    return starts
-
-
-def _ramp(starts: list[int], index: int, size: int) -> torch.Tensor:
-    """1-D blending weight of tile `index`: linear ramps across its overlaps with the neighbouring tiles.
-
-    Two neighbours' ramps over a shared span add up to one (a linear cross-fade), so no seam shows; the
-    weight is positive everywhere in the tile (half-pixel offsets), so every pixel is covered.
-    """
-    weight = torch.ones(size, dtype=torch.float64)
-    pos = torch.arange(size, dtype=torch.float64)
-    start = starts[index]
-    if index > 0:
-        lead = starts[index - 1] + size - start  # overlap with the previous tile
-        if lead > 0:
-            weight = torch.minimum(weight, (pos + 0.5) / lead)
-    if index + 1 < len(starts):
-        trail = start + size - starts[index + 1]
-        if trail > 0:
-            weight = torch.minimum(weight, (size - pos - 0.5) / trail)
-    return weight
-
-
-def _net_device_dtype(net: torch.nn.Module) -> tuple[torch.device, torch.dtype]:
-    param = next(net.parameters())
-    return param.device, param.dtype
-
-
-def _as_batch(image: np.ndarray | torch.Tensor) -> tuple[torch.Tensor, str]:
-    """The image as a (B,3,H,W) float tensor, and how to give the result back."""
-    if isinstance(image, np.ndarray):
-        if image.ndim != 3 or image.shape[2] != 3:
-            raise ValueError(f"enhance_image expects a numpy image of shape (H,W,3), got {image.shape}")
-        return torch.from_numpy(np.ascontiguousarray(image.transpose(2, 0, 1)))[None].float(), "numpy"
-    if not torch.is_tensor(image):
-        raise TypeError(f"enhance_image expects a torch tensor or numpy array, got {type(image).__name__}")
-    if image.dim() == 3 and image.shape[0] == 3:
-        return image[None], "chw"
-    if image.dim() == 4 and image.shape[1] == 3:
-        return image, "bchw"
-    raise ValueError(f"enhance_image expects a (3,H,W) or (B,3,H,W) tensor, got {tuple(image.shape)}")
-
-
-@dataclass
-class EnhancePlan:
-    """How one batch of images is enhanced: whole (exact) or in tiles, and why."""
-
-    tiled: bool
-    tile: int | None  # tile side when tiled
-    estimated_bytes: int  # estimated peak of the whole-image path
-    budget_bytes: int | None  # memory it had to fit in (None: not considered)
-    reason: str
-
-    def describe(self) -> str:
-        return (f"tiled {self.tile}x{self.tile} ({self.reason})" if self.tiled
-                else f"whole image, untiled ({self.reason})")
-
-
-def _gib(n: int) -> str:
-    return f"{n / 2**30:.1f} GiB"
-
-
-def plan_enhancement(net: LFPVNet, batch: int, height: int, width: int, *, tile: int | None = None,
-                     max_pixels: int | None = None, max_memory: int | None = None,
-                     precision: str = "fp32", device: torch.device | None = None) -> EnhancePlan:
-    """Whole image when its estimated peak memory fits, tiles otherwise (or when asked for).
-
-    tile: always tile (when the image is larger than a tile). max_pixels: tile images with more pixels.
-    max_memory: the budget in bytes; default MEMORY_HEADROOM of the device's free memory now.
-    """
-    device = device or next(net.parameters()).device
-    element = 2 if precision in ("bf16", "fp16") else 4
-    probe = torch.empty(0, device=device)
-    linear = net.ops_for(probe) is not reference
-    estimate = estimate_peak_bytes(net.config, batch, height, width, element, linear_attention=linear).total
-    if tile is not None:
-        if height <= tile and width <= tile:
-            return EnhancePlan(False, None, estimate, None, f"the image fits one {tile}x{tile} tile")
-        return EnhancePlan(True, tile, estimate, None, "--tile")
-    if max_pixels is not None and height * width > max_pixels:
-        return EnhancePlan(True, DEFAULT_TILE, estimate, None, f"{height * width} pixels > --max-pixels {max_pixels}")
-    budget = max_memory if max_memory is not None else int(MEMORY_HEADROOM * available_memory(device))
-    source = "--max-memory" if max_memory is not None else f"free {device.type} memory"
-    if estimate <= budget:
-        return EnhancePlan(False, None, estimate, budget, f"estimated peak {_gib(estimate)} <= {_gib(budget)} "
-                           f"of {source}")
-    if not linear:
-        hint = "; backend 'reference' holds the whole L x L attention, --backend auto does not"
-    else:
-        hint = ""
-    # The largest tile (halving from DEFAULT_TILE) whose own peak fits the budget.
-    side = DEFAULT_TILE
-    while side > 256 and estimate_peak_bytes(net.config, 1, side, side, element, linear).total > budget:
-        side //= 2
-    return EnhancePlan(True, side, estimate, budget, f"the whole image needs an estimated {_gib(estimate)}, "
-                       f"more than {_gib(budget)} of {source}{hint}")
-
-
-def enhance_image(net: LFPVNet, image: np.ndarray | torch.Tensor, tile: int | None = None,
-                  overlap: int = DEFAULT_OVERLAP, *, snr: torch.Tensor | None = None, batch_size: int = 4,
-                  max_pixels: int | None = None, max_memory: int | None = None, precision: str = "fp32",
-                  plan: EnhancePlan | None = None) -> np.ndarray | torch.Tensor:
-    """Enhance RGB image(s) in [0, 1]; returns the result clamped to [0, 1] in the input's layout.
-
-    image: (3,H,W) or (B,3,H,W) tensor, or an (H,W,3) numpy array; H, W >= 16. The model runs on its
-    own device and dtype (the net is put in eval mode for the call); a tensor result is returned on the
-    input's device.
-    snr: the SNR map (B,1,H,W); default `net.snr_mask(image)`, computed from the whole image.
-    Whole image or tiles: as `plan_enhancement(net, ..., tile, max_pixels, max_memory)` decides (or
-    `plan`): the whole image, exactly `net(x, snr)` in bounded memory (`whole_image_forward`), when it
-    fits; else tiles of tile x tile pixels (a multiple of the model's alignment, 16), overlapping
-      by at least `overlap` pixels and cross-faded with linear ramps, run `batch_size` at a time.
-    precision: "fp32", or "bf16"/"fp16" autocast (the result is float32 either way).
-
-    Tiling and the model: the convolutions are local, but the SNR map is normalised by its maximum over
-    the image and the transformer attends across the whole input. So the SNR map is computed once on
-    the whole image and cropped per tile (identical to the untiled one), and the remaining difference
-    from untiled output comes from the transformer's attention seeing only its own tile (plus the
-    convolutions' zero padding within a receptive field of a tile edge, which the cross-fade hides).
-    Images whose sides are not multiples of 16 are reflect-padded to a multiple for tiling instead of
-    being resized as the untiled model does, so every tile is processed at native resolution.
-    """
-    x, layout = _as_batch(image)
-    if not x.is_floating_point():
-        raise TypeError(f"enhance_image expects a float image in [0, 1], got dtype {x.dtype}")
-    b, _, height, width = x.shape
-    align = net.config.align
-    if height < align or width < align:
-        raise ValueError(f"enhance_image needs images of at least {align}x{align} pixels, got {height}x{width}")
-    if batch_size < 1:
-        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-    if tile is not None and (tile < align or tile % align):
-        raise ValueError(f"tile must be a positive multiple of {align}, got {tile}")
-    if precision not in PRECISIONS:
-        raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
-    device, dtype = _net_device_dtype(net)
-    if plan is None:
-        plan = plan_enhancement(net, min(b, batch_size), height, width, tile=tile, max_pixels=max_pixels,
-                                max_memory=max_memory, precision=precision, device=device)
-    tile = plan.tile if plan.tiled else None
-    if tile is not None and not 0 <= overlap < tile:
-        raise ValueError(f"tile overlap must be in [0, tile={tile}), got {overlap}")
-
-    source_device = x.device
-    was_training = net.training
-    net.eval()
-    try:
-        with torch.no_grad(), autocast(precision, device):  # no_grad: callers may use autograd on the result
-            x = x.to(device, dtype)
-            if snr is None:
-                snr = net.snr_mask(x)
-            else:
-                if tuple(snr.shape) != (b, 1, height, width):
-                    raise ValueError(f"snr must have shape {(b, 1, height, width)}, got {tuple(snr.shape)}")
-                snr = snr.to(device, dtype)
-            if tile is None:
-                out = torch.cat([whole_image_forward(net, x[i:i + batch_size], snr[i:i + batch_size]).float()
-                                 for i in range(0, b, batch_size)])
-            else:
-                out = _enhance_tiled(net, x, snr, tile, overlap, batch_size)
-            out = out.clamp_(0.0, 1.0)
-    finally:
-        net.train(was_training)
-
-    if layout == "numpy":
-        return out[0].permute(1, 2, 0).float().cpu().numpy()
-    out = out.to(source_device)
-    return out[0] if layout == "chw" else out
-
-
-def _enhance_tiled(net: LFPVNet, x: torch.Tensor, snr: torch.Tensor, tile: int, overlap: int,
-                   batch_size: int) -> torch.Tensor:
-    b, _, height, width = x.shape
-    align = net.config.align
-    # Pad to a multiple of the alignment so that all tiles are aligned and none needs a resize.
-    pad_h, pad_w = -height % align, -width % align
-    if pad_h or pad_w:
-        x = F.pad(x, (0, pad_w, 0, pad_h), mode="reflect")
-        snr = F.pad(snr, (0, pad_w, 0, pad_h), mode="reflect")
-    hp, wp = height + pad_h, width + pad_w
-    th, tw = min(tile, hp), min(tile, wp)
-    ys, xs = tile_starts(hp, th, overlap, align), tile_starts(wp, tw, overlap, align)
-    wy = [_ramp(ys, i, th) for i in range(len(ys))]
-    wx = [_ramp(xs, j, tw) for j in range(len(xs))]
-    tiles = [(i, j) for i in range(len(ys)) for j in range(len(xs))]
-
-    acc = torch.zeros_like(x, dtype=torch.float32)
-    weight_sum = torch.zeros((1, 1, hp, wp), dtype=torch.float32, device=x.device)
-    for i, j in tiles:
-        weight_sum[..., ys[i]:ys[i] + th, xs[j]:xs[j] + tw] += (wy[i][:, None] * wx[j][None, :]).to(x)
-    for image in range(b):
-        for first in range(0, len(tiles), batch_size):
-            chunk = tiles[first:first + batch_size]
-            crops = torch.stack([x[image, :, ys[i]:ys[i] + th, xs[j]:xs[j] + tw] for i, j in chunk])
-            masks = torch.stack([snr[image, :, ys[i]:ys[i] + th, xs[j]:xs[j] + tw] for i, j in chunk])
-            out = whole_image_forward(net, crops, masks).float()
-            for (i, j), result in zip(chunk, out, strict=True):
-                weight = (wy[i][:, None] * wx[j][None, :]).to(result)
-                acc[image, :, ys[i]:ys[i] + th, xs[j]:xs[j] + tw] += result * weight
-    return (acc / weight_sum)[..., :height, :width]
+# Errors of a write that no later write in the same folder can avoid: the run stops there.
+_DISK_FULL = (errno.ENOSPC, errno.EDQUOT)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -315,7 +101,11 @@ def build_parser() -> ArgumentParser:
     parser.add_argument("--max-pixels", type=int, default=None, help="tile images with more pixels than this")
     parser.add_argument("--max-memory", type=parse_size, default=None, metavar="SIZE",
                         help="memory the whole-image path may use, e.g. 6G or 512M (default: "
-                        f"{MEMORY_HEADROOM:.0%} of the device's free memory); larger images are tiled")
+                        f"{MEMORY_HEADROOM:.0%}% of the device's free memory); larger images are tiled")
+    parser.add_argument("--max-image-size", type=parse_size, default=DEFAULT_MAX_DECODED_BYTES, metavar="SIZE",
+                        help="largest image accepted, as its decoded size (width x height x samples x bytes per "
+                        f"sample), checked from the file's header before decoding (default: "
+                        f"{DEFAULT_MAX_DECODED_BYTES // 2**30}G)")
     parser.add_argument("--precision", default="fp32", choices=tuple(PRECISIONS),
                         help="bf16/fp16 autocast: on CUDA; on a CPU only where faster than fp32 (else refused)")
     parser.add_argument("--compile", action="store_true", help="torch.compile the model (first images are slow)")
@@ -350,8 +140,18 @@ def parse_size(text: str) -> int:
     return int(float(match.group(1)) * 1024 ** " KMGT".index(match.group(2).upper() or " "))
 
 
-def _plan(args: argparse.Namespace) -> list[tuple[Path, Path, Path | None]]:
-    """(input, output, side-by-side output or None) per image, after every safety check."""
+@dataclass
+class Job:
+    """One input image and the files it is enhanced into (None: not to be written)."""
+
+    input: Path
+    output: Path | None
+    side: Path | None  # the side-by-side file
+    side_owner: str  # what the side-by-side file records: the output's path relative to the output folder
+
+
+def plan_outputs(args: argparse.Namespace) -> list[Job]:
+    """A Job per input image, after every safety check (ValueError or FileNotFoundError saying what is wrong)."""
     out_dir = Path(args.output)
     if out_dir.exists() and not out_dir.is_dir():
         raise ValueError(f"output {out_dir} exists and is not a folder")
@@ -375,7 +175,7 @@ def _plan(args: argparse.Namespace) -> list[tuple[Path, Path, Path | None]]:
     inputs = {resolved: path for resolved, (path, _) in unique.items()}
     # Also compare file identities: a hard link or a differently spelled path to an input is the input.
     identities = {(st.st_dev, st.st_ino): path for path in inputs.values() for st in [os.stat(path)]}
-    plan: list[tuple[Path, Path, Path | None]] = []
+    jobs: list[Job] = []
     claimed: dict[Path, Path] = {}
     for path, relative in images:
         output = out_dir / relative
@@ -400,8 +200,8 @@ def _plan(args: argparse.Namespace) -> list[tuple[Path, Path, Path | None]]:
             raise ValueError(f"{path} would write its side-by-side to {side}, which holds the side-by-side of "
                              f"{owner} from an earlier call; enhance them into different output folders (or pass "
                              "--overwrite to replace it)")
-        plan.append((path, output, side))
-    return plan
+        jobs.append(Job(path, output, side, relative.as_posix()))
+    return jobs
 
 
 def _side_by_side(image: LoadedImage, enhanced: torch.Tensor) -> np.ndarray:
@@ -433,6 +233,109 @@ def side_by_side_owner(path: Path) -> str | None:
         return None
 
 
+def _still_to_write(jobs: list[Job], overwrite: bool, note: Callable[[str], None]) -> list[Job]:
+    """The jobs with a file left to write: existing outputs are kept (and skipped) unless --overwrite."""
+    todo = []
+    for job in jobs:
+        keep = [t for t in (job.output, job.side) if t is not None and t.exists() and not overwrite]
+        if keep and len(keep) == (1 if job.side is None else 2):
+            note(f"skip {job.input}: {job.output} exists (--overwrite replaces it)")
+            continue
+        todo.append(Job(job.input, None if job.output in keep else job.output,
+                        None if job.side in keep else job.side, job.side_owner))
+    return todo
+
+
+class DiskFullError(OSError):
+    """A write failed for want of space: later writes would fail too, so the run stops."""
+
+
+@dataclass
+class Tally:
+    done: int = 0
+    unreadable: int = 0  # input errors found while decoding
+    failed: int = 0  # enhancement or writing failed
+
+    def exit_status(self) -> int:
+        """The tools' convention: 2 for an input error, 1 for a failure during the work, else 0."""
+        return 2 if self.unreadable else 1 if self.failed else 0
+
+
+def _error(message: str) -> None:
+    print(f"error: {message}", file=sys.stderr)
+
+
+def _enhance_batch(enhancer: ImageEnhancer, batch: list[tuple[LoadedImage, Job]], plan: EnhancePlan,
+                   tally: Tally, note: Callable[[str], None]) -> None:
+    """Enhance images of one size as planned and write their files; failures are reported and counted."""
+    if not batch:
+        return
+    height, width = batch[0][0].size
+    note(f"{', '.join(str(image.path) for image, _ in batch)} ({height}x{width}): {plan.describe()}")
+    try:
+        results = enhancer.enhance([image for image, _ in batch], plan)
+    except (RuntimeError, ValueError) as exc:  # e.g. out of memory: report, go on with the next images
+        for image, _ in batch:
+            _error(f"{image.path}: enhancement failed ({height}x{width}): {exc}")
+        tally.failed += len(batch)
+        return
+    for (image, job), result in zip(batch, results, strict=True):
+        target = job.output
+        try:
+            if job.output is not None:
+                enhancer.write(job.output, image, result)
+            if job.side is not None:
+                target = job.side
+                write_side_by_side(job.side, _side_by_side(image, result), job.side_owner)
+        except OSError as exc:
+            if exc.errno in _DISK_FULL:
+                raise DiskFullError(exc.errno, f"{target}: could not write the result: {exc.strerror} (the run "
+                                    f"stopped; {tally.done} image(s) written before are complete; free some space "
+                                    "and run again: existing outputs are skipped)") from exc
+            _error(f"{image.path}: could not write the result: {exc}")
+            tally.failed += 1
+            continue
+        except ValueError as exc:
+            _error(f"{image.path}: could not write the result: {exc}")
+            tally.failed += 1
+            continue
+        tally.done += 1
+
+
+def _enhance_all(enhancer: ImageEnhancer, todo: list[Job], quiet: bool, note: Callable[[str], None]) -> Tally:
+    """Read each image, gather images of one size into batches of --batch-size, enhance and write them.
+
+    Each image is planned once, with the batch it joins: a tiled image runs alone (its tiles fill the batch).
+    """
+    from tqdm import tqdm
+
+    tally = Tally()
+    batch: list[tuple[LoadedImage, Job]] = []
+    plan: EnhancePlan | None = None
+    for job in tqdm(todo, desc="enhance", unit="img", disable=quiet or None):
+        try:
+            image = enhancer.read(job.input)
+        except (ImageReadError, FileNotFoundError) as exc:  # damaged past its header, or gone since the check
+            _error(str(exc))
+            tally.unreadable += 1
+            continue
+        if image.source_mode.startswith("gray"):
+            note(f"note: {job.input} is grayscale: enhanced as RGB (channel replicated), written as RGB")
+        if image.alpha is not None:
+            note(f"note: {job.input} has an alpha channel: kept unchanged in the output")
+        if batch and (batch[0][0].size != image.size or len(batch) >= enhancer.batch_size):
+            _enhance_batch(enhancer, batch, plan, tally, note)
+            batch = []
+        batch.append((image, job))
+        plan = enhancer.plan(len(batch), *image.size)
+        if plan.tiled:
+            _enhance_batch(enhancer, batch, plan, tally, note)
+            batch = []
+    if batch:
+        _enhance_batch(enhancer, batch, plan, tally, note)
+    return tally
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     from tqdm import tqdm
 
@@ -442,7 +345,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         device = resolve_device(args.device)
         check_precision(args.precision, device)
-        plan = _plan(args)
+        jobs = plan_outputs(args)
     except (ValueError, FileNotFoundError) as exc:
         parser.error(str(exc))  # exits with status 2
 
@@ -450,93 +353,40 @@ def main(argv: Sequence[str] | None = None) -> int:
         if not args.quiet:
             tqdm.write(message, file=sys.stderr)
 
-    # Per image, the files still to write: existing ones are kept unless --overwrite.
-    todo: list[tuple[Path, Path | None, Path | None]] = []
-    skipped = 0
-    out_dir = Path(args.output)
-    side_owner = {side: output.relative_to(out_dir).as_posix() for _, output, side in plan if side is not None}
-    for path, output, side in plan:
-        keep = [t for t in (output, side) if t is not None and t.exists() and not args.overwrite]
-        if keep and len(keep) == (1 if side is None else 2):
-            note(f"skip {path}: {output} exists (--overwrite replaces it)")
-            skipped += 1
-            continue
-        todo.append((path, None if output in keep else output, None if side in keep else side))
-    if not todo:
-        note(f"nothing to do: {skipped} outputs already exist in {args.output}")
-        return 0
-
+    # The checkpoint before anything else: a bad one is an error even when every output exists already.
     try:
         net = load_model(args.checkpoint, backend=args.backend)
     except (ValueError, FileNotFoundError) as exc:
         return fail(str(exc))
-    prepare_for_inference(net.to(device), device)
-    if args.compile:
-        compile_stages(net)
+    enhancer = ImageEnhancer(net, device, tile=args.tile, overlap=args.tile_overlap, batch_size=args.batch_size,
+                             max_pixels=args.max_pixels, max_memory=args.max_memory, precision=args.precision,
+                             compile=args.compile, max_decoded_bytes=args.max_image_size)
 
-    failed = 0
-    done = 0
-    pending: list[tuple[LoadedImage, Path | None, Path | None]] = []
-
-    def flush() -> None:
-        nonlocal done, failed
-        if not pending:
-            return
-        batch = torch.stack([img.to_tensor() for img, _, _ in pending])
-        height, width = batch.shape[-2:]
-        how = plan_enhancement(net, len(pending), height, width, tile=args.tile, max_pixels=args.max_pixels,
-                               max_memory=args.max_memory, precision=args.precision, device=device)
-        note(f"{', '.join(str(img.path) for img, _, _ in pending)} ({height}x{width}): {how.describe()}")
+    todo = _still_to_write(jobs, args.overwrite, note)
+    if not todo:
+        note(f"nothing to do: {len(jobs)} outputs already exist in {args.output}")
+        return 0
+    # Every image's header before anything is written: a file that is not a supported image, too large to
+    # decode or too small is an input error (one line each), and nothing is enhanced.
+    problems = []
+    for job in todo:
         try:
-            results = enhance_image(net, batch, overlap=args.tile_overlap, batch_size=args.batch_size,
-                                    precision=args.precision, plan=how).cpu()
-        except (RuntimeError, ValueError) as exc:  # e.g. out of memory: report, go on with the next images
-            for img, _, _ in pending:
-                print(f"error: {img.path}: enhancement failed ({height}x{width}): {exc}", file=sys.stderr)
-            failed += len(pending)
-            pending.clear()
-            return
-        for (img, output, side), result in zip(pending, results, strict=True):
-            try:
-                if output is not None:
-                    write_image(output, result, bit_depth=img.bit_depth, alpha=img.alpha)
-                if side is not None:
-                    write_side_by_side(side, _side_by_side(img, result), side_owner[side])
-            except (OSError, ValueError) as exc:
-                print(f"error: {img.path}: could not write the result: {exc}", file=sys.stderr)
-                failed += 1
-                continue
-            done += 1
-        pending.clear()
-
-    for path, output, side in tqdm(todo, desc="enhance", unit="img", disable=args.quiet or None):
-        try:
-            image = read_image(path)
+            enhancer.check(job.input)
         except (ImageReadError, FileNotFoundError) as exc:
-            print(f"error: {exc}", file=sys.stderr)
-            failed += 1
-            continue
-        height, width = image.size
-        if min(height, width) < net.config.align:
-            print(f"error: {path}: {height}x{width} is smaller than the model's minimum "
-                  f"{net.config.align}x{net.config.align}", file=sys.stderr)
-            failed += 1
-            continue
-        if image.source_mode.startswith("gray"):
-            note(f"note: {path} is grayscale: enhanced as RGB (channel replicated), written as RGB")
-        if image.alpha is not None:
-            note(f"note: {path} has an alpha channel: kept unchanged in the output")
-        if pending and (pending[0][0].size != image.size or len(pending) >= args.batch_size):
-            flush()
-        pending.append((image, output, side))
-        tiled = plan_enhancement(net, len(pending), height, width, tile=args.tile, max_pixels=args.max_pixels,
-                                 max_memory=args.max_memory, precision=args.precision, device=device).tiled
-        if tiled:  # a tiled image fills the batch with its own tiles
-            flush()
-    flush()
+            problems.append(str(exc))
+    if problems:
+        for message in problems:
+            _error(message)
+        return 2
 
-    note(f"enhanced {done}, skipped {skipped}, failed {failed}; outputs in {args.output}")
-    return 1 if failed else 0
+    try:
+        tally = _enhance_all(enhancer, todo, args.quiet, note)
+    except DiskFullError as exc:
+        _error(exc.strerror)
+        return 1
+    note(f"enhanced {tally.done}, skipped {len(jobs) - len(todo)}, failed {tally.failed + tally.unreadable}; "
+         f"outputs in {args.output}")
+    return tally.exit_status()
 
 
 if __name__ == "__main__":

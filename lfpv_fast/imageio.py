@@ -9,6 +9,13 @@ Choices (documented for users in `python -m lfpv_fast.enhance --help`):
 - JPEG EXIF orientation is applied on reading (the image is processed as viewers show it), since the
   written output carries no EXIF tag that would rotate it back.
 
+Decoded size. Every read first parses the file's header and bounds the bytes that decoding would allocate
+(height x width x samples per pixel x bytes per sample x depth of a volumetric TIFF), so that a small file
+declaring a huge image (a decompression bomb: a 1 MB zlib TIFF can declare 1000x1000 pixels of 1000
+samples) is refused before any pixel is decoded: `read_image_info` is that one check, and `read_pixels`,
+`read_image`, the data readers' header scan and the app all go through it. Only the first page of a
+multi-page TIFF (and the first frame of an APNG or MPO) is decoded, so later pages cost nothing.
+
 Backends: Pillow for 8-bit PNG and JPEG; tifffile for TIFF; imagecodecs for 16-bit PNG, which
 Pillow reads only as 8-bit RGB (it truncates "RGB;16" to 8 bits) and cannot write at all.
 """
@@ -30,10 +37,45 @@ JPEG_EXTENSIONS = (".jpg", ".jpeg")
 TIFF_EXTENSIONS = (".tif", ".tiff")
 IMAGE_EXTENSIONS = PNG_EXTENSIONS + JPEG_EXTENSIONS + TIFF_EXTENSIONS
 _PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+# Largest decoded image read by default: 2 GiB holds a 16-bit RGBA image of 268 MP or an 8-bit RGB one of 715 MP
+# (the float32 RGB copy that enhancement works on is 12 bytes a pixel on top).
+DEFAULT_MAX_DECODED_BYTES = 2 * 2**30
+# PNG colour type -> samples per pixel as decoded (a palette is expanded to RGB or RGBA: counted as 4).
+_PNG_SAMPLES = {0: 1, 2: 3, 3: 4, 4: 2, 6: 4}
 
 
 class ImageReadError(ValueError):
     """A file that could not be read as a supported image (the message names the file)."""
+
+
+class ImageTooLargeError(ImageReadError):
+    """An image whose decoded pixels would exceed the allowed size (found from its header, before decoding)."""
+
+
+@dataclass(frozen=True)
+class ImageInfo:
+    """What decoding a file would produce, read from its header: the size after EXIF orientation, and the
+    samples per pixel and bytes per sample that the decoder allocates (depth: planes of a volumetric TIFF)."""
+
+    height: int
+    width: int
+    samples: int
+    bytes_per_sample: int
+    depth: int = 1
+
+    @property
+    def size(self) -> tuple[int, int]:
+        """(height, width)."""
+        return self.height, self.width
+
+    @property
+    def decoded_bytes(self) -> int:
+        return self.depth * self.height * self.width * self.samples * self.bytes_per_sample
+
+    def describe(self) -> str:
+        planes = f" x {self.depth} planes" if self.depth != 1 else ""
+        return (f"{self.width}x{self.height} pixels{planes} x {self.samples} samples x "
+                f"{8 * self.bytes_per_sample} bit")
 
 
 @dataclass
@@ -147,16 +189,11 @@ def _read_png16(path: Path, data: bytes) -> np.ndarray:
 
 
 def _read_tiff(path: Path) -> np.ndarray:
+    """The first page's samples; its layout was checked from the header by `_tiff_info`."""
     import tifffile
 
     with tifffile.TiffFile(path) as tif:
-        if not tif.pages:
-            raise ImageReadError(f"{path}: TIFF file holds no image")
         page = tif.pages[0]  # multi-page TIFFs: the first page is the image (later ones are often thumbnails)
-        photometric = page.photometric.name if page.photometric is not None else "?"
-        if photometric not in ("MINISBLACK", "RGB"):
-            raise ImageReadError(f"{path}: unsupported TIFF photometric interpretation {photometric} "
-                                 "(expected MINISBLACK grayscale or RGB)")
         array = page.asarray()
         axes = page.axes
     if axes.startswith("S") and array.ndim == 3:  # planar configuration: samples first
@@ -164,10 +201,12 @@ def _read_tiff(path: Path) -> np.ndarray:
     return array
 
 
-def read_image(path: str | Path) -> LoadedImage:
-    """Read a PNG, JPEG or TIFF file (8 or 16 bit, gray/RGB, optional alpha) for enhancement."""
+def read_image(path: str | Path, max_decoded_bytes: int | None = DEFAULT_MAX_DECODED_BYTES) -> LoadedImage:
+    """Read a PNG, JPEG or TIFF file (8 or 16 bit, gray/RGB, optional alpha) for enhancement.
+
+    max_decoded_bytes: the bound checked from the header before decoding (see `read_image_info`)."""
     path = Path(path)
-    color, alpha, bit_depth, mode = read_pixels(path)
+    color, alpha, bit_depth, mode = read_pixels(path, max_decoded_bytes)
     rgb = color.astype(np.float32) / np.float32(255.0 if bit_depth == 8 else 65535.0)
     return LoadedImage(path=path, rgb=rgb, bit_depth=bit_depth, alpha=None if alpha is None else alpha.copy(),
                        source_mode=mode)
@@ -185,10 +224,15 @@ def _checked_image_path(path: str | Path) -> tuple[Path, str]:
     return path, suffix
 
 
-def read_pixels(path: str | Path) -> tuple[np.ndarray, np.ndarray | None, int, str]:
+def read_pixels(path: str | Path, max_decoded_bytes: int | None = DEFAULT_MAX_DECODED_BYTES
+                ) -> tuple[np.ndarray, np.ndarray | None, int, str]:
     """A PNG, JPEG or TIFF file's samples as stored: (H x W x 3 colour, H x W alpha or None, bit depth 8 or 16,
-    source mode), uint8 or uint16, gray replicated to RGB, EXIF orientation applied (see the module docstring)."""
-    path, suffix = _checked_image_path(path)
+    source mode), uint8 or uint16, gray replicated to RGB, EXIF orientation applied (see the module docstring).
+
+    The header is checked first (`read_image_info`): an image over `max_decoded_bytes` is refused undecoded."""
+    read_image_info(path, max_decoded_bytes)
+    path = Path(path)
+    suffix = path.suffix.lower()
     try:
         if suffix in TIFF_EXTENSIONS:
             array = _read_tiff(path)
@@ -300,32 +344,90 @@ def _convert_depth(values: np.ndarray, dtype: np.dtype) -> np.ndarray:
 
 
 def read_image_size(path: str | Path) -> tuple[int, int]:
-    """(height, width) as stored in the file's header, without decoding the pixels.
+    """(height, width) as stored in the file's header, without decoding the pixels (no size bound)."""
+    return read_image_info(path, max_decoded_bytes=None).size
 
-    For checking a size limit before `read_image` allocates the image: a small file can declare a
-    huge image (a decompression bomb). Pillow's own bomb limit applies to PNG and JPEG here too.
+
+def read_image_info(path: str | Path, max_decoded_bytes: int | None = DEFAULT_MAX_DECODED_BYTES) -> ImageInfo:
+    """What decoding the file would allocate, from its header alone; the one check before any decoding.
+
+    ImageTooLargeError when `ImageInfo.decoded_bytes` exceeds `max_decoded_bytes` (None: no bound);
+    ImageReadError for a header that cannot be read or a layout that the readers do not support (TIFF:
+    photometric, samples per pixel, sample type, volumetric depth), so that such a file is never decoded.
+    Pillow's own decompression-bomb limit applies to the JPEG header (and to decoding 8-bit PNG) as well.
     """
     path, suffix = _checked_image_path(path)
     try:
         if suffix in TIFF_EXTENSIONS:
-            import tifffile
-
-            with tifffile.TiffFile(path) as tif:
-                if not tif.pages:
-                    raise ImageReadError(f"{path}: TIFF file holds no image")
-                page = tif.pages[0]
-                return int(page.imagelength), int(page.imagewidth)
+            return _tiff_info(path, max_decoded_bytes)
         if suffix in PNG_EXTENSIONS:
             with open(path, "rb") as f:
                 header = f.read(26)
             _png_header(header)  # checks the signature and the IHDR chunk
-            width, height = struct.unpack(">II", header[16:24])
-            return height, width
-        from PIL import Image
-
-        with Image.open(path) as im:
-            return im.height, im.width
+            width, height, bit_depth, color_type = struct.unpack(">IIBB", header[16:26])
+            if color_type not in _PNG_SAMPLES:
+                raise ImageReadError(f"{path}: invalid PNG colour type {color_type}")
+            info = ImageInfo(height, width, _PNG_SAMPLES[color_type], 2 if bit_depth == 16 else 1)
+        else:
+            info = _pillow_info(path)
     except (ImageReadError, FileNotFoundError):
         raise
     except Exception as exc:  # not an image, a truncated header, or over Pillow's decompression-bomb limit
         raise ImageReadError(f"{path}: could not read image: {exc}") from exc
+    _check_decoded_size(path, info, max_decoded_bytes)
+    return info
+
+
+def _check_decoded_size(path: Path, info: ImageInfo, max_decoded_bytes: int | None) -> None:
+    if info.height < 1 or info.width < 1:
+        raise ImageReadError(f"{path}: empty image ({info.width}x{info.height})")
+    if max_decoded_bytes is not None and info.decoded_bytes > max_decoded_bytes:
+        raise ImageTooLargeError(f"{path}: {info.describe()} would decode to {_mib(info.decoded_bytes)}, more than "
+                                 f"the {_mib(max_decoded_bytes)} allowed; refused before decoding")
+
+
+def _mib(n: int) -> str:
+    return f"{n / 2**30:.2f} GiB" if n >= 2**30 else f"{n / 2**20:.1f} MiB"
+
+
+def _pillow_info(path: Path) -> ImageInfo:
+    from PIL import Image
+
+    with Image.open(path) as im:  # reads the header only
+        mode = im.mode
+        if mode.startswith("I;16"):
+            bytes_per_sample = 2
+        elif mode in ("I", "F"):
+            bytes_per_sample = 4
+        else:
+            bytes_per_sample = 1
+        # "1" decodes to L, "P"/"PA" are expanded to RGB(A) and CMYK/YCbCr are converted to RGB: count the larger.
+        samples = 4 if mode in ("P", "PA", "CMYK") else len(im.getbands())
+        return ImageInfo(im.height, im.width, samples, bytes_per_sample)
+
+
+def _tiff_info(path: Path, max_decoded_bytes: int | None) -> ImageInfo:
+    """The first page's decoded size, bounded, then its layout checked (so an unsupported one is never decoded)."""
+    import tifffile
+
+    with tifffile.TiffFile(path) as tif:
+        if not tif.pages:
+            raise ImageReadError(f"{path}: TIFF file holds no image")
+        page = tif.pages[0]
+        info = ImageInfo(int(page.imagelength), int(page.imagewidth), int(page.samplesperpixel),
+                         max(1, -(-int(page.bitspersample) // 8)), int(page.imagedepth))
+        _check_decoded_size(path, info, max_decoded_bytes)
+        photometric = page.photometric.name if page.photometric is not None else "?"
+        if photometric not in ("MINISBLACK", "RGB"):
+            raise ImageReadError(f"{path}: unsupported TIFF photometric interpretation {photometric} "
+                                 "(expected MINISBLACK grayscale or RGB)")
+        if info.depth != 1:
+            raise ImageReadError(f"{path}: a volumetric TIFF ({info.depth} planes) is not a supported image "
+                                 "(expected one 2-D image)")
+        if not 1 <= info.samples <= 4:
+            raise ImageReadError(f"{path}: {info.samples} samples per pixel is not a supported image layout "
+                                 "(expected 1 to 4: gray, gray+alpha, RGB or RGBA)")
+        if page.dtype not in (np.uint8, np.uint16):
+            raise ImageReadError(f"{path}: unsupported sample type {page.dtype} (expected 8- or 16-bit unsigned "
+                                 "integers)")
+    return info

@@ -205,11 +205,61 @@ def test_port_in_use_is_a_clear_error(tmp_path: Path, capsys: pytest.CaptureFixt
         taken.listen()
         port = taken.getsockname()[1]
         assert app_mod.main(["--checkpoint", str(checkpoint), "--port", str(port), "--device", "cpu"]) == 2
-    assert f"error: cannot serve on 127.0.0.1:{port}: the port is in use" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert f"error: cannot serve on 127.0.0.1:{port}: the port is in use" in err
+    assert "serving" not in err  # said only once the port is ours
+    assert len(err.strip().splitlines()) == 1, err
+
+
+@pytest.mark.parametrize("host, reason", [("no-such-host.invalid", "does not resolve to an address"),
+                                          ("192.0.2.1", "192.0.2.1 is not an address of this machine")])
+def test_a_bad_host_is_not_called_a_port_in_use(tmp_path: Path, capsys: pytest.CaptureFixture[str], host: str,
+                                                reason: str) -> None:
+    checkpoint = write_tiny_checkpoint(tmp_path / "final_weights.pth")
+    assert app_mod.main(["--checkpoint", str(checkpoint), "--host", host, "--device", "cpu"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: cannot serve on {host}:7860: ") and reason in err, err
+    assert "port is in use" not in err and "serving" not in err and len(err.strip().splitlines()) == 1, err
+
+
+def test_a_folder_as_checkpoint_is_named_as_a_folder(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    with socket.socket() as probe:  # a free port, so that the address check passes
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    assert app_mod.main(["--checkpoint", str(tmp_path), "--device", "cpu", "--port", str(port)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: checkpoint {tmp_path} is a folder, expected a checkpoint file (.pth)"), err
+
+
+def test_work_folder_keeps_a_sessions_latest_results_within_bounds(tmp_path: Path) -> None:
+    work = app_mod.WorkFolder(tmp_path, max_bytes=10_000, max_files=6)
+
+    def request(session: str, files: int, size: int = 100) -> Path:
+        folder = work.new_request()
+        for k in range(files):
+            (folder / f"{k}.png").write_bytes(b"x" * size)
+        work.finished(session, folder)
+        return folder
+
+    a1 = request("a", 2)
+    b1 = request("b", 2)
+    a2 = request("a", 2)  # supersedes a1
+    assert not a1.exists() and b1.exists() and a2.exists()
+    assert work.usage() == (400, 4)
+    work.end_session("b")  # the page was closed
+    assert not b1.exists() and a2.exists()
+    c1 = request("c", 3)
+    d1 = request("d", 3)  # 8 files > 6: the oldest (a2) goes, which is enough
+    assert not a2.exists() and c1.exists() and d1.exists() and work.usage() == (600, 6)
+    e1 = request("e", 1, size=20_000)  # over the byte bound alone: kept (it is what the page shows), d1 goes
+    assert e1.exists() and not d1.exists() and work.usage() == (20_000, 1)
+    failed = work.new_request()
+    work.discard(failed)
+    assert not failed.exists() and sorted(p.name for p in tmp_path.iterdir()) == [e1.name]
 
 
 def test_one_enhancement_at_a_time(enhancer: app_mod.Enhancer, tmp_path: Path) -> None:
-    demo = app_mod.build_demo(enhancer, tmp_path, max_queue=5)
+    demo = app_mod.build_demo(enhancer, app_mod.WorkFolder(tmp_path, 2**20, 10), max_queue=5)
     (enhance_fn,) = [fn for fn in demo.fns.values() if fn.api_name == "enhance"]
     assert enhance_fn.concurrency_limit == 1 and enhance_fn.queue
     assert demo._queue.max_size == 5 and not demo.analytics_enabled
@@ -291,6 +341,18 @@ def test_served_app_bad_inputs_get_messages_and_it_keeps_serving(client, server:
     log = server.log_text()
     assert "Traceback" not in log, log
     assert "error: bomb.png: 30000x30000 pixels" in log
+
+
+def test_served_app_deletes_a_sessions_superseded_results(server: AppServer, tmp_path: Path) -> None:
+    """The results live once on disk (not copied into Gradio's cache) and only the session's latest are kept."""
+    from gradio_client import Client, handle_file
+
+    client = Client(server.url, verbose=False)
+    for k in range(3):
+        client.predict([handle_file(write_png8(tmp_path / f"request{k}.png", seed=10 + k))], api_name="/enhance")
+    app_files = server.log.parent / "gradio"  # the server's GRADIO_TEMP_DIR: Gradio's cache and the work folder
+    held = sorted(p.name for p in app_files.rglob("request*_*.png"))
+    assert held == ["request2_after.png", "request2_before.png", "request2_enhanced.png"], held
 
 
 def test_served_app_queues_one_at_a_time_and_turns_away_the_rest(server: AppServer, tmp_path: Path) -> None:

@@ -169,3 +169,19 @@ def test_evaluate_bad_device_name_is_a_usage_error(tiny_checkpoint, tmp_path, ca
     code, err = run(evaluate_cli.main, ["-c", "demo", "--checkpoint", tiny_checkpoint, "--device", "gpu0",
                                         "--set", f"data.demo_root={tmp_path}"], capsys)
     assert_one_line_error(code, err, "--device", "gpu0")
+
+
+# ---------------------------------------------------------------------------------------------
+# --help of every tool (enhance's once crashed: a literal '%' in a help string)
+
+
+@pytest.mark.parametrize("tool", ["train", "evaluate", "enhance", "prepare", "app"])
+def test_every_tool_prints_its_help(tool):
+    import subprocess
+    import sys
+
+    result = subprocess.run([sys.executable, "-m", f"lfpv_fast.{tool}", "--help"], capture_output=True, text=True,
+                            timeout=300)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.startswith(f"usage: python -m lfpv_fast.{tool}"), result.stdout[:200]
+    assert "--help" in result.stdout and not result.stderr.strip(), result.stderr

@@ -13,11 +13,12 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-import lfpv_fast.enhance as enhance_mod
+import lfpv_fast.enhancement as enhancement_mod
 from golden import original_keys
 from lfpv_fast import LFPVNet, ModelConfig
 from lfpv_fast.checkpoint import atomic_save, load_model, weights_only_checkpoint
-from lfpv_fast.enhance import SIDE_BY_SIDE_SUFFIX, _ramp, enhance_image, main, tile_starts
+from lfpv_fast.enhance import SIDE_BY_SIDE_SUFFIX, main
+from lfpv_fast.enhancement import _ramp, enhance_image, tile_starts
 from lfpv_fast.imageio import read_image
 from lfpv_fast.inference import prepare_for_inference
 
@@ -250,7 +251,7 @@ def test_enhance_image_api(tiny_net: LFPVNet) -> None:
     finally:
         tiny_net.eval()
     torch.testing.assert_close(enhance_image(tiny_net, x), direct, rtol=0, atol=0)
-    with pytest.raises(ValueError, match="at least 16x16"):
+    with pytest.raises(ValueError, match="48x15 pixels is smaller than the model's minimum 16x16"):
         enhance_image(tiny_net, x[:, :15])
     with pytest.raises(ValueError, match="multiple of 16"):
         enhance_image(tiny_net, x, tile=40)
@@ -330,7 +331,7 @@ def test_tiling_odd_sizes_and_auto(tmp_path: Path, tiny_checkpoint: Path, tiny_n
     assert 0 < (tiled - reference).abs().max() < 1e-2
     full = enhance_image(tiny_net, x)
     # auto tiling above the pixel budget
-    monkeypatch.setattr(enhance_mod, "DEFAULT_TILE", 48)
+    monkeypatch.setattr(enhancement_mod, "DEFAULT_TILE", 48)
     torch.testing.assert_close(enhance_image(tiny_net, x, overlap=16, max_pixels=5000), tiled, rtol=0, atol=0)
     torch.testing.assert_close(enhance_image(tiny_net, x, overlap=16, max_pixels=70 * 99), full, rtol=0, atol=0)
     # the CLI: --tile, and automatically through --max-pixels
@@ -385,20 +386,43 @@ def test_bad_inputs(tmp_path: Path, tiny_checkpoint: Path, capsys: pytest.Captur
         run_cli(tmp_path / "empty", "--checkpoint", tiny_checkpoint, "-o", tmp_path / "out", "--tile", "40")
     assert "multiple of 16" in capsys.readouterr().err
 
-    # a folder with a good image, a corrupt one and one too small: the good one is done, exit status 1
+    # A folder with a good image and one too small (found from its header): an input error, exit status 2,
+    # and nothing is written (README: the tools' convention).
     folder = tmp_path / "mixed"
     folder.mkdir()
     Image.fromarray(np.zeros((16, 16, 3), np.uint8)).save(folder / "good.png")
+    Image.fromarray(np.zeros((8, 32, 3), np.uint8)).save(folder / "small.png")
+    assert main([str(folder), "--checkpoint", str(tiny_checkpoint), "-o", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err
+    assert [line for line in err.splitlines() if line.startswith("error:")] == [
+        f"error: {folder / 'small.png'}: 32x8 pixels is smaller than the model's minimum 16x16"]
+    assert not (tmp_path / "out").exists()
+
+    # One damaged past its header (found only when decoding): the others are enhanced, still exit status 2.
+    (folder / "small.png").unlink()
     buffer = io.BytesIO()
     Image.fromarray(np.zeros((32, 32, 3), np.uint8)).save(buffer, format="PNG")
     (folder / "broken.png").write_bytes(buffer.getvalue()[:60])
-    Image.fromarray(np.zeros((8, 32, 3), np.uint8)).save(folder / "small.png")
-    assert main([str(folder), "--checkpoint", str(tiny_checkpoint), "-o", str(tmp_path / "out")]) == 1
+    assert main([str(folder), "--checkpoint", str(tiny_checkpoint), "-o", str(tmp_path / "out")]) == 2
     err = capsys.readouterr().err
     assert "broken.png: could not read image" in err
-    assert "small.png: 8x32 is smaller than the model's minimum 16x16" in err
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["good.png"]
 
     assert main([str(folder / "good.png"), "--checkpoint", str(tmp_path / "nope.pth"), "-o",
                  str(tmp_path / "out2")]) == 2
     assert "nope.pth does not exist" in capsys.readouterr().err
+
+
+def test_each_image_is_planned_once(tmp_path: Path, tiny_checkpoint: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Batches of same-size images: one plan per image, made when it joins its batch (and used to run it)."""
+    from lfpv_fast.enhancement import ImageEnhancer
+
+    calls = []
+    plan = ImageEnhancer.plan
+    monkeypatch.setattr(ImageEnhancer, "plan", lambda self, *args: calls.append(args) or plan(self, *args))
+    for k in range(3):
+        Image.fromarray(np.round(low_light(16, 32, k) * 255).astype(np.uint8)).save(tmp_path / f"{k}.png")
+    Image.fromarray(np.round(low_light(32, 16, 5) * 255).astype(np.uint8)).save(tmp_path / "tall.png")
+    assert run_cli(tmp_path / "0.png", tmp_path / "1.png", tmp_path / "2.png", tmp_path / "tall.png",
+                   "--checkpoint", tiny_checkpoint, "-o", tmp_path / "out", "--batch-size", "2") == 0
+    assert calls == [(1, 16, 32), (2, 16, 32), (1, 16, 32), (1, 32, 16)]

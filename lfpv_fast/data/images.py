@@ -31,7 +31,14 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from lfpv_fast.data.smid import DataError, _few, read_name_list
-from lfpv_fast.imageio import IMAGE_EXTENSIONS, JPEG_EXTENSIONS, PNG_EXTENSIONS, TIFF_EXTENSIONS
+from lfpv_fast.imageio import (
+    IMAGE_EXTENSIONS,
+    JPEG_EXTENSIONS,
+    PNG_EXTENSIONS,
+    TIFF_EXTENSIONS,
+    ImageReadError,
+    read_image_info,
+)
 
 _PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 _PNG_IEND = b"\x00\x00\x00\x00IEND\xaeB`\x82"
@@ -96,13 +103,20 @@ def read_header(path: str | Path) -> ImageHeader:
     suffix = path.suffix.lower()
     try:
         if suffix in PNG_EXTENSIONS:
-            return _png_header(path)
-        if suffix in JPEG_EXTENSIONS:
-            return _jpeg_header(path)
-        if suffix in TIFF_EXTENSIONS:
-            return _tiff_header(path)
+            header = _png_header(path)
+        elif suffix in JPEG_EXTENSIONS:
+            header = _jpeg_header(path)
+        elif suffix in TIFF_EXTENSIONS:
+            header = _tiff_header(path)
+        else:
+            header = None
+        if header is not None:
+            read_image_info(path)  # the decoded-size bound that every reader shares (a decompression bomb)
+            return header
     except DataError:
         raise
+    except ImageReadError as exc:
+        raise DataError(str(exc)) from None
     except FileNotFoundError as exc:
         raise DataError(f"{path}: file not found") from exc
     except PermissionError as exc:
