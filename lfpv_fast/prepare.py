@@ -22,6 +22,7 @@ overlap them, and --resize is at most MAX_RESIZE_PIXELS pixels a frame.
 
 from __future__ import annotations
 
+import errno
 import os
 import shutil
 import sys
@@ -65,10 +66,14 @@ def _is_done(dst: Path, shape: tuple[int, int, int]) -> bool:
 
 def _convert(src: Path, dst: Path, size: tuple[int, int]) -> None:
     img = load_frame(src)[:, :, ::-1]  # SMID stores BGR; the published loader reverses to RGB
+    frame = np.ascontiguousarray(resize_linear(img, *size))
     try:
-        write_frame(dst, np.ascontiguousarray(resize_linear(img, *size)))
-    except OSError as exc:  # a full disk: np.save's error names no file
-        raise OSError(exc.errno, exc.strerror, str(dst)) from exc
+        write_frame(dst, frame)
+    except OSError as exc:  # np.save's errors name no file; a short write ("N requested and M written") no errno
+        code, why = exc.errno, exc.strerror or str(exc)
+        if code is None and shutil.disk_usage(dst.parent).free < frame.nbytes:
+            code, why = errno.ENOSPC, os.strerror(errno.ENOSPC)
+        raise OSError(code, why, str(dst)) from exc
 
 
 def _check_folders(lq: Path, gt: Path, out: Path) -> None:
