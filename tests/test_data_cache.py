@@ -92,13 +92,13 @@ def test_a_full_disk_during_prepare_keeps_the_old_cache_and_leaves_no_temporary_
         write_scene(raw, f"n{i}", 10, seed=10 + i)
     code = prepare_main(["--lq", str(raw / "lq"), "--gt", str(raw / "gt"), "--out", str(cache), "--resize", "32",
                          "32", "--no-progress", "--workers", "2"])
+    assert (cache / MANIFEST).read_bytes() == manifest  # the old manifest, untouched
+    assert_nothing_half_written(cache)
+    assert_usable(cache, raw)
     err = capsys.readouterr().err
     assert code == 2 and err.count("\n") == 1, err
     assert err.startswith(f"error: {cache}") and "No space left on device" in err
     assert "frames finished so far are kept" in err
-    assert (cache / MANIFEST).read_bytes() == manifest  # the old manifest, untouched
-    assert_nothing_half_written(cache)
-    assert_usable(cache, raw)
 
 
 def test_a_rebuild_that_fills_the_disk_keeps_the_old_cache(tmp_path, small_filesystem, capsys):
@@ -110,11 +110,11 @@ def test_a_rebuild_that_fills_the_disk_keeps_the_old_cache(tmp_path, small_files
     # --overwrite at 64x64 (12 KiB a frame): the new cache does not fit beside the old one.
     code = prepare_main(["--lq", str(raw / "lq"), "--gt", str(raw / "gt"), "--out", str(cache), "--resize", "64",
                          "64", "--no-progress", "--overwrite"])
-    err = capsys.readouterr().err
-    assert code == 2 and "No space left on device" in err and err.count("\n") == 1, err
     assert {k: v for k, v in snapshot(cache).items() if not k.startswith(".rebuild/")} == before
     assert_nothing_half_written(cache)
     assert_usable(cache, raw)
+    err = capsys.readouterr().err
+    assert code == 2 and "No space left on device" in err and err.count("\n") == 1, err
 
 
 def test_a_rebuild_replaces_the_cache_only_when_complete(tmp_path):
