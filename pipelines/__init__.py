@@ -20,7 +20,6 @@ Semantics (the same for both loaders; see `pipelines.sampling` for the exact dra
 
 from __future__ import annotations
 
-import sys
 from collections.abc import Callable
 
 import torch
@@ -38,7 +37,7 @@ def build_loader(cfg: RunConfig, split: str, rank: int = 0, world_size: int = 1,
     """The loader of `split` ("train" | "test") for `rank` of `world_size`, as cfg.data says.
 
     What was found (the dataset's layout, folders and naming, the number of pairs) is one line given to `log`
-    on rank 0 (default: printed on stderr).
+    on rank 0 (default: printed on stdout, beside the tools' other progress lines).
 
     cfg.data.loader "dali" where DALI cannot be imported is a ConfigError naming the import failure.
     cfg.data.device "gpu" needs a visible CUDA device.
@@ -64,7 +63,7 @@ def build_loader(cfg: RunConfig, split: str, rank: int = 0, world_size: int = 1,
                               "data.loader=torch")
     data = resolve_split(d, split)
     if rank == 0 and data.found:
-        (log or _print_stderr)(f"data: {data.found}")
+        (log or print)(f"data: {data.found}")
     common = dict(
         split=split,
         crop=d.crop,
@@ -81,7 +80,3 @@ def build_loader(cfg: RunConfig, split: str, rank: int = 0, world_size: int = 1,
     from lfpv_fast.pipelines.torch_loader import TorchPairLoader
 
     return TorchPairLoader(data, num_workers=d.num_workers, pin_memory=torch.cuda.is_available(), **common)
-
-
-def _print_stderr(message: str) -> None:
-    print(message, file=sys.stderr)

@@ -102,7 +102,7 @@ def test_each_preset_finds_the_layout_on_disk_pairs_it_and_says_which(tmp_path, 
     assert said[1].startswith("data: test split:") and said[1].endswith(f"; {len(TEST_KEYS)} pairs")
 
 
-def test_the_log_line_goes_to_stderr_by_default_and_pairs_say_their_naming(tmp_path, capsys):
+def test_the_log_line_goes_to_stdout_by_default_and_pairs_say_their_naming(tmp_path, capsys):
     # BasicSR-style paired folders (lq/ and gt/, the same names): dataset `pairs`.
     for k, key in enumerate(TRAIN_KEYS):
         gt = np.full((H, W, 3), 10 * k, np.uint8)
@@ -111,11 +111,11 @@ def test_the_log_line_goes_to_stderr_by_default_and_pairs_say_their_naming(tmp_p
     cfg = config_from_dict({"data": dict(dataset="pairs", lq_root=str(tmp_path / "lq"), gt_root=str(tmp_path / "gt"),
                                          resize=None, crop=16, batch_size=2, num_workers=0)})
     assert len(build_loader(cfg, "train")) == 2
-    err = capsys.readouterr().err
-    assert err == (f"data: train split: pairs: {tmp_path / 'lq'} with {tmp_path / 'gt'}, the same name on both sides "
+    out = capsys.readouterr().out
+    assert out == (f"data: train split: pairs: {tmp_path / 'lq'} with {tmp_path / 'gt'}, the same name on both sides "
                    f"(<key>.<ext>); {len(TRAIN_KEYS)} pairs\n")
     build_loader(cfg, "train", rank=1, world_size=2)  # other ranks say nothing
-    assert capsys.readouterr().err == ""
+    assert capsys.readouterr().out == ""
 
 
 TINY = ["model.nf=8", "model.hr_nf=8", "model.light_blocks=1", "model.layers=1", "model.heads=1", "model.head_dim=16",
@@ -149,7 +149,7 @@ def test_train_and_evaluate_through_the_preset_on_retinexformers_tree(tmp_path, 
     res = json.loads(out.read_text())
     assert [r["image"] for r in res["per_image"]] == TEST_KEYS
     assert res["psnr"] == pytest.approx(val["psnr"], abs=1e-6)
-    assert f"data: test split: {preset} in {root}: {layout_name(tree)}" in capsys.readouterr().err
+    assert f"data: test split: {preset} in {root}: {layout_name(tree)}" in capsys.readouterr().out
 
 
 # ---------------------------------------------------------------------------------------------
