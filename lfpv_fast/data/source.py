@@ -101,8 +101,8 @@ def _image_folders(d: DataConfig, split: str) -> ImageFolders:
             root, preset = make_demo_png(d.demo_root), "lol_v1"  # written on first use
         else:
             if not d.root:
-                raise ConfigError(f"dataset {d.dataset!r} needs data.root, the folder of the dataset as distributed "
-                                  "(set it with --set data.root=/path/to/it)")
+                raise ConfigError(f"dataset {d.dataset!r} needs data.root, the folder of the dataset in one of the "
+                                  "layouts it accepts (set it with --set data.root=/path/to/it)")
             root, preset = Path(d.root), d.dataset
         layout = find_layout(preset, root, split)
         return ImageFolders(layout.lq, layout.gt, layout.naming, None, layout.rule, layout.describe())
