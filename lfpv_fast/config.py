@@ -27,26 +27,35 @@ class ConfigError(ValueError):
     """A run configuration that cannot be used; the message names the file and the key."""
 
 
+# ---------------------------------------------------------------------------------------------
+# The data section. Users write one flat section (data.<key>); which keys a dataset reads and the checks
+# across them are kept per kind of dataset, below the dataclass (DATASET_CHECKS).
+
 # Datasets of encoded image pairs (PNG, JPEG, TIFF): `pairs` (any two folders) and the presets with a known
 # layout under data.root. `demo_png` is the demo dataset written as PNG pairs in the lol_v1 layout.
 IMAGE_PRESETS = ("lol_v1", "lol_v2_real", "lol_v2_synthetic")
 IMAGE_DATASETS = ("pairs", "demo_png", *IMAGE_PRESETS)
+# The largest frame that data.resize and `prepare --resize` accept (2**25 pixels, e.g. 8192 x 4096): a bound on
+# what one decoded and resized frame may take in memory, far above the datasets' sizes.
+MAX_RESIZE_PIXELS = 1 << 25
 
 
 @dataclass
 class DataConfig:
     dataset: Literal["smid", "demo", "pairs", "lol_v1", "lol_v2_real", "lol_v2_synthetic", "demo_png"] = "smid"
-    # smid: <root>/<scene>/<frame>.npy (uint8 HWC, BGR). pairs: folders of images paired by relative path and stem.
+    # --- smid (and pairs): the two folders. smid: <root>/<scene>/<frame>.npy (uint8 HWC, BGR); pairs: folders of
+    # images paired by relative path and stem.
     lq_root: str | None = None
     gt_root: str | None = None
-    # Output of `python -m lfpv_fast.prepare`; null reads (and resizes) the raw frames.
+    # --- smid, demo: the output of `python -m lfpv_fast.prepare`; null reads (and resizes) the raw frames.
     prepared_root: str | None = None
-    # Where `lfpv_fast.data.demo` writes the demo dataset (dataset: demo or demo_png).
+    # --- demo, demo_png: where `lfpv_fast.data.demo` writes the demo dataset.
     demo_root: str = "~/.cache/lfpv_fast/demo"
-    # Scenes held out for testing; a bare file name is looked up in the packaged configs/.
+    # --- smid, demo: scenes held out for testing; a bare file name is looked up in the packaged configs/.
     # null: the dataset's own list (smid_test_scenes.txt for smid, <demo_root>/test_scenes.txt for demo).
     test_scenes: str | None = None
     test_frames: int = 30
+    # --- every dataset.
     # Every frame is resized to this [width, height]; null keeps each image's own size (image datasets only).
     resize: list[int] | None = field(default_factory=lambda: [960, 512])
     crop: int = 256
@@ -56,10 +65,10 @@ class DataConfig:
     device: Literal["cpu", "gpu"] = "cpu"
     num_workers: int = 3  # torch loader: DataLoader worker processes (0: load in the main process)
     num_threads: int = 2  # DALI loader: pipeline CPU threads
-    # Image datasets. A preset (lol_v1, lol_v2_real, lol_v2_synthetic) needs only `root`; `pairs` reads
-    # lq_root/gt_root, with the test split in test_lq_root/test_gt_root or listed in test_list (paths of LQ
-    # files relative to lq_root, held out of training). A file <prefix><key><suffix>.<ext> pairs with the
-    # other side's file of the same relative folder and key.
+    # --- image datasets. A preset (lol_v1, lol_v2_real, lol_v2_synthetic) needs only `root` (the loader finds which
+    # known layout is there); `pairs` reads lq_root/gt_root, with the test split in test_lq_root/test_gt_root or
+    # listed in test_list (paths of LQ files relative to lq_root, held out of training). A file
+    # <prefix><key><suffix>.<ext> pairs with the other side's file of the same relative folder and key.
     root: str | None = None
     test_lq_root: str | None = None
     test_gt_root: str | None = None
@@ -83,6 +92,93 @@ class DataConfig:
     def is_images(self) -> bool:
         """Encoded image pairs (decoded by Pillow or DALI), not SMID-style .npy arrays."""
         return self.dataset in IMAGE_DATASETS
+
+
+# The keys that name a dataset's files or how they pair. Each kind of dataset reads some of them; one that the
+# dataset would not read, set away from its default, is an error rather than a silent surprise. (test_frames,
+# demo_root and skip_bad name no data and are left alone where they are not read.)
+IMAGE_KEYS = ("root", "test_lq_root", "test_gt_root", "test_list", "lq_prefix", "lq_suffix", "gt_prefix", "gt_suffix")
+NAMING_KEYS = ("lq_prefix", "lq_suffix", "gt_prefix", "gt_suffix")
+
+
+def _set_keys(d: DataConfig, keys: tuple[str, ...]) -> list[str]:
+    """The keys among `keys` whose values differ from their defaults."""
+    defaults = DataConfig()
+    return [k for k in keys if getattr(d, k) != getattr(defaults, k)]
+
+
+def _check_npy_dataset(d: DataConfig) -> None:
+    """smid and demo: SMID-style .npy trees, resized to one size; smid reads lq_root/gt_root, demo demo_root."""
+    if d.resize is None:
+        raise ValueError(f"data.resize=null (each image at its own size) is for image datasets; dataset "
+                         f"{d.dataset!r} needs data.resize: [width, height]")
+    if keys := _set_keys(d, IMAGE_KEYS):
+        raise ValueError(f"data.{keys[0]} is read by image datasets (pairs, lol_*), not by dataset {d.dataset!r}")
+    if d.dataset == "demo" and (keys := _set_keys(d, ("lq_root", "gt_root"))):
+        raise ValueError(f"data.{keys[0]} is not read by dataset 'demo', which is written to and read from "
+                         "data.demo_root")
+
+
+def _refuse_smid_keys(d: DataConfig) -> None:
+    if keys := _set_keys(d, ("prepared_root", "test_scenes")):
+        hint = "; list held-out images in data.test_list" if keys[0] == "test_scenes" else ""
+        raise ValueError(f"data.{keys[0]} is for SMID-style datasets, not for dataset {d.dataset!r}{hint}")
+
+
+def _check_pairs(d: DataConfig) -> None:
+    """pairs: lq_root/gt_root, a test split in test_lq_root/test_gt_root or test_list, the naming keys."""
+    _refuse_smid_keys(d)
+    if d.root is not None:
+        raise ValueError(f"data.root is read by the presets ({', '.join(IMAGE_PRESETS)}); dataset 'pairs' reads "
+                         "data.lq_root and data.gt_root")
+    if (d.test_lq_root is None) != (d.test_gt_root is None):
+        raise ValueError("set both data.test_lq_root and data.test_gt_root, or neither")
+    if d.test_lq_root is not None and d.test_list is not None:
+        raise ValueError("the test split comes from data.test_lq_root/test_gt_root or from data.test_list, not both")
+
+
+def _check_preset(d: DataConfig) -> None:
+    """lol_*: data.root only; the folders and file names come from the layout found there."""
+    _refuse_smid_keys(d)
+    if keys := _set_keys(d, ("lq_root", "gt_root", *IMAGE_KEYS[1:])):
+        raise ValueError(f"dataset {d.dataset!r} takes its folders and file names from its layout; data.{keys[0]} "
+                         "cannot be set (use dataset 'pairs' for another layout)")
+
+
+def _check_demo_png(d: DataConfig) -> None:
+    """demo_png: the demo as PNG pairs in data.demo_root; no folder or naming key."""
+    if d.root is not None:
+        raise ValueError("dataset 'demo_png' is written to data.demo_root; data.root cannot be set")
+    _check_preset(d)
+
+
+DATASET_CHECKS = {
+    "smid": _check_npy_dataset,
+    "demo": _check_npy_dataset,
+    "pairs": _check_pairs,
+    "demo_png": _check_demo_png,
+    **{name: _check_preset for name in IMAGE_PRESETS},
+}
+
+
+def validate_data(d: DataConfig, src: str) -> None:
+    """The data section's checks across keys: the common ones, then the dataset's own (DATASET_CHECKS)."""
+    if d.resize is not None:
+        if len(d.resize) != 2 or min(d.resize) < 16:
+            raise ConfigError(f"{src}: data.resize must be [width, height], each >= 16, or null, got {d.resize}")
+        if d.resize[0] * d.resize[1] > MAX_RESIZE_PIXELS:
+            raise ConfigError(f"{src}: data.resize {d.resize} is {d.resize[0] * d.resize[1]} pixels a frame; at most "
+                              f"{MAX_RESIZE_PIXELS} are supported")
+    if d.crop < 16 or (d.resize is not None and d.crop > min(d.resize)):
+        raise ConfigError(f"{src}: data.crop must be in [16, min(data.resize)], got {d.crop}")
+    if d.batch_size < 1:
+        raise ConfigError(f"{src}: data.batch_size must be >= 1, got {d.batch_size}")
+    if d.test_frames < 1:
+        raise ConfigError(f"{src}: data.test_frames must be >= 1, got {d.test_frames}")
+    try:
+        DATASET_CHECKS[d.dataset](d)
+    except ValueError as exc:
+        raise ConfigError(f"{src}: {exc}") from exc
 
 
 @dataclass
@@ -336,8 +432,10 @@ def _apply_overrides(cfg: RunConfig, overrides: list[str] | tuple[str, ...]) -> 
         names = [f.name for f in dataclasses.fields(cls) if f.init]
         if key not in names:
             raise _unknown_key(key, names, f"{where}: {section}")
-        changes.setdefault(section, {})[key] = _coerce(value, typing.get_type_hints(cls)[key],
-                                                        f"{where}: {section}.{key}")
+        hint = typing.get_type_hints(cls)[key]
+        if value is None and hint is str and not text.partition("=")[2].strip():
+            value = ""  # `--set data.lq_prefix=` clears a text key (an empty value is null only where null is valid)
+        changes.setdefault(section, {})[key] = _coerce(value, hint, f"{where}: {section}.{key}")
         given.setdefault(section, []).append(where)
     # One replace per section: a section's own checks across its keys see all of its overrides at once.
     for section, values in changes.items():
@@ -350,16 +448,8 @@ def _apply_overrides(cfg: RunConfig, overrides: list[str] | tuple[str, ...]) -> 
 def validate(cfg: RunConfig, where: str | None = None) -> None:
     """Checks across keys, done before any work starts; errors start with `where` (default: cfg.source)."""
     src = where or cfg.source
-    d, t = cfg.data, cfg.train
-    if d.resize is not None and (len(d.resize) != 2 or min(d.resize) < 16):
-        raise ConfigError(f"{src}: data.resize must be [width, height], each >= 16, or null, got {d.resize}")
-    if d.crop < 16 or (d.resize is not None and d.crop > min(d.resize)):
-        raise ConfigError(f"{src}: data.crop must be in [16, min(data.resize)], got {d.crop}")
-    validate_data_keys(d, src)
-    if d.batch_size < 1:
-        raise ConfigError(f"{src}: data.batch_size must be >= 1, got {d.batch_size}")
-    if d.test_frames < 1:
-        raise ConfigError(f"{src}: data.test_frames must be >= 1, got {d.test_frames}")
+    t = cfg.train
+    validate_data(cfg.data, src)
     if t.iterations < 1:
         raise ConfigError(f"{src}: train.iterations must be >= 1, got {t.iterations}")
     if t.checkpoint_every < 1 or cfg.val.every < 1 or cfg.logging.every < 1:
@@ -386,40 +476,3 @@ def validate(cfg: RunConfig, where: str | None = None) -> None:
         raise ConfigError(f"{src}: val.max_images must be >= 1 or null, got {cfg.val.max_images}")
     if cfg.val.save_images < 0:
         raise ConfigError(f"{src}: val.save_images must be >= 0, got {cfg.val.save_images}")
-
-
-def validate_data_keys(d: DataConfig, src: str) -> None:
-    """Which data keys a dataset reads: a key that the dataset would ignore is an error, not a surprise."""
-    if d.resize is None and not d.is_images:
-        raise ConfigError(f"{src}: data.resize=null (each image at its own size) is for image datasets; dataset "
-                          f"{d.dataset!r} needs data.resize: [width, height]")
-    image_keys = ("root", "test_lq_root", "test_gt_root", "test_list", "lq_prefix", "lq_suffix", "gt_prefix",
-                  "gt_suffix")
-    defaults = DataConfig()
-    set_keys = [k for k in image_keys if getattr(d, k) != getattr(defaults, k)]
-    if not d.is_images:
-        if set_keys:
-            raise ConfigError(f"{src}: data.{set_keys[0]} is read by image datasets (pairs, lol_*), not by dataset "
-                              f"{d.dataset!r}")
-        return
-    for key in ("prepared_root", "test_scenes"):
-        if getattr(d, key) is not None:
-            hint = "; list held-out images in data.test_list" if key == "test_scenes" else ""
-            raise ConfigError(f"{src}: data.{key} is for SMID-style datasets, not for dataset {d.dataset!r}{hint}")
-    if d.dataset == "pairs":
-        if d.root is not None:
-            raise ConfigError(f"{src}: data.root is read by the presets ({', '.join(IMAGE_PRESETS)}); dataset "
-                              "'pairs' reads data.lq_root and data.gt_root")
-        if (d.test_lq_root is None) != (d.test_gt_root is None):
-            raise ConfigError(f"{src}: set both data.test_lq_root and data.test_gt_root, or neither")
-        if d.test_lq_root is not None and d.test_list is not None:
-            raise ConfigError(f"{src}: the test split comes from data.test_lq_root/test_gt_root or from "
-                              "data.test_list, not both")
-        return
-    # A preset (or demo_png) fixes the folders and names itself.
-    fixed = [k for k in ("lq_root", "gt_root", *image_keys) if k != "root" and getattr(d, k) != getattr(defaults, k)]
-    if fixed:
-        raise ConfigError(f"{src}: dataset {d.dataset!r} takes its folders and file names from its layout; "
-                          f"data.{fixed[0]} cannot be set (use dataset 'pairs' for another layout)")
-    if d.dataset == "demo_png" and d.root is not None:
-        raise ConfigError(f"{src}: dataset 'demo_png' is written to data.demo_root; data.root cannot be set")

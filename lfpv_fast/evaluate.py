@@ -25,7 +25,7 @@ from tqdm import tqdm
 from lfpv_fast.checkpoint import atomic_write_text, is_original_state_dict, load_model, read_checkpoint
 from lfpv_fast.cli import ArgumentParser, fail, resolve_device
 from lfpv_fast.config import ConfigError, RunConfig, load_config
-from lfpv_fast.data.smid import DataError
+from lfpv_fast.data.errors import DataError
 from lfpv_fast.inference import PRECISIONS, autocast, check_precision, prepare_for_inference
 from lfpv_fast.metrics import psnr, psnr_gt_mean, quantize, ssim
 from lfpv_fast.model import LFPVNet, ModelConfig

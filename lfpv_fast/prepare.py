@@ -2,28 +2,29 @@
 
     python -m lfpv_fast.prepare --lq SMID_LQ_np --gt SMID_Long_np --out DIR [--resize 960 512] [--overwrite]
 
-Output (the input layout mirrored)::
+Output: the cache format of lfpv_fast.data.cache (DIR/lq/<scene>/<frame>.npy, DIR/gt/<scene>/<gt>.npy,
+DIR/manifest.json), the input layout mirrored.
 
-    DIR/lq/<scene>/<frame>.npy   uint8 H x W x 3, RGB, resized (INTER_LINEAR, no antialias)
-    DIR/gt/<scene>/<gt>.npy      the scene's ground truth only (the file the published rule picks)
-    DIR/manifest.json            size, colour order, scenes with their GT and frames
+A finished cache stays usable until a new complete manifest replaces it:
+- every input is checked (its header and size) before anything is written, so a bad frame is reported while
+  the cache is as it was;
+- frames are written atomically, and the manifest is replaced (atomically) only once every frame it lists is
+  there; a failure on the way (a full disk, a stop) leaves the old manifest and the frames it lists, the frames
+  finished so far, and no temporary file;
+- a cache of another size is refused (every frame would be rewritten); --overwrite rebuilds it beside the old
+  one (DIR/.rebuild) and switches over at the end.
+Resumable: a file already there with the expected header and size is skipped. (Only headers and file sizes are
+checked on files already written: bytes corrupted inside the data are not detected.)
 
-Resumable: a file already there with the expected header and size is skipped; each file is
-written to a hidden temp file and renamed into place, so an interrupted run never leaves a
-half-written frame under a final name. The manifest is removed at the start and written last, so
-a cache without it is unfinished and the loaders refuse it. Every input read is validated and a
-bad one stops the run with an error naming it. (Only headers and file sizes are checked on files
-already written: bytes corrupted inside the data are not detected.)
-
-A cache of another size in DIR is refused (every frame would be rewritten): --overwrite rebuilds it.
-Arguments are checked before anything is written: --lq and --gt must be different folders, and DIR must
-not overlap them.
+Arguments are checked before anything is written: --lq and --gt must be different folders, DIR must not
+overlap them, and --resize is at most MAX_RESIZE_PIXELS pixels a frame.
 """
 
 from __future__ import annotations
 
-import json
+import errno
 import os
+import shutil
 import sys
 from concurrent.futures import FIRST_EXCEPTION, ThreadPoolExecutor, wait
 from dataclasses import dataclass
@@ -33,12 +34,13 @@ import numpy as np
 from tqdm import tqdm
 
 from lfpv_fast.cli import ArgumentParser, fail
-from lfpv_fast.data.smid import DataError, Scene, Tree, check_npy_header, load_frame, resize_linear, scan_tree
+from lfpv_fast.config import MAX_RESIZE_PIXELS
+from lfpv_fast.data.cache import MANIFEST, TMP_SUFFIX, manifest_doc, manifest_size, write_frame, write_manifest
+from lfpv_fast.data.errors import DataError
+from lfpv_fast.data.smid import Tree, check_npy_header, load_frame, resize_linear, scan_tree
 
-MANIFEST = "manifest.json"
-FORMAT = "lfpv_fast.prepared"
-VERSION = 1
-TMP_SUFFIX = ".tmp"
+REBUILD = ".rebuild"  # a rebuild at another size is written here, beside the cache it replaces
+REPLACED = ".replaced"  # the replaced frames, for the moment of the switch
 
 
 @dataclass(frozen=True)
@@ -62,19 +64,16 @@ def _is_done(dst: Path, shape: tuple[int, int, int]) -> bool:
         return False
 
 
-def _write_atomic(dst: Path, arr: np.ndarray) -> None:
-    # Hidden name without .npy: never listed as a frame, and np.save writes to the file object as is.
-    tmp = dst.with_name(f".{dst.name}.{os.getpid()}{TMP_SUFFIX}")
-    with open(tmp, "wb") as f:
-        np.save(f, arr, allow_pickle=False)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, dst)
-
-
 def _convert(src: Path, dst: Path, size: tuple[int, int]) -> None:
     img = load_frame(src)[:, :, ::-1]  # SMID stores BGR; the published loader reverses to RGB
-    _write_atomic(dst, np.ascontiguousarray(resize_linear(img, *size)))
+    frame = np.ascontiguousarray(resize_linear(img, *size))
+    try:
+        write_frame(dst, frame)
+    except OSError as exc:  # np.save's errors name no file; a short write ("N requested and M written") no errno
+        code, why = exc.errno, exc.strerror or str(exc)
+        if code is None and shutil.disk_usage(dst.parent).free < frame.nbytes:
+            code, why = errno.ENOSPC, os.strerror(errno.ENOSPC)
+        raise OSError(code, why, str(dst)) from exc
 
 
 def _check_folders(lq: Path, gt: Path, out: Path) -> None:
@@ -86,20 +85,34 @@ def _check_folders(lq: Path, gt: Path, out: Path) -> None:
         raise ValueError(f"--gt {gt} is the same folder as --lq {lq}: the ground truths live in their own tree "
                          "(SMID: SMID_Long_np next to SMID_LQ_np)")
     for flag, src in (("--lq", lq_r), ("--gt", gt_r)):
-        # The cache writes out/lq, out/gt and out/manifest.json: none of them may lie in an input tree.
-        if out_r.is_relative_to(src) or src.is_relative_to(out_r / "lq") or src.is_relative_to(out_r / "gt"):
+        # The cache writes out/lq, out/gt, out/.rebuild and out/manifest.json: none of them may lie in an input.
+        if out_r.is_relative_to(src) or any(src.is_relative_to(out_r / sub) for sub in ("lq", "gt", REBUILD)):
             raise ValueError(f"--out {out} overlaps the input folder {flag} {src}: choose an output folder outside "
                              "the dataset")
 
 
+def _check_size(w: int, h: int) -> None:
+    if w < 1 or h < 1:
+        raise ValueError(f"--resize W H must be two numbers >= 1, got {w} {h}")
+    if w * h > MAX_RESIZE_PIXELS:
+        raise ValueError(f"--resize {w} {h} is {w * h} pixels a frame; at most {MAX_RESIZE_PIXELS} (e.g. 8192 4096) "
+                         "are supported (SMID is trained at 960 512)")
+
+
+def _tasks(tree: Tree, root: Path) -> list[tuple[Path, Path]]:
+    """(source, destination under `root`) of every file of the cache: each scene's GT, then its frames."""
+    tasks: list[tuple[Path, Path]] = []
+    for scene in tree.scenes:
+        tasks.append((tree.gt_path(scene), root / "gt" / scene.name / scene.gt))
+        tasks += [(tree.lq_path(scene, f), root / "lq" / scene.name / f) for f in scene.frames]
+    return tasks
+
+
 def _cached_size(out: Path, tasks: list[tuple[Path, Path]]) -> tuple[int, int] | None:
     """(w, h) of the frames of a cache already in `out`: from its manifest, else from a frame already written."""
-    try:
-        size = json.loads((out / MANIFEST).read_text()).get("resize")
-        if isinstance(size, list) and len(size) == 2:
-            return int(size[0]), int(size[1])
-    except (OSError, ValueError, AttributeError, TypeError):
-        pass  # no manifest (an interrupted run) or an unreadable one: look at the frames
+    size = manifest_size(out)
+    if size is not None:
+        return size
     for _, dst in tasks:
         if dst.is_file():
             try:
@@ -108,6 +121,25 @@ def _cached_size(out: Path, tasks: list[tuple[Path, Path]]) -> tuple[int, int] |
             except DataError:
                 continue
     return None
+
+
+def _switch(out: Path, staged: Path, doc: dict) -> Path:
+    """Make the complete cache in `staged` the cache in `out`.
+
+    The old manifest goes first: for the few renames that follow, `out` is an unfinished cache (refused by the
+    loaders, finished by running prepare again), never a manifest of one size over frames of another."""
+    (out / MANIFEST).unlink(missing_ok=True)
+    replaced = out / REPLACED
+    shutil.rmtree(replaced, ignore_errors=True)
+    replaced.mkdir()
+    for sub in ("lq", "gt"):
+        if (out / sub).exists():
+            os.rename(out / sub, replaced / sub)
+        os.rename(staged / sub, out / sub)
+    manifest = write_manifest(out, doc)
+    shutil.rmtree(replaced, ignore_errors=True)
+    shutil.rmtree(staged, ignore_errors=True)
+    return manifest
 
 
 def prepare(
@@ -122,45 +154,45 @@ def prepare(
     """Build (or finish) the cache in `out`; `resize` is (width, height). Returns what was done.
 
     Bad arguments raise ValueError, bad inputs DataError, both before anything is written. A cache of
-    another size in `out` is an error unless `overwrite`.
+    another size in `out` is an error unless `overwrite`. An OSError while writing (a full disk) names the file
+    and leaves the cache in `out` as usable as it was.
     """
     w, h = int(resize[0]), int(resize[1])
-    if w < 1 or h < 1:
-        raise ValueError(f"--resize W H must be two numbers >= 1, got {w} {h}")
+    _check_size(w, h)
     if workers is not None and workers < 1:
         raise ValueError(f"--workers must be >= 1, got {workers}")
     lq, gt, out = Path(lq).expanduser(), Path(gt).expanduser(), Path(out).expanduser()
     _check_folders(lq, gt, out)
     tree = scan_tree(lq, gt)
 
-    tasks: list[tuple[Path, Path]] = []
-    for scene in tree.scenes:
-        tasks.append((tree.gt_path(scene), out / "gt" / scene.name / scene.gt))
-        tasks += [(tree.lq_path(scene, f), out / "lq" / scene.name / f) for f in scene.frames]
-    previous = _cached_size(out, tasks)
-    if previous is not None and previous != (w, h):
-        if not overwrite:
-            raise ValueError(f"--out {out} holds a cache of {previous[0]}x{previous[1]} frames; --resize {w} {h} "
-                             f"would rewrite every frame: choose another --out, or pass --overwrite to rebuild it "
-                             f"at {w}x{h}")
-    else:
-        previous = None
-
-    manifest = out / MANIFEST
-    manifest.unlink(missing_ok=True)  # unfinished from here until the last line
-    for scene in tree.scenes:
-        for sub in ("lq", "gt"):
-            folder = out / sub / scene.name
-            folder.mkdir(parents=True, exist_ok=True)
-            for stale in folder.glob(f".*{TMP_SUFFIX}"):  # left by an interrupted run
-                stale.unlink(missing_ok=True)
-
+    previous = _cached_size(out, _tasks(tree, out))
+    rebuild = previous is not None and previous != (w, h)
+    if rebuild and not overwrite:
+        raise ValueError(f"--out {out} holds a cache of {previous[0]}x{previous[1]} frames; --resize {w} {h} "
+                         f"would rewrite every frame: choose another --out, or pass --overwrite to rebuild it "
+                         f"at {w}x{h}")
+    target = out / REBUILD if rebuild else out
+    tasks = _tasks(tree, target)
     shape = (h, w, 3)
     todo = [(s, d) for s, d in tasks if not _is_done(d, shape)]
-    skipped = len(tasks) - len(todo)
-    bar = tqdm(total=len(tasks), initial=skipped, unit="frame", desc="prepare", disable=not progress)
+    for src, _ in todo:  # every input before any output: a bad frame is reported with the cache untouched
+        check_npy_header(src)
+
+    # Left by interrupted runs: temporary files, a rebuild that is no longer wanted, a switch cut short.
+    if not rebuild:
+        shutil.rmtree(out / REBUILD, ignore_errors=True)
+    shutil.rmtree(out / REPLACED, ignore_errors=True)
+    for scene in tree.scenes:
+        for sub in ("lq", "gt"):
+            folder = target / sub / scene.name
+            folder.mkdir(parents=True, exist_ok=True)
+            for stale in folder.glob(f".*{TMP_SUFFIX}"):
+                stale.unlink(missing_ok=True)
+
+    bar = tqdm(total=len(tasks), initial=len(tasks) - len(todo), unit="frame", desc="prepare",
+               disable=not progress)
     workers = workers or min(8, os.cpu_count() or 1)
-    with ThreadPoolExecutor(max_workers=workers) as pool:
+    with ThreadPoolExecutor(max_workers=workers) as pool:  # leaving the block waits for the writes under way
         futures = {pool.submit(_convert, s, d, (w, h)) for s, d in todo}
         while futures:
             done, futures = wait(futures, return_when=FIRST_EXCEPTION)
@@ -173,62 +205,10 @@ def prepare(
                 bar.update(1)
     bar.close()
 
-    doc = {
-        "format": FORMAT,
-        "version": VERSION,
-        "resize": [w, h],
-        "color": "RGB",
-        "dtype": "uint8",
-        "source": {"lq": str(tree.lq_root), "gt": str(tree.gt_root)},
-        "scenes": {s.name: {"gt": s.gt, "frames": list(s.frames)} for s in tree.scenes},
-    }
-    tmp = manifest.with_name(f".{MANIFEST}.{os.getpid()}{TMP_SUFFIX}")
-    tmp.write_text(json.dumps(doc, indent=1))
-    os.replace(tmp, manifest)
-    return PrepareReport(written=len(todo), skipped=skipped, manifest=manifest, replaced_size=previous)
-
-
-def read_manifest(root: str | Path) -> Tree:
-    """The cache in `root` as a Tree (RGB, every frame of size `resize`), checked."""
-    root = Path(root).expanduser()
-    path = root / MANIFEST
-    if not path.is_file():
-        raise DataError(
-            f"{root}: no {MANIFEST}, so it is not a finished cache of `python -m lfpv_fast.prepare` "
-            "(run it, or run it again to finish an interrupted run)"
-        )
-    try:
-        doc = json.loads(path.read_text())
-    except (OSError, ValueError) as exc:
-        raise DataError(f"{path}: not readable JSON ({exc})") from exc
-
-    def bad(what: str) -> DataError:
-        return DataError(f"{path}: {what}; rerun `python -m lfpv_fast.prepare` to rebuild it")
-
-    if not isinstance(doc, dict) or doc.get("format") != FORMAT:
-        raise bad(f"expected 'format': {FORMAT!r}")
-    if doc.get("version") != VERSION:
-        raise bad(f"expected version {VERSION}, got {doc.get('version')!r}")
-    size = doc.get("resize")
-    if not (isinstance(size, list) and len(size) == 2 and all(isinstance(v, int) and v > 0 for v in size)):
-        raise bad(f"'resize' must be [width, height], got {size!r}")
-    scenes_doc = doc.get("scenes")
-    if not isinstance(scenes_doc, dict) or not scenes_doc:
-        raise bad("'scenes' must map scene names to {gt, frames}")
-    scenes = []
-    for name in sorted(scenes_doc):
-        entry = scenes_doc[name]
-        ok = (
-            isinstance(entry, dict)
-            and isinstance(entry.get("gt"), str)
-            and isinstance(entry.get("frames"), list)
-            and entry["frames"]
-            and all(isinstance(f, str) for f in entry["frames"])
-        )
-        if not ok:
-            raise bad(f"scene {name!r} must have 'gt' (a file name) and 'frames' (a non-empty list)")
-        scenes.append(Scene(name, entry["gt"], tuple(sorted(entry["frames"]))))
-    return Tree(root / "lq", root / "gt", tuple(scenes), bgr=False, stored_size=(size[0], size[1]))
+    doc = manifest_doc(tree, (w, h))
+    manifest = _switch(out, target, doc) if rebuild else write_manifest(out, doc)
+    return PrepareReport(written=len(todo), skipped=len(tasks) - len(todo), manifest=manifest,
+                         replaced_size=previous if rebuild else None)
 
 
 def build_parser() -> ArgumentParser:
@@ -248,8 +228,12 @@ def main(argv: list[str] | None = None) -> int:
     try:
         report = prepare(args.lq, args.gt, args.out, tuple(args.resize), args.workers, not args.no_progress,
                          overwrite=args.overwrite)
-    except (DataError, ValueError, OSError) as exc:
+    except (DataError, ValueError) as exc:
         return fail(str(exc))
+    except OSError as exc:
+        where = f"{exc.filename}: {exc.strerror}" if exc.filename and exc.strerror else str(exc)
+        return fail(f"{where}; the cache in {args.out} is as usable as before (frames finished so far are kept: "
+                    "run prepare again to continue)")
     if report.replaced_size is not None:
         old_w, old_h = report.replaced_size
         print(f"rebuilt {args.out} at {args.resize[0]}x{args.resize[1]} (it held {old_w}x{old_h} frames)")

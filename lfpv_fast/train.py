@@ -27,7 +27,7 @@ import torch.distributed as dist
 from lfpv_fast import distributed
 from lfpv_fast.cli import ArgumentParser, fail
 from lfpv_fast.config import ConfigError, RunConfig, load_config
-from lfpv_fast.data.smid import DataError
+from lfpv_fast.data.errors import DataError
 from lfpv_fast.trainer import Trainer, resolve_features
 
 DEMO_CONFIG = "demo"

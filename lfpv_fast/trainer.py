@@ -50,7 +50,7 @@ from lfpv_fast.checkpoint import (
     weights_only_checkpoint,
 )
 from lfpv_fast.config import ConfigError, RunConfig, config_to_dict
-from lfpv_fast.data.smid import DataError
+from lfpv_fast.data.errors import DataError
 from lfpv_fast.losses import PerceptualLoss, charbonnier_loss
 from lfpv_fast.metrics import psnr_batch, ssim_batch
 from lfpv_fast.model import BankDraws, LFPVNet
@@ -371,8 +371,8 @@ class Trainer:
         if self.cfg.data.dataset == "demo":
             self._make_demo_dataset()
         rank, world, seed = self.dist.rank, self.dist.world_size, self.cfg.train.seed
-        return (train_loader or build_loader(self.cfg, "train", rank, world, seed),
-                val_loader or build_loader(self.cfg, "test", rank, world, seed))
+        return (train_loader or build_loader(self.cfg, "train", rank, world, seed, log=self.log),
+                val_loader or build_loader(self.cfg, "test", rank, world, seed, log=self.log))
 
     def _make_demo_dataset(self) -> None:
         """The demo dataset is written on first use (some seconds); say so, and where."""

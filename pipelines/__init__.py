@@ -20,6 +20,8 @@ Semantics (the same for both loaders; see `pipelines.sampling` for the exact dra
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 
 from lfpv_fast.config import ConfigError, RunConfig
@@ -30,8 +32,12 @@ from lfpv_fast.pipelines.sampling import per_rank_batch
 __all__ = ["Batch", "BatchPlan", "PairLoader", "build_loader"]
 
 
-def build_loader(cfg: RunConfig, split: str, rank: int = 0, world_size: int = 1, seed: int = 0) -> PairLoader:
+def build_loader(cfg: RunConfig, split: str, rank: int = 0, world_size: int = 1, seed: int = 0,
+                 log: Callable[[str], None] | None = None) -> PairLoader:
     """The loader of `split` ("train" | "test") for `rank` of `world_size`, as cfg.data says.
+
+    What was found (the dataset's layout, folders and naming, the number of pairs) is one line given to `log`
+    on rank 0 (default: printed on stdout, beside the tools' other progress lines).
 
     cfg.data.loader "dali" where DALI cannot be imported is a ConfigError naming the import failure.
     cfg.data.device "gpu" needs a visible CUDA device.
@@ -56,6 +62,8 @@ def build_loader(cfg: RunConfig, split: str, rank: int = 0, world_size: int = 1,
                               f"({dali.DALI_IMPORT_ERROR}); install nvidia-dali-cuda120 (Linux only) or set "
                               "data.loader=torch")
     data = resolve_split(d, split)
+    if rank == 0 and data.found:
+        (log or print)(f"data: {data.found}")
     common = dict(
         split=split,
         crop=d.crop,

@@ -33,7 +33,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from lfpv_fast.data.smid import DataError
+from lfpv_fast.data.errors import DataError
 from lfpv_fast.data.source import SplitData
 from lfpv_fast.pipelines.loader import Batch, BatchPlan, PairLoader
 

@@ -8,7 +8,7 @@ from typing import Any
 
 import numpy as np
 
-from lfpv_fast.data.smid import DataError
+from lfpv_fast.data.errors import DataError
 from lfpv_fast.data.source import SplitData
 from lfpv_fast.pipelines.sampling import epoch_draws, per_rank_batch, test_indices, train_batches
 

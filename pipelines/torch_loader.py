@@ -21,7 +21,8 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from lfpv_fast.data.smid import DataError, load_frame, resize_linear
+from lfpv_fast.data.errors import DataError
+from lfpv_fast.data.smid import load_frame, resize_linear
 from lfpv_fast.data.source import SplitData
 from lfpv_fast.imageio import ImageReadError, read_pixels
 from lfpv_fast.pipelines.loader import Batch, BatchPlan, PairLoader

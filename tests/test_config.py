@@ -89,3 +89,46 @@ def test_errors_from_a_set_override_name_the_override_not_the_file(tmp_path):
     with pytest.raises(ConfigError) as info:
         load_config(p, ["data.crop=60"])
     assert str(p) in str(info.value) and "--set data.crop=60" in str(info.value)
+
+
+# ---------------------------------------------------------------------------------------------
+# The data section: each kind of dataset's keys and checks
+
+
+def test_every_dataset_kind_has_its_checks_in_one_place():
+    import typing
+
+    from lfpv_fast.config import DATASET_CHECKS, DataConfig
+
+    kinds = typing.get_args(typing.get_type_hints(DataConfig)["dataset"])
+    assert set(DATASET_CHECKS) == set(kinds)
+    # A key that the dataset would not read is an error naming it, whichever kind refuses it.
+    refused = {
+        "smid": ("data.root=/x", "data.root is read by image datasets"),
+        "demo": ("data.lq_root=/x", "data.lq_root is not read by dataset 'demo'"),
+        "pairs": ("data.prepared_root=/x", "data.prepared_root is for SMID-style datasets"),
+        "lol_v1": ("data.gt_prefix=n", "data.gt_prefix cannot be set"),
+        "demo_png": ("data.root=/x", "dataset 'demo_png' is written to data.demo_root"),
+    }
+    for kind, (override, named) in refused.items():
+        with pytest.raises(ConfigError, match=named):
+            load_config(None, [f"data.dataset={kind}", "data.resize=[64, 64]", "data.crop=64", override])
+
+
+def test_an_empty_set_value_clears_a_text_key_and_nulls_a_nullable_one(tmp_path):
+    p = tmp_path / "run.yaml"
+    p.write_text("data:\n  dataset: pairs\n  lq_root: /a\n  gt_root: /b\n  lq_prefix: low\n  gt_suffix: _gt\n"
+                 "  test_list: t.txt\n")
+    cfg = load_config(p, ["data.lq_prefix=", "data.gt_suffix=", "data.test_list="])
+    assert (cfg.data.lq_prefix, cfg.data.gt_suffix, cfg.data.test_list) == ("", "", None)
+    with pytest.raises(ConfigError, match=r"--set data.lq_prefix=null: data.lq_prefix: expected str"):
+        load_config(p, ["data.lq_prefix=null"])  # null is not text: only the empty value clears
+
+
+def test_data_resize_has_an_upper_bound():
+    from lfpv_fast.config import MAX_RESIZE_PIXELS
+
+    with pytest.raises(ConfigError, match=rf"data.resize \[100000, 100000\] is 10000000000 pixels a frame; at most "
+                                          rf"{MAX_RESIZE_PIXELS}"):
+        load_config("smid", ["data.resize=[100000, 100000]"])
+    assert load_config("smid", ["data.resize=[8192, 4096]"]).data.resize == [8192, 4096]

@@ -11,10 +11,12 @@ import numpy as np
 import pytest
 
 from lfpv_fast.config import config_from_dict
-from lfpv_fast.data.smid import DataError, load_frame, resize_linear, scan_tree, split_pairs
+from lfpv_fast.data.cache import read_manifest
+from lfpv_fast.data.errors import DataError
+from lfpv_fast.data.smid import load_frame, resize_linear, scan_tree, split_pairs
 from lfpv_fast.pipelines import build_loader
 from lfpv_fast.prepare import main as prepare_main
-from lfpv_fast.prepare import prepare, read_manifest
+from lfpv_fast.prepare import prepare
 
 # ---------------------------------------------------------------------------------------------
 # Helpers shared with test_data_loaders.py

@@ -1,7 +1,9 @@
 """Datasets: SMID as published (`smid`), image-pair folders and the LOL presets (`images`), the offline demo
-dataset (`demo`, also as PNG pairs), config -> pairs (`source`)."""
+dataset (`demo`, also as PNG pairs), the prepared cache's format (`cache`), config -> pairs (`source`), and the
+data layer's error (`errors.DataError`)."""
 
 from lfpv_fast.data.demo import DemoPaths, make_demo_dataset
-from lfpv_fast.data.smid import DataError, Pair, load_frame, resize_linear
+from lfpv_fast.data.errors import DataError
+from lfpv_fast.data.smid import Pair, load_frame, resize_linear
 
 __all__ = ["DataError", "DemoPaths", "Pair", "load_frame", "make_demo_dataset", "resize_linear"]

@@ -54,7 +54,7 @@ from pathlib import Path
 
 import numpy as np
 
-from lfpv_fast.data.smid import DataError
+from lfpv_fast.data.errors import DataError
 
 FORMAT = "lfpv_fast.demo"
 VERSION = 1

@@ -11,7 +11,7 @@ the scene pairs with it. Frames are reversed to RGB and resized to `resize` (wid
 bilinear interpolation without antialiasing, exactly OpenCV's INTER_LINEAR formula (half-pixel
 centres, clamped at the borders), then rounded to uint8 as `cv2.resize` does on uint8 input.
 
-Every check raises `DataError` naming the file or folder and what was expected.
+Every check raises `DataError` (lfpv_fast.data.errors) naming the file or folder and what was expected.
 """
 
 from __future__ import annotations
@@ -23,12 +23,11 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from lfpv_fast.data.errors import DataError, few
+from lfpv_fast.data.lists import read_name_list
+
 NPY = ".npy"
 GT_SKIP = (".ARW", "half")
-
-
-class DataError(ValueError):
-    """A dataset file or folder that cannot be used; the message names it and what was expected."""
 
 
 # ---------------------------------------------------------------------------------------------
@@ -172,7 +171,7 @@ def scan_tree(lq_root: str | Path, gt_root: str | Path) -> Tree:
     if only_lq or only_gt:
         raise DataError(
             f"LQ root {lq_root} and GT root {gt_root} do not hold the same scenes: "
-            f"only in LQ: {_few(only_lq)}; only in GT: {_few(only_gt)}"
+            f"only in LQ: {few(only_lq)}; only in GT: {few(only_gt)}"
         )
     scenes = []
     for name in lq_scenes:
@@ -184,31 +183,10 @@ def scan_tree(lq_root: str | Path, gt_root: str | Path) -> Tree:
         if gt is None:
             raise DataError(
                 f"GT scene folder {gt_root / name} has no ground truth: expected a .npy file whose name "
-                f"contains neither '.ARW' nor 'half' (found {_few(gt_names)})"
+                f"contains neither '.ARW' nor 'half' (found {few(gt_names)})"
             )
         scenes.append(Scene(name, gt, tuple(frames)))
     return Tree(lq_root, gt_root, tuple(scenes), bgr=True)
-
-
-def _few(names: list[str], n: int = 5) -> str:
-    if not names:
-        return "none"
-    more = f" and {len(names) - n} more" if len(names) > n else ""
-    return ", ".join(names[:n]) + more
-
-
-def read_name_list(path: str | Path, what: str = "test-scene list", items: str = "scenes") -> list[str]:
-    """A list file: one name a line; blank lines and `#` comments are ignored. Errors name the file."""
-    path = Path(path)
-    try:
-        text = path.read_text()
-    except OSError as exc:
-        raise DataError(f"{what} {path}: cannot be read ({exc})") from exc
-    names = [line.split("#", 1)[0].strip() for line in text.splitlines()]
-    names = [n for n in names if n]
-    if not names:
-        raise DataError(f"{what} {path} names no {items}")
-    return names
 
 
 def read_scene_list(path: str | Path) -> list[str]:
@@ -237,7 +215,7 @@ def split_pairs(tree: Tree, test_scenes: list[str], test_frames: int, split: str
     missing = sorted(set(test_scenes) - known)
     if missing:
         raise DataError(
-            f"test-scene list {list_file or '<given>'} names scenes that are not in {tree.lq_root}: {_few(missing)}"
+            f"test-scene list {list_file or '<given>'} names scenes that are not in {tree.lq_root}: {few(missing)}"
         )
     held_out = set(test_scenes)
     pairs = []

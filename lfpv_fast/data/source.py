@@ -7,8 +7,10 @@ from pathlib import Path
 from typing import Literal
 
 from lfpv_fast.config import ConfigError, DataConfig, resolve_data_file
-from lfpv_fast.data.images import PRESETS, Naming, preset_folders, scan_pairs, split_by_list
-from lfpv_fast.data.smid import DataError, Pair, Tree, check_pairs, read_scene_list, scan_tree, split_pairs
+from lfpv_fast.data.cache import read_manifest
+from lfpv_fast.data.errors import DataError
+from lfpv_fast.data.images import LAYOUTS, Naming, find_layout, scan_pairs, split_by_list
+from lfpv_fast.data.smid import Pair, Tree, check_pairs, read_scene_list, scan_tree, split_pairs
 
 
 @dataclass(frozen=True)
@@ -21,13 +23,7 @@ class SplitData:
     format: Literal["npy", "image"] = "npy"  # .npy arrays or encoded image files (PNG, JPEG, TIFF)
     bits: tuple[int, int] = (8, 8)  # sample depth of the LQ and of the GT files (image files: 8 or 16)
     sizes: tuple[tuple[int, int], ...] | None = None  # image files: each pair's stored (w, h)
-
-    def read_size(self, index: int) -> tuple[int, int]:
-        """(w, h) of pair `index` after reading (and resizing)."""
-        if self.size is not None:
-            return self.size
-        assert self.sizes is not None
-        return self.sizes[index]
+    found: str = ""  # what was found where (the layout, the folders, the naming): one line for the log
 
 
 def _tree_and_list(d: DataConfig) -> tuple[Tree | None, Path, Path | None, Path | None]:
@@ -45,8 +41,6 @@ def _tree_and_list(d: DataConfig) -> tuple[Tree | None, Path, Path | None, Path 
     test_list = resolve_data_file(str(d.test_scenes or default_list))
     prepared = None
     if d.prepared_root:
-        from lfpv_fast.prepare import read_manifest
-
         prepared = read_manifest(d.prepared_root)
     return prepared, test_list, lq, gt
 
@@ -76,47 +70,65 @@ def resolve_split(d: DataConfig, split: str) -> SplitData:
         tree, resize = scan_tree(lq, gt), size
     pairs = split_pairs(tree, read_scene_list(test_list), d.test_frames, split, str(test_list))
     check_pairs(pairs, (size[1], size[0], 3) if resize is None else None)
-    return SplitData(pairs, tree.bgr, resize, size, test_list)
+    source = f"the prepared cache {d.prepared_root}" if prepared is not None else \
+        f"{tree.lq_root} with {tree.gt_root}, resized to {size[0]}x{size[1]}"
+    found = (f"{split} split: {d.dataset}, {source}; {len(pairs)} frames of "
+             f"{len({p.scene for p in pairs})} scenes")
+    return SplitData(pairs, tree.bgr, resize, size, test_list, found=found)
 
 
 # ---------------------------------------------------------------------------------------------
 # Image datasets: pairs, the presets, demo_png
 
 
-def _image_folders(d: DataConfig, split: str) -> tuple[Path, Path, Naming, Path | None]:
-    """(LQ folder, GT folder, naming, test list or None) of a split, before any file is read."""
-    if d.dataset in PRESETS or d.dataset == "demo_png":
+@dataclass(frozen=True)
+class ImageFolders:
+    """Where the pairs of a split are, before any file is read."""
+
+    lq: Path
+    gt: Path
+    naming: Naming
+    test_list: Path | None  # pairs listed here are the test split (held out of training)
+    rule: str | None = None  # where the naming comes from, for messages (None: the data.*_prefix/suffix keys)
+    found: str = ""  # the layout found (presets)
+
+
+def _image_folders(d: DataConfig, split: str) -> ImageFolders:
+    if d.dataset in LAYOUTS or d.dataset == "demo_png":
         if d.dataset == "demo_png":
             from lfpv_fast.data.demo import make_demo_png
 
             root, preset = make_demo_png(d.demo_root), "lol_v1"  # written on first use
         else:
             if not d.root:
-                raise ConfigError(f"dataset {d.dataset!r} needs data.root, the folder of the dataset as distributed "
-                                  "(set it with --set data.root=/path/to/it)")
+                raise ConfigError(f"dataset {d.dataset!r} needs data.root, the folder of the dataset in one of the "
+                                  "layouts it accepts (set it with --set data.root=/path/to/it)")
             root, preset = Path(d.root), d.dataset
-        lq, gt, naming = preset_folders(preset, root, split)
-        return lq, gt, naming, None
+        layout = find_layout(preset, root, split)
+        return ImageFolders(layout.lq, layout.gt, layout.naming, None, layout.rule, layout.describe())
     if not d.lq_root or not d.gt_root:
         raise ConfigError("dataset 'pairs' needs data.lq_root and data.gt_root (the folders of low-light and of "
                           "ground-truth images)")
     naming = Naming(d.lq_prefix, d.lq_suffix, d.gt_prefix, d.gt_suffix)
     if split == "test" and d.test_lq_root:
-        return Path(d.test_lq_root).expanduser(), Path(d.test_gt_root or "").expanduser(), naming, None
-    if d.test_list:
-        return Path(d.lq_root or "").expanduser(), Path(d.gt_root or "").expanduser(), naming, \
-            resolve_data_file(d.test_list)
-    if split == "test":
+        lq, gt, test_list = Path(d.test_lq_root).expanduser(), Path(d.test_gt_root or "").expanduser(), None
+    elif d.test_list:
+        lq, gt, test_list = Path(d.lq_root).expanduser(), Path(d.gt_root).expanduser(), resolve_data_file(d.test_list)
+    elif split == "test":
         raise ConfigError("dataset 'pairs' has no test split: set data.test_lq_root and data.test_gt_root, or list "
                           "held-out images of data.lq_root in data.test_list")
-    return Path(d.lq_root or "").expanduser(), Path(d.gt_root or "").expanduser(), naming, None
+    else:
+        lq, gt, test_list = Path(d.lq_root).expanduser(), Path(d.gt_root).expanduser(), None
+    held = f", held out by {test_list}" if test_list is not None else ""
+    return ImageFolders(lq, gt, naming, test_list, found=f"pairs: {lq} with {gt}, {naming.describe()}{held}")
 
 
 def resolve_image_split(d: DataConfig, split: str) -> SplitData:
     """The image pairs of `split`, header-scanned (see lfpv_fast.data.images)."""
-    lq_root, gt_root, naming, test_list = _image_folders(d, split)
+    folders = _image_folders(d, split)
+    lq_root, test_list = folders.lq, folders.test_list
     what = f"{split}ing split" if split == "train" else "test split"
-    found = scan_pairs(lq_root, gt_root, naming, d.skip_bad, what)
+    found = scan_pairs(lq_root, folders.gt, folders.naming, d.skip_bad, what, folders.rule)
     if test_list is not None:
         train, test = split_by_list(found, lq_root.expanduser(), test_list)
         found = train if split == "train" else test
@@ -140,4 +152,4 @@ def resolve_image_split(d: DataConfig, split: str) -> SplitData:
     pairs = [Pair(p.rel_dir, p.stem, p.lq, p.gt) for p in found]
     bits = (found[0].lq_header.bits, found[0].gt_header.bits)
     return SplitData(pairs, bgr=False, resize=resize, size=size, test_list=test_list, format="image", bits=bits,
-                     sizes=stored)
+                     sizes=stored, found=f"{split} split: {folders.found}; {len(pairs)} pairs")
