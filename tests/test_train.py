@@ -23,18 +23,18 @@ import pytest
 import torch
 import yaml
 
-from lfpv_fast.checkpoint import load_model, read_checkpoint
-from lfpv_fast.config import ConfigError, config_to_dict, load_config
-from lfpv_fast.train import load_run_config, main, parse_args
-from lfpv_fast.trainer import (
-    Trainer,
+from lfpv_fast.checkpoint import (
     capture_rng,
-    cosine_restart_lambda,
     latest_checkpoint,
     list_checkpoints,
-    resolve_features,
+    load_model,
+    read_checkpoint,
     restore_rng,
 )
+from lfpv_fast.config import ConfigError, config_to_dict, load_config
+from lfpv_fast.fast_path import resolve_features
+from lfpv_fast.train import load_run_config, main, parse_args
+from lfpv_fast.trainer import Trainer, cosine_restart_lambda
 
 TINY = [
     "model.nf=8", "model.hr_nf=8", "model.light_blocks=1", "model.layers=1", "model.heads=1", "model.head_dim=16",
@@ -423,7 +423,7 @@ KILL_SCRIPT = textwrap.dedent("""
     import sys
     from pathlib import Path
     import torch
-    from lfpv_fast.trainer import write_checkpoint
+    from lfpv_fast.checkpoint import write_checkpoint
     folder = Path(sys.argv[1])
     for step in range(1, 100000):
         print("writing", step, flush=True)
