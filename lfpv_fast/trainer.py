@@ -383,6 +383,7 @@ class Trainer:
                 self.step += 1
                 if not self._started:
                     self._start_training()
+                self._check_skips()
                 interval_steps += 1
                 bar.update(1)
                 last = self.step == t.iterations
@@ -478,14 +479,6 @@ class Trainer:
                 self.consecutive_skips += 1
                 self.log(f"step {self.step + 1}: non-finite loss or gradient, step skipped ({self.skipped} so far, "
                          f"{self.consecutive_skips} in a row; train.nonfinite=skip)")
-                limit = self.cfg.train.max_consecutive_skips
-                if self.consecutive_skips >= limit:
-                    good = f"the last checkpoint is {self.last_checkpoint}" if self.last_checkpoint else \
-                        "no checkpoint was written"
-                    raise NonFiniteError(f"error: {limit} steps in a row (steps {self.step + 2 - limit} to "
-                                         f"{self.step + 1}) had a non-finite loss or gradient and were skipped "
-                                         f"(train.max_consecutive_skips={limit}): stopping, the run is not learning; "
-                                         f"{good}. Lower train.lr or check the data.")
                 return loss
             self.consecutive_skips = 0
         else:
@@ -499,6 +492,17 @@ class Trainer:
         self.applied_steps += 1
         self.values_per_step = batch["lq"].numel() * self.dist.world_size  # shapes are host metadata: no sync
         return loss
+
+    def _check_skips(self) -> None:
+        """train.nonfinite=skip: too many skipped steps in a row end the run (it is not learning)."""
+        limit = self.cfg.train.max_consecutive_skips
+        if self.consecutive_skips < limit:
+            return
+        good = f"the last checkpoint is {self.last_checkpoint}" if self.last_checkpoint else "no checkpoint was written"
+        raise NonFiniteError(f"error: {limit} steps in a row (steps {self.step - limit + 1} to {self.step}) had a "
+                             f"non-finite loss or gradient and were skipped (train.max_consecutive_skips={limit}): "
+                             f"stopping at step {self.step}, the run is not learning; {good}. Lower train.lr or "
+                             "check the data.")
 
     # -----------------------------------------------------------------------------------------
     # Logging
