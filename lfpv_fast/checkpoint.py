@@ -30,7 +30,7 @@ from lfpv_fast.model import LFPVNet, ModelConfig
 __all__ = ["CHECKPOINT_VERSION", "FORMAT", "CheckpointWriteError", "atomic_save", "atomic_write_text",
            "capture_rng", "check_training_checkpoint", "checkpoint_step", "is_original_state_dict",
            "is_published_architecture", "latest_checkpoint", "list_checkpoints", "load_model", "load_weights",
-           "read_checkpoint", "restore_rng", "restore_training_state", "training_checkpoint",
+           "published_state_dict", "read_checkpoint", "restore_rng", "restore_training_state", "training_checkpoint",
            "weights_only_checkpoint", "write_checkpoint"]
 
 FORMAT = "lfpv_fast"
@@ -282,6 +282,12 @@ def is_original_state_dict(obj: dict[str, Any]) -> bool:
     return "common_feature" in keys and "conv_first_1.weight" in keys
 
 
+def published_state_dict(obj: dict[str, Any]) -> dict[str, Any] | None:
+    """The weights of a file in the published format (bare, or nested under 'params'/'state_dict'), else None."""
+    state = obj.get("params", obj.get("state_dict", obj))
+    return state if isinstance(state, dict) and is_original_state_dict(state) else None
+
+
 def is_published_architecture(config: ModelConfig) -> bool:
     """True for the published SMID model, the only architecture that the published format can describe."""
     return config == ModelConfig()
@@ -302,8 +308,8 @@ def load_model(path: str | Path, backend: str = "auto", config: ModelConfig | No
         net = LFPVNet(cfg, backend=backend)
         load_weights(net, state, path)
         return net
-    state = obj.get("params", obj.get("state_dict", obj))  # published files may nest the weights
-    if isinstance(state, dict) and is_original_state_dict(state):
+    state = published_state_dict(obj)
+    if state is not None:
         check_weights(state, path, entry="state dict")
         try:
             return LFPVNet.from_original_state_dict(state, config=config, backend=backend)

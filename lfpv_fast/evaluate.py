@@ -24,7 +24,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from lfpv_fast.checkpoint import atomic_write_text, is_original_state_dict, load_model, read_checkpoint
+from lfpv_fast.checkpoint import atomic_write_text, load_model, published_state_dict, read_checkpoint
 from lfpv_fast.cli import ArgumentParser, fail, resolve_device
 from lfpv_fast.config import ConfigError, RunConfig, load_config
 from lfpv_fast.data.smid import DataError
@@ -223,7 +223,7 @@ def main(argv: list[str] | None = None) -> int:
         device = resolve_device(args.device)
         check_precision(args.precision, device)
         raw = read_checkpoint(args.checkpoint)
-        published = is_original_state_dict(raw.get("params", raw.get("state_dict", raw)))
+        published = published_state_dict(raw) is not None
         # A published checkpoint carries no config: the config file's model section describes it.
         net = load_model(args.checkpoint, backend=args.backend, config=cfg.model if published else None)
     except (ConfigError, FileNotFoundError, ValueError) as exc:
