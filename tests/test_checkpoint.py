@@ -202,7 +202,7 @@ def test_enhance_and_evaluate_refuse_a_malformed_checkpoint_with_status_2(tmp_pa
     Image.fromarray(np.full((16, 16, 3), 40, np.uint8)).save(tmp_path / "a.png")
     code, err = run(enhance_cli.main, [tmp_path / "a.png", "--checkpoint", path, "-o", tmp_path / "o", "-q"], capsys)
     assert_one_line_error(code, err, str(path), named)
-    assert not list((tmp_path / "o").glob("*.png")) if (tmp_path / "o").exists() else True  # nothing enhanced
+    assert not (tmp_path / "o").exists() or not list((tmp_path / "o").glob("*.png"))  # nothing enhanced
     code, err = run(evaluate_cli.main, ["-c", "demo", "--checkpoint", path, "--device", "cpu", "--out",
                                         tmp_path / "r.json", "--set", f"data.demo_root={tmp_path / 'demo'}"], capsys)
     assert_one_line_error(code, err, str(path), named)
