@@ -139,7 +139,7 @@ def image_file_frame(path: str, height: int, width: int) -> torch.Tensor:
 def input_frame(source: str, height: int, width: int) -> torch.Tensor:
     """The --input frame at (height, width): "photo", "synthetic" or an image file's path."""
     if source == "photo":
-        from lfpv_fast.data.smid import DataError
+        from lfpv_fast.data.errors import DataError
 
         try:
             return dark_photo(height, width)

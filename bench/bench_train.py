@@ -36,8 +36,9 @@ import torch
 
 from lfpv_fast import reference
 from lfpv_fast.config import load_config
+from lfpv_fast.fast_path import resolve_features
 from lfpv_fast.model import LFPVNet
-from lfpv_fast.trainer import Trainer, resolve_features
+from lfpv_fast.trainer import Trainer
 
 BASE = ["train.compile=off", "train.bf16=off", "train.fused_adam=off", "train.channels_last=false",
         "train.cuda_graphs=false", "train.perceptual_weight=0", "logging.progress=false",

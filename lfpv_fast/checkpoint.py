@@ -1,80 +1,292 @@
-"""Checkpoint files: atomic writes, and loading a model from ours or from the published format.
+"""Checkpoint files, the one home of their format: writing (atomic), reading (weights_only), validation.
 
-Everything is read with torch.load(weights_only=True): no file is ever unpickled.
+Two kinds of file are ours: a training checkpoint (`training_checkpoint`: everything an exact resume needs)
+and a weights-only file (`weights_only_checkpoint`: the model and its config). `load_model` also reads the
+published format (a state dict of the published network). Everything is read with
+torch.load(weights_only=True): no file is ever unpickled.
+
+Every reader here checks what it reads before anything uses it: a file that is not a checkpoint, a missing or
+empty entry, a model config with an unknown key, weights of another shape, NaN/inf weights, a random state that
+cannot be restored. Each problem is a one-line ValueError naming the file and what is wrong, which the tools
+print as their `error:` line; so train, evaluate, enhance and the app all refuse the same files the same way.
 """
 
 from __future__ import annotations
 
+import random
 import re
 import zipfile
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
+from lfpv_fast.config import ConfigError, section_from_dict
 from lfpv_fast.files import atomic_write, atomic_write_text
 from lfpv_fast.model import LFPVNet, ModelConfig
 
-__all__ = ["FORMAT", "atomic_save", "atomic_write_text", "is_original_state_dict", "is_published_architecture",
-           "load_model", "read_checkpoint", "weights_only_checkpoint"]
+__all__ = ["CHECKPOINT_VERSION", "FORMAT", "CheckpointWriteError", "atomic_save", "atomic_write_text",
+           "capture_rng", "check_training_checkpoint", "checkpoint_step", "is_original_state_dict",
+           "is_published_architecture", "latest_checkpoint", "list_checkpoints", "load_model", "load_weights",
+           "published_state_dict", "read_checkpoint", "restore_rng", "restore_training_state", "training_checkpoint",
+           "weights_only_checkpoint", "write_checkpoint"]
 
 FORMAT = "lfpv_fast"
+CHECKPOINT_VERSION = 1
+CHECKPOINT_RE = re.compile(r"^step_(\d+)\.pth$")
 _ZIP_MAGIC = b"PK\x03\x04"  # torch.save writes a zip archive
+_TRAINING_KEYS = ("format", "model", "optimizer", "scheduler", "step", "rng", "loader")
+
+
+# ---------------------------------------------------------------------------------------------
+# Writing
+
+
+class CheckpointWriteError(OSError):
+    """A checkpoint could not be written (a full disk, a read-only folder); the message is one line naming the
+    file, and no partial file is left behind."""
 
 
 def atomic_save(obj: Any, path: str | Path) -> None:
     """torch.save to a temporary file in the same folder, fsync, then rename over `path` (see lfpv_fast.files).
 
-    A crash (even kill -9) at any point leaves either the old file or the new one, never a torn file.
+    A crash (even kill -9) at any point leaves either the old file or the new one, never a torn file. A write
+    that fails (ENOSPC, EROFS, ...) removes its temporary file and raises CheckpointWriteError.
     """
-    atomic_write(path, lambda f: torch.save(obj, f))
+    try:
+        atomic_write(path, lambda f: torch.save(obj, f))
+    except (OSError, RuntimeError) as exc:
+        # torch.save reports a failed write as RuntimeError("[enforce fail ...] unexpected pos ...") whose
+        # context is the OSError saying why; name that reason, not torch's internals.
+        reason = _os_error_in_chain(exc)
+        if reason is None:
+            raise
+        raise CheckpointWriteError(f"could not write {path}: {reason.strerror or reason} (nothing was left half "
+                                   "written; the files written before are intact)") from exc
 
 
-def read_checkpoint(path: str | Path) -> dict[str, Any]:
-    """Load a checkpoint file safely (weights_only=True); a file that is not one is a one-line ValueError."""
+def _os_error_in_chain(exc: BaseException | None) -> OSError | None:
+    seen = 0
+    while exc is not None and seen < 10:
+        if isinstance(exc, OSError):
+            return exc
+        exc = exc.__cause__ or exc.__context__
+        seen += 1
+    return None
+
+
+def checkpoint_step(path: Path) -> int | None:
+    """N for a file named step_N.pth, else None."""
+    m = CHECKPOINT_RE.match(path.name)
+    return int(m.group(1)) if m else None
+
+
+def list_checkpoints(folder: Path) -> list[Path]:
+    """The step_*.pth files in `folder`, oldest first (temporary files of interrupted writes are ignored)."""
+    if not folder.is_dir():
+        return []
+    found = [p for p in folder.iterdir() if checkpoint_step(p) is not None]
+    return sorted(found, key=lambda p: checkpoint_step(p))
+
+
+def latest_checkpoint(run_dir: Path) -> Path | None:
+    found = list_checkpoints(Path(run_dir) / "checkpoints")
+    return found[-1] if found else None
+
+
+def write_checkpoint(state: dict[str, Any], folder: Path, step: int, keep: int) -> Path:
+    """Atomically write `folder`/step_<step>.pth, then delete all but the newest `keep`."""
+    path = folder / f"step_{step:08d}.pth"
+    atomic_save(state, path)
+    for old in list_checkpoints(folder)[:-keep]:
+        old.unlink(missing_ok=True)
+    return path
+
+
+def capture_rng() -> dict[str, Any]:
+    """Every global RNG as tensors and plain Python values (readable with weights_only=True)."""
+    np_name, np_keys, np_pos, np_has_gauss, np_gauss = np.random.get_state()
+    py_version, py_state, py_gauss = random.getstate()
+    return {
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+        "numpy": {"name": str(np_name), "keys": [int(k) for k in np_keys], "pos": int(np_pos),
+                  "has_gauss": int(np_has_gauss), "cached_gaussian": float(np_gauss)},
+        "python": {"version": int(py_version), "state": [int(v) for v in py_state], "gauss_next": py_gauss},
+    }
+
+
+def restore_rng(state: dict[str, Any]) -> None:
+    """Set every global RNG from capture_rng()'s dict (CUDA states only where the device count matches)."""
+    torch.set_rng_state(state["torch"])
+    if state["cuda"] and torch.cuda.is_available() and len(state["cuda"]) == torch.cuda.device_count():
+        torch.cuda.set_rng_state_all(state["cuda"])
+    np.random.set_state(_numpy_state(state["numpy"]))
+    random.setstate(_python_state(state["python"]))
+
+
+def _numpy_state(n: dict[str, Any]) -> tuple:
+    return (n["name"], np.asarray(n["keys"], dtype=np.uint32), n["pos"], n["has_gauss"], n["cached_gaussian"])
+
+
+def _python_state(p: dict[str, Any]) -> tuple:
+    return (p["version"], tuple(p["state"]), p["gauss_next"])
+
+
+def training_checkpoint(net: LFPVNet, optimizer: torch.optim.Optimizer, scheduler: Any, *, step: int,
+                        best_psnr: float | None, config: dict[str, Any], loader_state: dict[str, Any],
+                        world_size: int) -> dict[str, Any]:
+    """Everything a bit-exact resume needs, as tensors and plain values (no pickled objects)."""
+    return {
+        "format": FORMAT,
+        "version": CHECKPOINT_VERSION,
+        "model_config": asdict(net.config),
+        "model": {k: v.detach().cpu() for k, v in net.state_dict().items()},
+        "optimizer": optimizer.state_dict(),
+        "scheduler": scheduler.state_dict(),
+        "step": step,
+        "best_psnr": best_psnr,
+        "config": config,
+        "rng": capture_rng(),
+        "draw_generator": net.draw_generator.get_state(),
+        "loader": {k: int(v) for k, v in loader_state.items()},
+        "world_size": world_size,
+    }
+
+
+def weights_only_checkpoint(net: LFPVNet) -> dict[str, Any]:
+    """The exported weights file: model state (banks included) and its config, nothing else."""
+    return {"format": FORMAT, "model_config": asdict(net.config),
+            "model": {k: v.detach().cpu() for k, v in net.state_dict().items()}}
+
+
+# ---------------------------------------------------------------------------------------------
+# Reading
+
+
+def read_checkpoint(path: str | Path, what: str = "checkpoint") -> dict[str, Any]:
+    """Load a torch file safely (weights_only=True); one that is not a dict of them is a one-line ValueError.
+
+    `what` names the file in messages ("checkpoint", "VGG19 weights file").
+    """
     path = Path(path)
     if path.is_dir():
-        raise ValueError(f"checkpoint {path} is a folder, expected a checkpoint file (.pth), e.g. a run's "
-                         "final_weights.pth")
+        expected = ", expected a checkpoint file (.pth), e.g. a run's final_weights.pth" if what == "checkpoint" else ""
+        raise ValueError(f"{what} {path} is a folder, not a file{expected}")
     if not path.is_file():
-        raise FileNotFoundError(f"checkpoint {path} does not exist")
+        raise FileNotFoundError(f"{what} {path} does not exist")
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # any failure means "not a checkpoint we can read": say which kind
+    except Exception as exc:  # any failure means "not a file we can read": say which kind
         # `from None`: torch's own text would suggest weights_only=False, which would run code from the file.
-        raise ValueError(_why_unreadable(path, exc)) from None
+        raise ValueError(_why_unreadable(path, exc, what)) from None
     if not isinstance(obj, dict):
-        raise ValueError(f"checkpoint {path}: expected a dict of weights, got {type(obj).__name__}")
+        raise ValueError(f"{what} {path}: expected a dict of weights, got {_kind(obj)}")
     return obj
 
 
-def _why_unreadable(path: Path, exc: Exception) -> str:
+def _why_unreadable(path: Path, exc: Exception, what: str) -> str:
     with open(path, "rb") as f:
         head = f.read(len(_ZIP_MAGIC))
     if not head:
-        return f"checkpoint {path} is empty (0 bytes): not a checkpoint"
+        return f"{what} {path} is empty (0 bytes): not a torch file"
     pickled = re.search(r"GLOBAL ([\w.]+)", str(exc))
     if pickled:
-        return (f"checkpoint {path} holds a pickled Python object ({pickled.group(1)}), which lfpv_fast never "
+        return (f"{what} {path} holds a pickled Python object ({pickled.group(1)}), which lfpv_fast never "
                 "loads (it reads tensors and plain values only); save the weights as a state dict instead: "
                 "torch.save(model.state_dict(), path)")
     if head == _ZIP_MAGIC:
         if not zipfile.is_zipfile(path):
-            return f"checkpoint {path} is truncated or damaged (a torch file cut short: an incomplete copy or write?)"
+            return f"{what} {path} is truncated or damaged (a torch file cut short: an incomplete copy or write?)"
         first_line = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
-        return f"checkpoint {path} is a damaged torch file ({first_line[:200]})"
-    return f"checkpoint {path} is not a checkpoint (not a file written by torch.save)"
+        return f"{what} {path} is a damaged torch file ({first_line[:200]})"
+    return f"{what} {path} is not a torch file (not written by torch.save)"
+
+
+def _kind(value: Any) -> str:
+    if torch.is_tensor(value):
+        return f"a tensor of shape {tuple(value.shape)}"
+    return f"a {type(value).__name__}"
+
+
+def _shape(t: torch.Tensor) -> str:
+    return "(" + ", ".join(str(s) for s in t.shape) + ")"
+
+
+def check_weights(state: Any, path: str | Path, entry: str = "model") -> dict[str, torch.Tensor]:
+    """A state dict as read from `path`: a non-empty dict of tensors, none holding NaN or inf."""
+    if not isinstance(state, dict):
+        raise ValueError(f"checkpoint {path}: '{entry}' must be a dict of tensors (the weights), got {_kind(state)}")
+    if not state:
+        raise ValueError(f"checkpoint {path}: '{entry}' holds no weights (an empty dict)")
+    for key, value in state.items():
+        if not torch.is_tensor(value):
+            raise ValueError(f"checkpoint {path}: '{entry}' entry {key!r} is {_kind(value)}, not a tensor")
+        if value.is_floating_point() or value.is_complex():
+            bad = int((~torch.isfinite(value)).sum())
+            if bad:
+                raise ValueError(f"checkpoint {path}: tensor {key!r} holds {bad} NaN/inf value(s) of {value.numel()}; "
+                                 "these weights cannot enhance anything (saved from a run that diverged?)")
+    return state
+
+
+def model_config_of(obj: dict[str, Any], path: str | Path) -> ModelConfig:
+    """The ModelConfig stored in one of our files, every key checked (unknown keys, types, ranges)."""
+    values = obj.get("model_config")
+    if not isinstance(values, dict):
+        got = "no 'model_config' entry" if "model_config" not in obj else f"'model_config' is {_kind(values)}"
+        raise ValueError(f"checkpoint {path}: {got}; an lfpv_fast checkpoint holds its model config as a dict")
+    try:
+        return section_from_dict(ModelConfig, values, f"checkpoint {path}: model_config")
+    except ConfigError as exc:
+        raise ValueError(f"{exc} (a file from another version of lfpv_fast, or edited?)") from None
+
+
+def load_weights(net: LFPVNet | torch.nn.Module, state: dict[str, torch.Tensor], path: str | Path) -> None:
+    """Load a checked state dict strictly; a mismatch is one line naming the first keys that differ."""
+    own = net.state_dict()
+    missing = [k for k in own if k not in state]
+    unexpected = [k for k in state if k not in own]
+    shapes = [k for k in own if k in state and state[k].shape != own[k].shape]
+    if missing or unexpected or shapes:
+        parts = []
+        if shapes:
+            first = ", ".join(f"{k!r} is {_shape(state[k])} in the file, {_shape(own[k])} in the model"
+                              for k in shapes[:2])
+            parts.append(f"{len(shapes)} tensor(s) differ in shape ({first}{', ...' if len(shapes) > 2 else ''})")
+        for name, keys in (("missing", missing), ("unexpected", unexpected)):
+            if keys:
+                parts.append(f"{len(keys)} {name} key(s) ({', '.join(repr(k) for k in keys[:3])}"
+                             f"{', ...' if len(keys) > 3 else ''})")
+        config = getattr(net, "config", None)
+        model = f"the model config {_describe_config(config)}" if isinstance(config, ModelConfig) else "the model"
+        raise ValueError(f"checkpoint {path}: its weights do not fit {model}: {'; '.join(parts)}")
+    try:
+        net.load_state_dict(state, strict=True)
+    except RuntimeError as exc:  # dtypes that cannot be copied, and the like: torch's first line is enough
+        first_line = (str(exc).strip().splitlines() or [type(exc).__name__])[-1].strip()
+        raise ValueError(f"checkpoint {path}: its weights cannot be loaded: {first_line[:200]}") from None
+
+
+def _describe_config(config: ModelConfig) -> str:
+    """The fields that differ from the published model, e.g. (nf=8, layers=1); (published SMID) if none."""
+    default = asdict(ModelConfig())
+    changed = [f"{k}={v}" for k, v in asdict(config).items() if v != default[k]]
+    return f"({', '.join(changed)})" if changed else "(the published SMID model)"
 
 
 def is_original_state_dict(obj: dict[str, Any]) -> bool:
     """True for a state dict of the published code (recognised by its keys)."""
-    keys = {k[len("module."):] if k.startswith("module.") else k for k in obj}
+    keys = {k[len("module."):] if isinstance(k, str) and k.startswith("module.") else k for k in obj}
     return "common_feature" in keys and "conv_first_1.weight" in keys
 
 
-def model_config_from_dict(values: dict[str, Any]) -> ModelConfig:
-    return ModelConfig(**values)
+def published_state_dict(obj: dict[str, Any]) -> dict[str, Any] | None:
+    """The weights of a file in the published format (bare, or nested under 'params'/'state_dict'), else None."""
+    state = obj.get("params", obj.get("state_dict", obj))
+    return state if isinstance(state, dict) and is_original_state_dict(state) else None
 
 
 def is_published_architecture(config: ModelConfig) -> bool:
@@ -89,15 +301,17 @@ def load_model(path: str | Path, backend: str = "auto", config: ModelConfig | No
     """
     obj = read_checkpoint(path)
     if obj.get("format") == FORMAT:
-        cfg = config or model_config_from_dict(obj["model_config"])
+        cfg = config or model_config_of(obj, path)
+        if "model" not in obj:
+            raise ValueError(f"checkpoint {path} has no 'model' entry: it holds no weights "
+                             f"(entries: {', '.join(map(str, obj))})")
+        state = check_weights(obj["model"], path)
         net = LFPVNet(cfg, backend=backend)
-        try:
-            net.load_state_dict(obj["model"], strict=True)
-        except RuntimeError as exc:
-            raise ValueError(f"checkpoint {path}: weights do not fit the model config: {exc}") from exc
+        load_weights(net, state, path)
         return net
-    state = obj.get("params", obj.get("state_dict", obj))  # published files may nest the weights
-    if isinstance(state, dict) and is_original_state_dict(state):
+    state = published_state_dict(obj)
+    if state is not None:
+        check_weights(state, path, entry="state dict")
         try:
             return LFPVNet.from_original_state_dict(state, config=config, backend=backend)
         except (KeyError, ValueError, TypeError) as exc:
@@ -119,7 +333,91 @@ def _not_the_published_architecture(path: str | Path, state: dict[str, Any]) -> 
             "For a model trained with lfpv_fast use the run's final_weights.pth, which carries its config")
 
 
-def weights_only_checkpoint(net: LFPVNet) -> dict[str, Any]:
-    """The exported weights file: model state (banks included) and its config, nothing else."""
-    return {"format": FORMAT, "model_config": asdict(net.config),
-            "model": {k: v.detach().cpu() for k, v in net.state_dict().items()}}
+# ---------------------------------------------------------------------------------------------
+# Training checkpoints: checked whole before a resume changes anything
+
+
+def check_training_checkpoint(obj: dict[str, Any], path: str | Path, model_config: ModelConfig) -> None:
+    """Everything a resume will read, checked without touching any state: the entries exist and have the right
+    form, the model config is the run's, the weights are finite and the random states can be restored."""
+    missing = [k for k in _TRAINING_KEYS if k not in obj]
+    if obj.get("format") != FORMAT or missing:
+        raise ValueError(f"checkpoint {path} is not a training checkpoint of lfpv_fast (missing {missing}); "
+                         "weights-only files can be evaluated but not resumed")
+    version = obj.get("version", CHECKPOINT_VERSION)
+    if not isinstance(version, int) or version > CHECKPOINT_VERSION:
+        raise ValueError(f"checkpoint {path} has format version {version!r}; this lfpv_fast reads version "
+                         f"{CHECKPOINT_VERSION} (a file from a newer release?)")
+    stored = model_config_of(obj, path)
+    if stored != model_config:
+        raise ValueError(f"checkpoint {path} was trained with model config {asdict(stored)}, but the run config has "
+                         f"{asdict(model_config)}; resume with the run's config.yaml")
+    check_weights(obj["model"], path)
+    step = obj["step"]
+    if not isinstance(step, int) or isinstance(step, bool) or step < 0:
+        raise ValueError(f"checkpoint {path}: 'step' must be a whole number >= 0, got {step!r}")
+    best = obj.get("best_psnr")
+    if best is not None and not isinstance(best, (int, float)):
+        raise ValueError(f"checkpoint {path}: 'best_psnr' must be a number or None, got {_kind(best)}")
+    optimizer = obj["optimizer"]
+    if not (isinstance(optimizer, dict) and isinstance(optimizer.get("state"), dict)
+            and isinstance(optimizer.get("param_groups"), list) and optimizer["param_groups"]
+            and all(isinstance(g, dict) and isinstance(g.get("params"), list) for g in optimizer["param_groups"])):
+        raise ValueError(f"checkpoint {path}: 'optimizer' is not an optimizer state (expected a dict with 'state' "
+                         f"and a non-empty list 'param_groups'), got {_describe_value(optimizer)}")
+    if not (isinstance(obj["scheduler"], dict) and obj["scheduler"]):
+        raise ValueError(f"checkpoint {path}: 'scheduler' is not a scheduler state, got "
+                         f"{_describe_value(obj['scheduler'])}")
+    loader = obj["loader"]
+    if not (isinstance(loader, dict) and loader and all(isinstance(v, int) for v in loader.values())):
+        raise ValueError(f"checkpoint {path}: 'loader' must be the loader's position (a dict of whole numbers such "
+                         f"as epoch and batch), got {_describe_value(loader)}")
+    _check_rng(obj["rng"], path)
+    try:
+        torch.Generator().set_state(obj.get("draw_generator"))
+    except (RuntimeError, TypeError) as exc:
+        raise ValueError(f"checkpoint {path}: 'draw_generator' is not a saved torch.Generator state "
+                         f"({_describe_value(obj.get('draw_generator'))}: {_first_line(exc)})") from None
+
+
+def _check_rng(rng: Any, path: str | Path) -> None:
+    """Restore each saved random state into a scratch generator: what would fail in restore_rng fails here."""
+    try:
+        if not isinstance(rng, dict):
+            raise TypeError(f"expected a dict, got {_kind(rng)}")
+        torch.Generator().set_state(rng["torch"])
+        if not (isinstance(rng["cuda"], list) and all(torch.is_tensor(s) and s.dtype == torch.uint8
+                                                      for s in rng["cuda"])):
+            raise TypeError("'cuda' must be a list of uint8 tensors")
+        np.random.RandomState().set_state(_numpy_state(rng["numpy"]))
+        random.Random().setstate(_python_state(rng["python"]))
+    except (KeyError, TypeError, ValueError, RuntimeError, IndexError) as exc:
+        reason = f"missing {exc}" if isinstance(exc, KeyError) else _first_line(exc)
+        raise ValueError(f"checkpoint {path}: 'rng' is not a saved random state ({reason})") from None
+
+
+def _first_line(exc: BaseException) -> str:
+    return ((str(exc).strip().splitlines() or [type(exc).__name__])[0])[:200]
+
+
+def _describe_value(value: Any) -> str:
+    if isinstance(value, dict):
+        return "an empty dict" if not value else f"a dict with keys {sorted(map(str, value))[:6]}"
+    return _kind(value)
+
+
+def restore_training_state(obj: dict[str, Any], path: str | Path, *, optimizer: torch.optim.Optimizer,
+                           scheduler: Any, draw_generator: torch.Generator, loader: Any) -> tuple[int, float | None]:
+    """Put a checked training checkpoint's state into the run's objects (and the global RNGs).
+
+    Returns (step, best_psnr). A state that does not fit (an optimizer of another model) is a one-line ValueError.
+    """
+    for name, target in (("optimizer", optimizer), ("scheduler", scheduler), ("loader", loader)):
+        try:
+            target.load_state_dict(obj[name])
+        except (ValueError, KeyError, TypeError, RuntimeError, IndexError) as exc:
+            reason = f"missing {exc}" if isinstance(exc, KeyError) else _first_line(exc)
+            raise ValueError(f"checkpoint {path}: its '{name}' state does not fit this run ({reason})") from None
+    restore_rng(obj["rng"])
+    draw_generator.set_state(obj["draw_generator"])
+    return int(obj["step"]), obj.get("best_psnr")

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -38,6 +39,8 @@ IMAGE_DATASETS = ("pairs", "demo_png", *IMAGE_PRESETS)
 # The largest frame that data.resize and `prepare --resize` accept (2**25 pixels, e.g. 8192 x 4096): a bound on
 # what one decoded and resized frame may take in memory, far above the datasets' sizes.
 MAX_RESIZE_PIXELS = 1 << 25
+# The largest train.lr accepted: Adam moves each weight by about lr per step.
+MAX_LR = 1.0
 
 
 @dataclass
@@ -199,6 +202,8 @@ class TrainConfig:
     keep_checkpoints: int = 3
     # What to do when the loss or a gradient is NaN/Inf: stop, or skip the step.
     nonfinite: Literal["stop", "skip"] = "stop"
+    # With nonfinite=skip: stop (exit 1) after this many skipped steps in a row (a run that is not learning).
+    max_consecutive_skips: int = 10
     # Fast-path switches ("auto" means on where a GPU is used, off on the CPU).
     device: Literal["auto", "cpu", "cuda"] = "auto"
     backend: Literal["auto", "reference", "triton"] = "auto"
@@ -357,6 +362,11 @@ def _build_section(cls: type, values: dict[str, Any], where: str) -> Any:
         raise ConfigError(f"{where}: {exc}") from exc
 
 
+def section_from_dict(cls: type, values: dict[str, Any], where: str) -> Any:
+    """One config dataclass (e.g. ModelConfig) from a dict, every key and type checked; errors start with `where`."""
+    return _build_section(cls, values, where)
+
+
 def config_from_dict(raw: dict[str, Any], source: str = "<dict>") -> RunConfig:
     """Build and validate a RunConfig from a nested dict (as read from YAML)."""
     cfg = _build_config(raw, source)
@@ -460,9 +470,18 @@ def validate(cfg: RunConfig, where: str | None = None) -> None:
         raise ConfigError(f"{src}: train.keep_checkpoints must be >= 1, got {t.keep_checkpoints}")
     if t.restart_period < 1:
         raise ConfigError(f"{src}: train.restart_period must be >= 1, got {t.restart_period}")
-    if t.lr <= 0 or not 0 <= t.eta_min <= t.lr:
-        raise ConfigError(f"{src}: train.lr must be > 0 and train.eta_min in [0, train.lr], got lr={t.lr}, "
-                          f"eta_min={t.eta_min}")
+    for key in ("lr", "eta_min", "weight_decay", "pixel_weight", "perceptual_weight"):
+        if not math.isfinite(getattr(t, key)):
+            raise ConfigError(f"{src}: train.{key} must be a finite number, got {getattr(t, key)}")
+    if not 0 < t.lr <= MAX_LR:
+        # Adam's step is about lr per weight: beyond 1 it overflows or diverges at once.
+        raise ConfigError(f"{src}: train.lr must be in (0, {MAX_LR:g}], got {t.lr:g} (the published rate is 4e-4)")
+    if not 0 <= t.eta_min <= t.lr:
+        raise ConfigError(f"{src}: train.eta_min must be in [0, train.lr], got eta_min={t.eta_min:g}, lr={t.lr:g}")
+    if t.weight_decay < 0:
+        raise ConfigError(f"{src}: train.weight_decay must be >= 0, got {t.weight_decay}")
+    if t.max_consecutive_skips < 1:
+        raise ConfigError(f"{src}: train.max_consecutive_skips must be >= 1, got {t.max_consecutive_skips}")
     if not all(0 <= b < 1 for b in t.betas):
         raise ConfigError(f"{src}: train.betas must be in [0, 1), got {t.betas}")
     if t.pixel_weight < 0 or t.perceptual_weight < 0:

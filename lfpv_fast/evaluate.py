@@ -13,7 +13,9 @@ lfpv_fast.metrics.psnr_gt_mean), reported under that name. Accepts our checkpoin
 from __future__ import annotations
 
 import json
+import os
 import sys
+import tempfile
 import time
 from dataclasses import asdict
 from pathlib import Path
@@ -22,7 +24,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from lfpv_fast.checkpoint import atomic_write_text, is_original_state_dict, load_model, read_checkpoint
+from lfpv_fast.checkpoint import atomic_write_text, load_model, published_state_dict, read_checkpoint
 from lfpv_fast.cli import ArgumentParser, fail, resolve_device
 from lfpv_fast.config import ConfigError, RunConfig, load_config
 from lfpv_fast.data.errors import DataError
@@ -165,6 +167,25 @@ def describe_model_config(used: ModelConfig, from_checkpoint: bool, cfg: RunConf
             + ", ".join(differs))
 
 
+def check_writable(target: Path, flag: str, folder: bool = False) -> None:
+    """Fail now, not after the whole evaluation, if `target` (a file, or a folder with folder=True) cannot be
+    written: a file is created and removed in its nearest existing folder (the missing ones are made later)."""
+    if not folder and target.is_dir():
+        raise ValueError(f"{flag} {target} is a folder; give a file name, e.g. {target / 'results.json'}")
+    existing = target if folder else target.parent
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir():
+        raise ValueError(f"{flag} {target} cannot be written: {existing} is a file, not a folder")
+    try:
+        fd, probe = tempfile.mkstemp(prefix=".lfpv-write-check.", dir=existing)
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as exc:
+        raise ValueError(f"{flag} {target} cannot be written ({exc.strerror} in {existing}); choose another place "
+                         f"with {flag}") from None
+
+
 def build_parser() -> ArgumentParser:
     p = ArgumentParser(prog="python -m lfpv_fast.evaluate", description=__doc__.split("\n\n")[1])
     p.add_argument("-c", "--config", required=True, help="run config (path, or a packaged name: smid, demo)")
@@ -192,12 +213,17 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.max_images is not None and args.max_images < 1:
         parser.error(f"--max-images must be >= 1, got {args.max_images}")
+    out = args.out or Path(args.checkpoint).with_name(f"eval_{Path(args.checkpoint).stem}.json")
     try:
+        # First: where the results go. A run of hours must not end with nowhere to write them.
+        check_writable(out, "--out" if args.out else "--out (default: next to the checkpoint)")
+        if args.save_images is not None:
+            check_writable(args.save_images, "--save-images", folder=True)
         cfg = load_config(args.config, args.overrides)
         device = resolve_device(args.device)
         check_precision(args.precision, device)
         raw = read_checkpoint(args.checkpoint)
-        published = is_original_state_dict(raw.get("params", raw.get("state_dict", raw)))
+        published = published_state_dict(raw) is not None
         # A published checkpoint carries no config: the config file's model section describes it.
         net = load_model(args.checkpoint, backend=args.backend, config=cfg.model if published else None)
     except (ConfigError, FileNotFoundError, ValueError) as exc:
@@ -216,8 +242,6 @@ def main(argv: list[str] | None = None) -> int:
                    device=str(device), precision=args.precision, compiled=args.compile,
                    seconds=round(time.perf_counter() - start, 2),
                    model_config=asdict(net.config), model_config_source="config" if published else "checkpoint")
-    out = args.out or Path(args.checkpoint).with_name(f"eval_{Path(args.checkpoint).stem}.json")
-    atomic_write_text(out, json.dumps(summary, indent=2))
     if "per_image" in summary:
         print(format_image_table(summary))
         print(f"input (dark) PSNR, mean of images: {summary['input_psnr']:.4f}")
@@ -226,6 +250,12 @@ def main(argv: list[str] | None = None) -> int:
         if "psnr_gt_mean_all_frames" in summary:
             print(f"GT-mean PSNR, mean of frames: {summary['psnr_gt_mean_all_frames']:.4f}")
         print(f"input (dark) PSNR, mean of frames: {summary['input_psnr_all_frames']:.4f}")
+    sys.stdout.flush()
+    try:  # the results are printed above, so a failure here (a disk that filled up meanwhile) loses nothing shown
+        atomic_write_text(out, json.dumps(summary, indent=2))
+    except OSError as exc:
+        fail(f"could not write the results file {out}: {exc.strerror or exc}; the results are printed above")
+        return 1
     print(f"results written to {out}" + (f"; images in {args.save_images}" if args.save_images else ""))
     return 0
 

@@ -158,16 +158,16 @@ class PerceptualLoss(nn.Module):
     def from_file(cls, path: str | Path, reduction: str = "sum",
                   layer_weights: Sequence[float] = LAYER_WEIGHTS) -> PerceptualLoss:
         """A PerceptualLoss with VGG19 weights from a torchvision-format file (torch.load, weights_only)."""
+        from lfpv_fast.checkpoint import read_checkpoint  # the one safe reader of torch files
+
         path = Path(path)
-        if not path.is_file():
-            raise FileNotFoundError(f"VGG19 weights file {path} does not exist")
-        try:
-            state = torch.load(path, map_location="cpu", weights_only=True)
-        except Exception as exc:  # not a torch file, truncated, or holding pickled objects we refuse
-            raise ValueError(f"VGG19 weights file {path} could not be read as a weights-only torch file: {exc}") \
-                from exc
+        # Not a torch file, truncated, a pickled object, a bare tensor: a one-line ValueError naming the file.
+        state = read_checkpoint(path, what="VGG19 weights file")
         loss = cls(reduction=reduction, layer_weights=layer_weights)
-        loss.load_vgg_weights(state, source=f"VGG19 weights file {path}")
+        try:
+            loss.load_vgg_weights(state, source=f"VGG19 weights file {path}")
+        except (KeyError, TypeError) as exc:  # wrong keys or values: the same one-line input error
+            raise ValueError(exc.args[0] if exc.args else str(exc)) from None
         return loss
 
     def forward(self, pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:

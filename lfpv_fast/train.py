@@ -10,8 +10,12 @@
 its latest checkpoint that can be read (a damaged newer one is skipped, with a message), or from the checkpoint
 given (its run folder is then the default --out); without -c a resumed run reads the run folder's config.yaml,
 so `--out DIR --resume --set train.iterations=N` extends a run.
-Exit status: 0 done or stopped by SIGINT/SIGTERM (after a checkpoint), 1 non-finite loss, 2 bad arguments,
-config or data (one line on stderr starting with "error:"), 130 a second Ctrl-C.
+A resume that cannot start (a bad checkpoint, setting or data file) exits 2 having changed nothing in the run
+folder; newer checkpoints of an abandoned continuation are set aside (.abandoned) only once training resumes.
+Exit status: 0 done or stopped by SIGINT/SIGTERM (after a checkpoint); 1 non-finite loss (with
+train.nonfinite=skip: train.max_consecutive_skips skipped steps in a row, or every step skipped), or a
+checkpoint that could not be written (a full disk; the files written before stay intact); 2 bad arguments,
+config, checkpoint or data (one line on stderr starting with "error:"); 130 a second Ctrl-C.
 """
 
 from __future__ import annotations
@@ -25,10 +29,12 @@ from pathlib import Path
 import torch.distributed as dist
 
 from lfpv_fast import distributed
+from lfpv_fast.checkpoint import CheckpointWriteError
 from lfpv_fast.cli import ArgumentParser, fail
 from lfpv_fast.config import ConfigError, RunConfig, load_config
 from lfpv_fast.data.errors import DataError
-from lfpv_fast.trainer import Trainer, resolve_features
+from lfpv_fast.fast_path import resolve_features
+from lfpv_fast.trainer import Trainer
 
 DEMO_CONFIG = "demo"
 
@@ -92,6 +98,9 @@ def main(argv: list[str] | None = None) -> int:
         run_dir = choose_run_dir(args, cfg, info)
         trainer = Trainer(cfg, run_dir, resume=args.resume, dist_info=info, features=features)
         return trainer.fit()
+    except CheckpointWriteError as exc:  # a failure during the work (a full disk), not an input error
+        fail(str(exc))
+        return 1
     except (ConfigError, DataError, OSError, ValueError) as exc:
         return fail(str(exc))
     except KeyboardInterrupt:  # a second Ctrl-C: no checkpoint for the step in progress

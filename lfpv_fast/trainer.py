@@ -1,15 +1,17 @@
 """The trainer: LFPVNet, Adam, cosine annealing with restarts, validation, checkpoints that resume exactly.
 
 Read top to bottom:
-  resolve_features  which fast-path switches are on (GPU-only ones on a CPU machine fail here, before any work)
   configure_torch   global torch switches: cuDNN autotuning, or train.deterministic
-  Trainer.__init__  its steps in order: checkpoint to resume, data, run folder, network, loss, DDP,
-                    optimizer + scheduler, training state, torch.compile, metrics files
+  Trainer.__init__  its steps in order: checkpoint to resume (checked whole), data, network, loss, DDP,
+                    optimizer + scheduler, training state, torch.compile; only then the run folder and the
+                    metrics files: a run that cannot start changes nothing in its folder
   Trainer.fit       the loop: step, log, validate, checkpoint, stop on SIGINT/SIGTERM
   train_step        one published training step (both outputs, Charbonnier on both, perceptual on the one
                     without the LFPV fusion)
   validate          PSNR/SSIM on the held-out scenes, image grids, best.pth
-  checkpoints       everything needed to continue bit-for-bit, loadable with torch.load(weights_only=True)
+
+The checkpoint format (writing, reading, validation) is lfpv_fast.checkpoint's; which fast-path switches are on
+is lfpv_fast.fast_path's.
 
 The hot loop never waits for the GPU: the loss is summed on the device and read (`.item()`) only at the
 logging interval; non-finite steps are recorded on the device and checked there too (train.nonfinite=skip
@@ -28,8 +30,6 @@ import re
 import signal
 import threading
 import time
-import warnings
-from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -40,108 +40,26 @@ import yaml
 from tqdm import tqdm
 
 from lfpv_fast import distributed
-from lfpv_fast.backends import triton_interpreting, triton_ops
 from lfpv_fast.checkpoint import (
-    FORMAT,
     atomic_save,
     atomic_write_text,
+    check_training_checkpoint,
+    checkpoint_step,
     is_published_architecture,
+    list_checkpoints,
+    load_weights,
     read_checkpoint,
+    restore_training_state,
+    training_checkpoint,
     weights_only_checkpoint,
+    write_checkpoint,
 )
-from lfpv_fast.config import ConfigError, RunConfig, config_to_dict
+from lfpv_fast.config import RunConfig, config_to_dict
 from lfpv_fast.data.errors import DataError
+from lfpv_fast.fast_path import Features, resolve_features
 from lfpv_fast.losses import PerceptualLoss, charbonnier_loss
 from lfpv_fast.metrics import psnr_batch, ssim_batch
 from lfpv_fast.model import BankDraws, LFPVNet
-
-CHECKPOINT_VERSION = 1
-CHECKPOINT_RE = re.compile(r"^step_(\d+)\.pth$")
-
-
-# ---------------------------------------------------------------------------------------------
-# Fast-path switches
-
-
-@dataclass
-class Features:
-    """The fast-path switches as this run uses them ("auto" resolved)."""
-
-    device: torch.device
-    backend: str  # "reference" or "triton": the ops actually used
-    backend_note: str
-    compile: bool
-    bf16: bool
-    channels_last: bool
-    fused_adam: bool
-    cuda_graphs: bool
-
-    def describe(self) -> str:
-        on = {True: "on", False: "off"}
-        graphs = " + CUDA graphs (reduce-overhead)" if self.cuda_graphs else ""
-        return (f"device {self.device}, backend {self.backend}{self.backend_note}, compile {on[self.compile]}{graphs}, "
-                f"bf16 {on[self.bf16]}, channels_last {on[self.channels_last]}, fused Adam {on[self.fused_adam]}")
-
-
-def resolve_features(cfg: RunConfig, local_rank: int = 0) -> Features:
-    """Resolve "auto" switches for this machine; GPU-only switches without a GPU are a ConfigError."""
-    t, d, src = cfg.train, cfg.data, cfg.source
-    has_cuda = torch.cuda.is_available()
-    if t.device == "cuda" and not has_cuda:
-        raise ConfigError(f"{src}: train.device is 'cuda' but this machine has no CUDA device visible to torch "
-                          f"{torch.__version__}; set train.device to 'auto' or 'cpu'")
-    use_cuda = t.device == "cuda" or (t.device == "auto" and has_cuda)
-    if not use_cuda:
-        asked = []
-        if t.backend == "triton" and not triton_interpreting():
-            asked.append("train.backend=triton -> 'reference' or 'auto'")
-        if t.bf16 == "on":
-            asked.append("train.bf16=on -> 'auto' or 'off'")
-        if t.fused_adam == "on":
-            asked.append("train.fused_adam=on -> 'auto' or 'off'")
-        if t.cuda_graphs:
-            asked.append("train.cuda_graphs=true -> false")
-        if t.backend == "triton" and t.compile == "on":  # interpreted kernels cannot be traced
-            asked.append("train.compile=on with train.backend=triton -> compile 'off', or backend 'reference'")
-        if d.device == "gpu":
-            asked.append("data.device=gpu -> 'cpu'")
-        if asked:
-            why = "train.device is 'cpu'" if t.device == "cpu" else "no CUDA device is visible"
-            raise ConfigError(f"{src}: this run trains on the CPU ({why}), but the config asks for GPU-only "
-                              f"features; change {'; '.join(asked)} (or run on a machine with a CUDA GPU)")
-    device = torch.device("cuda", local_rank) if use_cuda else torch.device("cpu")
-
-    backend, backend_note = t.backend, ""
-    if backend == "auto":
-        backend = "reference"
-        if use_cuda:
-            try:
-                triton_ops()
-                backend = "triton"
-            except NotImplementedError as exc:  # the reference ops run on CUDA too, slowly: say why
-                backend_note = f" (Triton unavailable: {exc})"
-                warnings.warn(f"train.backend=auto runs the reference ops on {device}{backend_note}", RuntimeWarning,
-                              stacklevel=2)
-    elif backend == "triton":
-        try:
-            triton_ops()
-        except NotImplementedError as exc:
-            raise ConfigError(f"{src}: train.backend=triton: {exc}; set train.backend to 'reference' or 'auto'") \
-                from exc
-
-    def switch(value: str) -> bool:
-        return value == "on" or (value == "auto" and use_cuda)
-
-    return Features(
-        device=device,
-        backend=backend,
-        backend_note=backend_note,
-        compile=switch(t.compile),
-        bf16=switch(t.bf16) and (t.bf16 == "on" or torch.cuda.is_bf16_supported()),
-        channels_last=t.channels_last,
-        fused_adam=switch(t.fused_adam),
-        cuda_graphs=t.cuda_graphs,
-    )
 
 
 def configure_torch(cfg: RunConfig, device: torch.device) -> str | None:
@@ -189,57 +107,6 @@ def feature_hw(cfg: RunConfig, height: int, width: int) -> tuple[int, int]:
     """Size of the feature map the bank updaters sample: 1/4 of the input cut down to cfg.model.align."""
     a = cfg.model.align
     return height // a * a // 4, width // a * a // 4
-
-
-def capture_rng() -> dict[str, Any]:
-    """Every global RNG as tensors and plain Python values (readable with weights_only=True)."""
-    np_name, np_keys, np_pos, np_has_gauss, np_gauss = np.random.get_state()
-    py_version, py_state, py_gauss = random.getstate()
-    return {
-        "torch": torch.get_rng_state(),
-        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
-        "numpy": {"name": str(np_name), "keys": [int(k) for k in np_keys], "pos": int(np_pos),
-                  "has_gauss": int(np_has_gauss), "cached_gaussian": float(np_gauss)},
-        "python": {"version": int(py_version), "state": [int(v) for v in py_state], "gauss_next": py_gauss},
-    }
-
-
-def restore_rng(state: dict[str, Any]) -> None:
-    torch.set_rng_state(state["torch"])
-    if state["cuda"] and torch.cuda.is_available() and len(state["cuda"]) == torch.cuda.device_count():
-        torch.cuda.set_rng_state_all(state["cuda"])
-    n = state["numpy"]
-    np.random.set_state((n["name"], np.asarray(n["keys"], dtype=np.uint32), n["pos"], n["has_gauss"],
-                         n["cached_gaussian"]))
-    p = state["python"]
-    random.setstate((p["version"], tuple(p["state"]), p["gauss_next"]))
-
-
-def checkpoint_step(path: Path) -> int | None:
-    m = CHECKPOINT_RE.match(path.name)
-    return int(m.group(1)) if m else None
-
-
-def list_checkpoints(folder: Path) -> list[Path]:
-    """The step_*.pth files in `folder`, oldest first (temporary files of interrupted writes are ignored)."""
-    if not folder.is_dir():
-        return []
-    found = [p for p in folder.iterdir() if checkpoint_step(p) is not None]
-    return sorted(found, key=lambda p: checkpoint_step(p))
-
-
-def latest_checkpoint(run_dir: Path) -> Path | None:
-    found = list_checkpoints(Path(run_dir) / "checkpoints")
-    return found[-1] if found else None
-
-
-def write_checkpoint(state: dict[str, Any], folder: Path, step: int, keep: int) -> Path:
-    """Atomically write checkpoints/step_<step>.pth, then delete all but the newest `keep`."""
-    path = folder / f"step_{step:08d}.pth"
-    atomic_save(state, path)
-    for old in list_checkpoints(folder)[:-keep]:
-        old.unlink(missing_ok=True)
-    return path
 
 
 class StopSignal:
@@ -292,16 +159,15 @@ class Trainer:
         self._log_file: Any = None
         self._unwritten_log: list[str] = []  # lines logged before train.log is open
         self._damaged: list[Path] = []  # checkpoints that --resume found unreadable
+        self._started = False  # set after the first training step of this process (see _start_training)
 
+        # Everything that can fail on bad input runs first and changes nothing on disk (the demo dataset, made
+        # on first use, lives outside the run folder): the checkpoint is read and checked whole, the data, the
+        # network with its weights, the VGG weights, the optimizer with its state.
         determinism = configure_torch(cfg, self.device)
         resume_path, checkpoint = self._find_checkpoint(resume)
         self.train_loader, self.val_loader = self._build_loaders(train_loader, val_loader)
-        self._open_run_folder()
-        self.log(f"run folder {self.run_dir} ({cfg.source}); {self.dist.world_size} process(es); "
-                 f"{self.features.describe()}" + (f"; {determinism}" if determinism else ""))
-        if checkpoint is not None:
-            self._set_aside_later_checkpoints(int(checkpoint["step"]))
-        self.net = self._build_net(checkpoint)
+        self.net = self._build_net(checkpoint, resume_path)
         self.perceptual = self._build_perceptual_loss()
         # DDP (bank hook + synchronized updater BatchNorms) before the optimizer: the BatchNorm swap makes new
         # parameters. Then the optimizer, then its saved state (which must overwrite the scheduler's lr).
@@ -309,12 +175,21 @@ class Trainer:
         self.optimizer, self.scheduler = self._build_optimizer()
         self._start_counters(resume_path)
         if checkpoint is not None:
-            self._load_training_state(checkpoint)
-            self.log(f"resumed from {resume_path} at step {self.step}")
+            self.step, self.best_psnr = restore_training_state(
+                checkpoint, resume_path, optimizer=self.optimizer, scheduler=self.scheduler,
+                draw_generator=self.net.draw_generator, loader=self.train_loader)
+        self.resumed_step = self.step
         if self.features.compile:
             # CUDA graphs through inductor's cudagraph trees: the part of the step that fits a graph.
             self.wrapped_net = torch.compile(self.wrapped_net,
                                              mode="reduce-overhead" if self.features.cuda_graphs else None)
+
+        # Every check passed: from here on the run folder changes.
+        self._open_run_folder()
+        self.log(f"run folder {self.run_dir} ({cfg.source}); {self.dist.world_size} process(es); "
+                 f"{self.features.describe()}" + (f"; {determinism}" if determinism else ""))
+        if checkpoint is not None:
+            self.log(f"resumed from {resume_path} at step {self.step}")
         self._open_metrics()
 
     # -----------------------------------------------------------------------------------------
@@ -324,7 +199,7 @@ class Trainer:
         """The checkpoint to continue from (None, "latest" or a path), read and checked; (None, None) for a new run.
 
         "latest" is the newest checkpoint that reads: a damaged newer one (a copy cut short, a full disk) is
-        skipped, saying so, and set aside as <name>.damaged once the run folder is open.
+        skipped, saying so, and set aside as <name>.damaged once the resumed run has started training.
         """
         if resume is None:
             if list_checkpoints(self.ckpt_dir):
@@ -356,7 +231,7 @@ class Trainer:
             if self._damaged:
                 self.log(f"resuming from {path.name}, the newest intact checkpoint (instead of "
                          f"{self._damaged[0].name}, which cannot be read)")
-        self._check_resumable(checkpoint, path)
+        check_training_checkpoint(checkpoint, path, self.cfg.model)
         return path, checkpoint
 
     def _build_loaders(self, train_loader: Any, val_loader: Any) -> tuple[Any, Any]:
@@ -391,7 +266,8 @@ class Trainer:
         self.log(f"demo dataset written to {root} in {time.perf_counter() - start:.1f} s")
 
     def _open_run_folder(self) -> None:
-        """config.yaml (the resolved config), train.log, images/, checkpoints/; written by rank 0 only."""
+        """config.yaml (the resolved config), train.log, images/, checkpoints/; written by rank 0 only, and only
+        once every check of __init__ has passed."""
         if not self.main:
             return
         self.ckpt_dir.mkdir(parents=True, exist_ok=True)
@@ -405,20 +281,30 @@ class Trainer:
         self._unwritten_log.clear()
         self._log_file.flush()
 
-    def _set_aside_later_checkpoints(self, resumed_step: int) -> None:
-        """Resuming from an older checkpoint: later step_*.pth belong to the abandoned continuation. Left in place
-        they would count for retention (deleting the new ones) and be picked by a later --resume."""
+    def _start_training(self) -> None:
+        """After the first training step of this process: what a resumed run leaves behind is set aside only now,
+        so a run that fails to start loses nothing.
+
+        Resuming from an older checkpoint: later step_*.pth belong to the abandoned continuation. Left in place
+        they would count for retention (deleting the new ones) and be picked by a later --resume; they are
+        renamed to .abandoned (unreadable ones to .damaged), and the metrics files are cut back to the resumed
+        step (the steps after it are being trained again).
+        """
+        self._started = True
         if not self.main:
             return
         for path in list_checkpoints(self.ckpt_dir):
             if path in self._damaged:
                 path.rename(path.with_name(path.name + ".damaged"))
                 self.log(f"{path} cannot be read: renamed to {path.name}.damaged")
-            elif checkpoint_step(path) > resumed_step:
+            elif checkpoint_step(path) > self.resumed_step:
                 path.rename(path.with_name(path.name + ".abandoned"))
-                self.log(f"{path} is newer than the resumed step {resumed_step}: renamed to {path.name}.abandoned")
+                self.log(f"{path} is newer than the resumed step {self.resumed_step}, and training has resumed "
+                         f"from there: renamed to {path.name}.abandoned (kept, not deleted)")
+        self._truncate_jsonl(self.metrics_path, self.resumed_step)
+        self._truncate_jsonl(self.run_dir / "val.jsonl", self.resumed_step)
 
-    def _build_net(self, checkpoint: dict[str, Any] | None) -> LFPVNet:
+    def _build_net(self, checkpoint: dict[str, Any] | None, path: Path | None) -> LFPVNet:
         """The bare LFPVNet. One seed everywhere: every rank builds the same weights and draws the same bank
         updates; a resumed run then takes the checkpoint's weights."""
         t, f = self.cfg.train, self.features
@@ -430,7 +316,7 @@ class Trainer:
         if f.channels_last:
             net = net.to(memory_format=torch.channels_last)
         if checkpoint is not None:
-            net.load_state_dict(checkpoint["model"])
+            load_weights(net, checkpoint["model"], path)
         return net
 
     def _build_perceptual_loss(self) -> PerceptualLoss | None:
@@ -458,22 +344,23 @@ class Trainer:
         self.grad_norm_sum = torch.zeros((), dtype=torch.float64, device=self.device)
         self.first_bad_step = torch.full((), -1, dtype=torch.long, device=self.device)
         self.counted_steps = 0
-        self.skipped = 0
+        self.values_per_step = 0  # output values (B x 3 x H x W over all ranks) of a step, for the per-pixel loss
+        self.skipped = 0  # non-finite steps skipped (train.nonfinite=skip) by this process
+        self.consecutive_skips = 0
+        self.applied_steps = 0  # steps of this process whose update was applied
         self.last_checkpoint: Path | None = resume_path
 
     def _open_metrics(self) -> None:
-        """metrics.jsonl and val.jsonl (cut back to the resumed step), TensorBoard."""
+        """metrics.jsonl and val.jsonl (cut back to the resumed step once training starts), TensorBoard."""
         self.metrics_path = self.run_dir / "metrics.jsonl"
-        if self.main:
-            self._truncate_jsonl(self.metrics_path)
-            self._truncate_jsonl(self.run_dir / "val.jsonl")
         self.tb = self._tensorboard()
 
     # -----------------------------------------------------------------------------------------
     # The loop
 
     def fit(self) -> int:
-        """Train to cfg.train.iterations; 0 when done or stopped by a signal, 1 on a non-finite loss."""
+        """Train to cfg.train.iterations; 0 when done or stopped by a signal, 1 on a non-finite loss (or, with
+        train.nonfinite=skip, too many skipped steps in a row, or every step skipped)."""
         cfg, t = self.cfg, self.cfg.train
         stop = StopSignal()
         bar = tqdm(total=t.iterations, initial=self.step, unit="step", dynamic_ncols=True,
@@ -494,6 +381,9 @@ class Trainer:
 
                 self.train_step(batch)
                 self.step += 1
+                if not self._started:
+                    self._start_training()
+                self._check_skips()
                 interval_steps += 1
                 bar.update(1)
                 last = self.step == t.iterations
@@ -501,11 +391,15 @@ class Trainer:
                 if self.step % cfg.logging.every == 0 or last:
                     elapsed = time.perf_counter() - interval_start
                     row = self._log_interval(interval_steps, elapsed, data_wait)
-                    bar.set_postfix(loss=f"{row['loss']:.4g}", data_wait=f"{row['data_wait']:.0%}", refresh=False)
+                    shown = "skipped" if row["loss_per_pixel"] is None else f"{row['loss_per_pixel']:.4g}"
+                    bar.set_postfix(loss=shown, data_wait=f"{row['data_wait']:.0%}", refresh=False)
                     interval_start, data_wait, interval_steps = time.perf_counter(), 0.0, 0
                 if self.step % cfg.val.every == 0 or last:
                     self._check_finite()
-                    self.validate()
+                    if self.skipped and not self.applied_steps:  # nothing learned yet: no best.pth of it
+                        self.log(f"validation at step {self.step} left out: every step so far was skipped")
+                    else:
+                        self.validate()
                 if self.step % t.checkpoint_every == 0 or last:
                     self.save_checkpoint()
                 if not last and distributed.any_rank(stop.name is not None, self.dist):
@@ -513,6 +407,10 @@ class Trainer:
                     self.log(f"stopped by {stop.name or 'a signal on another rank'} after step {self.step}; "
                              f"checkpoint {path}. Resume with: python -m lfpv_fast.train --out {self.run_dir} --resume")
                     return 0
+            if self.skipped and not self.applied_steps:
+                raise NonFiniteError(f"error: every step of this run ({self.skipped}) had a non-finite loss or "
+                                     "gradient and was skipped (train.nonfinite=skip): nothing was learned, so no "
+                                     "weights are exported. Lower train.lr or check the data.")
         except NonFiniteError as exc:
             self.log(str(exc))
             return 1
@@ -578,9 +476,11 @@ class Trainer:
                 self.optimizer.zero_grad(set_to_none=True)
                 self.scheduler.step()
                 self.skipped += 1
-                self.log(f"step {self.step + 1}: non-finite loss or gradient, step skipped "
-                         f"({self.skipped} so far; train.nonfinite=skip)")
+                self.consecutive_skips += 1
+                self.log(f"step {self.step + 1}: non-finite loss or gradient, step skipped ({self.skipped} so far, "
+                         f"{self.consecutive_skips} in a row; train.nonfinite=skip)")
                 return loss
+            self.consecutive_skips = 0
         else:
             self.first_bad_step = torch.where(~finite & (self.first_bad_step < 0), self.step + 1, self.first_bad_step)
         self.optimizer.step()
@@ -589,7 +489,20 @@ class Trainer:
         self.loss_sum += loss
         self.grad_norm_sum += grad_norm
         self.counted_steps += 1
+        self.applied_steps += 1
+        self.values_per_step = batch["lq"].numel() * self.dist.world_size  # shapes are host metadata: no sync
         return loss
+
+    def _check_skips(self) -> None:
+        """train.nonfinite=skip: too many skipped steps in a row end the run (it is not learning)."""
+        limit = self.cfg.train.max_consecutive_skips
+        if self.consecutive_skips < limit:
+            return
+        good = f"the last checkpoint is {self.last_checkpoint}" if self.last_checkpoint else "no checkpoint was written"
+        raise NonFiniteError(f"error: {limit} steps in a row (steps {self.step - limit + 1} to {self.step}) had a "
+                             f"non-finite loss or gradient and were skipped (train.max_consecutive_skips={limit}): "
+                             f"stopping at step {self.step}, the run is not learning; {good}. Lower train.lr or "
+                             "check the data.")
 
     # -----------------------------------------------------------------------------------------
     # Logging
@@ -616,8 +529,8 @@ class Trainer:
             return None
         return SummaryWriter(str(self.run_dir / "tensorboard"))
 
-    def _truncate_jsonl(self, path: Path) -> None:
-        """Drop rows past the current step: a resumed run rewrites the steps after its checkpoint."""
+    def _truncate_jsonl(self, path: Path, last_step: int) -> None:
+        """Drop rows past `last_step`: a resumed run rewrites the steps after its checkpoint."""
         if not path.exists():
             return
         keep = []
@@ -626,26 +539,33 @@ class Trainer:
                 row = json.loads(line)
             except ValueError:  # a line cut short by a kill
                 continue
-            if isinstance(row, dict) and 0 < row.get("step", 0) <= self.step:
+            if isinstance(row, dict) and 0 < row.get("step", 0) <= last_step:
                 keep.append(line)
-        path.write_text("".join(line + "\n" for line in keep))
+        atomic_write_text(path, "".join(line + "\n" for line in keep))
 
     def _log_interval(self, steps: int, elapsed: float, data_wait: float) -> dict[str, Any]:
-        """The one sync of an interval: read the summed loss (over ranks: the global batch's loss)."""
+        """The one sync of an interval: read the summed loss (over ranks: the global batch's loss).
+
+        `loss` is the published training loss, a sum over every value of the global batch (so it scales with
+        batch and crop size); `loss_per_pixel` divides it by the number of output values (B x 3 x H x W), a number
+        that reads the same for any batch. An interval whose steps were all skipped has no loss (null), not 0.
+        """
         totals = torch.stack([self.loss_sum, self.grad_norm_sum])
         if self.dist.enabled:
             dist.all_reduce(totals)
             totals[1] /= self.dist.world_size  # every rank holds the same (all-reduced) gradients
-        counted = max(self.counted_steps, 1)  # skipped steps add nothing to the sums
+        counted = self.counted_steps  # skipped steps add nothing to the sums
         self.counted_steps = 0
         loss_sum, grad_norm_sum = totals.tolist()
         self.loss_sum.zero_()
         self.grad_norm_sum.zero_()
         self._check_finite()
+        loss = loss_sum / counted if counted else None
         row = {
             "step": self.step,
-            "loss": loss_sum / counted,
-            "grad_norm": grad_norm_sum / counted,
+            "loss": loss,
+            "loss_per_pixel": loss / self.values_per_step if counted else None,
+            "grad_norm": grad_norm_sum / counted if counted else None,
             "lr": self.cfg.train.lr * self.lr_factor(self.step - 1),  # the rate this step used
             "images_per_s": steps * self.cfg.data.batch_size / max(elapsed, 1e-9),
             "data_wait": data_wait / max(elapsed, 1e-9),
@@ -655,10 +575,15 @@ class Trainer:
             with open(self.metrics_path, "a") as fh:
                 fh.write(json.dumps(row) + "\n")
             if self.tb is not None:
-                for key in ("loss", "grad_norm", "lr", "images_per_s", "data_wait"):
-                    self.tb.add_scalar(f"train/{key}", row[key], self.step)
+                for key in ("loss", "loss_per_pixel", "grad_norm", "lr", "images_per_s", "data_wait"):
+                    if row[key] is not None:
+                        self.tb.add_scalar(f"train/{key}", row[key], self.step)
             if not self.cfg.logging.progress:
-                self.log(f"step {self.step}: loss {row['loss']:.5g}, lr {row['lr']:.3g}, "
+                if counted:
+                    shown = f"loss {row['loss_per_pixel']:.5g} per pixel (batch sum {row['loss']:.5g})"
+                else:
+                    shown = f"no loss (all {steps} step(s) since the last line were skipped: non-finite)"
+                self.log(f"step {self.step}: {shown}, lr {row['lr']:.3g}, "
                          f"{row['images_per_s']:.1f} img/s, data wait {row['data_wait']:.0%}")
         return row
 
@@ -744,22 +669,10 @@ class Trainer:
     # Checkpoints
 
     def checkpoint_state(self) -> dict[str, Any]:
-        """Everything a bit-exact resume needs, as tensors and plain values (no pickled objects)."""
-        return {
-            "format": FORMAT,
-            "version": CHECKPOINT_VERSION,
-            "model_config": asdict(self.net.config),
-            "model": {k: v.detach().cpu() for k, v in self.net.state_dict().items()},
-            "optimizer": self.optimizer.state_dict(),
-            "scheduler": self.scheduler.state_dict(),
-            "step": self.step,
-            "best_psnr": self.best_psnr,
-            "config": config_to_dict(self.cfg),
-            "rng": capture_rng(),
-            "draw_generator": self.net.draw_generator.get_state(),
-            "loader": {k: int(v) for k, v in self.train_loader.state_dict().items()},
-            "world_size": self.dist.world_size,
-        }
+        """Everything a bit-exact resume needs (the format is lfpv_fast.checkpoint.training_checkpoint)."""
+        return training_checkpoint(self.net, self.optimizer, self.scheduler, step=self.step, best_psnr=self.best_psnr,
+                                   config=config_to_dict(self.cfg), loader_state=self.train_loader.state_dict(),
+                                   world_size=self.dist.world_size)
 
     def save_checkpoint(self) -> Path:
         """Write checkpoints/step_<step>.pth on rank 0 (once per step), keeping the newest train.keep_checkpoints."""
@@ -771,25 +684,6 @@ class Trainer:
             write_checkpoint(self.checkpoint_state(), self.ckpt_dir, self.step, self.cfg.train.keep_checkpoints)
         self.last_checkpoint = path
         return path
-
-    def _check_resumable(self, checkpoint: dict[str, Any], path: Path) -> None:
-        needed = ("format", "model", "optimizer", "scheduler", "step", "rng", "loader")
-        missing = [k for k in needed if k not in checkpoint]
-        if checkpoint.get("format") != FORMAT or missing:
-            raise ValueError(f"checkpoint {path} is not a training checkpoint of lfpv_fast (missing {missing}); "
-                             "weights-only files can be evaluated but not resumed")
-        if checkpoint["model_config"] != asdict(self.cfg.model):
-            raise ValueError(f"checkpoint {path} was trained with model config {checkpoint['model_config']}, but the "
-                             f"run config has {asdict(self.cfg.model)}; resume with the run's config.yaml")
-
-    def _load_training_state(self, checkpoint: dict[str, Any]) -> None:
-        self.optimizer.load_state_dict(checkpoint["optimizer"])
-        self.scheduler.load_state_dict(checkpoint["scheduler"])
-        self.step = int(checkpoint["step"])
-        self.best_psnr = checkpoint.get("best_psnr")
-        restore_rng(checkpoint["rng"])
-        self.net.draw_generator.set_state(checkpoint["draw_generator"])
-        self.train_loader.load_state_dict(checkpoint["loader"])
 
     # -----------------------------------------------------------------------------------------
     # The end

@@ -58,15 +58,15 @@ def test_auto_on_cuda_without_triton_warns_naming_the_import(monkeypatch):
 
 
 def test_trainer_features_name_the_backend_actually_used(monkeypatch):
-    from lfpv_fast import trainer
+    from lfpv_fast import fast_path
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
-    monkeypatch.setattr(trainer, "triton_ops", lambda: backends.triton_ops())
+    monkeypatch.setattr(fast_path, "triton_ops", lambda: backends.triton_ops())
     _triton_missing(monkeypatch)
     cfg = load_config("demo", ["train.bf16=off", "train.compile=off", "train.fused_adam=off"])
     with pytest.warns(RuntimeWarning, match="train.backend=auto runs the reference ops.*ModuleNotFoundError"):
-        features = trainer.resolve_features(cfg)
+        features = fast_path.resolve_features(cfg)
     assert features.backend == "reference"
     assert "backend reference (Triton unavailable: " in features.describe()
     with pytest.raises(ConfigError, match="train.backend=triton: .*ModuleNotFoundError"):
-        trainer.resolve_features(load_config("demo", ["train.backend=triton", "train.bf16=off"]))
+        fast_path.resolve_features(load_config("demo", ["train.backend=triton", "train.bf16=off"]))

@@ -119,3 +119,156 @@ def test_only_the_published_architecture_is_exported_in_the_published_format():
     assert is_published_architecture(ModelConfig())
     assert not is_published_architecture(TINY)
     assert not is_published_architecture(ModelConfig(nf=16, hr_nf=16))
+
+
+# ---------------------------------------------------------------------------------------------
+# Issue 17 items 6 and 7: readable but malformed checkpoints, NaN weights, a full disk. The checks live in
+# lfpv_fast.checkpoint, so train, evaluate, enhance and the app refuse the same files with the same line.
+
+
+def _ours(**changes) -> dict:
+    torch.manual_seed(0)
+    obj = weights_only_checkpoint(LFPVNet(TINY, backend="reference"))
+    obj.update(changes)
+    return obj
+
+
+def _malformed(name: str) -> tuple[dict, str]:
+    """(file contents, what the error line must say) for each malformed case."""
+    if name == "unknown model_config key":
+        obj = _ours()
+        obj["model_config"] = dict(obj["model_config"], attention_kind="flash")
+        return obj, "unknown key 'attention_kind'"
+    if name == "no model":
+        obj = _ours()
+        del obj["model"]
+        return obj, "no 'model' entry"
+    if name == "model_config not a dict":
+        return _ours(model_config=[8, 8, 1]), "'model_config' is a list"
+    if name == "model_config of another width":
+        obj = _ours()
+        obj["model_config"] = dict(obj["model_config"], nf=12)
+        return obj, "differ in shape"
+    if name == "empty model":
+        return _ours(model={}), "holds no weights"
+    if name == "NaN weight":
+        obj = _ours()
+        key = next(k for k in obj["model"] if k.endswith("weight"))
+        obj["model"][key] = obj["model"][key].clone()
+        obj["model"][key].view(-1)[0] = float("nan")
+        return obj, f"tensor {key!r} holds 1 NaN/inf value"
+    if name == "inf in a published file":
+        state = LFPVNet(TINY, backend="reference").to_original_state_dict()
+        state["conv_first_1.weight"] = torch.full_like(state["conv_first_1.weight"], float("inf"))
+        return state, "tensor 'conv_first_1.weight' holds"
+    raise AssertionError(name)
+
+
+MALFORMED = ["unknown model_config key", "no model", "model_config not a dict", "model_config of another width",
+             "empty model", "NaN weight", "inf in a published file"]
+
+
+@pytest.mark.parametrize("case", MALFORMED)
+def test_a_malformed_checkpoint_is_one_line_naming_the_file_and_the_problem(tmp_path, case):
+    contents, named = _malformed(case)
+    path = tmp_path / "bad.pth"
+    torch.save(contents, path)
+    with pytest.raises(ValueError) as info:
+        load_model(path, backend="reference")
+    message = str(info.value)
+    assert str(path) in message and named in message, message
+    assert "\n" not in message and len(message) < 600, message  # one line, not torch's list of every key
+
+
+def test_a_shape_mismatch_names_the_first_differing_keys_in_one_line(tmp_path):
+    contents, _ = _malformed("model_config of another width")
+    path = tmp_path / "wide.pth"
+    torch.save(contents, path)
+    with pytest.raises(ValueError) as info:
+        load_model(path, backend="reference")
+    message = str(info.value)
+    wide = LFPVNet(ModelConfig(**contents["model_config"]), backend="reference").state_dict()
+    first = next(k for k, v in wide.items() if v.shape != contents["model"][k].shape)  # in the model's order
+    assert (f"{first!r} is {tuple(contents['model'][first].shape)} in the file, {tuple(wide[first].shape)} in the "
+            "model") in message and "nf=12" in message, message
+    assert message.count("\n") == 0 and message.count("', '") <= 3, message
+
+
+@pytest.mark.parametrize("case", ["NaN weight", "unknown model_config key"])
+def test_enhance_and_evaluate_refuse_a_malformed_checkpoint_with_status_2(tmp_path, capsys, case):
+    contents, named = _malformed(case)
+    path = tmp_path / "bad.pth"
+    torch.save(contents, path)
+    Image.fromarray(np.full((16, 16, 3), 40, np.uint8)).save(tmp_path / "a.png")
+    code, err = run(enhance_cli.main, [tmp_path / "a.png", "--checkpoint", path, "-o", tmp_path / "o", "-q"], capsys)
+    assert_one_line_error(code, err, str(path), named)
+    assert not (tmp_path / "o").exists() or not list((tmp_path / "o").glob("*.png"))  # nothing enhanced
+    code, err = run(evaluate_cli.main, ["-c", "demo", "--checkpoint", path, "--device", "cpu", "--out",
+                                        tmp_path / "r.json", "--set", f"data.demo_root={tmp_path / 'demo'}"], capsys)
+    assert_one_line_error(code, err, str(path), named)
+    assert not (tmp_path / "r.json").exists()
+
+
+def _training_checkpoint() -> dict:
+    from lfpv_fast.checkpoint import training_checkpoint
+
+    torch.manual_seed(0)
+    net = LFPVNet(TINY, backend="reference")
+    optimizer = torch.optim.Adam(net.parameters(), lr=1e-3)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
+    return training_checkpoint(net, optimizer, scheduler, step=4, best_psnr=None, config={},
+                               loader_state={"epoch": 1, "batch": 1}, world_size=1)
+
+
+@pytest.mark.parametrize("entry, value, named", [
+    ("rng", {}, "'rng' is not a saved random state"),
+    ("rng", {"torch": torch.zeros(3, dtype=torch.uint8), "cuda": [], "numpy": {}, "python": {}},
+     "'rng' is not a saved random state"),
+    ("optimizer", {}, "'optimizer' is not an optimizer state"),
+    ("model", {}, "'model' holds no weights"),
+    ("draw_generator", torch.zeros(7, dtype=torch.uint8), "'draw_generator' is not a saved torch.Generator state"),
+    ("draw_generator", "seed 3", "'draw_generator' is not a saved torch.Generator state"),
+    ("loader", {"epoch": "one"}, "'loader' must be the loader's position"),
+    ("step", -1, "'step' must be a whole number"),
+])
+def test_a_resume_checkpoint_with_a_broken_entry_is_refused_naming_it(tmp_path, entry, value, named):
+    from lfpv_fast.checkpoint import check_training_checkpoint
+
+    good = _training_checkpoint()
+    check_training_checkpoint(good, "good.pth", TINY)  # the unbroken one passes
+    path = tmp_path / "bad.pth"
+    torch.save(dict(good, **{entry: value}), path)
+    with pytest.raises(ValueError) as info:
+        check_training_checkpoint(read_checkpoint(path), path, TINY)
+    assert str(path) in str(info.value) and named in str(info.value) and "\n" not in str(info.value)
+
+
+def test_vgg_weights_that_are_a_tensor_or_a_pickled_object_are_one_line_errors(tmp_path):
+    from lfpv_fast.losses import PerceptualLoss
+
+    torch.save(torch.zeros(3, 3), tmp_path / "tensor.pth")
+    with pytest.raises(ValueError, match=r"VGG19 weights file .*tensor.pth: expected a dict of weights, got a tensor"):
+        PerceptualLoss.from_file(tmp_path / "tensor.pth")
+    pickled = not_checkpoints(tmp_path)["pickled object"]
+    with pytest.raises(ValueError) as info:
+        PerceptualLoss.from_file(pickled)
+    assert "pickled Python object" in str(info.value) and str(pickled) in str(info.value)
+    for text in FORBIDDEN:  # torch's advice to load with weights_only=False is never passed on
+        assert text not in str(info.value), text
+    torch.save({"features.0.weight": "not a tensor"}, tmp_path / "strings.pth")
+    with pytest.raises(ValueError, match="strings.pth"):
+        PerceptualLoss.from_file(tmp_path / "strings.pth")
+
+
+def test_a_full_disk_while_saving_is_one_line_and_leaves_no_temporary_file(small_filesystem):
+    from lfpv_fast.checkpoint import CheckpointWriteError
+
+    folder = small_filesystem(256)
+    atomic_save({"x": torch.ones(1000)}, folder / "old.pth")
+    with pytest.raises(CheckpointWriteError) as info:
+        atomic_save({"x": torch.ones(200_000)}, folder / "new.pth")  # 800 KB into 256 KiB
+    message = str(info.value)
+    assert str(folder / "new.pth") in message and "No space left on device" in message and "\n" not in message
+    assert isinstance(info.value, OSError)
+    assert sorted(p.name for p in folder.iterdir()) == ["old.pth"]  # no temporary file, the old file intact
+    assert torch.equal(read_checkpoint(folder / "old.pth")["x"], torch.ones(1000))

@@ -11,7 +11,8 @@ import pytest
 
 from lfpv_fast.config import config_from_dict
 from lfpv_fast.data import demo
-from lfpv_fast.data.smid import DataError, scan_tree
+from lfpv_fast.data.errors import DataError
+from lfpv_fast.data.smid import scan_tree
 from lfpv_fast.pipelines import build_loader
 
 

@@ -23,8 +23,9 @@ except ImportError:  # a bare GPU machine has no imagecodecs: the 16-bit PNG cas
     imagecodecs = None
 
 from lfpv_fast.config import ConfigError, config_from_dict, load_config
+from lfpv_fast.data.errors import DataError
 from lfpv_fast.data.images import PRESETS, read_header
-from lfpv_fast.data.smid import DataError, resize_linear
+from lfpv_fast.data.smid import resize_linear
 from lfpv_fast.metrics import gray_opencv, psnr, psnr_gt_mean
 from lfpv_fast.pipelines import build_loader
 

@@ -99,3 +99,71 @@ def test_evaluate_missing_dataset_is_a_clear_error(tmp_path, capsys):
             "--set", f"data.lq_root={tmp_path / 'nope_lq'}", "--set", f"data.gt_root={tmp_path / 'nope_gt'}"]
     assert main(args) == 2
     assert "nope_lq" in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------------------------------------
+# Issue 17 item 4: where the results go is checked first; a late failure prints the results before the error
+
+
+def _error_line(err: str) -> str:
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error: "), err
+    return lines[0]
+
+
+def test_evaluate_checks_where_its_results_go_before_evaluating(demo_root, tmp_path, capsys, monkeypatch,
+                                                                small_filesystem):
+    import subprocess
+
+    from lfpv_fast import evaluate as evaluate_module
+
+    def must_not_run(*args, **kwargs):
+        raise AssertionError("evaluated although the results could not be written")
+
+    monkeypatch.setattr(evaluate_module, "evaluate", must_not_run)
+    ckpt = tmp_path / "ours.pth"
+    atomic_save(weights_only_checkpoint(LFPVNet(TINY)), ckpt)
+    (tmp_path / "a_file").write_text("")
+    (tmp_path / "a_folder").mkdir()
+    for out, named in [(tmp_path / "a_file" / "res.json", "is a file, not a folder"),
+                       (tmp_path / "a_folder", "is a folder")]:
+        assert main(demo_args(demo_root) + ["--checkpoint", str(ckpt), "--out", str(out)]) == 2
+        line = _error_line(capsys.readouterr().err)
+        assert f"--out {out}" in line and named in line, line
+    # The default, next to the checkpoint, on a read-only filesystem.
+    folder = small_filesystem(1024)
+    atomic_save(weights_only_checkpoint(LFPVNet(TINY)), folder / "ours.pth")
+    subprocess.run(["mount", "-o", "remount,ro", str(folder)], check=True)
+    assert main(demo_args(demo_root) + ["--checkpoint", str(folder / "ours.pth")]) == 2
+    line = _error_line(capsys.readouterr().err)
+    assert str(folder / "eval_ours.json") in line and "default: next to the checkpoint" in line, line
+    assert "Read-only file system" in line
+
+
+def test_evaluate_prints_its_results_before_a_late_write_error(demo_root, tmp_path, capsys, monkeypatch,
+                                                               small_filesystem):
+    import os
+
+    from lfpv_fast import evaluate as evaluate_module
+
+    folder = small_filesystem(256)
+    real_evaluate = evaluate_module.evaluate
+
+    def evaluate_then_fill_the_disk(*args, **kwargs):  # the disk fills up while the evaluation runs
+        summary = real_evaluate(*args, **kwargs)
+        stat = os.statvfs(folder)
+        (folder / "filler").write_bytes(b"\0" * (stat.f_bavail * stat.f_frsize))
+        return summary
+
+    monkeypatch.setattr(evaluate_module, "evaluate", evaluate_then_fill_the_disk)
+    ckpt = tmp_path / "ours.pth"
+    atomic_save(weights_only_checkpoint(LFPVNet(TINY)), ckpt)
+    out = folder / "res.json"
+    code = main(demo_args(demo_root) + ["--checkpoint", str(ckpt), "--out", str(out), "--max-images", "2"])
+    captured = capsys.readouterr()
+    assert code == 1, captured.err
+    assert "mean of scenes" in captured.out and "mean of frames" in captured.out  # the results were printed
+    line = _error_line(captured.err)
+    assert f"could not write the results file {out}" in line and "No space left on device" in line
+    assert "printed above" in line
+    assert sorted(p.name for p in folder.iterdir()) == ["filler"]  # no temporary file left

@@ -169,8 +169,8 @@ def test_a_multipage_tiff_decodes_its_first_page_only(tmp_path):
 
 def test_the_data_scan_refuses_a_bomb(tmp_path, no_decoding):
     """The training/evaluation data readers' header scan applies the same bound (lfpv_fast.data.images)."""
+    from lfpv_fast.data.errors import DataError
     from lfpv_fast.data.images import read_header
-    from lfpv_fast.data.smid import DataError
 
     bomb = write_tiff_bomb(tmp_path / "frame.tif", "contig")
     with pytest.raises(DataError, match="frame.tif: 1000 samples per pixel"):

@@ -153,12 +153,12 @@ def test_bad_weights_raise_clear_errors(tmp_path: Path, vgg_state: dict[str, tor
 
     garbage = tmp_path / "garbage.pth"
     garbage.write_bytes(b"not a torch file")
-    with pytest.raises(ValueError, match="garbage.pth could not be read"):
+    with pytest.raises(ValueError, match="garbage.pth is not a torch file"):
         PerceptualLoss.from_file(garbage)
     with pytest.raises(FileNotFoundError, match="nothing.pth does not exist"):
         PerceptualLoss.from_file(tmp_path / "nothing.pth")
     torch.save(missing, tmp_path / "missing.pth")
-    with pytest.raises(KeyError, match="missing.pth.*features.21.weight"):
+    with pytest.raises(ValueError, match="missing.pth.*features.21.weight"):  # from a file: an input error
         PerceptualLoss.from_file(tmp_path / "missing.pth")
     with pytest.raises(ValueError, match="reduction"):
         PerceptualLoss(reduction="none")

@@ -73,3 +73,12 @@ def test_entry_points_named_in_readme_exist_and_accept_the_flags_used():
             if line.lstrip().startswith(command + " "):
                 used = set(re.findall(r"(?<![\w-])(--[a-z][\w-]*)", line.split(command, 1)[1]))
                 assert used <= flags, f"{command}: README uses unknown flags {used - flags}"
+
+
+def test_tests_named_in_readme_exist():
+    # The reliability promises name the tests that back them (tests/<file>.py::<test>).
+    named = set(re.findall(r"`(tests/\w+\.py)::(\w+)`", README))
+    assert len(named) >= 8
+    for path, name in sorted(named):
+        source = (ROOT / path).read_text()
+        assert re.search(rf"^def {name}\(", source, re.MULTILINE), f"README names {path}::{name}, which is not there"

@@ -23,18 +23,18 @@ import pytest
 import torch
 import yaml
 
-from lfpv_fast.checkpoint import load_model, read_checkpoint
-from lfpv_fast.config import ConfigError, config_to_dict, load_config
-from lfpv_fast.train import load_run_config, main, parse_args
-from lfpv_fast.trainer import (
-    Trainer,
+from lfpv_fast.checkpoint import (
     capture_rng,
-    cosine_restart_lambda,
     latest_checkpoint,
     list_checkpoints,
-    resolve_features,
+    load_model,
+    read_checkpoint,
     restore_rng,
 )
+from lfpv_fast.config import ConfigError, config_to_dict, load_config
+from lfpv_fast.fast_path import resolve_features
+from lfpv_fast.train import load_run_config, main, parse_args
+from lfpv_fast.trainer import Trainer, cosine_restart_lambda
 
 TINY = [
     "model.nf=8", "model.hr_nf=8", "model.light_blocks=1", "model.layers=1", "model.heads=1", "model.head_dim=16",
@@ -423,7 +423,7 @@ KILL_SCRIPT = textwrap.dedent("""
     import sys
     from pathlib import Path
     import torch
-    from lfpv_fast.trainer import write_checkpoint
+    from lfpv_fast.checkpoint import write_checkpoint
     folder = Path(sys.argv[1])
     for step in range(1, 100000):
         print("writing", step, flush=True)
@@ -464,3 +464,111 @@ def test_kill_9_while_writing_a_checkpoint_leaves_the_previous_ones_intact(tmp_p
 
 def checkpoint_steps(paths: list[Path]) -> list[int]:
     return [int(p.stem.split("_")[1]) for p in paths]
+
+
+# ---------------------------------------------------------------------------------------------
+# Issue 17: a failed resume abandons nothing; nothing is written before an input error; non-finite runs stop
+
+
+def folder_snapshot(folder: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def one_error_line(err: str, *named: str) -> str:
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error: "), err
+    for text in named:
+        assert text in lines[0], (text, lines[0])
+    return lines[0]
+
+
+def test_a_failed_resume_changes_nothing_in_the_run_folder(tmp_path, demo_root, capsys):
+    run = tmp_path / "run"
+    assert fit(tiny_config(demo_root, "train.iterations=4", "train.checkpoint_every=2"), run)[0] == 0
+    ckpts = run / "checkpoints"
+    assert [p.name for p in list_checkpoints(ckpts)] == ["step_00000002.pth", "step_00000004.pth"]
+    # A resume checkpoint with an empty random state, placed where a resume would find it.
+    broken = read_checkpoint(ckpts / "step_00000002.pth")
+    broken["rng"] = {}
+    torch.save(broken, ckpts / "step_00000003.pth")
+    before = folder_snapshot(run)
+    capsys.readouterr()
+    failing = {
+        "missing VGG weights (the issue's case)": (["--resume", str(ckpts / "step_00000002.pth"), "--set",
+                                                   f"train.vgg_weights={tmp_path / 'nonexistent.pth'}"],
+                                                  "nonexistent.pth"),
+        "a checkpoint with an empty rng": (["--resume", str(ckpts / "step_00000003.pth")], "'rng'"),
+        "another model width": (["--resume", str(ckpts / "step_00000002.pth"), "--set", "model.nf=16"],
+                                "model config"),
+        "an absurd learning rate": (["--resume", str(ckpts / "step_00000002.pth"), "--set", "train.lr=1e39"],
+                                    "train.lr"),
+    }
+    for case, (args, named) in failing.items():
+        assert main(["--out", str(run), *args]) == 2, case
+        one_error_line(capsys.readouterr().err, named)
+        assert folder_snapshot(run) == before, f"{case}: the run folder changed"
+    # Once it resumes, the newer checkpoint is set aside (kept, not deleted), and the log says so.
+    (ckpts / "step_00000003.pth").unlink()
+    assert main(["--out", str(run), "--resume", str(ckpts / "step_00000002.pth"), "--set", "train.iterations=3"]) == 0
+    assert (ckpts / "step_00000004.pth.abandoned").read_bytes() == before["checkpoints/step_00000004.pth"]
+    assert "renamed to step_00000004.pth.abandoned" in (run / "train.log").read_text()
+    assert [r["step"] for r in metrics(run)] == [1, 2, 3]
+
+
+def test_a_bad_vgg_weights_file_writes_nothing_before_the_error(tmp_path, demo_root, capsys):
+    cfg_file = write_tiny_yaml(tmp_path / "tiny.yaml", demo_root)
+    torch.save(torch.zeros(4), tmp_path / "tensor.pth")  # a tensor, not a state dict
+    for vgg, named in [(tmp_path / "nonexistent.pth", "does not exist"), (tmp_path / "tensor.pth", "got a tensor")]:
+        out = tmp_path / f"run_{vgg.stem}"
+        assert main(["-c", str(cfg_file), "--out", str(out), "--set", f"train.vgg_weights={vgg}"]) == 2
+        one_error_line(capsys.readouterr().err, str(vgg), "VGG19 weights file", named)
+        assert not out.exists()  # no config.yaml, no train.log
+
+
+def test_the_learning_rate_and_the_skip_limit_are_checked(capsys):
+    with pytest.raises(ConfigError, match=r"train.lr must be in \(0, 1\], got 1e\+39"):
+        load_config("demo", ["train.lr=1e39"])
+    with pytest.raises(ConfigError, match="train.pixel_weight must be a finite number"):
+        load_config("demo", ["train.pixel_weight=.nan"])
+    with pytest.raises(ConfigError, match="train.max_consecutive_skips must be >= 1"):
+        load_config("demo", ["train.max_consecutive_skips=0"])
+    assert load_config("demo").train.max_consecutive_skips == 10
+    assert main(["--set", "train.lr=1e39", "--out", "never-made"]) == 2
+    one_error_line(capsys.readouterr().err, "train.lr")
+    assert not Path("never-made").exists()
+
+
+def test_skip_mode_stops_after_too_many_skipped_steps_and_exports_nothing(tmp_path, demo_root):
+    cfg = tiny_config(demo_root, "train.nonfinite=skip", "train.max_consecutive_skips=3", "val.every=2",
+                      "train.checkpoint_every=100")
+    train, val = poisoned_loaders(cfg, set(range(1, 100)))  # every batch is NaN
+    code, trainer = fit(cfg, tmp_path / "run", train_loader=train, val_loader=val)
+    assert code == 1 and trainer.step == 3 and trainer.skipped == 3
+    log = (tmp_path / "run" / "train.log").read_text()
+    assert "3 steps in a row (steps 1 to 3)" in log and "train.max_consecutive_skips=3" in log
+    rows = metrics(tmp_path / "run")
+    assert rows and all(r["loss"] is None and r["loss_per_pixel"] is None for r in rows)  # never a 0.0 loss
+    assert "no loss (all 1 step(s) since the last line were skipped" in log
+    assert not (tmp_path / "run" / "checkpoints" / "best.pth").exists()
+    assert not (tmp_path / "run" / "final_weights.pth").exists()
+
+    # A run shorter than the limit whose every step was skipped: exit 1 too, and nothing exported.
+    cfg = tiny_config(demo_root, "train.nonfinite=skip", "train.iterations=2", "val.every=1")
+    train, val = poisoned_loaders(cfg, set(range(1, 100)))
+    code, _ = fit(cfg, tmp_path / "short", train_loader=train, val_loader=val)
+    assert code == 1
+    assert "every step of this run (2)" in (tmp_path / "short" / "train.log").read_text()
+    assert not (tmp_path / "short" / "checkpoints" / "best.pth").exists()
+    assert not (tmp_path / "short" / "final_weights.pth").exists()
+
+
+def test_the_log_shows_a_per_pixel_loss_and_says_what_the_sum_is(tmp_path, demo_root):
+    cfg = tiny_config(demo_root, "train.iterations=2", "val.every=100", "val.max_images=1")
+    assert fit(cfg, tmp_path / "run")[0] == 0
+    values = cfg.data.batch_size * 3 * cfg.data.crop * cfg.data.crop  # the output values of one step
+    log = (tmp_path / "run" / "train.log").read_text()
+    for row in metrics(tmp_path / "run"):
+        assert row["loss_per_pixel"] == pytest.approx(row["loss"] / values, rel=1e-12)
+        assert 0 < row["loss_per_pixel"] < 2  # a Charbonnier-sized number, not a sum of 1e4-1e5
+        assert f"step {row['step']}: loss {row['loss_per_pixel']:.5g} per pixel (batch sum {row['loss']:.5g}), lr" \
+            in log

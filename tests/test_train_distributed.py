@@ -23,9 +23,9 @@ import torch.multiprocessing as mp
 import yaml
 
 from lfpv_fast import distributed
-from lfpv_fast.checkpoint import read_checkpoint
+from lfpv_fast.checkpoint import latest_checkpoint, read_checkpoint
 from lfpv_fast.config import config_to_dict, load_config
-from lfpv_fast.trainer import Trainer, latest_checkpoint
+from lfpv_fast.trainer import Trainer
 
 # The test wraps optimizer.step to record gradients, which LambdaLR notices.
 pytestmark = pytest.mark.filterwarnings("ignore:Seems like `optimizer.step\\(\\)` has been overridden")
