@@ -173,8 +173,10 @@ def read_checkpoint(path: str | Path, what: str = "checkpoint") -> dict[str, Any
     """
     path = Path(path)
     if path.is_dir():
-        expected = ", expected a checkpoint file (.pth), e.g. a run's final_weights.pth" if what == "checkpoint" else ""
-        raise ValueError(f"{what} {path} is a folder, not a file{expected}")
+        if what == "checkpoint":
+            raise ValueError(f"checkpoint {path} is a folder, expected a checkpoint file (.pth), e.g. a run's "
+                             "final_weights.pth")
+        raise ValueError(f"{what} {path} is a folder, not a file")
     if not path.is_file():
         raise FileNotFoundError(f"{what} {path} does not exist")
     try:
