@@ -1,6 +1,6 @@
 """Record one run of the built-in demo (`python -m lfpv_fast.train`) for the README's figures.
 
-    python bench/demo_run.py [--fresh-data] [--tag NAME] [--out DIR] [--picture docs/demo.png]
+    python bench/demo_run.py [--fresh-data] [--tag NAME] [--out DIR] [--picture docs/demo.png] [--set K=V]
 
 Runs the demo as a user would (a subprocess, the default config), samples the load average while it runs,
 and writes bench/results/<date>-demo-<tag>.json and .md: machine, whether the cores were shared (the load
@@ -52,6 +52,8 @@ def main() -> int:
     parser.add_argument("--tag", default="run", help="name part of the JSON and Markdown files")
     parser.add_argument("--out", type=Path, help="keep the run folder here (default: a temporary folder)")
     parser.add_argument("--picture", type=Path, help="write the README's picture (PNG) from the run's images")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                        help="passed on to the demo (e.g. train.cpu_threads=1 on cores shared with other work)")
     args = parser.parse_args()
 
     import torch
@@ -69,6 +71,8 @@ def main() -> int:
         cmd = [sys.executable, "-m", "lfpv_fast.train", "--out", str(run_dir), "--set", "logging.progress=false"]
         if args.fresh_data:
             cmd += ["--set", f"data.demo_root={Path(tmp) / 'demo'}"]
+        for override in args.set:
+            cmd += ["--set", override]
         load_before = os.getloadavg()
         sampler = threading.Thread(target=sample, daemon=True)
         sampler.start()
