@@ -53,10 +53,14 @@ def dark_photo(height: int, width: int) -> torch.Tensor:
     """(1,3,H,W) in [0,1]: the demo's coffee photo resized, darkened by the demo's low-light model."""
     from PIL import Image
 
-    from lfpv_fast.data.demo import darken, load_photo
+    from lfpv_fast.data.demo import FrameSettings, darken, load_photo
 
     photo = np.asarray(Image.fromarray(load_photo("coffee")).resize((width, height), Image.Resampling.BICUBIC))
-    lq = darken(photo, np.random.default_rng(0), 0.02)
+    # Exposure 0.02 with 10% jitter, 2000 electrons at full scale, read noise 2: the demo's first (version 1)
+    # settings, drawn in the same order, so the photo is the one the recorded benchmarks used.
+    rng = np.random.default_rng(0)
+    settings = FrameSettings("0.01-0.03", 0.02 * rng.uniform(0.9, 1.1), photons=2000.0, read_noise=2.0)
+    lq = darken(photo, rng, settings)
     return torch.from_numpy(lq).permute(2, 0, 1)[None].float() / 255
 
 

@@ -84,7 +84,8 @@ def main() -> int:
         if done.returncode != 0:
             print(done.stdout[-3000:], done.stderr[-3000:], file=sys.stderr)
             return done.returncode
-        last = json.loads((run_dir / "val.jsonl").read_text().splitlines()[-1])
+        validations = [json.loads(line) for line in (run_dir / "val.jsonl").read_text().splitlines()]
+        last = validations[-1]
         built = "building the demo dataset" in done.stdout
         config = yaml.safe_load((run_dir / "config.yaml").read_text())
         demo_root = Path(config["data"]["demo_root"]).expanduser()
@@ -108,6 +109,7 @@ def main() -> int:
         "steps": last["step"],
         "validation": {k: last[k] for k in ("images", "input_psnr", "input_ssim", "psnr", "ssim")},
         "validation_per_exposure_band": last.get("bands", {}),
+        "every_validation": validations,
         "exposure_bands": config_bands(),
         "picture": str(args.picture) if args.picture else None,
         "commit": git_commit(),
@@ -157,6 +159,15 @@ def markdown(record: dict) -> str:
         lines.append(f"| {name} | {b['images']} | {b['input_psnr']:.2f} dB | {b['psnr']:.2f} dB | "
                      f"{b['psnr'] - b['input_psnr']:+.2f} dB | {b['input_ssim']:.4f} | {b['ssim']:.4f} |")
     lines += ["", "Exposure: the fraction of the normal exposure in linear light (lfpv_fast/data/demo.py)."]
+    if len(record.get("every_validation", [])) > 1:
+        names = list(record["validation_per_exposure_band"])
+        lines += ["", "Output PSNR at each validation of the run:", "",
+                  "| step | " + " | ".join(names) + " | all |", "| --- |" + " --- |" * (len(names) + 1)]
+        for val in record["every_validation"]:
+            bands = [f"{val['bands'][n]['psnr']:.2f} dB" for n in names]
+            lines.append(f"| {val['step']} | " + " | ".join(bands) + f" | {val['psnr']:.2f} dB |")
+    if record.get("note"):
+        lines += ["", record["note"]]
     if record.get("picture"):
         lines += ["", f"Picture: `{record['picture']}` (input | output | ground truth, one row per band)."]
     return "\n".join(lines) + "\n"
