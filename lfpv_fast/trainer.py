@@ -732,7 +732,8 @@ class Trainer:
 
         result: dict[str, Any] = {"step": self.step, **means(sums[0])}
         if band_names:
-            result["bands"] = {name: means(sums[1 + k]) for k, name in enumerate(band_names)}
+            result["bands"] = {name: means(sums[1 + k]) for k, name in enumerate(band_names)
+                               if sums[1 + k, 4] > 0}  # (a band without held-out images here: not reported)
         psnr, ssim, in_psnr, in_ssim = (result[k] for k in ("psnr", "ssim", "input_psnr", "input_ssim"))
         self.input_metrics = (in_psnr, in_ssim)
         is_best = self.best_psnr is None or psnr > self.best_psnr
