@@ -201,7 +201,7 @@ def test_the_png_copy_has_the_same_bands(demo_root):
 
 def test_a_brief_training_improves_psnr_in_every_exposure_band(demo_root, tmp_path):
     """60 steps of a tiny model at 64x48 gain 3.7-5.0 dB on every band (seeds 0-3 tried when this was written);
-    the test asks for 2 dB. The demo's own run (400 steps, the README's figures) is in bench/results."""
+    the test asks for 2 dB. The demo's own run (600 steps, the README's figures) is in bench/results."""
     from lfpv_fast.config import load_config
     from lfpv_fast.trainer import Trainer
 
