@@ -222,3 +222,21 @@ def test_a_brief_training_improves_psnr_in_every_exposure_band(demo_root, tmp_pa
     assert list(bands) == list(demo.BANDS)
     for name, band in bands.items():
         assert band["psnr"] > band["input_psnr"] + 2.0, (name, band)
+
+
+def test_the_png_demo_is_validated_per_band_too(demo_root, tmp_path):
+    """demo_png's pairs have no scene, only the file stem `<scene>_<frame>`: the same bands are found."""
+    from lfpv_fast.config import load_config
+    from lfpv_fast.trainer import Trainer
+
+    tiny = ["model.nf=8", "model.hr_nf=8", "model.light_blocks=1", "model.layers=1", "model.heads=1",
+            "model.head_dim=16", "model.ffn_dim=32", "model.bank_size=8", "model.updater_width=2",
+            "data.crop=32", "data.batch_size=8", "data.num_workers=0", "data.loader=torch",
+            "train.iterations=1", "logging.progress=false", "logging.tensorboard=false",
+            f"data.demo_root={demo_root}"]
+    trainer = Trainer(load_config("demo_png", tiny), tmp_path / "run")
+    try:
+        result = trainer.validate()
+    finally:
+        trainer.close()
+    assert {name: band["images"] for name, band in result["bands"].items()} == {name: 6 for name in demo.BANDS}
