@@ -1,15 +1,22 @@
-# `make test` creates .venv, installs torch (pinned) and then the project with its [dev] extra, which holds
-# every other extra (Triton, DALI, the demo's scikit-image) and the test tools.
-# Which torch build pip picks depends on where it looks: on a plain machine PyPI's Linux wheel is the CUDA
-# build (a few GB, with its own triton). For the CPU build there, point pip at PyTorch's CPU wheel index:
-#   make test TORCH_INDEX=https://download.pytorch.org/whl/cpu
+# Two virtual environments, one per use:
+# - `make test` creates .venv, installs torch (pinned) and then the project with its [dev] extra, which holds
+#   every other extra (Triton, DALI, the demo's scikit-image, the app's gradio) and the test tools.
+#   Which torch build pip picks depends on where it looks: on a plain machine PyPI's Linux wheel is the CUDA
+#   build (a few GB, with its own triton). For the CPU build there, point pip at PyTorch's CPU wheel index:
+#     make test TORCH_INDEX=https://download.pytorch.org/whl/cpu
+# - `make demo` creates .venv-demo with the CPU build of torch (the demo trains on the CPU; DEMO_TORCH_INDEX=
+#   empty takes pip's default index instead) and the project with its [demo] extra only: no triton, DALI,
+#   gradio or selenium.
 PY ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
+DEMO_VENV := .venv-demo
+DEMO_BIN := $(DEMO_VENV)/bin
 TORCH ?= torch==2.13.0
 TORCH_INDEX ?=
+DEMO_TORCH_INDEX ?= https://download.pytorch.org/whl/cpu
 
-.PHONY: venv test lint demo bench gpu-check compile-gate clean
+.PHONY: venv demo-venv test lint demo bench gpu-check compile-gate clean
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
@@ -22,6 +29,17 @@ $(VENV)/.installed: $(BIN)/python pyproject.toml
 
 venv: $(VENV)/.installed
 
+$(DEMO_BIN)/python:
+	$(PY) -m venv $(DEMO_VENV)
+	$(DEMO_BIN)/pip install --upgrade pip
+	$(DEMO_BIN)/pip install '$(TORCH)' $(if $(DEMO_TORCH_INDEX),--index-url $(DEMO_TORCH_INDEX))
+
+$(DEMO_VENV)/.installed: $(DEMO_BIN)/python pyproject.toml
+	$(DEMO_BIN)/pip install -e '.[demo]'
+	touch $@
+
+demo-venv: $(DEMO_VENV)/.installed
+
 lint: venv
 	$(BIN)/ruff check .
 
@@ -29,8 +47,8 @@ test: venv
 	$(BIN)/ruff check .
 	$(BIN)/python -m pytest -q tests
 
-demo: venv
-	$(BIN)/python -m lfpv_fast.train
+demo: demo-venv
+	$(DEMO_BIN)/python -m lfpv_fast.train
 
 bench: venv
 	$(BIN)/python bench/run_all.py
@@ -51,4 +69,4 @@ compile-gate: venv
 		--markdown bench/results/compile-triton-$$($(BIN)/python -c 'import triton; print(triton.__version__)').md
 
 clean:
-	rm -rf $(VENV) build *.egg-info
+	rm -rf $(VENV) $(DEMO_VENV) build *.egg-info

@@ -167,6 +167,7 @@ class Trainer:
         determinism = configure_torch(cfg, self.device)
         resume_path, checkpoint = self._find_checkpoint(resume)
         self.train_loader, self.val_loader = self._build_loaders(train_loader, val_loader)
+        self.val_bands = self._validation_bands()
         self.net = self._build_net(checkpoint, resume_path)
         self.perceptual = self._build_perceptual_loss()
         # DDP (bank hook + synchronized updater BatchNorms) before the optimizer: the BatchNorm swap makes new
@@ -251,11 +252,10 @@ class Trainer:
 
     def _make_demo_dataset(self) -> None:
         """The demo dataset is written on first use (some seconds); say so, and where."""
-        from lfpv_fast.data.demo import make_demo_dataset
+        from lfpv_fast.data.demo import dataset_is_current, make_demo_dataset
 
         root = Path(self.cfg.data.demo_root).expanduser()
-        if root.is_dir() and any(root.iterdir()):  # there already (make_demo_dataset checks that it is complete)
-            make_demo_dataset(root)
+        if dataset_is_current(root):
             return
         if importlib.util.find_spec("skimage") is None:
             raise DataError("the demo dataset is made from photos that ship inside scikit-image, which is not "
@@ -264,6 +264,14 @@ class Trainer:
         start = time.perf_counter()
         make_demo_dataset(root)
         self.log(f"demo dataset written to {root} in {time.perf_counter() - start:.1f} s")
+
+    def _validation_bands(self) -> dict[str, str] | None:
+        """The demo datasets' exposure band of each held-out image (by `<scene>_<frame>`), reported per band."""
+        from lfpv_fast.data.demo import dataset_is_current, frame_bands
+
+        if self.cfg.data.dataset not in ("demo", "demo_png") or not dataset_is_current(self.cfg.data.demo_root):
+            return None  # (not the demo, or loaders of the caller's own)
+        return frame_bands(self.cfg.data.demo_root)
 
     def _open_run_folder(self) -> None:
         """config.yaml (the resolved config), train.log, images/, checkpoints/; written by rank 0 only, and only
@@ -608,11 +616,13 @@ class Trainer:
     # Validation
 
     @torch.no_grad()
-    def validate(self) -> dict[str, float]:
+    def validate(self) -> dict[str, Any]:
         """PSNR/SSIM of input and output against the ground truth over the test split (sharded over ranks)."""
         net, v = self.net, self.cfg.val
         net.eval()
-        sums = torch.zeros(5, dtype=torch.float64, device=self.device)  # psnr, ssim, in psnr, in ssim, count
+        # Per group: psnr, ssim, in psnr, in ssim, count. Group 0 is every image; then one per band (demo only).
+        band_names = list(dict.fromkeys(self.val_bands.values())) if self.val_bands else []
+        sums = torch.zeros(1 + len(band_names), 5, dtype=torch.float64, device=self.device)
         limit = None if v.max_images is None else -(-v.max_images // self.dist.world_size)
         grids = []
         self.val_loader.load_state_dict({"epoch": 0, "batch": 0})  # always the same images, from the start
@@ -620,25 +630,36 @@ class Trainer:
             lq = batch["lq"].to(self.device, non_blocking=True)
             gt = batch["gt"].to(self.device, non_blocking=True)
             if limit is not None:
-                room = limit - int(sums[4].item())
+                room = limit - int(sums[0, 4].item())
                 if room <= 0:
                     break
                 lq, gt = lq[:room], gt[:room]
             # Full precision, eager: validation is rare and its numbers should not depend on the fast path.
             out = net(lq, net.snr_mask(lq)).float().clamp(0, 1)
-            sums += torch.stack([psnr_batch(out, gt).sum(), ssim_batch(out, gt).sum(), psnr_batch(lq, gt).sum(),
-                                 ssim_batch(lq, gt).sum(), torch.tensor(float(lq.shape[0]), device=self.device)])
+            per_image = torch.stack([psnr_batch(out, gt), ssim_batch(out, gt), psnr_batch(lq, gt), ssim_batch(lq, gt),
+                                     torch.ones(lq.shape[0], dtype=out.dtype, device=self.device)], dim=1)
+            sums[0] += per_image.sum(0).to(sums.dtype)
             for i in range(lq.shape[0]):
+                name = f"{batch['scene'][i]}_{batch['frame'][i]}"
+                band = self.val_bands.get(name.removeprefix("_")) if self.val_bands else None  # demo_png: no scene
+                if band is not None:
+                    sums[1 + band_names.index(band)] += per_image[i].to(sums.dtype)
                 if len(grids) < v.save_images:
-                    name = f"{batch['scene'][i]}_{batch['frame'][i]}"
                     grids.append((name, torch.cat([lq[i], out[i], gt[i]], dim=2).cpu()))
         net.train()
         if self.dist.enabled:
             dist.all_reduce(sums)
-        count = max(sums[4].item(), 1.0)
-        psnr, ssim, in_psnr, in_ssim = (x / count for x in sums[:4].tolist())
-        result = {"step": self.step, "psnr": psnr, "ssim": ssim, "input_psnr": in_psnr, "input_ssim": in_ssim,
-                  "images": int(sums[4].item())}
+
+        def means(row: torch.Tensor) -> dict[str, Any]:
+            count = max(row[4].item(), 1.0)
+            psnr, ssim, in_psnr, in_ssim = (x / count for x in row[:4].tolist())
+            return {"psnr": psnr, "ssim": ssim, "input_psnr": in_psnr, "input_ssim": in_ssim, "images": int(row[4])}
+
+        result: dict[str, Any] = {"step": self.step, **means(sums[0])}
+        if band_names:
+            result["bands"] = {name: means(sums[1 + k]) for k, name in enumerate(band_names)
+                               if sums[1 + k, 4] > 0}  # (a band without held-out images here: not reported)
+        psnr, ssim, in_psnr, in_ssim = (result[k] for k in ("psnr", "ssim", "input_psnr", "input_ssim"))
         self.input_metrics = (in_psnr, in_ssim)
         is_best = self.best_psnr is None or psnr > self.best_psnr
         if is_best:
@@ -652,6 +673,9 @@ class Trainer:
                 self.tb.add_scalar("val/ssim", ssim, self.step)
             self.log(f"validation at step {self.step} ({result['images']} images): PSNR {psnr:.2f} dB, "
                      f"SSIM {ssim:.4f} (input {in_psnr:.2f} dB, {in_ssim:.4f})" + (" - best so far" if is_best else ""))
+            for name, band in result.get("bands", {}).items():
+                self.log(f"  exposure {name} ({band['images']} images): PSNR {band['input_psnr']:.2f} -> "
+                         f"{band['psnr']:.2f} dB, SSIM {band['input_ssim']:.4f} -> {band['ssim']:.4f}")
             if is_best:
                 atomic_save(self.checkpoint_state(), self.ckpt_dir / "best.pth")
         return result
@@ -709,6 +733,9 @@ class Trainer:
             lines.append(f"validation ({last['images']} held-out images): input PSNR {last['input_psnr']:.2f} dB / "
                          f"SSIM {last['input_ssim']:.4f} -> output PSNR {last['psnr']:.2f} dB / SSIM "
                          f"{last['ssim']:.4f} ({last['psnr'] - last['input_psnr']:+.2f} dB)")
+            for name, band in last.get("bands", {}).items():
+                lines.append(f"  exposure {name} ({band['images']} images): PSNR {band['input_psnr']:.2f} -> "
+                             f"{band['psnr']:.2f} dB, SSIM {band['input_ssim']:.4f} -> {band['ssim']:.4f}")
         lines += [
             f"  images (input | output | ground truth): {self.run_dir / 'images'}",
             f"  log: {self.run_dir / 'train.log'}; metrics: {self.metrics_path}, {self.run_dir / 'val.jsonl'}",

@@ -25,10 +25,11 @@ pytest.importorskip("selenium", reason="the browser test needs selenium (pip ins
 CHROMIUM = next((shutil.which(name) for name in ("chromium", "chromium-browser", "google-chrome")
                  if shutil.which(name)), None)
 CHROMEDRIVER = shutil.which("chromedriver")
+MISSING = [name for name, found in (("chromium", CHROMIUM), ("chromedriver", CHROMEDRIVER)) if found is None]
 pytestmark = pytest.mark.skipif(
-    CHROMIUM is None or CHROMEDRIVER is None,
-    reason="headless Chromium is not installed (Debian: apt-get install chromium chromium-driver; .ci/run "
-           "installs them)")
+    bool(MISSING),
+    reason=f"the browser test needs headless Chromium: {' and '.join(MISSING) or 'nothing'} not found on PATH "
+           "(Debian: apt-get install chromium chromium-driver; .ci/run installs them)")
 WAIT_S = 90
 
 

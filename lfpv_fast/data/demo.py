@@ -9,17 +9,35 @@ scikit-image's downloader. Each photo gives three scenes: the whole photo and tw
 That is 15 scenes; the three `coffee` scenes are the test scenes (a whole photo is held out, so no
 crop of a test photo is seen in training), listed in `<root>/test_scenes.txt`.
 
-Each scene has FRAMES low-light frames made from the ground truth by this model (float64, per pixel
+Each scene has FRAMES = 6 low-light frames made from the ground truth by this model (float64, per pixel
 and channel, `g` the GT in [0, 1]):
 
     x = g ** 2.2                                    # undo the display gamma: linear light
-    e = e_scene * U(0.9, 1.1)                       # exposure: e_scene log-uniform in [0.01, 0.04]
-    n = Poisson(x * e * FULL_WELL) + N(0, READ_NOISE)   # electrons: shot noise and read noise
-    lq = round(255 * clip(n / FULL_WELL, 0, 1) ** (1 / 2.2))   # display gamma, uint8 quantization
+    n = Poisson(x * e * photons) + N(0, read_noise) # electrons: shot noise and read noise
+    lq = round(255 * clip(n / photons, 0, 1) ** (1 / 2.2))   # display gamma, uint8 quantization
 
-so frames are dark (e is the fraction of the normal exposure) and noisy, like SMID's short
-exposures, and differ from frame to frame only by exposure jitter and noise. The random numbers
-come from numpy Generators seeded by (SEED, scene, frame): the dataset is deterministic.
+with three numbers drawn afresh for every frame:
+
+    e           exposure, the fraction of the normal exposure: log-uniform within the frame's band
+    photons     electrons at full scale under normal exposure (the sensor's ISO): log-uniform in [1000, 8000]
+    read_noise  electrons, standard deviation: uniform in [1, 4]
+
+The exposures span 0.01 to 0.3 (6.6 to 1.7 stops under), in three bands (BANDS):
+
+    band        exposure        on a display (mid-grey 0.5 becomes)
+    0.01-0.03   [0.01, 0.03)    0.06 - 0.10   nearly black, like SMID's and LOL's short exposures
+    0.03-0.1    [0.03, 0.1)     0.10 - 0.18   dark
+    0.1-0.3     [0.1, 0.3]      0.18 - 0.29   dim, like a photo taken indoors without flash
+
+Frame k of every scene is in band k mod 3, so every scene, held-out ones included, has two frames in each
+band (stratified), and validation reports PSNR per band (`frame_bands`). The noise ranges are independent
+of the band: a dim frame can be noisy (few photons) and a dark one clean. A range of levels rather than one
+is what LOL's synthetic pairs (LOL-v2 "Synthetic") have too: RAW photos (RAISE) darkened in Adobe
+Lightroom with settings chosen so that their brightness (Y channel) histogram matches that of real
+low-light photos (Wei et al., BMVC 2018, section 3). Trained on one level, a model learns one gain and
+blows out photos that are only a little dark. The random numbers come from
+numpy Generators seeded by (SEED, scene, frame): the dataset is deterministic. The manifest records each
+frame's band, exposure, photons and read noise.
 
 Layout, as SMID (uint8 H x W x 3, BGR)::
 
@@ -30,7 +48,7 @@ Layout, as SMID (uint8 H x W x 3, BGR)::
 
 The dataset is written to a temporary sibling folder and renamed into place, so concurrent callers
 (several DDP ranks) and interrupted runs never see a half-written dataset; when the manifest is
-already there, nothing is done.
+already there, nothing is done, and a dataset of an earlier VERSION is replaced.
 
 The same pairs as 8-bit RGB PNG files, in the LOL-v1 layout (dataset `demo_png`, written on first use
 and by this command; a GT is repeated for each of its scene's frames so that pairs are one to one)::
@@ -48,7 +66,7 @@ import json
 import os
 import shutil
 import sys
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from importlib import resources
 from pathlib import Path
 
@@ -57,7 +75,7 @@ import numpy as np
 from lfpv_fast.data.errors import DataError
 
 FORMAT = "lfpv_fast.demo"
-VERSION = 1
+VERSION = 2  # 2: exposure bands and per-frame noise (1: one exposure per scene, 0.01-0.04)
 SIZE = (256, 192)  # stored width, height
 PHOTOS = {  # name -> file inside the installed skimage.data package (shipped, not downloaded)
     "astronaut": "astronaut.png",
@@ -71,10 +89,10 @@ TEST_PHOTOS = ("coffee",)
 VIEWS = {"": (1.0, 0.5, 0.5), "_zoom1": (0.6, 0.35, 0.4), "_zoom2": (0.6, 0.65, 0.6)}
 FRAMES = 6
 SEED = 20250
-EXPOSURE = (0.01, 0.04)
-JITTER = 0.1
-FULL_WELL = 2000.0  # electrons at full scale under normal exposure
-READ_NOISE = 2.0  # electrons, standard deviation
+# Exposure bands (fraction of the normal exposure, linear light); frame k of a scene is in band k % len(BANDS).
+BANDS = {"0.01-0.03": (0.01, 0.03), "0.03-0.1": (0.03, 0.1), "0.1-0.3": (0.1, 0.3)}
+PHOTONS = (1000.0, 8000.0)  # electrons at full scale under normal exposure, log-uniform per frame
+READ_NOISE = (1.0, 4.0)  # electrons, standard deviation, uniform per frame
 GAMMA = 2.2
 
 
@@ -121,12 +139,31 @@ def view(photo: np.ndarray, zoom: float, cx: float, cy: float, size: tuple[int, 
     return np.asarray(im)
 
 
-def darken(gt: np.ndarray, rng: np.random.Generator, exposure: float) -> np.ndarray:
+@dataclass(frozen=True)
+class FrameSettings:
+    """How one low-light frame is made: its band and the numbers drawn for it."""
+
+    band: str
+    exposure: float
+    photons: float
+    read_noise: float
+
+
+def frame_settings(rng: np.random.Generator, frame: int) -> FrameSettings:
+    """Band `frame % len(BANDS)`; exposure, photons and read noise drawn from `rng` in their ranges."""
+    band = list(BANDS)[frame % len(BANDS)]
+    exposure = float(np.exp(rng.uniform(*np.log(BANDS[band]))))
+    photons = float(np.exp(rng.uniform(*np.log(PHOTONS))))
+    read_noise = float(rng.uniform(*READ_NOISE))
+    return FrameSettings(band, exposure, photons, read_noise)
+
+
+def darken(gt: np.ndarray, rng: np.random.Generator, settings: FrameSettings) -> np.ndarray:
     """One low-light frame of `gt` (uint8 RGB) by the model in the module docstring."""
     x = (gt.astype(np.float64) / 255.0) ** GAMMA
-    e = exposure * rng.uniform(1 - JITTER, 1 + JITTER)
-    electrons = rng.poisson(x * e * FULL_WELL) + rng.normal(0.0, READ_NOISE, size=x.shape)
-    y = np.clip(electrons / FULL_WELL, 0.0, 1.0) ** (1 / GAMMA)
+    photons = settings.photons
+    electrons = rng.poisson(x * settings.exposure * photons) + rng.normal(0.0, settings.read_noise, size=x.shape)
+    y = np.clip(electrons / photons, 0.0, 1.0) ** (1 / GAMMA)
     return np.round(y * 255.0).astype(np.uint8)
 
 
@@ -137,19 +174,23 @@ def scene_names() -> list[str]:
 def _build(dst: Path) -> None:
     names = scene_names()
     test = [n for n in names if any(n == p or n.startswith(p + "_") for p in TEST_PHOTOS)]
+    frames: dict[str, list[dict[str, str | float]]] = {}
     for si, photo in enumerate(PHOTOS):
         img = load_photo(photo)
         for vi, (suffix, (zoom, cx, cy)) in enumerate(VIEWS.items()):
             scene = photo + suffix
             gt = view(img, zoom, cx, cy)
             scene_index = si * len(VIEWS) + vi
-            exposure = float(np.exp(np.random.default_rng([SEED, scene_index]).uniform(*np.log(EXPOSURE))))
             (dst / "gt" / scene).mkdir(parents=True)
             (dst / "lq" / scene).mkdir(parents=True)
             np.save(dst / "gt" / scene / "long.npy", np.ascontiguousarray(gt[:, :, ::-1]))  # stored BGR
+            frames[scene] = []
             for k in range(FRAMES):
-                lq = darken(gt, np.random.default_rng([SEED, scene_index, k]), exposure)
+                rng = np.random.default_rng([SEED, scene_index, k])
+                settings = frame_settings(rng, k)
+                lq = darken(gt, rng, settings)
                 np.save(dst / "lq" / scene / f"{k:04d}.npy", np.ascontiguousarray(lq[:, :, ::-1]))
+                frames[scene].append({"frame": f"{k:04d}", **asdict(settings)})
     (dst / "test_scenes.txt").write_text("".join(f"{n}\n" for n in test))
     manifest = {
         "format": FORMAT,
@@ -161,42 +202,58 @@ def _build(dst: Path) -> None:
         "photos": {p: f"skimage.data/{f}" for p, f in PHOTOS.items()},
         "low_light": {
             "seed": SEED,
-            "exposure": list(EXPOSURE),
-            "jitter": JITTER,
-            "full_well": FULL_WELL,
-            "read_noise": READ_NOISE,
+            "bands": {name: list(edges) for name, edges in BANDS.items()},
+            "photons": list(PHOTONS),
+            "read_noise": list(READ_NOISE),
             "gamma": GAMMA,
         },
+        "frames": frames,
     }
     (dst / "manifest.json").write_text(json.dumps(manifest, indent=1))
 
 
-def _is_complete(paths: DemoPaths) -> bool:
-    if not paths.manifest.is_file():
-        return False
+def _manifest(paths: DemoPaths) -> dict | None:
+    """The manifest of a demo dataset (any version), or None when there is none or it is not ours."""
     try:
         doc = json.loads(paths.manifest.read_text())
     except (OSError, ValueError):
-        return False
-    return isinstance(doc, dict) and doc.get("format") == FORMAT and doc.get("version") == VERSION
+        return None
+    return doc if isinstance(doc, dict) and doc.get("format") == FORMAT else None
+
+
+def _is_complete(paths: DemoPaths) -> bool:
+    doc = _manifest(paths)
+    return doc is not None and doc.get("version") == VERSION
+
+
+def dataset_is_current(root: str | Path) -> bool:
+    """Whether `root` holds the demo dataset of this version (then make_demo_dataset does nothing)."""
+    return _is_complete(_paths(Path(root).expanduser()))
 
 
 def make_demo_dataset(root: str | Path) -> DemoPaths:
-    """Write the demo dataset into `root` unless it is already there; return its paths."""
+    """Write the demo dataset into `root` unless it is already there; return its paths.
+
+    A demo dataset of an earlier version (another low-light model) is replaced: it is a cache of ours.
+    """
     root = Path(root).expanduser()
     paths = _paths(root)
     if _is_complete(paths):
         return paths
-    if root.exists() and (not root.is_dir() or any(root.iterdir())):
+    outdated = _manifest(paths) is not None
+    if not outdated and root.exists() and (not root.is_dir() or any(root.iterdir())):
         raise DataError(
-            f"demo root {root} exists but holds no complete demo dataset ({paths.manifest} missing or from "
-            "another version); remove it or point data.demo_root elsewhere"
+            f"demo root {root} exists but holds no complete demo dataset ({paths.manifest} missing or not "
+            "a demo manifest); remove it or point data.demo_root elsewhere"
         )
     root.parent.mkdir(parents=True, exist_ok=True)
     tmp = root.parent / f".{root.name}.tmp-{os.getpid()}"
+    old = root.parent / f".{root.name}.old-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     try:
         _build(tmp)
+        if outdated and not _is_complete(paths):  # (not replaced by another process meanwhile)
+            os.rename(root, old)
         try:
             os.rename(tmp, root)  # atomic; also replaces an empty folder
         except OSError:
@@ -204,7 +261,17 @@ def make_demo_dataset(root: str | Path) -> DemoPaths:
                 raise
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+        shutil.rmtree(old, ignore_errors=True)
     return paths
+
+
+def frame_bands(root: str | Path) -> dict[str, str]:
+    """The exposure band of every frame of the demo dataset at `root`, by image name `<scene>_<frame>` (the
+    demo's pairs and the PNG files' stems), in the order of BANDS then name."""
+    doc = json.loads(_paths(Path(root).expanduser()).manifest.read_text())
+    bands = {f"{scene}_{f['frame']}": f["band"] for scene, frames in doc["frames"].items() for f in frames}
+    order = list(BANDS)
+    return dict(sorted(bands.items(), key=lambda kv: (order.index(kv[1]), kv[0])))
 
 
 def make_demo_png(root: str | Path) -> Path:
