@@ -42,7 +42,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from lfpv_fast import reference
+from lfpv_fast.backends import BACKENDS, attention_is_memory_linear
 from lfpv_fast.cli import ArgumentParser, fail, resolve_device
 from lfpv_fast.imageio import (
     IMAGE_EXTENSIONS,
@@ -160,8 +160,7 @@ def plan_enhancement(net: LFPVNet, batch: int, height: int, width: int, *, tile:
     """
     device = device or next(net.parameters()).device
     element = 2 if precision in ("bf16", "fp16") else 4
-    probe = torch.empty(0, device=device)
-    linear = net.ops_for(probe) is not reference
+    linear = attention_is_memory_linear(net.backend, device)
     estimate = estimate_peak_bytes(net.config, batch, height, width, element, linear_attention=linear).total
     if tile is not None:
         if height <= tile and width <= tile:
@@ -307,7 +306,7 @@ def build_parser() -> ArgumentParser:
     parser.add_argument("-o", "--output", required=True, help="output folder")
     parser.add_argument("--recursive", action="store_true", help="also enhance images in subfolders of folder inputs")
     parser.add_argument("--device", default="auto", help="auto (GPU if present), cpu, cuda, cuda:N")
-    parser.add_argument("--backend", default="auto", choices=("auto", "reference", "triton"))
+    parser.add_argument("--backend", default="auto", choices=BACKENDS)
     parser.add_argument("--batch-size", type=int, default=1, help="images of the same size run together (and tiles)")
     parser.add_argument("--tile", type=int, default=None, help="always enhance in tiles of this side in pixels "
                         "(multiple of 16); default: the whole image when it fits in memory, tiles otherwise")

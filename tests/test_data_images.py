@@ -16,8 +16,8 @@ import pytest
 import tifffile
 import torch
 from PIL import Image
-from test_data_smid import opencv_linear
 
+from helpers import opencv_linear
 from lfpv_fast.config import ConfigError, config_from_dict, load_config
 from lfpv_fast.data.images import PRESETS, read_header
 from lfpv_fast.data.smid import DataError, resize_linear

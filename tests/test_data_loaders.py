@@ -12,8 +12,8 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
-from test_data_smid import make_cfg, write_list, write_tree
 
+from helpers import make_cfg, write_list, write_tree
 from lfpv_fast.config import ConfigError
 from lfpv_fast.pipelines import build_loader
 from lfpv_fast.pipelines.sampling import epoch_draws, per_rank_batch, train_batches

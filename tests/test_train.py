@@ -23,6 +23,7 @@ import pytest
 import torch
 import yaml
 
+from helpers import TINY_RUN
 from lfpv_fast.checkpoint import load_model, read_checkpoint
 from lfpv_fast.config import ConfigError, config_to_dict, load_config
 from lfpv_fast.train import load_run_config, main, parse_args
@@ -36,14 +37,6 @@ from lfpv_fast.trainer import (
     restore_rng,
 )
 
-TINY = [
-    "model.nf=8", "model.hr_nf=8", "model.light_blocks=1", "model.layers=1", "model.heads=1", "model.head_dim=16",
-    "model.ffn_dim=32", "model.bank_size=8", "model.updater_width=2",
-    "data.resize=[64, 48]", "data.crop=32", "data.batch_size=24", "data.num_workers=0", "data.test_frames=1",
-    "train.iterations=8", "train.checkpoint_every=3", "train.keep_checkpoints=2", "val.every=100",
-    "val.save_images=1", "logging.every=1", "logging.progress=false", "logging.tensorboard=false",
-]
-
 
 @pytest.fixture(scope="module")
 def demo_root(tmp_path_factory) -> Path:
@@ -52,7 +45,7 @@ def demo_root(tmp_path_factory) -> Path:
 
 
 def tiny_config(demo_root: Path, *extra: str):
-    return load_config("demo", [*TINY, f"data.demo_root={demo_root}", *extra])
+    return load_config("demo", [*TINY_RUN, f"data.demo_root={demo_root}", *extra])
 
 
 def write_tiny_yaml(path: Path, demo_root: Path, *extra: str) -> Path:
@@ -342,7 +335,7 @@ def test_loader_workers_are_capped_at_the_available_cores_saying_so_once(monkeyp
 
 
 def test_the_demo_says_when_it_builds_its_dataset_and_where(tmp_path, capsys):
-    cfg = load_config("demo", [*TINY, f"data.demo_root={tmp_path / 'demo'}", "train.iterations=1"])
+    cfg = load_config("demo", [*TINY_RUN, f"data.demo_root={tmp_path / 'demo'}", "train.iterations=1"])
     trainer = Trainer(cfg, tmp_path / "run")
     trainer.close()
     out = capsys.readouterr().out
