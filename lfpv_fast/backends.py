@@ -15,6 +15,7 @@ the kernels, the kernels never import it.
 
 from __future__ import annotations
 
+import typing
 import warnings
 from dataclasses import dataclass
 from types import ModuleType
@@ -26,7 +27,7 @@ from lfpv_fast import cpu_ops, reference
 from lfpv_fast.kernels.interpreter import interpreting
 
 BackendName = Literal["auto", "reference", "triton"]
-BACKENDS: tuple[str, ...] = ("auto", "reference", "triton")
+BACKENDS: tuple[str, ...] = typing.get_args(BackendName)
 OpSetName = Literal["reference", "cpu_ops", "triton"]
 
 
@@ -85,7 +86,8 @@ class Resolved:
 def check_backend(requested: str) -> None:
     """ValueError unless `requested` is one of BACKENDS."""
     if requested not in BACKENDS:
-        raise ValueError(f"unknown backend {requested!r}; expected 'auto', 'reference' or 'triton'")
+        expected = ", ".join(repr(name) for name in BACKENDS[:-1]) + f" or {BACKENDS[-1]!r}"
+        raise ValueError(f"unknown backend {requested!r}; expected {expected}")
 
 
 def resolve_backend(requested: str, device: torch.device | str, *, training: bool = False) -> Resolved:
