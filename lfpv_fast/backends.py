@@ -15,6 +15,7 @@ the kernels, the kernels never import it.
 
 from __future__ import annotations
 
+import sys
 import typing
 import warnings
 from dataclasses import dataclass
@@ -48,12 +49,11 @@ def triton_unavailable_reason() -> str | None:
 
 
 def _recording_launches() -> bool:
-    """The compile gate records the kernels' launches on fake CPU tensors (kernels._common.record_launches)."""
-    try:
-        from lfpv_fast.kernels._common import recording_launches
-    except ImportError:  # without Triton nothing can be recording
-        return False
-    return recording_launches()
+    """The compile gate records the kernels' launches on fake CPU tensors (kernels._common.record_launches).
+    Where nothing has imported the kernels nothing is recording; importing them here would import Triton,
+    which fixes whether it interprets (TRITON_INTERPRET) for the rest of the process."""
+    common = sys.modules.get("lfpv_fast.kernels._common")
+    return common is not None and common.recording_launches()
 
 
 _OP_SETS: dict[str, ModuleType] = {"reference": reference, "cpu_ops": cpu_ops}

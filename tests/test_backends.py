@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import ast
+import os
+import subprocess
+import sys
 import typing
 from pathlib import Path
 
@@ -90,6 +93,17 @@ def test_resolve_backend_answers_per_device(monkeypatch):
     assert resolve_backend("triton", "cuda") == Resolved("triton", None, MISSING)
     with pytest.raises(ValueError, match="unknown backend 'fast'"):
         resolve_backend("fast", "cpu")
+
+
+def test_asking_about_triton_on_the_cpu_does_not_import_it():
+    """Triton decides at import whether it interprets: a question that imported it (with TRITON_INTERPRET=0,
+    say) would fix the kernels' mode for the rest of the process."""
+    code = ("import sys; from lfpv_fast.backends import resolve_backend; "
+            "resolved = resolve_backend('triton', 'cpu'); print(resolved.name, 'triton' in sys.modules)")
+    env = {**os.environ, "TRITON_INTERPRET": "0"}
+    result = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.split() == ["None", "False"]
 
 
 def test_attention_is_memory_linear_except_the_reference(monkeypatch):
