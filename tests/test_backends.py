@@ -106,6 +106,17 @@ def test_asking_about_triton_on_the_cpu_does_not_import_it():
     assert result.stdout.split() == ["None", "False"]
 
 
+def test_triton_takes_cpu_tensors_while_the_compile_gate_records_launches(monkeypatch):
+    pytest.importorskip("triton")
+    from lfpv_fast.kernels._common import TARGETS, record_launches  # imported under the tests' interpreter
+
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    assert resolve_backend("triton", "cpu").name is None
+    with record_launches(TARGETS["sm_90"]):
+        assert resolve_backend("triton", "cpu") == Resolved("triton", "triton")
+    assert resolve_backend("triton", "cpu").name is None
+
+
 def test_attention_is_memory_linear_except_the_reference(monkeypatch):
     assert attention_is_memory_linear("auto", "cpu")  # cpu_ops
     assert not attention_is_memory_linear("reference", "cpu")
