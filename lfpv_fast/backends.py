@@ -114,6 +114,15 @@ def resolve_backend(requested: str, device: torch.device | str, *, training: boo
     return Resolved(requested, "triton") if reason is None else Resolved(requested, None, reason)
 
 
+def require_backend(requested: str, device: torch.device | str) -> Resolved:
+    """resolve_backend, with a ValueError saying why when the requested backend cannot run on `device` (the
+    command-line tools check --backend with it before loading anything)."""
+    resolved = resolve_backend(requested, device)
+    if resolved.name is None:
+        raise ValueError(f"--backend {requested} cannot run on {torch.device(device)}: {resolved.reason}")
+    return resolved
+
+
 def attention_is_memory_linear(backend: str, device: torch.device | str) -> bool:
     """Whether the masked attention that `backend` runs on `device` holds memory linear in the tokens
     (Triton, the CPU op set) rather than the reference's whole L x L score matrix."""

@@ -42,7 +42,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from lfpv_fast.backends import BACKENDS, attention_is_memory_linear
+from lfpv_fast.backends import BACKENDS, attention_is_memory_linear, require_backend
 from lfpv_fast.cli import ArgumentParser, fail, resolve_device
 from lfpv_fast.imageio import (
     IMAGE_EXTENSIONS,
@@ -441,6 +441,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         device = resolve_device(args.device)
         check_precision(args.precision, device)
+        require_backend(args.backend, device)
         plan = _plan(args)
     except (ValueError, FileNotFoundError) as exc:
         parser.error(str(exc))  # exits with status 2

@@ -22,7 +22,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from lfpv_fast.backends import BACKENDS
+from lfpv_fast.backends import BACKENDS, require_backend
 from lfpv_fast.checkpoint import atomic_write_text, is_original_state_dict, load_model, read_checkpoint
 from lfpv_fast.cli import ArgumentParser, fail, resolve_device
 from lfpv_fast.config import ConfigError, RunConfig, load_config
@@ -197,6 +197,7 @@ def main(argv: list[str] | None = None) -> int:
         cfg = load_config(args.config, args.overrides)
         device = resolve_device(args.device)
         check_precision(args.precision, device)
+        require_backend(args.backend, device)
         raw = read_checkpoint(args.checkpoint)
         published = is_original_state_dict(raw.get("params", raw.get("state_dict", raw)))
         # A published checkpoint carries no config: the config file's model section describes it.

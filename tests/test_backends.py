@@ -117,6 +117,25 @@ def test_triton_takes_cpu_tensors_while_the_compile_gate_records_launches(monkey
     assert resolve_backend("triton", "cpu").name is None
 
 
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the messages of a machine without CUDA")
+def test_tools_refuse_a_backend_that_cannot_run_here_in_one_line(monkeypatch, tmp_path, capsys, tiny_checkpoint):
+    from PIL import Image
+
+    from helpers import assert_one_line_error, run
+    from lfpv_fast import enhance, evaluate
+
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    image = tmp_path / "a.png"
+    Image.new("RGB", (24, 16)).save(image)
+    code, err = run(enhance.main, [image, "--checkpoint", tiny_checkpoint, "-o", tmp_path / "out", "--device", "cpu",
+                                   "--backend", "triton"], capsys)
+    assert_one_line_error(code, err, "--backend triton cannot run on cpu", "TRITON_INTERPRET=1")
+    assert not (tmp_path / "out").exists()
+    code, err = run(evaluate.main, ["-c", "demo", "--checkpoint", tiny_checkpoint, "--device", "cpu",
+                                    "--backend", "triton", "--out", tmp_path / "eval"], capsys)
+    assert_one_line_error(code, err, "--backend triton cannot run on cpu", "TRITON_INTERPRET=1")
+
+
 def test_attention_is_memory_linear_except_the_reference(monkeypatch):
     assert attention_is_memory_linear("auto", "cpu")  # cpu_ops
     assert not attention_is_memory_linear("reference", "cpu")
