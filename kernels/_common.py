@@ -18,8 +18,7 @@ import triton.language as tl
 from torch._subclasses.fake_tensor import is_fake
 from torch.library import wrap_triton
 
-from lfpv_fast import backends
-from lfpv_fast.backends import triton_interpreting as interpreting
+from lfpv_fast.kernels.interpreter import interpreting
 
 # Number of kernel launches per kernel name since the last reset (eager calls only; under
 # torch.compile the launches happen inside the compiled graph and are counted with the profiler).
@@ -133,15 +132,21 @@ def record_launches(target: Target) -> Iterator[list[LaunchRecord]]:
     """Within the block, every launch is configured for `target` and recorded instead of run.
 
     Run the ops on fake tensors (torch._subclasses.FakeTensorMode) to record the launches of any
-    shape without memory or a GPU; `backend="triton"` then accepts CPU tensors.
+    shape without memory or a GPU; `backend="triton"` then accepts CPU tensors (lfpv_fast.backends asks
+    `recording_launches`).
     """
     records: list[LaunchRecord] = []
     token = _RECORDING.set(records)
-    with use_target(target), backends.recording_triton_launches():
+    with use_target(target):
         try:
             yield records
         finally:
             _RECORDING.reset(token)
+
+
+def recording_launches() -> bool:
+    """True inside `record_launches`: launches are recorded, not run."""
+    return _RECORDING.get() is not None
 
 
 def new_output(shape, dtype: torch.dtype, device: torch.device) -> torch.Tensor:

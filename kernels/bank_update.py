@@ -593,7 +593,7 @@ def mutual_updater_inputs(
 # batch mean and LayerNorm
 
 
-def _mean_norm_forward(updates: torch.Tensor, batch: int, weight: torch.Tensor, bias: torch.Tensor, eps: float,
+def _mean_norm_forward(updates: torch.Tensor, batch: int, weight: torch.Tensor, bias: torch.Tensor, eps: float, *,
                        mean: bool, norm: bool, shape: tuple[int, ...], out_dtype: torch.dtype) -> torch.Tensor:
     rows = updates.shape[0] // batch if mean else updates.shape[0]
     s = updates[0].numel()
@@ -606,7 +606,7 @@ def _mean_norm_forward(updates: torch.Tensor, batch: int, weight: torch.Tensor, 
 
 
 def _mean_norm_backward(grad: torch.Tensor, updates: torch.Tensor, batch: int, weight: torch.Tensor,
-                        bias: torch.Tensor, eps: float, mean: bool, norm: bool,
+                        bias: torch.Tensor, eps: float, *, mean: bool, norm: bool,
                         ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     rows = grad.shape[0]
     s = updates[0].numel()
@@ -628,14 +628,15 @@ def _mean_norm_backward(grad: torch.Tensor, updates: torch.Tensor, batch: int, w
 @triton_op("lfpv::batch_mean_layer_norm", mutates_args=())
 def _batch_mean_layer_norm_op(updates: torch.Tensor, batch: int, weight: torch.Tensor, bias: torch.Tensor,
                               eps: float, out_dtype: torch.dtype) -> torch.Tensor:
-    return _mean_norm_forward(updates, batch, weight, bias, eps, True, True, tuple(weight.shape), out_dtype)
+    return _mean_norm_forward(updates, batch, weight, bias, eps, mean=True, norm=True, shape=tuple(weight.shape),
+                              out_dtype=out_dtype)
 
 
 @triton_op("lfpv::batch_mean_layer_norm_backward", mutates_args=())
 def _batch_mean_layer_norm_backward_op(grad: torch.Tensor, updates: torch.Tensor, batch: int, weight: torch.Tensor,
                                        bias: torch.Tensor, eps: float
                                        ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    return _mean_norm_backward(grad, updates, batch, weight, bias, eps, True, True)
+    return _mean_norm_backward(grad, updates, batch, weight, bias, eps, mean=True, norm=True)
 
 
 def _bmln_setup(ctx, inputs, output) -> None:
@@ -657,14 +658,15 @@ _batch_mean_layer_norm_op.register_autograd(_bmln_backward, setup_context=_bmln_
 def _batch_mean_op(updates: torch.Tensor, batch: int) -> torch.Tensor:
     """The batch mean in the accumulator dtype: no 16-bit rounding between the mean and the LayerNorm."""
     acc = torch.float64 if _is_fp64(updates) else torch.float32
-    return _mean_norm_forward(updates, batch, updates, updates, 0.0, True, False, tuple(updates.shape[1:]), acc)
+    return _mean_norm_forward(updates, batch, updates, updates, 0.0, mean=True, norm=False,
+                              shape=tuple(updates.shape[1:]), out_dtype=acc)
 
 
 @triton_op("lfpv::batch_mean_backward", mutates_args=())
 def _batch_mean_backward_op(grad: torch.Tensor, updates: torch.Tensor, batch: int) -> torch.Tensor:
     # weight/bias are unused without NORM; any tensor of the right device fills their slots.
     dummy = updates.new_empty(0)
-    g_u, _, _ = _mean_norm_backward(grad, updates, batch, dummy, dummy, 0.0, True, False)
+    g_u, _, _ = _mean_norm_backward(grad, updates, batch, dummy, dummy, 0.0, mean=True, norm=False)
     return g_u
 
 
@@ -685,13 +687,14 @@ _batch_mean_op.register_autograd(_mean_backward, setup_context=_mean_setup)
 @triton_op("lfpv::bank_layer_norm", mutates_args=())
 def _layer_norm_op(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: float,
                    out_dtype: torch.dtype) -> torch.Tensor:
-    return _mean_norm_forward(x, 1, weight, bias, eps, False, True, tuple(weight.shape), out_dtype)
+    return _mean_norm_forward(x, 1, weight, bias, eps, mean=False, norm=True, shape=tuple(weight.shape),
+                              out_dtype=out_dtype)
 
 
 @triton_op("lfpv::bank_layer_norm_backward", mutates_args=())
 def _layer_norm_backward_op(grad: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor,
                             eps: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    return _mean_norm_backward(grad, x, 1, weight, bias, eps, False, True)
+    return _mean_norm_backward(grad, x, 1, weight, bias, eps, mean=False, norm=True)
 
 
 def _ln_setup(ctx, inputs, output) -> None:

@@ -47,6 +47,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from lfpv_fast.backends import BACKENDS, resolve_backend
 from lfpv_fast.cli import ArgumentParser, resolve_device
 from lfpv_fast.enhancement import DEFAULT_OVERLAP, DEFAULT_TILE, ImageEnhancer
 from lfpv_fast.imageio import (
@@ -144,13 +145,10 @@ class Enhancer:
     @property
     def backend_description(self) -> str:
         """The requested backend and the ops it resolves to on this device."""
-        from lfpv_fast.backends import select_ops
-
-        try:
-            ops = select_ops(self.net.backend, torch.empty(0, device=self.device))
-        except (RuntimeError, NotImplementedError) as exc:  # e.g. triton asked for on a CPU
-            return f"{self.net.backend} (unavailable: {exc})"
-        return f"{self.net.backend} ({ops.__name__})"
+        resolved = resolve_backend(self.net.backend, self.device)
+        if resolved.name is None:  # e.g. triton asked for on a CPU
+            return f"{self.net.backend} (unavailable: {resolved.reason})"
+        return f"{self.net.backend} ({resolved.ops.__name__})"
 
     def summary_markdown(self) -> str:
         cfg = self.net.config
@@ -464,7 +462,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "machine only; 0.0.0.0 serves every network interface, with no login)")
     parser.add_argument("--port", type=int, default=DEFAULT_PORT, help=f"port (default {DEFAULT_PORT})")
     parser.add_argument("--device", default="auto", help="auto (GPU if present), cpu, cuda, cuda:N")
-    parser.add_argument("--backend", default="auto", choices=("auto", "reference", "triton"))
+    parser.add_argument("--backend", default="auto", choices=BACKENDS)
     parser.add_argument("--precision", default="fp32", choices=PRECISIONS,
                         help="bf16/fp16 autocast: on CUDA; on a CPU only where faster than fp32 (else refused)")
     parser.add_argument("--tile", type=int, default=None, help="always enhance in tiles of this side (multiple of "

@@ -1,79 +1,150 @@
-"""Choosing the op implementations: the eager reference twins or the Triton kernels."""
+"""Choosing the op implementations: the one home of the backend names, of what "auto" means on each
+device, and of why a backend cannot run here.
+
+Backends (what users ask for: `LFPVNet(backend=)`, `train.backend`, `--backend`):
+  reference  the eager twins (lfpv_fast.reference) everywhere
+  triton     the Triton kernels (lfpv_fast.kernels.ops): CUDA tensors, or CPU tensors under the Triton
+             interpreter (TRITON_INTERPRET=1, tests) or while the compile gate records launches
+  auto       CUDA: Triton, or the reference ops with a warning saying why Triton is unavailable;
+             CPU: lfpv_fast.cpu_ops (the reference ops with a memory-linear masked attention), except in
+             training, which runs the reference ops there
+
+Op sets (what runs): "reference", "cpu_ops", "triton". The dependency goes one way: this module imports
+the kernels, the kernels never import it.
+"""
 
 from __future__ import annotations
 
-import contextlib
-import os
+import sys
+import typing
 import warnings
-from collections.abc import Iterator
+from dataclasses import dataclass
 from types import ModuleType
+from typing import Literal
 
 import torch
 
 from lfpv_fast import cpu_ops, reference
+from lfpv_fast.kernels.interpreter import interpreting
+
+BackendName = Literal["auto", "reference", "triton"]
+BACKENDS: tuple[str, ...] = typing.get_args(BackendName)
+OpSetName = Literal["reference", "cpu_ops", "triton"]
 
 
 def triton_interpreting() -> bool:
     """True when Triton runs under its CPU interpreter (TRITON_INTERPRET=1)."""
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+    return interpreting()
 
 
-_recording_launches = False
-
-
-@contextlib.contextmanager
-def recording_triton_launches() -> Iterator[None]:
-    """While the kernels record their launches instead of running them (the compile gate, on fake
-    tensors), backend="triton" accepts CPU tensors. Use lfpv_fast.kernels._common.record_launches."""
-    global _recording_launches
-    previous, _recording_launches = _recording_launches, True
+def triton_unavailable_reason() -> str | None:
+    """Why the Triton kernels cannot be imported here (triton not installed: not Linux x86_64, or the
+    kernels missing), or None when they can. Not cached: torch.compile traces it (in select_ops) and warns
+    about functools caches; after the first import, asking again is a dictionary lookup."""
     try:
-        yield
-    finally:
-        _recording_launches = previous
+        import lfpv_fast.kernels.ops  # noqa: F401
+    except ImportError as exc:
+        return f"the triton backend is not available here: {exc!r}"
+    return None
 
 
-def triton_ops() -> ModuleType:
-    """The Triton implementations (same signatures as lfpv_fast.reference)."""
-    try:
-        from lfpv_fast.kernels import ops
-    except ImportError as exc:  # triton not installed (not Linux x86_64), or kernels missing
-        raise NotImplementedError(f"the triton backend is not available here: {exc!r}") from exc
-    return ops
+def _recording_launches() -> bool:
+    """The compile gate records the kernels' launches on fake CPU tensors (kernels._common.record_launches).
+    Where nothing has imported the kernels nothing is recording; importing them here would import Triton,
+    which fixes whether it interprets (TRITON_INTERPRET) for the rest of the process."""
+    common = sys.modules.get("lfpv_fast.kernels._common")
+    return common is not None and common.recording_launches()
+
+
+_OP_SETS: dict[str, ModuleType] = {"reference": reference, "cpu_ops": cpu_ops}
+
+
+class BackendUnavailable(RuntimeError):
+    """The backend asked for by name cannot run on this device (the message says why and what to do)."""
+
+
+@dataclass(frozen=True)
+class Resolved:
+    """What a requested backend runs as on one device."""
+
+    requested: str
+    name: OpSetName | None  # the op set that runs; None: the requested backend cannot run here
+    reason: str = ""  # why `name` is not what was asked for, or why nothing can run ("" when it is)
+
+    @property
+    def ops(self) -> ModuleType:
+        """The op implementations (same signatures as lfpv_fast.reference); BackendUnavailable when none."""
+        if self.name is None:
+            raise BackendUnavailable(self.reason)
+        if self.name == "triton":
+            from lfpv_fast.kernels import ops
+
+            return ops
+        return _OP_SETS[self.name]
+
+
+def check_backend(requested: str) -> None:
+    """ValueError unless `requested` is one of BACKENDS."""
+    if requested not in BACKENDS:
+        expected = ", ".join(repr(name) for name in BACKENDS[:-1]) + f" or {BACKENDS[-1]!r}"
+        raise ValueError(f"unknown backend {requested!r}; expected {expected}")
+
+
+def resolve_backend(requested: str, device: torch.device | str, *, training: bool = False) -> Resolved:
+    """The op set that `requested` runs as on `device` ("auto" resolved), and the reason when it differs
+    from what was asked for or cannot run. training: "auto" on the CPU runs the reference ops (the
+    definition of correct), not the memory-linear CPU op set meant for whole photos."""
+    check_backend(requested)
+    on_cuda = torch.device(device).type == "cuda"
+    if requested == "reference":
+        return Resolved(requested, "reference")
+    if requested == "auto":
+        if not on_cuda:
+            return Resolved(requested, "reference" if training else "cpu_ops")
+        reason = triton_unavailable_reason()
+        if reason is None:
+            return Resolved(requested, "triton")
+        return Resolved(requested, "reference", reason)
+    if not on_cuda and not triton_interpreting() and not _recording_launches():
+        return Resolved(requested, None, (
+            "backend='triton' got a CPU tensor: Triton kernels need a CUDA device. On the CPU, "
+            "run them under the interpreter (set TRITON_INTERPRET=1 before starting Python; slow, "
+            "for tests) or use backend='reference'."))
+    reason = triton_unavailable_reason()
+    return Resolved(requested, "triton") if reason is None else Resolved(requested, None, reason)
+
+
+def require_backend(requested: str, device: torch.device | str) -> Resolved:
+    """resolve_backend, with a ValueError saying why when the requested backend cannot run on `device` (the
+    command-line tools check --backend with it before loading anything)."""
+    resolved = resolve_backend(requested, device)
+    if resolved.name is None:
+        raise ValueError(f"--backend {requested} cannot run on {torch.device(device)}: {resolved.reason}")
+    return resolved
+
+
+def attention_is_memory_linear(backend: str, device: torch.device | str) -> bool:
+    """Whether the masked attention that `backend` runs on `device` holds memory linear in the tokens
+    (Triton, the CPU op set) rather than the reference's whole L x L score matrix."""
+    check_backend(backend)
+    if backend == "triton":  # when it cannot run, nothing runs: the forward says why
+        return True
+    return resolve_backend(backend, device).name != "reference"
 
 
 _warned_fallback = False
 
 
-def _auto_ops_on_cuda() -> ModuleType:
-    """backend="auto" on CUDA: the Triton ops, or the reference ops with a warning that says why."""
-    global _warned_fallback
-    try:
-        return triton_ops()
-    except NotImplementedError as exc:
-        if not _warned_fallback:
-            _warned_fallback = True
-            warnings.warn(f"backend='auto' runs the reference ops on CUDA (slow): {exc}", RuntimeWarning,
-                          stacklevel=3)
-        return reference
-
-
 def select_ops(backend: str, x: torch.Tensor) -> ModuleType:
-    """backend "reference" | "triton" | "auto" (Triton on CUDA tensors, lfpv_fast.cpu_ops on the CPU).
+    """The ops that `backend` runs for the input `x` (see resolve_backend).
 
     "auto" on CUDA without a working Triton warns (once) naming the failing import and runs the
-    reference ops; "triton" raises instead.
+    reference ops; "triton" that cannot run raises BackendUnavailable saying why.
     """
-    if backend == "reference":
-        return reference
-    if backend == "auto":
-        return _auto_ops_on_cuda() if x.is_cuda else cpu_ops
-    if backend == "triton":
-        if not x.is_cuda and not triton_interpreting() and not _recording_launches:
-            raise RuntimeError(
-                "backend='triton' got a CPU tensor: Triton kernels need a CUDA device. On the CPU, "
-                "run them under the interpreter (set TRITON_INTERPRET=1 before starting Python; slow, "
-                "for tests) or use backend='reference'."
-            )
-        return triton_ops()
-    raise ValueError(f"unknown backend {backend!r}; expected 'auto', 'reference' or 'triton'")
+    global _warned_fallback
+    resolved = resolve_backend(backend, x.device)
+    if resolved.reason and resolved.name is not None and not _warned_fallback:
+        _warned_fallback = True
+        warnings.warn(f"backend='auto' runs the reference ops on CUDA (slow): {resolved.reason}", RuntimeWarning,
+                      stacklevel=3)
+    return resolved.ops

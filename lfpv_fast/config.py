@@ -21,6 +21,7 @@ from typing import Any, Literal
 
 import yaml
 
+from lfpv_fast.backends import BackendName
 from lfpv_fast.model import ModelConfig
 
 
@@ -206,7 +207,7 @@ class TrainConfig:
     max_consecutive_skips: int = 10
     # Fast-path switches ("auto" means on where a GPU is used, off on the CPU).
     device: Literal["auto", "cpu", "cuda"] = "auto"
-    backend: Literal["auto", "reference", "triton"] = "auto"
+    backend: BackendName = "auto"
     compile: Literal["auto", "on", "off"] = "auto"
     bf16: Literal["auto", "on", "off"] = "auto"
     channels_last: bool = False

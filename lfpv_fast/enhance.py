@@ -48,6 +48,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from lfpv_fast.backends import BACKENDS, require_backend
 from lfpv_fast.cli import ArgumentParser, fail, resolve_device
 from lfpv_fast.enhancement import (  # noqa: F401  (enhance_image, plan_enhancement, EnhancePlan: the API's old home)
     DEFAULT_OVERLAP,
@@ -93,7 +94,7 @@ def build_parser() -> ArgumentParser:
     parser.add_argument("-o", "--output", required=True, help="output folder")
     parser.add_argument("--recursive", action="store_true", help="also enhance images in subfolders of folder inputs")
     parser.add_argument("--device", default="auto", help="auto (GPU if present), cpu, cuda, cuda:N")
-    parser.add_argument("--backend", default="auto", choices=("auto", "reference", "triton"))
+    parser.add_argument("--backend", default="auto", choices=BACKENDS)
     parser.add_argument("--batch-size", type=int, default=1, help="images of the same size run together (and tiles)")
     parser.add_argument("--tile", type=int, default=None, help="always enhance in tiles of this side in pixels "
                         "(multiple of 16); default: the whole image when it fits in memory, tiles otherwise")
@@ -345,6 +346,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         device = resolve_device(args.device)
         check_precision(args.precision, device)
+        require_backend(args.backend, device)
         jobs = plan_outputs(args)
     except (ValueError, FileNotFoundError) as exc:
         parser.error(str(exc))  # exits with status 2

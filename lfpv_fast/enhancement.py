@@ -21,7 +21,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from lfpv_fast import reference
+from lfpv_fast.backends import attention_is_memory_linear
 from lfpv_fast.imageio import (
     DEFAULT_MAX_DECODED_BYTES,
     ImageInfo,
@@ -143,8 +143,7 @@ def plan_enhancement(net: LFPVNet, batch: int, height: int, width: int, *, tile:
     """
     device = device or next(net.parameters()).device
     element = 2 if precision in ("bf16", "fp16") else 4
-    probe = torch.empty(0, device=device)
-    linear = net.ops_for(probe) is not reference
+    linear = attention_is_memory_linear(net.backend, device)
     estimate = estimate_peak_bytes(net.config, batch, height, width, element, linear_attention=linear).total
     if tile is not None:
         if height <= tile and width <= tile:

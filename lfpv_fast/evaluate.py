@@ -24,6 +24,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from lfpv_fast.backends import BACKENDS, require_backend
 from lfpv_fast.checkpoint import atomic_write_text, load_model, published_state_dict, read_checkpoint
 from lfpv_fast.cli import ArgumentParser, fail, resolve_device
 from lfpv_fast.config import ConfigError, RunConfig, load_config
@@ -196,7 +197,7 @@ def build_parser() -> ArgumentParser:
     p.add_argument("--out", type=Path, default=None,
                    help="JSON results file (default: eval_<checkpoint name>.json next to the checkpoint)")
     p.add_argument("--device", default="auto", help="auto (GPU if there is one), cpu, cuda, cuda:1 ...")
-    p.add_argument("--backend", default="auto", choices=["auto", "reference", "triton"])
+    p.add_argument("--backend", default="auto", choices=BACKENDS)
     p.add_argument("--max-images", type=int, default=None, help="stop after this many frames")
     p.add_argument("--gt-mean", action="store_true",
                    help="also report the GT-mean-corrected PSNR (the output scaled so that its mean gray level is the "
@@ -222,6 +223,7 @@ def main(argv: list[str] | None = None) -> int:
         cfg = load_config(args.config, args.overrides)
         device = resolve_device(args.device)
         check_precision(args.precision, device)
+        require_backend(args.backend, device)
         raw = read_checkpoint(args.checkpoint)
         published = published_state_dict(raw) is not None
         # A published checkpoint carries no config: the config file's model section describes it.

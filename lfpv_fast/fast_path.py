@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 import torch
 
-from lfpv_fast.backends import triton_interpreting, triton_ops
+from lfpv_fast.backends import resolve_backend, triton_interpreting
 from lfpv_fast.config import ConfigError, RunConfig
 
 
@@ -64,23 +64,14 @@ def resolve_features(cfg: RunConfig, local_rank: int = 0) -> Features:
                               f"features; change {'; '.join(asked)} (or run on a machine with a CUDA GPU)")
     device = torch.device("cuda", local_rank) if use_cuda else torch.device("cpu")
 
-    backend, backend_note = t.backend, ""
-    if backend == "auto":
-        backend = "reference"
-        if use_cuda:
-            try:
-                triton_ops()
-                backend = "triton"
-            except NotImplementedError as exc:  # the reference ops run on CUDA too, slowly: say why
-                backend_note = f" (Triton unavailable: {exc})"
-                warnings.warn(f"train.backend=auto runs the reference ops on {device}{backend_note}", RuntimeWarning,
-                              stacklevel=2)
-    elif backend == "triton":
-        try:
-            triton_ops()
-        except NotImplementedError as exc:
-            raise ConfigError(f"{src}: train.backend=triton: {exc}; set train.backend to 'reference' or 'auto'") \
-                from exc
+    resolved = resolve_backend(t.backend, device, training=True)
+    if resolved.name is None:
+        raise ConfigError(f"{src}: train.backend=triton: {resolved.reason}; set train.backend to 'reference' or 'auto'")
+    backend, backend_note = resolved.name, ""
+    if resolved.reason:  # the reference ops run on CUDA too, slowly: say why
+        backend_note = f" (Triton unavailable: {resolved.reason})"
+        warnings.warn(f"train.backend=auto runs the reference ops on {device}{backend_note}", RuntimeWarning,
+                      stacklevel=2)
 
     def switch(value: str) -> bool:
         return value == "on" or (value == "auto" and use_cuda)

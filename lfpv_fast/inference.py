@@ -23,6 +23,7 @@ from dataclasses import dataclass
 
 import torch
 
+from lfpv_fast.backends import resolve_backend
 from lfpv_fast.model import LFPVNet, ModelConfig
 
 # Halo rows (at the strip function's input resolution) around each strip: at least the receptive
@@ -87,10 +88,8 @@ def prepare_for_inference(net: LFPVNet, device: torch.device) -> LFPVNet:
     """Eval mode, and the CPU op set's memory format: channels_last convolutions where backend "auto"
     runs on the CPU (1.2x faster for a 512x960 frame than NCHW there, bench/bench_inference.py; the
     same numbers to float32 rounding). The reference backend stays the plain NCHW eager twin."""
-    from lfpv_fast import cpu_ops
-
     net.eval()
-    if device.type == "cpu" and net.ops_for(torch.empty(0)) is cpu_ops:
+    if device.type == "cpu" and resolve_backend(net.backend, device).name == "cpu_ops":
         net.to(memory_format=torch.channels_last)
     return net
 

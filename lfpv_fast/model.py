@@ -35,6 +35,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from lfpv_fast.backends import check_backend, select_ops
+
 
 @dataclass
 class ModelConfig:
@@ -341,9 +343,6 @@ class LFPVModule(nn.Module):
         return vectors, patches
 
 
-BACKENDS = ("auto", "reference", "triton")
-
-
 class LFPVNet(nn.Module):
     """The published low-light enhancement network with LFPV banks.
 
@@ -355,8 +354,7 @@ class LFPVNet(nn.Module):
     def __init__(self, config: ModelConfig | None = None, backend: str = "auto") -> None:
         super().__init__()
         self.config = cfg = config if config is not None else ModelConfig()
-        if backend not in BACKENDS:
-            raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+        check_backend(backend)
         self.backend = backend
         self.encoder = Encoder(cfg)
         self.lfpv = LFPVModule(cfg)
@@ -373,9 +371,7 @@ class LFPVNet(nn.Module):
         self.draw_generator.manual_seed(seed)
 
     def ops_for(self, x: torch.Tensor) -> ModuleType:
-        """The op implementations for this input: reference, or Triton kernels."""
-        from lfpv_fast.backends import select_ops
-
+        """The op implementations for this input (lfpv_fast.backends.select_ops)."""
         return select_ops(self.backend, x)
 
     def snr_mask(self, x: torch.Tensor) -> torch.Tensor:
@@ -528,6 +524,4 @@ def original_name(key: str) -> str:
 
 def snr_mask(x: torch.Tensor) -> torch.Tensor:
     """The SNR map (B,1,H,W) of an RGB batch in [0,1], as the published code computes it."""
-    from lfpv_fast.backends import select_ops
-
     return select_ops("auto", x).snr_mask(x)

@@ -15,10 +15,10 @@ from pathlib import Path
 
 import torch
 
-from lfpv_fast import LFPVNet, ModelConfig
+from helpers import TINY
+from lfpv_fast import LFPVNet
 from lfpv_fast.checkpoint import atomic_save, weights_only_checkpoint
 
-TINY = ModelConfig(nf=8, hr_nf=8, heads=2, head_dim=8, ffn_dim=32, layers=1, light_blocks=1)
 REPO = Path(__file__).resolve().parents[1]
 START_TIMEOUT_S = 120
 

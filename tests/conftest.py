@@ -50,3 +50,16 @@ def small_filesystem(tmp_path):
     yield make
     for mount_point in reversed(mounts):
         subprocess.run(["umount", "-l", str(mount_point)], check=False)
+
+
+@pytest.fixture(scope="module")
+def tiny_checkpoint(tmp_path_factory):
+    """A weights-only checkpoint of the tests' small model (helpers.TINY, seed 0, reference backend)."""
+    from helpers import TINY
+    from lfpv_fast import LFPVNet
+    from lfpv_fast.checkpoint import atomic_save, weights_only_checkpoint
+
+    torch.manual_seed(0)
+    path = tmp_path_factory.mktemp("ckpt") / "tiny.pth"
+    atomic_save(weights_only_checkpoint(LFPVNet(TINY, backend="reference")), path)
+    return path

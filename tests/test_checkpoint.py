@@ -13,8 +13,8 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
-from test_cli import TINY, assert_one_line_error, run
 
+from helpers import TINY, assert_one_line_error, run
 from lfpv_fast import LFPVNet, ModelConfig
 from lfpv_fast import enhance as enhance_cli
 from lfpv_fast import evaluate as evaluate_cli

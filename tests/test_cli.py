@@ -3,50 +3,21 @@ status 2 and one line on stderr that starts with `error:` and names what was wro
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
-from lfpv_fast import LFPVNet, ModelConfig
+from helpers import assert_one_line_error, run
 from lfpv_fast import enhance as enhance_cli
 from lfpv_fast import evaluate as evaluate_cli
 from lfpv_fast import prepare as prepare_cli
 from lfpv_fast import train as train_cli
-from lfpv_fast.checkpoint import atomic_save, weights_only_checkpoint
 
 TOOLS = {"train": train_cli.main, "evaluate": evaluate_cli.main, "enhance": enhance_cli.main,
          "prepare": prepare_cli.main}
-TINY = ModelConfig(nf=8, hr_nf=8, light_blocks=1, layers=1, heads=2, head_dim=8, ffn_dim=16, bank_size=4)
 no_cuda = pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
-
-
-def run(main: Callable[[list[str]], int], argv: list[str | Path], capsys: pytest.CaptureFixture) -> tuple[int, str]:
-    """Exit status and stderr of a CLI called in-process (argparse errors end in SystemExit)."""
-    try:
-        code = main([str(a) for a in argv])
-    except SystemExit as exc:
-        code = exc.code
-    return code, capsys.readouterr().err
-
-
-def assert_one_line_error(code: int, err: str, *named: str) -> str:
-    lines = [line for line in err.splitlines() if line.strip()]
-    assert code == 2, err
-    assert len(lines) == 1 and lines[0].startswith("error: "), err
-    for text in named:
-        assert text in lines[0], (text, lines[0])
-    return lines[0]
-
-
-@pytest.fixture(scope="module")
-def tiny_checkpoint(tmp_path_factory) -> Path:
-    torch.manual_seed(0)
-    path = tmp_path_factory.mktemp("ckpt") / "tiny.pth"
-    atomic_save(weights_only_checkpoint(LFPVNet(TINY, backend="reference")), path)
-    return path
 
 
 @pytest.fixture(scope="module")

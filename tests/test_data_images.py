@@ -15,7 +15,8 @@ import pytest
 import tifffile
 import torch
 from PIL import Image
-from test_data_smid import opencv_linear
+
+from helpers import opencv_linear
 
 try:
     import imagecodecs

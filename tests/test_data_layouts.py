@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from helpers import TINY_MODEL_RUN
 from lfpv_fast.config import config_from_dict, load_config
 from lfpv_fast.data.errors import DataError
 from lfpv_fast.data.images import LAYOUTS
@@ -118,8 +119,6 @@ def test_the_log_line_goes_to_stdout_by_default_and_pairs_say_their_naming(tmp_p
     assert capsys.readouterr().out == ""
 
 
-TINY = ["model.nf=8", "model.hr_nf=8", "model.light_blocks=1", "model.layers=1", "model.heads=1", "model.head_dim=16",
-        "model.ffn_dim=32", "model.bank_size=8", "model.updater_width=2"]
 
 
 @pytest.mark.parametrize("tree", ["retinexformer_lol_v1", "retinexformer_lol_v2_real"])
@@ -130,7 +129,7 @@ def test_train_and_evaluate_through_the_preset_on_retinexformers_tree(tmp_path, 
     preset = TREES[tree][0]
     root = tmp_path / "data"
     build_tree(root, tree)
-    sets = [*TINY, f"data.root={root}", "data.crop=16", "data.batch_size=2", "data.num_workers=0",
+    sets = [*TINY_MODEL_RUN, f"data.root={root}", "data.crop=16", "data.batch_size=2", "data.num_workers=0",
             "train.iterations=2", "train.checkpoint_every=2", "val.every=2", "logging.every=1",
             "logging.progress=false", "logging.tensorboard=false"]
     args = ["-c", preset, "--out", str(tmp_path / "run")]

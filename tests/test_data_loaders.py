@@ -11,7 +11,8 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
-from test_data_smid import make_cfg, write_list, write_tree
+
+from helpers import make_cfg, write_list, write_tree
 
 try:
     import imagecodecs

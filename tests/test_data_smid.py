@@ -10,6 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from helpers import make_cfg, opencv_linear, write_list, write_tree
 from lfpv_fast.config import config_from_dict
 from lfpv_fast.data.cache import read_manifest
 from lfpv_fast.data.errors import DataError
@@ -17,63 +18,6 @@ from lfpv_fast.data.smid import load_frame, resize_linear, scan_tree, split_pair
 from lfpv_fast.pipelines import build_loader
 from lfpv_fast.prepare import main as prepare_main
 from lfpv_fast.prepare import prepare
-
-# ---------------------------------------------------------------------------------------------
-# Helpers shared with test_data_loaders.py
-
-
-def write_tree(root: Path, lq: dict[str, list[np.ndarray]], gt: dict[str, np.ndarray], decoys: bool = True):
-    """An SMID-layout tree. Decoy GT files ('a_half', 'a.ARW') sort before the real one, so a
-    loader that ignored the skip rule would pair frames with the wrong GT."""
-    for scene, frames in lq.items():
-        (root / "lq" / scene).mkdir(parents=True, exist_ok=True)
-        for k, f in enumerate(frames):
-            np.save(root / "lq" / scene / f"{k:04d}.npy", f)
-    for scene, g in gt.items():
-        (root / "gt" / scene).mkdir(parents=True, exist_ok=True)
-        np.save(root / "gt" / scene / "long.npy", g)
-        if decoys:
-            np.save(root / "gt" / scene / "a_half.npy", np.zeros_like(g))
-            np.save(root / "gt" / scene / "a.ARW.npy", np.full_like(g, 255))
-    return root / "lq", root / "gt"
-
-
-def write_list(path: Path, scenes: list[str]) -> Path:
-    path.write_text("# test scenes\n" + "".join(f"{s}\n" for s in scenes))
-    return path
-
-
-def make_cfg(root: Path, lq_root=None, gt_root=None, **data):
-    d = {
-        "lq_root": str(lq_root or root / "lq"),
-        "gt_root": str(gt_root or root / "gt"),
-        "test_scenes": str(root / "test.txt"),
-        "num_workers": 0,
-        "num_threads": 1,
-    }
-    d.update(data)
-    return config_from_dict({"data": d})
-
-
-def opencv_linear(src: np.ndarray, out_w: int, out_h: int) -> np.ndarray:
-    """cv2.resize INTER_LINEAR in float64: half-pixel centres, clamped at the borders."""
-
-    def taps(n_out: int, n_in: int):
-        f = (np.arange(n_out) + 0.5) * (n_in / n_out) - 0.5
-        i0 = np.floor(f).astype(int)
-        frac = f - i0
-        frac = np.where(i0 < 0, 0.0, frac)
-        i0 = np.maximum(i0, 0)
-        frac = np.where(i0 >= n_in - 1, 0.0, frac)
-        i0 = np.minimum(i0, n_in - 1)
-        return i0, np.minimum(i0 + 1, n_in - 1), frac
-
-    y0, y1, fy = taps(out_h, src.shape[0])
-    x0, x1, fx = taps(out_w, src.shape[1])
-    s = src.astype(np.float64)
-    rows = s[y0] * (1 - fy)[:, None, None] + s[y1] * fy[:, None, None]
-    return rows[:, x0] * (1 - fx)[None, :, None] + rows[:, x1] * fx[None, :, None]
-
 
 # ---------------------------------------------------------------------------------------------
 # Resize

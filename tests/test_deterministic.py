@@ -10,8 +10,8 @@ import sys
 
 import torch
 import yaml
-from test_train import TINY
 
+from helpers import TINY_RUN
 from lfpv_fast.config import config_to_dict, load_config
 from lfpv_fast.trainer import configure_torch
 
@@ -40,7 +40,7 @@ def test_two_runs_in_parallel_give_bit_identical_losses(tmp_path):
     from lfpv_fast.data.demo import make_demo_dataset
 
     make_demo_dataset(tmp_path / "demo")
-    cfg = load_config("demo", [*TINY, f"data.demo_root={tmp_path / 'demo'}", "train.iterations=6",
+    cfg = load_config("demo", [*TINY_RUN, f"data.demo_root={tmp_path / 'demo'}", "train.iterations=6",
                                "train.checkpoint_every=100", "train.deterministic=true"])
     config = tmp_path / "deterministic.yaml"
     config.write_text(yaml.safe_dump(config_to_dict(cfg)))

@@ -15,14 +15,13 @@ from PIL import Image
 
 import lfpv_fast.enhancement as enhancement_mod
 from golden import original_keys
+from helpers import TINY
 from lfpv_fast import LFPVNet, ModelConfig
 from lfpv_fast.checkpoint import atomic_save, load_model, weights_only_checkpoint
 from lfpv_fast.enhance import SIDE_BY_SIDE_SUFFIX, main
 from lfpv_fast.enhancement import _ramp, enhance_image, tile_starts
 from lfpv_fast.imageio import read_image
 from lfpv_fast.inference import prepare_for_inference
-
-TINY = ModelConfig(nf=8, hr_nf=8, heads=2, head_dim=8, ffn_dim=32, layers=1, light_blocks=1)
 
 
 @pytest.fixture(scope="module")

@@ -8,13 +8,10 @@ import os
 from pathlib import Path
 
 import numpy as np
-import test_cli
 from PIL import Image
-from test_cli import assert_one_line_error, run
 
+from helpers import assert_one_line_error, run
 from lfpv_fast import enhance as enhance_cli
-
-tiny_checkpoint = test_cli.tiny_checkpoint  # the CLI tests' small checkpoint (a shared fixture)
 
 
 def noise_png(path: Path, h: int, w: int, seed: int) -> Path:

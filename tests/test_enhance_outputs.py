@@ -8,14 +8,10 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import test_cli
 from PIL import Image
-from test_cli import assert_one_line_error, run
 
+from helpers import assert_one_line_error, run
 from lfpv_fast import enhance as enhance_cli
-
-# The CLI tests' small checkpoint (a fixture, shared rather than written twice).
-tiny_checkpoint = test_cli.tiny_checkpoint
 
 
 def dark_image(path: Path, seed: int) -> Path:

@@ -8,12 +8,11 @@ import numpy as np
 import pytest
 import torch
 
-from lfpv_fast import LFPVNet, ModelConfig
+from helpers import TINY
+from lfpv_fast import LFPVNet
 from lfpv_fast.checkpoint import atomic_save, weights_only_checkpoint
 from lfpv_fast.evaluate import main, summarize
 from lfpv_fast.metrics import psnr
-
-TINY = ModelConfig(nf=8, light_blocks=1, layers=1, heads=2, head_dim=8, ffn_dim=16, bank_size=4)
 
 
 @pytest.fixture(scope="module")

@@ -19,11 +19,11 @@ import tifffile
 import torch
 from PIL import Image, ImageFile
 
-from lfpv_fast import LFPVNet, ModelConfig
+from helpers import TINY
+from lfpv_fast import LFPVNet
 from lfpv_fast.checkpoint import atomic_save, weights_only_checkpoint
 from lfpv_fast.imageio import ImageReadError, ImageTooLargeError, read_image, read_image_info, read_pixels
 
-TINY = ModelConfig(nf=8, hr_nf=8, heads=2, head_dim=8, ffn_dim=32, layers=1, light_blocks=1)
 SMALL_PEAK = 32 * 2**20  # what reading a refused file may allocate at most (its header and a few buffers)
 
 

@@ -10,12 +10,11 @@ import pytest
 import torch
 from PIL import Image
 
-from lfpv_fast import LFPVNet, ModelConfig
+from helpers import TINY
+from lfpv_fast import LFPVNet
 from lfpv_fast.checkpoint import atomic_save, weights_only_checkpoint
 from lfpv_fast.enhance import enhance_image, main, parse_size, plan_enhancement
 from lfpv_fast.inference import check_precision, estimate_peak_bytes, prepare_for_inference, whole_image_forward
-
-TINY = ModelConfig(nf=8, hr_nf=8, heads=2, head_dim=8, ffn_dim=32, layers=1, light_blocks=1, bank_size=4)
 
 
 def tiny_net(backend: str) -> LFPVNet:

@@ -6,10 +6,9 @@ import pytest
 import torch
 
 from golden import golden_net, load_case, original_keys, recipe_state_dict, rel_err
+from helpers import TINY
 from lfpv_fast import BankDraws, LFPVNet, ModelConfig, snr_mask
 from lfpv_fast.checkpoint import atomic_save, load_model, weights_only_checkpoint
-
-TINY = ModelConfig(nf=8, light_blocks=1, layers=1, heads=2, head_dim=8, ffn_dim=16, bank_size=4)
 
 
 def test_default_config_is_published_smid_model():

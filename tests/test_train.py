@@ -6,7 +6,6 @@ whole run takes seconds on two cores.
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import random
@@ -21,8 +20,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-import yaml
 
+from helpers import TINY_RUN, metrics, tiny_config, write_tiny_yaml
 from lfpv_fast.checkpoint import (
     capture_rng,
     latest_checkpoint,
@@ -31,18 +30,10 @@ from lfpv_fast.checkpoint import (
     read_checkpoint,
     restore_rng,
 )
-from lfpv_fast.config import ConfigError, config_to_dict, load_config
+from lfpv_fast.config import ConfigError, load_config
 from lfpv_fast.fast_path import resolve_features
 from lfpv_fast.train import load_run_config, main, parse_args
 from lfpv_fast.trainer import Trainer, cosine_restart_lambda
-
-TINY = [
-    "model.nf=8", "model.hr_nf=8", "model.light_blocks=1", "model.layers=1", "model.heads=1", "model.head_dim=16",
-    "model.ffn_dim=32", "model.bank_size=8", "model.updater_width=2",
-    "data.resize=[64, 48]", "data.crop=32", "data.batch_size=24", "data.num_workers=0", "data.test_frames=1",
-    "train.iterations=8", "train.checkpoint_every=3", "train.keep_checkpoints=2", "val.every=100",
-    "val.save_images=1", "logging.every=1", "logging.progress=false", "logging.tensorboard=false",
-]
 
 
 @pytest.fixture(scope="module")
@@ -51,25 +42,12 @@ def demo_root(tmp_path_factory) -> Path:
     return tmp_path_factory.getbasetemp() / "lfpv-demo-data"
 
 
-def tiny_config(demo_root: Path, *extra: str):
-    return load_config("demo", [*TINY, f"data.demo_root={demo_root}", *extra])
-
-
-def write_tiny_yaml(path: Path, demo_root: Path, *extra: str) -> Path:
-    path.write_text(yaml.safe_dump(config_to_dict(tiny_config(demo_root, *extra))))
-    return path
-
-
 def fit(cfg, run_dir: Path, **kwargs) -> tuple[int, Trainer]:
     trainer = Trainer(cfg, run_dir, **kwargs)
     try:
         return trainer.fit(), trainer
     finally:
         trainer.close()
-
-
-def metrics(run_dir: Path) -> list[dict]:
-    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -342,7 +320,7 @@ def test_loader_workers_are_capped_at_the_available_cores_saying_so_once(monkeyp
 
 
 def test_the_demo_says_when_it_builds_its_dataset_and_where(tmp_path, capsys):
-    cfg = load_config("demo", [*TINY, f"data.demo_root={tmp_path / 'demo'}", "train.iterations=1"])
+    cfg = load_config("demo", [*TINY_RUN, f"data.demo_root={tmp_path / 'demo'}", "train.iterations=1"])
     trainer = Trainer(cfg, tmp_path / "run")
     trainer.close()
     out = capsys.readouterr().out

@@ -17,8 +17,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from test_train import metrics, tiny_config, write_tiny_yaml
 
+from helpers import metrics, tiny_config, write_tiny_yaml
 from lfpv_fast.checkpoint import check_training_checkpoint, latest_checkpoint, list_checkpoints, read_checkpoint
 from lfpv_fast.config import load_config
 from lfpv_fast.train import main
