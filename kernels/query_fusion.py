@@ -50,6 +50,10 @@ _MIN_DOT = 16
 # builds (the compile gate), not yet by timings.
 _TILE_ELEMENTS = 8192
 _TILE_ELEMENTS_BWD = 4096
+# The forward also holds the (G*p*p, N) pixel scores of a tile in registers: at most this many (the
+# published model's 8 patches x 16 pixels x 16 entries). Without it the demo model (C=16) took tiles of
+# 32 patches, whose 8192 scores spilled on both cards (compile gate, Triton 3.6 and 3.9).
+_SCORE_ELEMENTS = 2048
 # Channels per chunk of every pass over a tile (a chunk of a tile is G x CC x p x p values). The
 # forward's chunk is the K of its pixel-score dot, which Triton 3.6 requires to be >= 16 (3.9 takes 8);
 # the backward kernels' dots have K = CC * p * p, or no CC at all, so they keep the smaller chunk (the
@@ -609,7 +613,8 @@ def _pow2_at_least(value: int, minimum: int) -> int:
     return max(minimum, triton.next_power_of_2(value))
 
 
-def _geometry(features: torch.Tensor, bank_patches: torch.Tensor, tile_elements: int, chunk_channels: int) -> dict:
+def _geometry(features: torch.Tensor, bank_patches: torch.Tensor, tile_elements: int, chunk_channels: int,
+              score_elements: int | None = None) -> dict:
     b, c, h, w = features.shape
     n, p = bank_patches.shape[0], bank_patches.shape[-1]
     if p & (p - 1):
@@ -620,12 +625,15 @@ def _geometry(features: torch.Tensor, bank_patches: torch.Tensor, tile_elements:
     bc = _pow2_at_least(c, _MIN_DOT)  # padded channels: the K of the pixel dots
     # Patches per tile: a (G, C, p*p) block of about tile_elements values (tl.dot takes any M >= 1).
     g = max(1, min(triton.next_power_of_2(wp), tile_elements // (bc * p * p)))
+    bn = _pow2_at_least(n, _MIN_DOT)
+    if score_elements is not None:
+        g = max(1, min(g, score_elements // (p * p * bn)))
     g = max(g, triton.cdiv(_MIN_DOT, p * p))  # G*p*p pixels are the K of the pixel-branch grad dots
     n_groups = triton.cdiv(wp, g)
     # Chunk channels: the backward's patch dots have K = CC * p * p, which must be >= 16 too (p = 1, 2).
     cc = min(bc, max(chunk_channels, triton.cdiv(_MIN_DOT, p * p)))
     return dict(H=h, W=w, Hp=hp, Wp=wp, n_groups=n_groups, total_tiles=b * hp * n_groups,
-                C=c, N=n, P=p, BC=bc, CC=cc, BN=_pow2_at_least(n, _MIN_DOT), G=g)
+                C=c, N=n, P=p, BC=bc, CC=cc, BN=bn, G=g)
 
 
 def _dot_precision(dtype: torch.dtype, device: torch.device) -> dict[str, bool]:
@@ -671,7 +679,7 @@ def _query_fusion_op(
     patch_weight: torch.Tensor, patch_bias: torch.Tensor, pkey_weight: torch.Tensor, pkey_bias: torch.Tensor,
     eps: float,
 ) -> torch.Tensor:
-    geo = _geometry(features, bank_patches, _TILE_ELEMENTS, _CHUNK_CHANNELS_FWD)
+    geo = _geometry(features, bank_patches, _TILE_ELEMENTS, _CHUNK_CHANNELS_FWD, _SCORE_ELEMENTS)
     acc = accumulator_dtype(features.dtype)
     vector_keys, patch_keys = _bank_keys(bank_vectors, bank_patches, vkey_weight, vkey_bias, pkey_weight, pkey_bias,
                                          eps, acc)
