@@ -51,8 +51,10 @@ _MIN_DOT = 16
 _TILE_ELEMENTS = 8192
 _TILE_ELEMENTS_BWD = 4096
 # The forward also holds the (G*p*p, N) pixel scores of a tile in registers: at most this many (the
-# published model's 8 patches x 16 pixels x 16 entries). Without it the demo model (C=16) took tiles of
-# 32 patches, whose 8192 scores spilled on both cards (compile gate, Triton 3.6 and 3.9).
+# published model's 8 patches x 16 pixels x 16 entries). Without it the demo model (C=16) takes tiles of
+# 32 patches (8192 scores); with it its bf16-autocast forward spills less on Triton 3.6 (sm_90 100 -> 32 B,
+# sm_80 16 -> 0 B). Its fp32 forward still spills ~140 B on both versions at any G tried (8: 148 B,
+# 4: 116 B on 3.9; 4 warps: worse): see bench/results/compile-triton-*.md.
 _SCORE_ELEMENTS = 2048
 # Channels per chunk of every pass over a tile (a chunk of a tile is G x CC x p x p values). The
 # forward's chunk is the K of its pixel-score dot, which Triton 3.6 requires to be >= 16 (3.9 takes 8);
