@@ -4,8 +4,10 @@ The op (see `lfpv_fast.reference.query_fusion`) adds to every feature pixel the 
 the raw vector bank (queries: LayerNorm of the pixel's C-vector, keys: LayerNorm of the bank) and to
 every p x p patch the same over the patch bank (D = C*p*p values per patch, channel-major).
 
-Design (sizes chosen with the compile gate, `python -m lfpv_fast.kernels.compile_gate`: no spills in
-any dtype on sm_90 and sm_80 at the training and inference shapes, shared memory well under both cards):
+Design (sizes chosen with the compile gate, `python -m lfpv_fast.kernels.compile_gate`: shared memory
+well under both cards; no spills for the published model's fp32, bf16 and mix builds on sm_90 and sm_80
+with Triton 3.6 and 3.9; the demo model's forward and some float16/float64 builds do spill, listed per
+version in bench/results/compile-triton-*.md):
 - A tile is G consecutive patches of one patch row of one image. A kernel never holds a whole tile:
   it makes passes over chunks of CC channels, (G, CC, p*p) values re-read from L1/L2 each pass:
   LayerNorm statistics (mean, then mean squared deviation) of every pixel (over C) and every patch
