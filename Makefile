@@ -16,7 +16,13 @@ TORCH ?= torch==2.13.0
 TORCH_INDEX ?=
 DEMO_TORCH_INDEX ?= https://download.pytorch.org/whl/cpu
 
-.PHONY: venv demo-venv test lint demo bench gpu-check compile-gate clean
+# The oldest Triton the kernels must compile with (what torch 2.11 ships): installed from its wheel
+# beside the venv's newest, without dependencies, for the compile gate only (`make test` runs the gate
+# with both: tests/test_compile_gate.py, LFPV_OLD_TRITON names the folder).
+OLD_TRITON ?= 3.6.0
+OLD_TRITON_DIR := $(VENV)/triton-$(OLD_TRITON)
+
+.PHONY: venv demo-venv old-triton test lint demo bench gpu-check compile-gate clean
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
@@ -40,12 +46,18 @@ $(DEMO_VENV)/.installed: $(DEMO_BIN)/python pyproject.toml
 
 demo-venv: $(DEMO_VENV)/.installed
 
+$(OLD_TRITON_DIR)/.installed: $(BIN)/python
+	$(BIN)/pip install --no-deps --target $(OLD_TRITON_DIR) 'triton==$(OLD_TRITON)'
+	touch $@
+
+old-triton: $(OLD_TRITON_DIR)/.installed
+
 lint: venv
 	$(BIN)/ruff check .
 
-test: venv
+test: venv old-triton
 	$(BIN)/ruff check .
-	$(BIN)/python -m pytest -q tests
+	LFPV_OLD_TRITON=$(OLD_TRITON_DIR) $(BIN)/python -m pytest -q tests
 
 demo: demo-venv
 	$(DEMO_BIN)/python -m lfpv_fast.train
@@ -63,10 +75,15 @@ ARGS ?=
 gpu-check:
 	$(GPU_PY) -u bench/gpu_check.py $(ARGS)
 
-# Every Triton launch compiled ahead of time for sm_90 and sm_80 (no GPU needed); tables in bench/results.
-compile-gate: venv
-	$(BIN)/python -m lfpv_fast.kernels.compile_gate --json bench/results/compile-triton-$$($(BIN)/python -c 'import triton; print(triton.__version__)').json \
-		--markdown bench/results/compile-triton-$$($(BIN)/python -c 'import triton; print(triton.__version__)').md
+# Every Triton launch compiled ahead of time for sm_90 and sm_80 (no GPU needed), with the venv's newest
+# Triton and with $(OLD_TRITON); a report per version in bench/results/compile-triton-VERSION.{json,md}.
+compile-gate: venv old-triton
+	for path in "" "$(OLD_TRITON_DIR)"; do \
+		version=$$(PYTHONPATH=$$path $(BIN)/python -c 'import triton; print(triton.__version__)') && \
+		PYTHONPATH=$$path $(BIN)/python -m lfpv_fast.kernels.compile_gate \
+			--json bench/results/compile-triton-$$version.json --markdown bench/results/compile-triton-$$version.md \
+			|| exit 1; \
+	done
 
 clean:
 	rm -rf $(VENV) $(DEMO_VENV) build *.egg-info

@@ -13,6 +13,8 @@ their twins in `lfpv_fast.reference`:
 - batch_mean_layer_norm: mean over the batch and LayerNorm in one launch; with `all_reduce_mean`,
   a mean launch, the caller's all-reduce, then a LayerNorm launch.
 
+No matrix products (the updaters' MLPs are torch Linear layers, cuBLAS under autocast), so no dot
+precision to choose: in bf16 training each result is accumulated in float32 and rounded once.
 These are memory-bound copies and small reductions: every program owns whole output rows, so each
 output element is written exactly once and backward sums run in a fixed order (no atomics).
 """

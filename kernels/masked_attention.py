@@ -128,7 +128,7 @@ def _attn_fwd_kernel(
         alpha = tl.exp2(m_i - m_new)
         p = tl.exp2(s - m_new[:, None])
         l_i = l_i * alpha + tl.sum(p, axis=1)
-        acc = tl.dot(p.to(in_ty).to(v.dtype), v, acc * alpha[:, None], input_precision=DOT_PREC)
+        acc = tl.dot(p.to(in_ty).to(v.dtype), v, acc * alpha[:, None], input_precision=DOT_PREC, out_dtype=acc.dtype)
         m_i = m_new
 
     out = div_ieee(acc, l_i[:, None], IS_FP64)
@@ -232,12 +232,12 @@ def _attn_bwd_kernel(
             lse = tl.load(LSE + rows, mask=m_ok, other=0.0)
             # padding query rows must contribute nothing (their dO is 0, but make it explicit)
             pt = tl.where(m_ok[None, :], tl.exp2(st - lse[None, :]), 0.0)
-            dv = tl.dot(pt.to(in_ty).to(do.dtype), do, dv, input_precision=DOT_PREC)
+            dv = tl.dot(pt.to(in_ty).to(do.dtype), do, dv, input_precision=DOT_PREC, out_dtype=dv.dtype)
             dpt = tl.dot(v, tl.trans(do), input_precision=DOT_PREC)
             delta = tl.load(DELTA + rows, mask=m_ok, other=0.0)
             # masked_fill passes no gradient to masked scores: zero dS there (matters for all-masked rows)
             dst = tl.where(keep[:, None], pt * (dpt - delta[None, :]), 0.0)
-            dk = tl.dot(dst.to(in_ty).to(q.dtype), q, dk, input_precision=DOT_PREC)
+            dk = tl.dot(dst.to(in_ty).to(q.dtype), q, dk, input_precision=DOT_PREC, out_dtype=dk.dtype)
         tl.store(DK + cols[:, None] * HEAD_DIM + offs_d[None, :], dk.to(in_ty), mask=kv_mask)
         tl.store(DV + cols[:, None] * HEAD_DIM + offs_d[None, :], dv.to(in_ty), mask=kv_mask)
 
@@ -274,7 +274,7 @@ def _attn_bwd_kernel(
             dp = tl.dot(do, vt, input_precision=DOT_PREC)
             # zero for masked keys (no gradient through masked_fill) and padding keys (not real keys)
             ds = tl.where(keep[None, :] & n_ok[None, :], p * (dp - delta[:, None]), 0.0)
-            dq = tl.dot(ds.to(in_ty).to(kt.dtype), tl.trans(kt), dq, input_precision=DOT_PREC)
+            dq = tl.dot(ds.to(in_ty).to(kt.dtype), tl.trans(kt), dq, input_precision=DOT_PREC, out_dtype=dq.dtype)
         # d(q / sqrt(D))/dq = 1 / sqrt(D), applied as the reference's division backward does
         dq = div_ieee(dq, SCALE, IS_FP64)
         tl.store(DQ + rows[:, None] * HEAD_DIM + offs_d[None, :], dq.to(in_ty), mask=q_mask)
@@ -291,6 +291,11 @@ def _block_d(head_dim: int) -> int:
 
 
 def _dot_precision(dtype: torch.dtype, target: Target) -> str:
+    # bf16 training: q, k, v (and dO) are bf16 already, so every dot of the forward and the backward runs
+    # on bf16 tensor cores with float32 accumulation; P and dS are rounded to bf16 for their dots, as
+    # FlashAttention does. Stated tolerance (tests/test_kernel_masked_attention.py): 5 x 2^-8 of the
+    # output's scale, twice that for the gradients. float32 keeps exact "ieee" dots (torch.matmul's
+    # default is full float32); "tf32" is ignored for 16-bit operands.
     return "ieee" if dtype in (torch.float32, torch.float64) or _upcast_dots(dtype, target) else "tf32"
 
 
@@ -302,8 +307,9 @@ def _upcast_dots(dtype: torch.dtype, target: Target) -> bool:
 
 
 # Configurations chosen with the compile gate (python -m lfpv_fast.kernels.compile_gate): zero spills on
-# sm_90 and sm_80 at the model's head dim 64 (but sm_80's 16-bit backward), shared memory well under
-# both cards. The interpreter runs them too (sm_90's unless LFPV_TRITON_TARGET says otherwise), so the
+# sm_90 and sm_80 at the model's head dim 64 (but sm_80's 16-bit backward) and at the demo's 32 (but its
+# fp32 forward on sm_80 with Triton 3.9: 4 B), with Triton 3.6 and 3.9, shared memory well under both
+# cards. The interpreter runs them too (sm_90's unless LFPV_TRITON_TARGET says otherwise), so the
 # CPU tests cover the GPU's tiles, loops and tails. Head dims above 64 (padded to 128) take the
 # smaller-tile rows, which the gate does not build (the model's head dim is 64).
 
@@ -328,6 +334,13 @@ def _bwd_config(dtype: torch.dtype, block_d: int, target: Target) -> tuple[int, 
     if target.arch < 90:  # sm_80 spills with 64- and 128-wide blocks
         return 32, 32, 32, 32, 4, 2
     return (32, 128, 128, 32, 8, 3) if block_d <= 64 else (32, 64, 64, 32, 8, 2)
+
+
+def _keep_flags(key_keep: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """key_keep as the kernels read it: the bool bytes as uint8 0/1 (no i1 pointers); for float64, int32.
+    (Triton 3.6 sizes a dot operand's register layout by the narrowest type its values derive from:
+    uint8 flags gave the float64 P @ V dot a layout its fp64 MMA lowering does not support.)"""
+    return key_keep.to(torch.int32) if dtype == torch.float64 else key_keep.view(torch.uint8)
 
 
 # Rows per program of the backward's delta = rowsum(dO * O).
@@ -370,7 +383,7 @@ def masked_attention_fwd(
     block_d = _block_d(d)
     target = target_for(q.device)
     block_m, block_n, warps, stages = _fwd_config(q.dtype, block_d, target)
-    keep = key_keep.view(torch.uint8)  # bool bytes, read as 0/1 (avoids i1 pointers)
+    keep = _keep_flags(key_keep, q.dtype)
     launch(
         "masked_attention_fwd", _attn_fwd_kernel, (triton.cdiv(lq, block_m), b * h),
         q, k, v, keep, out, lse,
@@ -395,7 +408,7 @@ def masked_attention_bwd(
     is_fp64 = q.dtype == torch.float64
     block_d = _block_d(d)
     grad_out = grad_out.to(q.dtype)
-    keep = key_keep.view(torch.uint8)
+    keep = _keep_flags(key_keep, q.dtype)
 
     target = target_for(q.device)
     delta = torch.empty((b, h, lq), dtype=acc, device=q.device)  # scratch, fully written

@@ -4,8 +4,10 @@ The op (see `lfpv_fast.reference.query_fusion`) adds to every feature pixel the 
 the raw vector bank (queries: LayerNorm of the pixel's C-vector, keys: LayerNorm of the bank) and to
 every p x p patch the same over the patch bank (D = C*p*p values per patch, channel-major).
 
-Design (sizes chosen with the compile gate, `python -m lfpv_fast.kernels.compile_gate`: no spills in
-any dtype on sm_90 and sm_80 at the training and inference shapes, shared memory well under both cards):
+Design (sizes chosen with the compile gate, `python -m lfpv_fast.kernels.compile_gate`: shared memory
+well under both cards; no spills for the published model's fp32, bf16 and mix builds on sm_90 and sm_80
+with Triton 3.6 and 3.9; the demo model's forward and some float16/float64 builds do spill, listed per
+version in bench/results/compile-triton-*.md):
 - A tile is G consecutive patches of one patch row of one image. A kernel never holds a whole tile:
   it makes passes over chunks of CC channels, (G, CC, p*p) values re-read from L1/L2 each pass:
   LayerNorm statistics (mean, then mean squared deviation) of every pixel (over C) and every patch
@@ -23,6 +25,12 @@ any dtype on sm_90 and sm_80 at the training and inference shapes, shared memory
   patch branch's parameter grads, a program per (channel chunk, run of patches). The partial sums of
   each run are added up by `sum_rows`. Fixed order everywhere, no atomics: bitwise reproducible.
 
+- Dot precision: the scores (LayerNorm'd query . key) are exact float32 dots ("ieee", CUDA cores) in
+  every dtype. With bf16 features (bf16 training) every other dot (softmax weights x bank, dO x bank,
+  the bank and key grads, d queries) takes bf16 operands with float32 accumulation (tensor cores);
+  float32 and float16 features keep all dots exact. Why, and the error of each choice:
+  bench/dot_precision.py and README "Performance".
+
 Launches: forward 2 (keys, fused op); backward 7 (keys, pixel branch, patch branch, patch parameters,
 two row sums, keys' backward).
 """
@@ -36,16 +44,26 @@ from torch.library import triton_op
 
 from lfpv_fast.kernels._common import accumulator_dtype, launch, new_output, target_for
 
-# Channel and bank dimensions are padded (masked) up to this: the K of a dot must be >= 16 for
-# 16-bit and >= 8 for 32-bit operands on NVIDIA GPUs.
+# Channel and bank dimensions are padded (masked) up to this: the K of a dot must be >= 16 (Triton 3.6
+# for every operand type; 3.9 takes 8 for 32-bit operands).
 _MIN_DOT = 16
 # Sizes of a (patches, C, p, p) tile, forward and backward (which keeps more per value): G patches
 # where G * C * p * p is about this many values. Chosen by register spills in offline sm_90 and sm_80
 # builds (the compile gate), not yet by timings.
 _TILE_ELEMENTS = 8192
 _TILE_ELEMENTS_BWD = 4096
-# Channels per chunk of every pass over a tile (a chunk of a tile is G x 8 x p x p values).
-_CHUNK_CHANNELS = 8
+# The forward also holds the (G*p*p, N) pixel scores of a tile in registers: at most this many (the
+# published model's 8 patches x 16 pixels x 16 entries). Without it the demo model (C=16) takes tiles of
+# 32 patches (8192 scores); with it its bf16-autocast forward spills less on Triton 3.6 (sm_90 100 -> 32 B,
+# sm_80 16 -> 0 B). Its fp32 forward still spills ~140 B on both versions at any G tried (8: 148 B,
+# 4: 116 B on 3.9; 4 warps: worse): see bench/results/compile-triton-*.md.
+_SCORE_ELEMENTS = 2048
+# Channels per chunk of every pass over a tile (a chunk of a tile is G x CC x p x p values). The
+# forward's chunk is the K of its pixel-score dot, which Triton 3.6 requires to be >= 16 (3.9 takes 8);
+# the backward kernels' dots have K = CC * p * p, or no CC at all, so they keep the smaller chunk (the
+# patch-parameter kernel's (N, CC * p * p) accumulators must stay in registers).
+_CHUNK_CHANNELS_FWD = 16
+_CHUNK_CHANNELS_BWD = 8
 # Patches per step of the patch-parameter gradient kernel: the K of its dots (>= 16).
 _PATCH_BLOCK = 16
 # Pixels per tile of the pixel-branch backward (a (pixels, C) block), and its programs per SM: enough
@@ -127,6 +145,33 @@ def _mm(a, b):
 
 
 @triton.jit
+def _round_bf16(x):
+    """float32 x rounded to the nearest bfloat16 (ties to even), kept in float32: what `.to(tl.bfloat16)`
+    gives on a GPU. (The CPU interpreter's own float32 -> bfloat16 conversion truncates.)"""
+    bits = x.to(tl.uint32, bitcast=True)
+    bits = (bits + (0x7FFF + ((bits >> 16) & 1))) & 0xFFFF0000
+    return bits.to(tl.float32, bitcast=True)
+
+
+@triton.jit
+def _mm_values(a, b, BF16_DOTS: tl.constexpr, EMULATE: tl.constexpr):
+    """The dots that may run on bf16 tensor cores: everything but the scores. With bf16 features
+    (BF16_DOTS) their float32 operands are rounded to bf16 and multiplied with float32 accumulation;
+    otherwise as _mm. Under the CPU interpreter (EMULATE), whose bf16 dots multiply the raw bits, the
+    rounded operands are multiplied as float32: the same products. Error model and choice per dot:
+    bench/dot_precision.py and README "Performance": bf16 here adds under 1 bf16 unit of each result's
+    largest value (0.8 worst); bf16 scores would add up to 5 (near one-hot softmaxes), so they stay "ieee"."""
+    if BF16_DOTS:
+        if EMULATE:
+            r = tl.dot(_round_bf16(a), _round_bf16(b), input_precision="ieee")
+        else:
+            r = tl.dot(a.to(tl.bfloat16), b.to(tl.bfloat16), out_dtype=tl.float32)
+    else:
+        r = _mm(a, b)
+    return r
+
+
+@triton.jit
 def _load_rows(ptr, n, cols, n_ok, col_ok, row_len, acc_ty):
     """ptr[n, cols] of a row-major (N, row_len) matrix, zero outside, as acc_ty."""
     return tl.load(ptr + n[:, None] * row_len + cols[None, :], mask=n_ok[:, None] & col_ok[None, :],
@@ -195,7 +240,7 @@ def _query_fusion_fwd_kernel(
     x_ptr, out_ptr, vbank_ptr, vkey_ptr, pbank_ptr, pkey_ptr, xw_ptr, xb_ptr, qw_ptr, qb_ptr,
     H, W, Hp, Wp, n_groups, total_tiles,
     C: tl.constexpr, N: tl.constexpr, P: tl.constexpr, BC: tl.constexpr, CC: tl.constexpr, BN: tl.constexpr,
-    G: tl.constexpr, EPS: tl.constexpr,
+    G: tl.constexpr, EPS: tl.constexpr, BF16_DOTS: tl.constexpr, EMULATE: tl.constexpr,
 ):
     """One tile of G patches, in passes over chunks of CC channels (re-read from L1/L2), so that only a
     chunk, the statistics and the (pixels, N) and (G, N) scores are held: statistics, scores of both
@@ -227,8 +272,10 @@ def _query_fusion_fwd_kernel(
         x, offs, mask = _chunk(x_ptr, t, c0, H, W, Hp, Wp, n_groups, total_tiles, C, P, CC, G, acc_ty)
         cc = c0 + tl.arange(0, CC)
         d = c0 * PP + tl.arange(0, CC * PP)
-        vector_update = _unpixels(_mm(probs_v, _load_rows(vbank_ptr, n, cc, n_ok, cc < C, C, acc_ty)), G, CC, PP)
-        patch_update = tl.reshape(_mm(probs_p, _load_rows(pbank_ptr, n, d, n_ok, d < D, D, acc_ty)), (G, CC, PP))
+        vector_update = _unpixels(_mm_values(probs_v, _load_rows(vbank_ptr, n, cc, n_ok, cc < C, C, acc_ty),
+                                               BF16_DOTS, EMULATE), G, CC, PP)
+        patch_update = tl.reshape(_mm_values(probs_p, _load_rows(pbank_ptr, n, d, n_ok, d < D, D, acc_ty),
+                                             BF16_DOTS, EMULATE), (G, CC, PP))
         out = x + (vector_update + patch_update)
         tl.store(out_ptr + offs, out.to(out_ptr.dtype.element_ty), mask=mask)
 
@@ -238,6 +285,7 @@ def _query_fusion_bwd_pixel_kernel(
     x_ptr, dout_ptr, dxv_ptr, part_ptr, vbank_ptr, vkey_ptr, xw_ptr, xb_ptr,
     HW, tiles_per_image, total_tiles, tiles_per_program,
     C: tl.constexpr, N: tl.constexpr, BC: tl.constexpr, BN: tl.constexpr, BM: tl.constexpr, EPS: tl.constexpr,
+    BF16_DOTS: tl.constexpr, EMULATE: tl.constexpr,
 ):
     """The pixel branch's backward over this program's run of pixel tiles (BM consecutive pixels of one
     image, all C channels): its part of d features (dxv, accumulator dtype; the patch-branch kernel adds
@@ -277,11 +325,11 @@ def _query_fusion_bwd_pixel_kernel(
         xhat = _normalize(x, mean, rstd, c_ok[None, :])
         q = xhat * w[None, :] + bias[None, :]
         probs = _softmax_rows(_mm(q, tl.trans(keys)), n_ok[None, :])
-        dprobs = _mm(dout, tl.trans(bank))
+        dprobs = _mm_values(dout, tl.trans(bank), BF16_DOTS, EMULATE)
         ds = probs * (dprobs - tl.sum(probs * dprobs, axis=1)[:, None])
-        g_bank += _mm(tl.trans(probs), dout)
-        g_keys += _mm(tl.trans(ds), q)
-        dq = _mm(ds, keys)
+        g_bank += _mm_values(tl.trans(probs), dout, BF16_DOTS, EMULATE)
+        g_keys += _mm_values(tl.trans(ds), q, BF16_DOTS, EMULATE)
+        dq = _mm_values(ds, keys, BF16_DOTS, EMULATE)
         g_w += tl.sum(dq * xhat, axis=0)
         g_b += tl.sum(dq, axis=0)
         dxhat = dq * w[None, :]
@@ -306,7 +354,7 @@ def _query_fusion_bwd_patch_kernel(
     x_ptr, dout_ptr, dxv_ptr, dx_ptr, aux_ptr, pbank_ptr, pkey_ptr, qw_ptr, qb_ptr,
     H, W, Hp, Wp, n_groups, total_tiles,
     C: tl.constexpr, N: tl.constexpr, P: tl.constexpr, BC: tl.constexpr, CC: tl.constexpr, BN: tl.constexpr,
-    G: tl.constexpr, EPS: tl.constexpr,
+    G: tl.constexpr, EPS: tl.constexpr, BF16_DOTS: tl.constexpr, EMULATE: tl.constexpr,
 ):
     """The patch branch's backward for one tile of G patches, and d features: dO + (pixel part + patch
     part), rounded once. Per patch it also stores the softmax weights, their score grads and the
@@ -331,7 +379,8 @@ def _query_fusion_bwd_patch_kernel(
         d = c0 * PP + tl.arange(0, CC * PP)
         qp, xhat = _patch_queries(x, c0, mean_p, rstd_p, qw_ptr, qb_ptr, C, CC, PP, G, acc_ty)
         scores += _mm(qp, tl.trans(_load_rows(pkey_ptr, n, d, n_ok, d < D, D, acc_ty)))
-        dprobs += _mm(tl.reshape(dout, (G, CC * PP)), tl.trans(_load_rows(pbank_ptr, n, d, n_ok, d < D, D, acc_ty)))
+        dprobs += _mm_values(tl.reshape(dout, (G, CC * PP)),
+                             tl.trans(_load_rows(pbank_ptr, n, d, n_ok, d < D, D, acc_ty)), BF16_DOTS, EMULATE)
     probs = _softmax_rows(scores, n_ok[None, :])
     ds = probs * (dprobs - tl.sum(probs * dprobs, axis=1)[:, None])
 
@@ -352,7 +401,7 @@ def _query_fusion_bwd_patch_kernel(
         d = c0 * PP + tl.arange(0, CC * PP)
         wp = tl.load(qw_ptr + d, mask=d < D, other=0.0).to(acc_ty)
         qp, xhat = _patch_queries(x, c0, mean_p, rstd_p, qw_ptr, qb_ptr, C, CC, PP, G, acc_ty)
-        dxhat = _mm(ds, _load_rows(pkey_ptr, n, d, n_ok, d < D, D, acc_ty)) * wp[None, :]
+        dxhat = _mm_values(ds, _load_rows(pkey_ptr, n, d, n_ok, d < D, D, acc_ty), BF16_DOTS, EMULATE) * wp[None, :]
         m1 += tl.sum(dxhat, axis=1)
         m2 += tl.sum(dxhat * xhat, axis=1)
     m1 = m1 / D
@@ -364,7 +413,7 @@ def _query_fusion_bwd_patch_kernel(
         d = c0 * PP + tl.arange(0, CC * PP)
         wp = tl.load(qw_ptr + d, mask=d < D, other=0.0).to(acc_ty)
         qp, xhat = _patch_queries(x, c0, mean_p, rstd_p, qw_ptr, qb_ptr, C, CC, PP, G, acc_ty)
-        dxhat = _mm(ds, _load_rows(pkey_ptr, n, d, n_ok, d < D, D, acc_ty)) * wp[None, :]
+        dxhat = _mm_values(ds, _load_rows(pkey_ptr, n, d, n_ok, d < D, D, acc_ty), BF16_DOTS, EMULATE) * wp[None, :]
         dx_p = tl.where((d < D)[None, :], (dxhat - m1[:, None] - xhat * m2[:, None]) * rstd_p[:, None], 0.0)
         dout = tl.load(dout_ptr + offs, mask=mask, other=0.0).to(acc_ty)
         dx_v = tl.load(dxv_ptr + offs, mask=mask, other=0.0)
@@ -377,6 +426,7 @@ def _query_fusion_bwd_patch_params_kernel(
     x_ptr, dout_ptr, part_ptr, aux_ptr, pkey_ptr, qw_ptr, qb_ptr,
     H, W, Hp, Wp, total_patches, patches_per_program,
     C: tl.constexpr, N: tl.constexpr, P: tl.constexpr, CC: tl.constexpr, BN: tl.constexpr, GB: tl.constexpr,
+    BF16_DOTS: tl.constexpr, EMULATE: tl.constexpr,
 ):
     """Program (chunk, i): the patch branch's parameter grads restricted to one chunk of CC channels,
     summed over the i-th range of patches (GB at a time, any rows or images), into partial row i.
@@ -423,9 +473,9 @@ def _query_fusion_bwd_patch_params_kernel(
         mean_p = tl.load(aux + 2 * N, mask=patch_ok, other=0.0)
         rstd_p = tl.load(aux + 2 * N + 1, mask=patch_ok, other=0.0)
         xhat = _normalize(xc, mean_p, rstd_p, d_ok[None, :])
-        g_pbank += _mm(tl.trans(probs_p), dc)
-        g_pkeys += _mm(tl.trans(ds_p), xhat * wp[None, :] + bp[None, :])
-        dq = _mm(ds_p, pkeys)  # rows of missing patches are 0: their ds_p loaded as 0
+        g_pbank += _mm_values(tl.trans(probs_p), dc, BF16_DOTS, EMULATE)
+        g_pkeys += _mm_values(tl.trans(ds_p), xhat * wp[None, :] + bp[None, :], BF16_DOTS, EMULATE)
+        dq = _mm_values(ds_p, pkeys, BF16_DOTS, EMULATE)  # rows of missing patches are 0: their ds_p loaded as 0
         g_wp += tl.sum(dq * xhat, axis=0)
         g_bp += tl.sum(dq, axis=0)
 
@@ -567,7 +617,8 @@ def _pow2_at_least(value: int, minimum: int) -> int:
     return max(minimum, triton.next_power_of_2(value))
 
 
-def _geometry(features: torch.Tensor, bank_patches: torch.Tensor, tile_elements: int) -> dict:
+def _geometry(features: torch.Tensor, bank_patches: torch.Tensor, tile_elements: int, chunk_channels: int,
+              score_elements: int | None = None) -> dict:
     b, c, h, w = features.shape
     n, p = bank_patches.shape[0], bank_patches.shape[-1]
     if p & (p - 1):
@@ -578,10 +629,22 @@ def _geometry(features: torch.Tensor, bank_patches: torch.Tensor, tile_elements:
     bc = _pow2_at_least(c, _MIN_DOT)  # padded channels: the K of the pixel dots
     # Patches per tile: a (G, C, p*p) block of about tile_elements values (tl.dot takes any M >= 1).
     g = max(1, min(triton.next_power_of_2(wp), tile_elements // (bc * p * p)))
+    bn = _pow2_at_least(n, _MIN_DOT)
+    if score_elements is not None:
+        g = max(1, min(g, score_elements // (p * p * bn)))
     g = max(g, triton.cdiv(_MIN_DOT, p * p))  # G*p*p pixels are the K of the pixel-branch grad dots
     n_groups = triton.cdiv(wp, g)
+    # Chunk channels: the backward's patch dots have K = CC * p * p, which must be >= 16 too (p = 1, 2).
+    cc = min(bc, max(chunk_channels, triton.cdiv(_MIN_DOT, p * p)))
     return dict(H=h, W=w, Hp=hp, Wp=wp, n_groups=n_groups, total_tiles=b * hp * n_groups,
-                C=c, N=n, P=p, BC=bc, CC=min(bc, _CHUNK_CHANNELS), BN=_pow2_at_least(n, _MIN_DOT), G=g)
+                C=c, N=n, P=p, BC=bc, CC=cc, BN=bn, G=g)
+
+
+def _dot_precision(dtype: torch.dtype, device: torch.device) -> dict[str, bool]:
+    """The kernels' BF16_DOTS and EMULATE: bf16 features (bf16 training) run the dots other than the
+    scores on bf16 tensor cores; float32, float16 and float64 keep exact float32/float64 dots ("ieee").
+    Under the CPU interpreter the bf16 dots are emulated (see _mm_values)."""
+    return dict(BF16_DOTS=dtype == torch.bfloat16, EMULATE=target_for(device).interpreter)
 
 
 def _check_inputs(features: torch.Tensor, bank_vectors: torch.Tensor, bank_patches: torch.Tensor) -> None:
@@ -620,7 +683,7 @@ def _query_fusion_op(
     patch_weight: torch.Tensor, patch_bias: torch.Tensor, pkey_weight: torch.Tensor, pkey_bias: torch.Tensor,
     eps: float,
 ) -> torch.Tensor:
-    geo = _geometry(features, bank_patches, _TILE_ELEMENTS)
+    geo = _geometry(features, bank_patches, _TILE_ELEMENTS, _CHUNK_CHANNELS_FWD, _SCORE_ELEMENTS)
     acc = accumulator_dtype(features.dtype)
     vector_keys, patch_keys = _bank_keys(bank_vectors, bank_patches, vkey_weight, vkey_bias, pkey_weight, pkey_bias,
                                          eps, acc)
@@ -630,7 +693,7 @@ def _query_fusion_op(
            pixel_weight, pixel_bias, patch_weight, patch_bias,
            geo["H"], geo["W"], geo["Hp"], geo["Wp"], geo["n_groups"], geo["total_tiles"],
            C=geo["C"], N=geo["N"], P=geo["P"], BC=geo["BC"], CC=geo["CC"], BN=geo["BN"], G=geo["G"], EPS=eps,
-           num_warps=8)
+           **_dot_precision(features.dtype, features.device), num_warps=8)
     return out
 
 
@@ -643,12 +706,13 @@ def _query_fusion_backward_op(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
            torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Gradients of every tensor input of lfpv::query_fusion, in its order."""
-    geo = _geometry(features, bank_patches, _TILE_ELEMENTS_BWD)
+    geo = _geometry(features, bank_patches, _TILE_ELEMENTS_BWD, _CHUNK_CHANNELS_BWD)
     b, n, c, p = features.shape[0], geo["N"], geo["C"], geo["P"]
     d = c * p * p
     device = features.device
     acc = accumulator_dtype(features.dtype)
     target = target_for(device)
+    dots = _dot_precision(features.dtype, device)
     vector_keys, patch_keys = _bank_keys(bank_vectors, bank_patches, vkey_weight, vkey_bias, pkey_weight, pkey_bias,
                                          eps, acc)  # recomputed: cheaper than keeping them
 
@@ -663,7 +727,7 @@ def _query_fusion_backward_op(
     launch("query_fusion_bwd_pixel", _query_fusion_bwd_pixel_kernel, (pixel_programs,),
            features, grad_out, grad_pixels, pixel_partials, bank_vectors, vector_keys, pixel_weight, pixel_bias,
            hw, tiles_per_image, pixel_tiles, per_program,
-           C=c, N=n, BC=geo["BC"], BN=geo["BN"], BM=_PIXEL_BLOCK, EPS=eps, num_warps=4)
+           C=c, N=n, BC=geo["BC"], BN=geo["BN"], BM=_PIXEL_BLOCK, EPS=eps, **dots, num_warps=4)
 
     # 2. The patch branch per tile of patches, and d features (pixel part + patch part + dO).
     total_patches = b * geo["Hp"] * geo["Wp"]
@@ -672,7 +736,7 @@ def _query_fusion_backward_op(
     launch("query_fusion_bwd_patch", _query_fusion_bwd_patch_kernel, (geo["total_tiles"],),
            features, grad_out, grad_pixels, grad_features, aux, bank_patches, patch_keys, patch_weight, patch_bias,
            geo["H"], geo["W"], geo["Hp"], geo["Wp"], geo["n_groups"], geo["total_tiles"],
-           C=c, N=n, P=p, BC=geo["BC"], CC=geo["CC"], BN=geo["BN"], G=geo["G"], EPS=eps, num_warps=4)
+           C=c, N=n, P=p, BC=geo["BC"], CC=geo["CC"], BN=geo["BN"], G=geo["G"], EPS=eps, **dots, num_warps=4)
 
     # 3. The patch branch's parameter grads: a program per (channel chunk, run of patches).
     chunks = geo["BC"] // geo["CC"]
@@ -681,7 +745,7 @@ def _query_fusion_backward_op(
     launch("query_fusion_bwd_patch_params", _query_fusion_bwd_patch_params_kernel, (chunks, patch_programs),
            features, grad_out, patch_partials, aux, patch_keys, patch_weight, patch_bias,
            geo["H"], geo["W"], geo["Hp"], geo["Wp"], total_patches, triton.cdiv(total_patches, patch_programs),
-           C=c, N=n, P=p, CC=geo["CC"], BN=geo["BN"], GB=_PATCH_BLOCK, num_warps=8)
+           C=c, N=n, P=p, CC=geo["CC"], BN=geo["BN"], GB=_PATCH_BLOCK, **dots, num_warps=8)
 
     def like(t: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
         return new_output(t.shape, t.dtype if dtype is None else dtype, device)

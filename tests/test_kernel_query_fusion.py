@@ -109,13 +109,36 @@ def test_float32_matches_reference(shape):
     check(shape, torch.float32, rel=1e-5)
 
 
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-def test_half_precision_matches_reference(dtype):
-    # float32 accumulation, one rounding of each result to the 16-bit dtype: at most one unit in the
-    # last place (2^-7 bf16, 2^-10 fp16), plus float32-level arithmetic error. (One ulp, not half:
-    # the CPU interpreter truncates float32 -> bfloat16 where GPUs round to nearest.)
-    ulp = {torch.bfloat16: 2.0 ** -7, torch.float16: 2.0 ** -10}[dtype]
-    check(SHAPES[1], dtype, rel=1e-5, ulp=ulp)
+def test_float16_matches_reference():
+    # Exact float32 dots and accumulation, one rounding of each result to float16: at most one unit in
+    # the last place (2^-10), plus float32-level arithmetic error. (One ulp, not half: the CPU
+    # interpreter truncates where GPUs round to nearest.)
+    check(SHAPES[1], torch.float16, rel=1e-5, ulp=2.0 ** -10)
+
+
+# bf16 features (bf16 training): every dot but the scores takes bf16 operands (tensor cores; the CPU
+# interpreter rounds them exactly so, see _mm_values), the scores stay exact float32. Stated tolerance:
+# one bf16 unit (2^-7) of each tensor's largest value, on top of the final rounding of each element (one
+# unit here: the interpreter truncates; a GPU rounds to nearest). The error model (bench/dot_precision.py,
+# round-to-nearest) puts the whole op at 0.8 units at most; bf16 scores too would reach 5.
+BF16_DOTS_TOLERANCE = 2.0 ** -7
+
+
+@pytest.mark.parametrize("shape", [SHAPES[1], (2, 16, 8, 12, 16, 4)], ids=["C=64", "demo C=16"])
+def test_bf16_tensor_core_dots_stay_within_their_tolerance(shape):
+    check(shape, torch.bfloat16, rel=BF16_DOTS_TOLERANCE, ulp=2.0 ** -7)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32, torch.float64], ids=str)
+def test_only_bf16_features_take_bf16_dots(dtype):
+    """Which kernels get bf16 dots: all four that multiply, for bf16 features only."""
+    leaves = [t.to(dtype).requires_grad_(True) for t in make_inputs(SHAPES[4])]
+    f, bv, bp, *norms = leaves
+    with _common.record_launches(_common.TARGETS["sm_90"]) as records:
+        qf.query_fusion(f, bv, bp, *zip(norms[::2], norms[1::2], strict=True)).sum().backward()
+    flags = {r.name: r.kwargs["BF16_DOTS"] for r in records if "BF16_DOTS" in r.kwargs}
+    assert flags == dict.fromkeys(["query_fusion_fwd", "query_fusion_bwd_pixel", "query_fusion_bwd_patch",
+                                   "query_fusion_bwd_patch_params"], dtype == torch.bfloat16)
 
 
 def test_kernels_ran_and_backward_is_deterministic():
@@ -150,7 +173,7 @@ def test_sm90_configuration_with_multi_step_loops():
     several pixel tiles per program of the pixel-branch backward with an out-of-range tail tile,
     several patch steps per program of the patch-parameter kernel with a ragged last step, several
     channel chunks per pass, several patch tiles per patch row with missing patches in the last."""
-    shape = (3, 8, 108, 108, 16, 4)
+    shape = (3, 24, 108, 108, 16, 4)
     launches = recorded_launches(shape)
     pixel = launches["query_fusion_bwd_pixel"]
     hw, tiles_per_image, total_tiles, per_program = pixel.args[8:12]
