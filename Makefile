@@ -57,7 +57,7 @@ lint: venv
 
 test: venv old-triton
 	$(BIN)/ruff check .
-	LFPV_OLD_TRITON=$(OLD_TRITON_DIR) $(BIN)/python -m pytest -q tests
+	LFPV_OLD_TRITON=$(OLD_TRITON_DIR) $(BIN)/python -m pytest -q --durations=15 tests
 
 demo: demo-venv
 	$(DEMO_BIN)/python -m lfpv_fast.train

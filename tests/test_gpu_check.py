@@ -399,8 +399,11 @@ def test_train_and_inference_key_figures_read_what_the_steps_write(tmp_path):
 def test_make_gpu_check_runs_the_gpu_python_with_the_arguments_given():
     if not shutil.which("make"):
         pytest.skip("make is not installed")
-    proc = subprocess.run(["make", "-n", "gpu-check", "GPU_PY=python3", "ARGS=--budget 300 --out /tmp/x"], cwd=ROOT,
-                          capture_output=True, text=True, timeout=60)
+    # --no-print-directory and no inherited MAKEFLAGS: under `make test` a child make says where it is.
+    env = {k: v for k, v in os.environ.items() if k not in ("MAKEFLAGS", "MAKELEVEL", "MFLAGS")}
+    proc = subprocess.run(["make", "--no-print-directory", "-n", "gpu-check", "GPU_PY=python3",
+                           "ARGS=--budget 300 --out /tmp/x"], cwd=ROOT, env=env, capture_output=True, text=True,
+                          timeout=60)
     assert proc.returncode == 0 and proc.stdout.strip() == "python3 -u bench/gpu_check.py --budget 300 --out /tmp/x"
 
 
