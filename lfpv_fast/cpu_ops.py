@@ -27,6 +27,7 @@ from lfpv_fast.reference import (  # noqa: F401  (re-exported: the op set is thi
     batch_mean_layer_norm,
     box_blur5,
     gather_samples,
+    ig_msa,
     luminance,
     mutual_updater_inputs,
     query_fusion,

@@ -206,3 +206,33 @@ def batch_mean_layer_norm(
         mean = all_reduce_mean(mean)
     weight, bias = norm
     return F.layer_norm(mean, tuple(weight.shape), weight, bias, eps)
+
+
+def ig_msa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, illumination: torch.Tensor,
+           rescale: torch.Tensor, heads: int) -> torch.Tensor:
+    """Retinexformer's illumination-guided multi-head self-attention, over channels (its core only).
+
+    q, k, v, illumination: (B, N, C) tokens in pixel order, C = heads * d. rescale: (heads,) or any shape
+    holding `heads` values (the published parameter is (heads, 1, 1)). For every head h, with the head's
+    channels as rows of (d, N) matrices Q, K and V * I:
+        Qn, Kn = Q, K L2-normalised along the pixel axis (F.normalize, eps 1e-12)
+        A = softmax(rescale[h] * Kn @ Qn^T, over the last axis)      # (d, d), reduced over ALL N pixels
+        out_h = A @ (V * I)                                           # (d, N)
+    Returns (B, N, C). The projections around it (q/k/v linear layers, the output projection and the
+    position term computed from v before the illumination product) belong to the network.
+    """
+    batch, tokens, channels = q.shape
+    if channels % heads:
+        raise ValueError(f"ig_msa: {channels} channels do not split into {heads} heads")
+    d = channels // heads
+
+    def per_head(t: torch.Tensor) -> torch.Tensor:  # (B, N, C) -> (B, heads, d, N)
+        return t.reshape(batch, tokens, heads, d).permute(0, 2, 3, 1)
+
+    qh = F.normalize(per_head(q), dim=-1, p=2)
+    kh = F.normalize(per_head(k), dim=-1, p=2)
+    vh = per_head(v * illumination)
+    attn = (kh @ qh.transpose(-2, -1)) * rescale.reshape(1, heads, 1, 1)
+    attn = attn.softmax(dim=-1)
+    out = attn @ vh  # (B, heads, d, N)
+    return out.permute(0, 3, 1, 2).reshape(batch, tokens, channels)
