@@ -296,7 +296,8 @@ def plan_steps(found: Probe, work: Path, out_dir: Path, stem: str) -> list[Step]
     no_pytest = None if found.has("pytest") else found.why_missing("pytest")
     no_triton = None if found.has("triton") else found.why_missing("triton") + "; the kernels cannot run"
 
-    kernel_files = sorted(os.path.relpath(p, ROOT) for p in glob.glob(str(ROOT / "tests" / "test_kernel_*.py")))
+    kernel_tests = ROOT / "tests" / "kernels"
+    kernel_files = sorted(os.path.relpath(p, ROOT) for p in glob.glob(str(kernel_tests / "test_kernel_*.py")))
     xdist, notes = [], []
     if found.has("xdist"):
         xdist = ["-n", str(max(1, min(8, found.cpu_count)))]

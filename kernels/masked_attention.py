@@ -293,7 +293,7 @@ def _block_d(head_dim: int) -> int:
 def _dot_precision(dtype: torch.dtype, target: Target) -> str:
     # bf16 training: q, k, v (and dO) are bf16 already, so every dot of the forward and the backward runs
     # on bf16 tensor cores with float32 accumulation; P and dS are rounded to bf16 for their dots, as
-    # FlashAttention does. Stated tolerance (tests/test_kernel_masked_attention.py): 5 x 2^-8 of the
+    # FlashAttention does. Stated tolerance (tests/kernels/test_kernel_masked_attention.py): 5 x 2^-8 of the
     # output's scale, twice that for the gradients. float32 keeps exact "ieee" dots (torch.matmul's
     # default is full float32); "tf32" is ignored for 16-bit operands.
     return "ieee" if dtype in (torch.float32, torch.float64) or _upcast_dots(dtype, target) else "tf32"

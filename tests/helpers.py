@@ -9,9 +9,14 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 from lfpv_fast import ModelConfig
 from lfpv_fast.config import config_from_dict
+
+# The device the kernel tests run on: the GPU where there is one, else the CPU under the Triton interpreter
+# (tests/conftest.py sets TRITON_INTERPRET there; tests/kernels/conftest.py skips the folder otherwise).
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
 # ---------------------------------------------------------------------------------------------
 # The tests' model

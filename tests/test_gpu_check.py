@@ -98,7 +98,7 @@ def test_dry_run_without_dali_and_imagecodecs_plans_every_step(tmp_path):
     assert " -n " not in kernel and any("serial" in n for n in steps["kernel-tests"]["notes"])
     for name in ("test_kernel_query_fusion.py", "test_kernel_masked_attention.py", "test_kernel_snr_mask.py",
                  "test_kernel_bank_update.py", "test_kernel_autocast.py"):
-        assert f"tests/{name}" in kernel
+        assert f"tests/kernels/{name}" in kernel
     assert steps["golden"]["command"].endswith("tests/test_golden.py")
     train = steps["train"]["command"]
     assert " -m lfpv_fast.train -c demo " in train

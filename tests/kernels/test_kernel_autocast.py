@@ -16,18 +16,13 @@ from __future__ import annotations
 import pytest
 import torch
 
+from helpers import DEVICE
 from lfpv_fast import reference
-from lfpv_fast.kernels import _common, ops
+from lfpv_fast.kernels import ops
 from lfpv_fast.model import BankDraws, LFPVModule, LFPVNet, ModelConfig
-
-DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
-if DEVICE == "cpu" and not _common.interpreting():
-    pytest.skip("no CUDA device and TRITON_INTERPRET is not set", allow_module_level=True)
 
 AUTOCAST_DTYPES = [torch.bfloat16, torch.float16]
 ULP = {torch.bfloat16: 2.0**-7, torch.float16: 2.0**-10}
-
-pytestmark = pytest.mark.usefixtures("poisoned_outputs")
 
 
 def autocast(dtype: torch.dtype):
@@ -114,7 +109,7 @@ def test_masked_attention(dtype, leaf_dtype):
         assert out.dtype == ref_out.dtype
         assert [g.dtype for g in grads] == [g.dtype for g in ref_grads]
     assert out.dtype == dtype and [g.dtype for g in grads] == [leaf_dtype] * 3
-    # as tests/test_kernel_masked_attention.py: 5 ulps out, 10 for gradients (16-bit P and dS)
+    # as tests/kernels/test_kernel_masked_attention.py: 5 ulps out, 10 for gradients (16-bit P and dS)
     assert_close(out, truth, 5 * 2, dtype, "output")
     for name, g, t in zip("qkv", grads, truth_grads, strict=True):
         assert_close(g, t, 10 * 2, dtype, f"d{name}")

@@ -16,13 +16,10 @@ from __future__ import annotations
 import pytest
 import torch
 
+from helpers import DEVICE
 from lfpv_fast import reference
 from lfpv_fast.kernels import _common
 from lfpv_fast.kernels import query_fusion as qf
-
-DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
-if DEVICE == "cpu" and not _common.interpreting():
-    pytest.skip("no CUDA device and TRITON_INTERPRET is not set", allow_module_level=True)
 
 # (B, C, H, W, N, p). Odd batches, non-square maps, padded channels (8, 12 -> 16) and banks (8, 10 -> 16),
 # several patch tiles per patch row and masked patches in a tile (forward: W=24, C=64 gives 6 patches in
@@ -40,10 +37,6 @@ NAMES = ["features", "bank_vectors", "bank_patches", "pixel_w", "pixel_b", "vkey
 # The key LayerNorms' biases shift every score of a query by the same amount, which the softmax
 # ignores: their true gradient is exactly 0. They are held to the scale of the key weights' grads.
 ZERO_GRAD_SCALE = {"vkey_b": "vkey_w", "pkey_b": "pkey_w"}
-
-
-# Outputs poisoned with NaN, launch counter reset: the fixture lives in conftest.py.
-pytestmark = pytest.mark.usefixtures("poisoned_outputs")
 
 
 def make_inputs(shape, seed: int = 0) -> list[torch.Tensor]:

@@ -16,20 +16,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from helpers import DEVICE
 from lfpv_fast import reference
-
-triton = pytest.importorskip("triton")
-
-from lfpv_fast.kernels import _common  # noqa: E402
-from lfpv_fast.kernels.masked_attention import masked_attention, masked_attention_fwd  # noqa: E402
-
-DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
-if DEVICE == "cpu" and not _common.interpreting():
-    pytest.skip("no CUDA device and TRITON_INTERPRET is not set", allow_module_level=True)
-
-
-# Outputs poisoned with NaN, launch counter reset: the fixture lives in conftest.py.
-pytestmark = pytest.mark.usefixtures("poisoned_outputs")
+from lfpv_fast.kernels import _common
+from lfpv_fast.kernels.masked_attention import masked_attention, masked_attention_fwd
 
 
 def make_mask(batch: int, length: int, kind: str, gen: torch.Generator) -> torch.Tensor:

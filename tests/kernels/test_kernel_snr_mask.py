@@ -15,20 +15,10 @@ from __future__ import annotations
 import pytest
 import torch
 
+from helpers import DEVICE
 from lfpv_fast import reference
-
-triton = pytest.importorskip("triton")
-
-from lfpv_fast.kernels import _common  # noqa: E402
-from lfpv_fast.kernels.snr_mask import snr_mask, snr_mask_fwd  # noqa: E402
-
-DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
-if DEVICE == "cpu" and not _common.interpreting():
-    pytest.skip("no CUDA device and TRITON_INTERPRET is not set", allow_module_level=True)
-
-
-# Outputs poisoned with NaN, launch counter reset: the fixture lives in conftest.py.
-pytestmark = pytest.mark.usefixtures("poisoned_outputs")
+from lfpv_fast.kernels import _common
+from lfpv_fast.kernels.snr_mask import snr_mask, snr_mask_fwd
 
 
 def make_images(batch: int, height: int, width: int, dtype: torch.dtype, seed: int,

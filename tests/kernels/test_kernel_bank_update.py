@@ -12,23 +12,16 @@ from __future__ import annotations
 import pytest
 import torch
 
+from helpers import DEVICE
 from lfpv_fast import reference
 from lfpv_fast.kernels import _common
 from lfpv_fast.kernels import bank_update as bu
-
-DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
-if DEVICE == "cpu" and not _common.interpreting():
-    pytest.skip("no CUDA device and TRITON_INTERPRET is not set", allow_module_level=True)
 
 DTYPES = [torch.float64, torch.float32, torch.bfloat16, torch.float16]
 # float32 accumulation, one rounding to 16 bits: at most one unit in the last place (the CPU
 # interpreter truncates float32 -> bfloat16 where GPUs round to nearest), plus float32 arithmetic.
 ULP = {torch.float64: 0.0, torch.float32: 0.0, torch.bfloat16: 2.0 ** -7, torch.float16: 2.0 ** -10}
 REL = {torch.float64: 1e-10, torch.float32: 1e-5, torch.bfloat16: 1e-5, torch.float16: 1e-5}
-
-
-# Outputs poisoned with NaN, launch counter reset: the fixture lives in conftest.py.
-pytestmark = pytest.mark.usefixtures("poisoned_outputs")
 
 
 def rand(*size, seed: int = 0, dtype: torch.dtype = torch.float64) -> torch.Tensor:
