@@ -7,6 +7,7 @@
 # - `make demo` creates .venv-demo with the CPU build of torch (the demo trains on the CPU; DEMO_TORCH_INDEX=
 #   empty takes pip's default index instead) and the project with its [demo] extra only: no triton, DALI,
 #   gradio or selenium.
+#   Where PyTorch's CPU wheel index cannot be reached, make demo says so and takes pip's default index.
 PY ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
@@ -15,6 +16,10 @@ DEMO_BIN := $(DEMO_VENV)/bin
 TORCH ?= torch==2.13.0
 TORCH_INDEX ?=
 DEMO_TORCH_INDEX ?= https://download.pytorch.org/whl/cpu
+# `--index-url $(DEMO_TORCH_INDEX)` when that index answers within 5 s; otherwise bench/torch_index.py says so and
+# make demo takes pip's default index at once (pip itself would retry for minutes). Expanded only by the demo
+# venv's recipe, make -n included.
+DEMO_TORCH_INDEX_ARGS = $(if $(DEMO_TORCH_INDEX),$(shell $(PY) bench/torch_index.py '$(DEMO_TORCH_INDEX)'))
 
 # The oldest Triton the kernels must compile with (what torch 2.11 ships): installed from its wheel
 # beside the venv's newest, without dependencies, for the compile gate only (`make test` runs the gate
@@ -38,7 +43,7 @@ venv: $(VENV)/.installed
 $(DEMO_BIN)/python:
 	$(PY) -m venv $(DEMO_VENV)
 	$(DEMO_BIN)/pip install --upgrade pip
-	$(DEMO_BIN)/pip install '$(TORCH)' $(if $(DEMO_TORCH_INDEX),--index-url $(DEMO_TORCH_INDEX))
+	$(DEMO_BIN)/pip install '$(TORCH)' $(DEMO_TORCH_INDEX_ARGS)
 
 $(DEMO_VENV)/.installed: $(DEMO_BIN)/python pyproject.toml
 	$(DEMO_BIN)/pip install -e '.[demo]'

@@ -1,13 +1,20 @@
 """The Makefile's two virtual environments: `make demo` installs the core and [demo] only (no triton, DALI,
 gradio or selenium, nor through torch: the CPU build), `make test` installs [dev]. Read from `make -n -B`
-(what make would run on a fresh clone), with each `pip install -e '.[extras]'` expanded through pyproject.toml."""
+(what make would run on a fresh clone), with each `pip install -e '.[extras]'` expanded through pyproject.toml.
+Where PyTorch's CPU wheel index cannot be reached, `make demo` says so and takes pip's default index at once
+(bench/torch_index.py); a local server stands for a reachable index."""
 
 from __future__ import annotations
 
+import http.server
 import re
 import shlex
 import shutil
+import socket
 import subprocess
+import sys
+import threading
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -42,10 +49,54 @@ def project_packages(extras: list[str]) -> set[str]:
     return names
 
 
-def dry_run(target: str) -> list[list[str]]:
+def make_dry_run(target: str, *variables: str) -> subprocess.CompletedProcess:
+    return subprocess.run(["make", "-n", "-B", "-C", str(ROOT), target, *variables], capture_output=True, text=True,
+                          check=True, timeout=60)
+
+
+def dry_run(target: str, *variables: str) -> list[list[str]]:
     """The commands `make TARGET` runs on a fresh clone (-B: every target out of date), split into words."""
-    done = subprocess.run(["make", "-n", "-B", "-C", str(ROOT), target], capture_output=True, text=True, check=True)
+    done = make_dry_run(target, *variables)
     return [shlex.split(line) for line in done.stdout.splitlines() if line.strip() and not line.startswith("make")]
+
+
+class _TorchIndex(http.server.BaseHTTPRequestHandler):
+    """Answers every page with an empty project page, as an index that has torch does."""
+
+    def do_GET(self) -> None:  # noqa: N802 (the http.server name)
+        body = b"<!DOCTYPE html><html><body></body></html>"
+        self.send_response(200)
+        self.send_header("Content-Type", "text/html")
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, *args) -> None:
+        pass
+
+
+@pytest.fixture
+def reachable_index() -> Iterator[str]:
+    """The URL of a torch index on this machine that answers (a local stand-in for PyTorch's CPU index)."""
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _TorchIndex)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{server.server_address[1]}/whl/cpu"
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+def closed_port() -> int:
+    """A local port nothing listens on: connecting is refused at once."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def torch_install(installs: list[tuple[str, list[str]]]) -> list[str]:
+    return next(args for _, args in installs if any(a.startswith("torch") for a in args))
 
 
 def pip_installs(commands: list[list[str]]) -> list[tuple[str, list[str]]]:
@@ -67,14 +118,19 @@ def installed_packages(installs: list[tuple[str, list[str]]]) -> set[str]:
     return names
 
 
-def test_make_demo_installs_the_core_and_demo_only_in_its_own_venv():
-    commands = dry_run("demo")
+def test_make_demo_installs_the_core_and_demo_only_in_its_own_venv(reachable_index):
+    # The index make demo installs torch from is PyTorch's CPU index unless told otherwise ...
+    printed = subprocess.run(["make", "-s", "-C", str(ROOT), "--eval", "print-index: ; @echo $(DEMO_TORCH_INDEX)",
+                              "print-index"], capture_output=True, text=True, check=True, timeout=60)
+    assert printed.stdout.strip() == CPU_INDEX
+    # ... which this machine may not reach: a local server stands for it.
+    commands = dry_run("demo", f"DEMO_TORCH_INDEX={reachable_index}")
     installs = pip_installs(commands)
     assert {venv for venv, _ in installs} == {".venv-demo"}, installs  # not the test venv
     editable = [args for _, args in installs if "-e" in args]
     assert editable == [["-e", ".[demo]"]]
-    torch_args = next(args for _, args in installs if any(a.startswith("torch") for a in args))
-    assert torch_args[-2:] == ["--index-url", CPU_INDEX]  # the CPU build: PyPI's Linux wheel brings triton
+    torch_args = torch_install(installs)
+    assert torch_args[-2:] == ["--index-url", reachable_index]  # the CPU build: PyPI's Linux wheel brings triton
     packages = installed_packages(installs)
     assert "scikit-image" in packages and "torch" in packages
     assert not packages & HEAVY, packages & HEAVY
@@ -86,3 +142,33 @@ def test_make_test_installs_dev_everything():
     assert {venv for venv, _ in installs} == {".venv"}
     assert [args for _, args in installs if "-e" in args] == [["-e", ".[dev]"]]
     assert HEAVY <= installed_packages(installs)
+
+
+def test_make_demo_takes_the_default_index_at_once_where_the_torch_index_cannot_be_reached():
+    unreachable = f"http://127.0.0.1:{closed_port()}/whl/cpu"
+    done = make_dry_run("demo", f"DEMO_TORCH_INDEX={unreachable}")
+    said = [line for line in done.stderr.splitlines() if line.strip()]
+    assert len(said) == 1 and said[0].startswith(f"make demo: cannot reach the torch index {unreachable} ("), said
+    assert "installing torch from pip's default index instead" in said[0]
+    installs = pip_installs([shlex.split(line) for line in done.stdout.splitlines() if line.strip()])
+    torch_args = torch_install(installs)
+    assert len(torch_args) == 1 and torch_args[0].startswith("torch=="), torch_args  # no --index-url
+    # An empty DEMO_TORCH_INDEX asks for pip's default index: nothing is probed, nothing said.
+    done = make_dry_run("demo", "DEMO_TORCH_INDEX=")
+    assert done.stderr.strip() == ""
+    assert len(torch_install(pip_installs([shlex.split(line) for line in done.stdout.splitlines()]))) == 1
+
+
+def test_the_index_probe_waits_no_longer_than_its_timeout():
+    """An index that accepts the connection and never answers is given up after the probe's timeout."""
+    sys.path.insert(0, str(ROOT / "bench"))
+    try:
+        import torch_index
+    finally:
+        sys.path.remove(str(ROOT / "bench"))
+    assert torch_index.TIMEOUT_S <= 5
+    with socket.socket() as silent:
+        silent.bind(("127.0.0.1", 0))
+        silent.listen()
+        reason = torch_index.unreachable_reason(f"http://127.0.0.1:{silent.getsockname()[1]}/whl/cpu", timeout_s=0.5)
+    assert reason is not None and "timed out" in reason, reason
