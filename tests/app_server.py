@@ -13,11 +13,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
-import torch
-
-from helpers import TINY
-from lfpv_fast import LFPVNet
-from lfpv_fast.checkpoint import atomic_save, weights_only_checkpoint
+from helpers import write_tiny_checkpoint
 
 REPO = Path(__file__).resolve().parents[1]
 START_TIMEOUT_S = 120
@@ -32,16 +28,6 @@ class AppServer:
 
     def log_text(self) -> str:
         return self.log.read_text(errors="replace")
-
-
-def write_tiny_checkpoint(path: Path) -> Path:
-    torch.manual_seed(0)
-    net = LFPVNet(TINY, backend="reference")
-    with torch.no_grad():  # non-zero banks, so that the LFPV fusion takes part
-        net.bank_vectors.normal_()
-        net.bank_patches.normal_()
-    atomic_save(weights_only_checkpoint(net), path)
-    return path
 
 
 def free_port() -> int:

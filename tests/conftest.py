@@ -54,12 +54,9 @@ def small_filesystem(tmp_path):
 
 @pytest.fixture(scope="module")
 def tiny_checkpoint(tmp_path_factory):
-    """A weights-only checkpoint of the tests' small model (helpers.TINY, seed 0, reference backend)."""
-    from helpers import TINY
-    from lfpv_fast import LFPVNet
-    from lfpv_fast.checkpoint import atomic_save, weights_only_checkpoint
+    """A weights-only checkpoint of the tests' small model (helpers.write_tiny_checkpoint: helpers.TINY, seed 0,
+    reference backend, non-zero banks)."""
+    from helpers import write_tiny_checkpoint
 
-    torch.manual_seed(0)
-    path = tmp_path_factory.mktemp("ckpt") / "tiny.pth"
-    atomic_save(weights_only_checkpoint(LFPVNet(TINY, backend="reference")), path)
-    return path
+    return write_tiny_checkpoint(tmp_path_factory.mktemp("ckpt") / "tiny.pth")
+

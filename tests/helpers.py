@@ -1,9 +1,14 @@
 """Helpers shared by the test modules (a plain module: test modules import from here, never from each
-other). The tests' small model, the CLI-error assertions, SMID trees on disk, an OpenCV resize twin."""
+other). The tests' small model and its checkpoint, the CLI-error assertions, image files (PNGs, PNG bombs),
+an import blocker for subprocesses, SMID trees on disk, an OpenCV resize twin."""
 
 from __future__ import annotations
 
 import dataclasses
+import struct
+import sys
+import textwrap
+import zlib
 from collections.abc import Callable
 from pathlib import Path
 
@@ -24,6 +29,22 @@ DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 # Small enough for the CPU interpreter; 4 bank entries keep the banks' loops short. The tiling tests'
 # tolerances (test_enhance.py) hold for this model's random weights: check them after a change here.
 TINY = ModelConfig(nf=8, hr_nf=8, light_blocks=1, layers=1, heads=2, head_dim=8, ffn_dim=32, bank_size=4)
+
+
+def write_tiny_checkpoint(path: Path) -> Path:
+    """A weights-only checkpoint of TINY (seed 0, reference backend) at `path`, with non-zero banks so that
+    the LFPV fusion takes part. The same bytes on every call."""
+    from lfpv_fast import LFPVNet
+    from lfpv_fast.checkpoint import atomic_save, weights_only_checkpoint
+
+    torch.manual_seed(0)
+    net = LFPVNet(TINY, backend="reference")
+    with torch.no_grad():
+        net.bank_vectors.normal_()
+        net.bank_patches.normal_()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    atomic_save(weights_only_checkpoint(net), path)
+    return path
 
 
 def model_overrides(config: ModelConfig) -> list[str]:
@@ -79,13 +100,95 @@ def run(main: Callable[[list[str]], int], argv: list[str | Path], capsys: pytest
     return code, capsys.readouterr().err
 
 
-def assert_one_line_error(code: int, err: str, *named: str) -> str:
+def one_error_line(err: str, *named: str) -> str:
+    """The one non-blank line of `err`, which starts with "error: " and contains every text in `named`."""
     lines = [line for line in err.splitlines() if line.strip()]
-    assert code == 2, err
     assert len(lines) == 1 and lines[0].startswith("error: "), err
     for text in named:
         assert text in lines[0], (text, lines[0])
     return lines[0]
+
+
+def assert_one_line_error(code: int, err: str, *named: str) -> str:
+    """A usage error: exit status 2 and one_error_line(err, *named)."""
+    assert code == 2, err
+    return one_error_line(err, *named)
+
+
+# ---------------------------------------------------------------------------------------------
+# Image files
+
+
+def write_png(path: Path, rgb: np.ndarray, bits: int = 8) -> Path:
+    """An RGB (or gray) PNG of uint8 `rgb`; bits=16 stores v * 257 (the same value in [0, 1]) through
+    imagecodecs, and skips the test where imagecodecs is missing (a bare GPU machine). Makes the folder."""
+    from PIL import Image
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if bits == 16:
+        try:
+            import imagecodecs
+        except ImportError:
+            pytest.skip("writing 16-bit PNG needs imagecodecs, which is not installed")
+        path.write_bytes(bytes(imagecodecs.png_encode(np.ascontiguousarray(rgb.astype(np.uint16) * 257))))
+    else:
+        Image.fromarray(np.ascontiguousarray(rgb)).save(path)
+    return path
+
+
+def png_chunk(kind: bytes, data: bytes) -> bytes:
+    return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+
+def write_png_bomb(path: Path, side: int, bit_depth: int = 8, color_type: int = 0) -> Path:
+    """A PNG of a few hundred bytes declaring a side x side image (default 8-bit gray); its data is a
+    deflated prefix of zero rows."""
+    header = struct.pack(">IIBBBBB", side, side, bit_depth, color_type, 0, 0, 0)
+    data = zlib.compress(b"\0" * 65536, 9)
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + png_chunk(b"IHDR", header) + png_chunk(b"IDAT", data)
+                     + png_chunk(b"IEND", b""))
+    return path
+
+
+# ---------------------------------------------------------------------------------------------
+# A Python where some modules cannot be imported (as on a bare machine without them), for subprocesses
+
+IMPORT_BLOCKER = textwrap.dedent("""
+    import importlib.abc, runpy, sys
+
+    BLOCKED = tuple(m for m in sys.argv[1].split(",") if m)
+    REPORT = sys.argv[2] == "report"
+
+    class Block(importlib.abc.MetaPathFinder):
+        def find_spec(self, name, path=None, target=None):
+            if any(name == b or name.startswith(b + ".") for b in BLOCKED):
+                raise ModuleNotFoundError(f"No module named {name!r} (blocked by the test)", name=name)
+            return None
+
+    sys.meta_path.insert(0, Block())
+    try:
+        if sys.argv[3] == "-m":
+            sys.argv = sys.argv[4:]
+            runpy.run_module(sys.argv[0], run_name="__main__", alter_sys=True)
+        elif sys.argv[3] == "import":
+            for module in sys.argv[4:]:
+                __import__(module)
+        else:
+            sys.argv = sys.argv[3:]
+            runpy.run_path(sys.argv[0], run_name="__main__")
+    finally:
+        if REPORT:
+            loaded = sorted(m for m in sys.modules if any(m == b or m.startswith(b + ".") for b in BLOCKED))
+            print("blocked modules loaded:", loaded, file=sys.stderr)
+""")
+
+
+def blocked_python(blocked: list[str], report: bool = False) -> list[str]:
+    """The start of a command line for a Python in which the modules `blocked` (and their submodules) cannot
+    be imported; what follows is `-m MODULE ARGS...`, `SCRIPT ARGS...` or `import MODULE...`. With
+    report=True it ends by printing to stderr which blocked modules got loaded anyway
+    ("blocked modules loaded: []" when none)."""
+    return [sys.executable, "-c", IMPORT_BLOCKER, ",".join(blocked), "report" if report else "quiet"]
 
 
 # ---------------------------------------------------------------------------------------------

@@ -4,9 +4,7 @@ from __future__ import annotations
 
 import os
 import socket
-import struct
 import time
-import zlib
 from pathlib import Path
 
 import imagecodecs
@@ -16,7 +14,8 @@ import tifffile
 import torch
 from PIL import Image
 
-from app_server import AppServer, app_server, write_tiny_checkpoint
+from app_server import AppServer, app_server
+from helpers import write_png_bomb, write_tiny_checkpoint
 from lfpv_fast import app as app_mod
 from lfpv_fast.checkpoint import load_model
 from lfpv_fast.enhance import main as enhance_main
@@ -44,20 +43,6 @@ def write_png16_rgba(path: Path, h: int = 40, w: int = 56) -> Path:
     rgb = np.round(dark_rgb(h, w, 1) * 65535).astype(np.uint16)
     alpha = np.linspace(0, 65535, h * w).reshape(h, w).astype(np.uint16)
     path.write_bytes(imagecodecs.png_encode(np.dstack([rgb, alpha])))
-    return path
-
-
-def png_chunk(kind: bytes, data: bytes) -> bytes:
-    return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
-
-
-def write_png_bomb(path: Path, side: int) -> Path:
-    """A PNG of a few hundred bytes that declares a side x side 8-bit gray image (all zeros, deflated)."""
-    header = struct.pack(">IIBBBBB", side, side, 8, 0, 0, 0, 0)
-    rows = zlib.compressobj(9)
-    data = b"".join(rows.compress(b"\0" * (side + 1)) for _ in range(64)) + rows.flush()  # a prefix is enough
-    path.write_bytes(b"\x89PNG\r\n\x1a\n" + png_chunk(b"IHDR", header) + png_chunk(b"IDAT", data)
-                     + png_chunk(b"IEND", b""))
     return path
 
 

@@ -12,7 +12,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from lfpv_fast import LFPVNet, ModelConfig, backends, cpu_ops, reference
+from helpers import TINY
+from lfpv_fast import LFPVNet, backends, cpu_ops, reference
 from lfpv_fast.backends import (
     BACKENDS,
     BackendName,
@@ -46,7 +47,7 @@ def test_compiling_interpreted_triton_ops_is_a_clear_error():
 
 
 def test_model_backend_is_chosen_per_input():
-    net = LFPVNet(ModelConfig(nf=8, light_blocks=1, layers=1, heads=2, head_dim=8, ffn_dim=16, bank_size=4))
+    net = LFPVNet(TINY)
     assert net.ops_for(torch.zeros(1)) is cpu_ops
     assert LFPVNet(net.config, backend="reference").ops_for(torch.zeros(1)) is reference
 

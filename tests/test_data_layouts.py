@@ -10,9 +10,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from PIL import Image
 
-from helpers import TINY_MODEL_RUN
+from helpers import TINY_MODEL_RUN, write_png
 from lfpv_fast.config import config_from_dict, load_config
 from lfpv_fast.data.errors import DataError
 from lfpv_fast.data.images import LAYOUTS
@@ -40,11 +39,6 @@ TREES = {
     "lol_v2_synthetic": ("lol_v2_synthetic", ("Train/Low", "Train/Normal"), ("Test/Low", "Test/Normal"),
                          lambda k: (f"{k}.png", f"{k}.png")),
 }
-
-
-def write_png(path: Path, rgb: np.ndarray) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    Image.fromarray(rgb).save(path)
 
 
 def build_tree(root: Path, tree: str) -> dict[str, np.ndarray]:

@@ -5,20 +5,11 @@ and by DALI)."""
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import numpy as np
 import pytest
 import torch
-from PIL import Image
 
-from helpers import make_cfg, write_list, write_tree
-
-try:
-    import imagecodecs
-except ImportError:  # a bare GPU machine has no imagecodecs: the 16-bit PNG cases skip, the others run
-    imagecodecs = None
-
+from helpers import make_cfg, write_list, write_png, write_tree
 from lfpv_fast.config import ConfigError
 from lfpv_fast.pipelines import build_loader
 from lfpv_fast.pipelines.sampling import epoch_draws, per_rank_batch, train_batches
@@ -31,16 +22,6 @@ FRAMES = 3
 
 def offset(scene: str, frame: str) -> int:
     return 10 * int(scene[1:]) + int(frame)
-
-
-def write_png(path: Path, rgb: np.ndarray, bits: int) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    if bits == 16:  # v * 257: the same value in [0, 1] as the 8-bit v
-        if imagecodecs is None:
-            pytest.skip("writing 16-bit PNG needs imagecodecs, which is not installed")
-        path.write_bytes(bytes(imagecodecs.png_encode(np.ascontiguousarray(rgb.astype(np.uint16) * 257))))
-    else:
-        Image.fromarray(np.ascontiguousarray(rgb)).save(path)
 
 
 @pytest.fixture(scope="module", params=["npy", "png", "png16"])

@@ -15,25 +15,12 @@ from PIL import Image
 
 import lfpv_fast.enhancement as enhancement_mod
 from golden import original_keys
-from helpers import TINY
 from lfpv_fast import LFPVNet, ModelConfig
-from lfpv_fast.checkpoint import atomic_save, load_model, weights_only_checkpoint
+from lfpv_fast.checkpoint import load_model
 from lfpv_fast.enhance import SIDE_BY_SIDE_SUFFIX, main
 from lfpv_fast.enhancement import _ramp, enhance_image, tile_starts
 from lfpv_fast.imageio import read_image
 from lfpv_fast.inference import prepare_for_inference
-
-
-@pytest.fixture(scope="module")
-def tiny_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    torch.manual_seed(0)
-    net = LFPVNet(TINY, backend="reference")
-    with torch.no_grad():  # non-zero banks, so that the LFPV fusion takes part
-        net.bank_vectors.normal_()
-        net.bank_patches.normal_()
-    path = tmp_path_factory.mktemp("ckpt") / "tiny.pth"
-    atomic_save(weights_only_checkpoint(net), path)
-    return path
 
 
 @pytest.fixture(scope="module")

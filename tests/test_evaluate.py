@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from helpers import TINY
+from helpers import TINY, one_error_line
 from lfpv_fast import LFPVNet
 from lfpv_fast.checkpoint import atomic_save, weights_only_checkpoint
 from lfpv_fast.evaluate import main, summarize
@@ -104,12 +104,6 @@ def test_evaluate_missing_dataset_is_a_clear_error(tmp_path, capsys):
 # Issue 17 item 4: where the results go is checked first; a late failure prints the results before the error
 
 
-def _error_line(err: str) -> str:
-    lines = [line for line in err.splitlines() if line.strip()]
-    assert len(lines) == 1 and lines[0].startswith("error: "), err
-    return lines[0]
-
-
 def test_evaluate_checks_where_its_results_go_before_evaluating(demo_root, tmp_path, capsys, monkeypatch,
                                                                 small_filesystem):
     import subprocess
@@ -127,14 +121,14 @@ def test_evaluate_checks_where_its_results_go_before_evaluating(demo_root, tmp_p
     for out, named in [(tmp_path / "a_file" / "res.json", "is a file, not a folder"),
                        (tmp_path / "a_folder", "is a folder")]:
         assert main(demo_args(demo_root) + ["--checkpoint", str(ckpt), "--out", str(out)]) == 2
-        line = _error_line(capsys.readouterr().err)
+        line = one_error_line(capsys.readouterr().err)
         assert f"--out {out}" in line and named in line, line
     # The default, next to the checkpoint, on a read-only filesystem.
     folder = small_filesystem(1024)
     atomic_save(weights_only_checkpoint(LFPVNet(TINY)), folder / "ours.pth")
     subprocess.run(["mount", "-o", "remount,ro", str(folder)], check=True)
     assert main(demo_args(demo_root) + ["--checkpoint", str(folder / "ours.pth")]) == 2
-    line = _error_line(capsys.readouterr().err)
+    line = one_error_line(capsys.readouterr().err)
     assert str(folder / "eval_ours.json") in line and "default: next to the checkpoint" in line, line
     assert "Read-only file system" in line
 
@@ -162,7 +156,7 @@ def test_evaluate_prints_its_results_before_a_late_write_error(demo_root, tmp_pa
     captured = capsys.readouterr()
     assert code == 1, captured.err
     assert "mean of scenes" in captured.out and "mean of frames" in captured.out  # the results were printed
-    line = _error_line(captured.err)
+    line = one_error_line(captured.err)
     assert f"could not write the results file {out}" in line and "No space left on device" in line
     assert "printed above" in line
     assert sorted(p.name for p in folder.iterdir()) == ["filler"]  # no temporary file left

@@ -20,39 +20,20 @@ from pathlib import Path
 
 import pytest
 
+from helpers import blocked_python
+
 ROOT = Path(__file__).resolve().parents[1]
 BENCH = ROOT / "bench"
 sys.path.insert(0, str(BENCH))
 
 gpu_check = importlib.import_module("gpu_check")
 
-# Runs a script or pytest in a Python where the named modules cannot be imported (as on a bare GPU machine):
-#   python -c BLOCKER "nvidia.dali,imagecodecs" script.py ARGS...   or   ... "imagecodecs" -m pytest ARGS...
-BLOCKER = textwrap.dedent("""
-    import importlib.abc, runpy, sys
-
-    BLOCKED = tuple(m for m in sys.argv[1].split(",") if m)
-
-    class Block(importlib.abc.MetaPathFinder):
-        def find_spec(self, name, path=None, target=None):
-            if any(name == b or name.startswith(b + ".") for b in BLOCKED):
-                raise ModuleNotFoundError(f"No module named {name!r} (blocked by the test)", name=name)
-            return None
-
-    sys.meta_path.insert(0, Block())
-    if sys.argv[2] == "-m":
-        sys.argv = sys.argv[3:]
-        runpy.run_module(sys.argv[0], run_name="__main__", alter_sys=True)
-    else:
-        sys.argv = sys.argv[2:]
-        runpy.run_path(sys.argv[0], run_name="__main__")
-""")
-
-
 def run_blocked(blocked: list[str], *args: str, timeout: float = 300) -> subprocess.CompletedProcess:
+    """A script (or `-m pytest ...`) in a Python where the modules `blocked` cannot be imported, as on a bare
+    GPU machine."""
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    return subprocess.run([sys.executable, "-c", BLOCKER, ",".join(blocked), *args], cwd=ROOT, env=env,
-                          capture_output=True, text=True, timeout=timeout)
+    return subprocess.run([*blocked_python(blocked), *args], cwd=ROOT, env=env, capture_output=True, text=True,
+                          timeout=timeout)
 
 
 def dry_run(tmp_path: Path, blocked: list[str], budget: int = 480) -> tuple[subprocess.CompletedProcess, dict, Path]:

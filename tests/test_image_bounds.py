@@ -7,7 +7,6 @@ Each test makes the decoders fail loudly if they are called, and watches the mem
 
 from __future__ import annotations
 
-import struct
 import tracemalloc
 import zlib
 from pathlib import Path
@@ -19,9 +18,7 @@ import tifffile
 import torch
 from PIL import Image, ImageFile
 
-from helpers import TINY
-from lfpv_fast import LFPVNet
-from lfpv_fast.checkpoint import atomic_save, weights_only_checkpoint
+from helpers import write_png_bomb
 from lfpv_fast.imageio import ImageReadError, ImageTooLargeError, read_image, read_image_info, read_pixels
 
 SMALL_PEAK = 32 * 2**20  # what reading a refused file may allocate at most (its header and a few buffers)
@@ -72,19 +69,6 @@ def write_tiff_bomb(path: Path, kind: str) -> Path:
     tifffile.imwrite(path, (encoded for _ in range(count)), shape=(1000, 1000, 1000), dtype="uint8", tile=tile,
                      compression="zlib", **options)
     assert path.stat().st_size < 2 * 2**20
-    return path
-
-
-def png_chunk(kind: bytes, data: bytes) -> bytes:
-    return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
-
-
-def write_png_bomb(path: Path, side: int, bit_depth: int, color_type: int) -> Path:
-    """A PNG of a few hundred bytes declaring a side x side image (its data a deflated prefix of zero rows)."""
-    header = struct.pack(">IIBBBBB", side, side, bit_depth, color_type, 0, 0, 0)
-    data = zlib.compress(b"\0" * 65536, 9)
-    path.write_bytes(b"\x89PNG\r\n\x1a\n" + png_chunk(b"IHDR", header) + png_chunk(b"IDAT", data)
-                     + png_chunk(b"IEND", b""))
     return path
 
 
@@ -178,14 +162,6 @@ def test_the_data_scan_refuses_a_bomb(tmp_path, no_decoding):
     huge = write_png_bomb(tmp_path / "frame.png", 100_000, 16, 6)
     with pytest.raises(DataError, match="would decode to"):
         read_header(huge)
-
-
-@pytest.fixture(scope="module")
-def tiny_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    torch.manual_seed(0)
-    path = tmp_path_factory.mktemp("ckpt") / "tiny.pth"
-    atomic_save(weights_only_checkpoint(LFPVNet(TINY, backend="reference")), path)
-    return path
 
 
 def test_enhance_refuses_a_bomb_before_writing_anything(tmp_path, tiny_checkpoint, no_decoding, capsys):

@@ -6,17 +6,13 @@ from __future__ import annotations
 import os
 import re
 import subprocess
-import sys
-import textwrap
 from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 from PIL import Image
 
-from lfpv_fast import LFPVNet, ModelConfig
-from lfpv_fast.checkpoint import atomic_save, weights_only_checkpoint
+from helpers import blocked_python, write_tiny_checkpoint
 
 tomllib = pytest.importorskip("tomllib")  # Python >= 3.11
 ROOT = Path(__file__).resolve().parents[1]
@@ -43,54 +39,21 @@ def test_core_dependencies_are_light_and_the_extras_hold_the_rest():
     assert "pip install -e '.[dev]'" in (ROOT / "Makefile").read_text()  # make test installs everything
 
 
-BLOCK_HEAVY = textwrap.dedent("""
-    # In a Python where triton, DALI and scikit-image cannot be imported: `run MODULE ARGS...` runs a module as
-    # `python -m` would; `import MODULE...` imports modules.
-    import importlib.abc
-    import runpy
-    import sys
-
-    BLOCKED = ("triton", "nvidia.dali", "skimage")
-
-    class Block(importlib.abc.MetaPathFinder):
-        def find_spec(self, name, path=None, target=None):
-            if any(name == b or name.startswith(b + ".") for b in BLOCKED):
-                raise ModuleNotFoundError(f"No module named {name!r} (blocked by tests/test_install.py)", name=name)
-            return None
-
-    sys.meta_path.insert(0, Block())
-    try:
-        if sys.argv[1] == "run":
-            sys.argv = sys.argv[2:]
-            runpy.run_module(sys.argv[0], run_name="__main__", alter_sys=True)
-        else:
-            for module in sys.argv[2:]:
-                __import__(module)
-    finally:
-        loaded = sorted(m for m in sys.modules if any(m == b or m.startswith(b + ".") for b in BLOCKED))
-        print("heavy modules loaded:", loaded, file=sys.stderr)
-""")
-
-
 def test_enhance_and_the_other_tools_work_without_triton_dali_and_scikit_image(tmp_path):
-    script = tmp_path / "block_heavy.py"
-    script.write_text(BLOCK_HEAVY)
-    torch.manual_seed(0)
-    config = ModelConfig(nf=8, hr_nf=8, light_blocks=1, layers=1, heads=2, head_dim=8, ffn_dim=16, bank_size=4)
-    atomic_save(weights_only_checkpoint(LFPVNet(config, backend="reference")), tmp_path / "tiny.pth")
+    write_tiny_checkpoint(tmp_path / "tiny.pth")
     pixels = np.random.default_rng(0).integers(0, 50, (20, 24, 3), dtype=np.uint8)
     Image.fromarray(pixels).save(tmp_path / "dark.png")
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}  # as a user's shell has it
 
     def run(*args: str | Path) -> subprocess.CompletedProcess:
-        return subprocess.run([sys.executable, str(script), *map(str, args)], env=env, cwd=tmp_path,
-                              capture_output=True, text=True, timeout=300)
+        return subprocess.run([*blocked_python(["triton", "nvidia.dali", "skimage"], report=True), *map(str, args)],
+                              env=env, cwd=tmp_path, capture_output=True, text=True, timeout=300)
 
-    done = run("run", "lfpv_fast.enhance", "dark.png", "--checkpoint", "tiny.pth", "-o", "out", "--device", "cpu")
+    done = run("-m", "lfpv_fast.enhance", "dark.png", "--checkpoint", "tiny.pth", "-o", "out", "--device", "cpu")
     assert done.returncode == 0, done.stderr
-    assert "heavy modules loaded: []" in done.stderr
+    assert "blocked modules loaded: []" in done.stderr
     with Image.open(tmp_path / "out" / "dark.png") as im:
         assert im.size == (24, 20)
     imported = run("import", "lfpv_fast.train", "lfpv_fast.trainer", "lfpv_fast.evaluate", "lfpv_fast.prepare",
                    "lfpv_fast.pipelines")
-    assert imported.returncode == 0 and "heavy modules loaded: []" in imported.stderr, imported.stderr
+    assert imported.returncode == 0 and "blocked modules loaded: []" in imported.stderr, imported.stderr

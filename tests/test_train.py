@@ -21,7 +21,7 @@ import numpy as np
 import pytest
 import torch
 
-from helpers import TINY_RUN, metrics, tiny_config, write_tiny_yaml
+from helpers import TINY_RUN, metrics, one_error_line, tiny_config, write_tiny_yaml
 from lfpv_fast.checkpoint import (
     capture_rng,
     latest_checkpoint,
@@ -450,14 +450,6 @@ def checkpoint_steps(paths: list[Path]) -> list[int]:
 
 def folder_snapshot(folder: Path) -> dict[str, bytes]:
     return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
-
-
-def one_error_line(err: str, *named: str) -> str:
-    lines = [line for line in err.splitlines() if line.strip()]
-    assert len(lines) == 1 and lines[0].startswith("error: "), err
-    for text in named:
-        assert text in lines[0], (text, lines[0])
-    return lines[0]
 
 
 def test_a_failed_resume_changes_nothing_in_the_run_folder(tmp_path, demo_root, capsys):

@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from helpers import metrics, tiny_config, write_tiny_yaml
+from helpers import metrics, one_error_line, tiny_config, write_tiny_yaml
 from lfpv_fast.checkpoint import check_training_checkpoint, latest_checkpoint, list_checkpoints, read_checkpoint
 from lfpv_fast.config import load_config
 from lfpv_fast.train import main
@@ -137,9 +137,8 @@ def test_a_disk_that_fills_up_while_saving_a_checkpoint_stops_with_one_error_lin
     code = main(["--out", str(run), "--resume", "--set", "train.iterations=7"])
     err = capsys.readouterr().err
     assert code == 1, err
-    lines = [line for line in err.splitlines() if line.strip()]
-    assert len(lines) == 1 and lines[0].startswith("error: could not write "), err
-    assert "step_00000006.pth" in lines[0] and "No space left on device" in lines[0]
+    line = one_error_line(err, "step_00000006.pth", "No space left on device")
+    assert line.startswith("error: could not write "), err
     assert not [p.name for p in run.rglob("*") if p.name.endswith(".tmp")]  # the temporary file is removed
     assert [p.name for p in list_checkpoints(run / "checkpoints")] == ["step_00000003.pth"]
     assert step_3.read_bytes() == before  # the old checkpoint is intact and still resumes

@@ -16,10 +16,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from helpers import DEVICE
+from helpers import DEVICE, TINY
 from lfpv_fast import reference
 from lfpv_fast.kernels import ops
-from lfpv_fast.model import BankDraws, LFPVModule, LFPVNet, ModelConfig
+from lfpv_fast.model import BankDraws, LFPVModule, LFPVNet
 
 AUTOCAST_DTYPES = [torch.bfloat16, torch.float16]
 ULP = {torch.bfloat16: 2.0**-7, torch.float16: 2.0**-10}
@@ -126,17 +126,12 @@ def test_snr_mask(dtype):
     torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-6)
 
 
-def tiny_config() -> ModelConfig:
-    return ModelConfig(nf=16, light_blocks=1, layers=1, heads=2, head_dim=16, ffn_dim=32, bank_size=16,
-                       updater_width=1)
-
-
 @pytest.mark.parametrize("dtype", AUTOCAST_DTYPES, ids=str)
 def test_bank_update(dtype):
     """The sample- and mutual-updaters with 16-bit features and float32 banks: both backends return new
     banks of the same dtype (the reference's LayerNorm decides it: the MLP output's dtype under CPU
     autocast, float32 under CUDA autocast), with the same values up to 16-bit rounding."""
-    cfg = tiny_config()
+    cfg = TINY
     module = LFPVModule(cfg).to(DEVICE).train()
     features = rand(3, cfg.nf, 12, 16, seed=6, dtype=dtype)
     banks = rand(cfg.bank_size, cfg.nf, seed=7), rand(cfg.bank_size, cfg.nf, 4, 4, seed=8)
@@ -165,9 +160,9 @@ def test_model_training_step(dtype):
     results = {}
     for backend in ("triton", "reference") if dtype == torch.bfloat16 else ("triton",):
         torch.manual_seed(0)
-        net = LFPVNet(tiny_config(), backend=backend).to(DEVICE).train()
+        net = LFPVNet(TINY, backend=backend).to(DEVICE).train()
         x = rand(2, 3, 32, 32, seed=9).abs().clamp(max=1)
-        draws = BankDraws.sample((8, 8), 16, 4, torch.Generator().manual_seed(1))
+        draws = BankDraws.sample((8, 8), TINY.bank_size, TINY.patch_size, torch.Generator().manual_seed(1))
         with autocast(dtype):
             out, without_lfpv = net(x, net.snr_mask(x), draws)
         (out.float().mean() + without_lfpv.float().mean()).backward()
