@@ -60,9 +60,14 @@ old-triton: $(OLD_TRITON_DIR)/.installed
 lint: venv
 	$(BIN)/ruff check .
 
+# pytest-xdist: TEST_WORKERS processes (the CI machine has 2 cores). --dist loadfile: all the tests of a file run on
+# one worker, one after another, so tests that must not overlap share a file: the app's served-app tests and the
+# distributed ones each pick a free port, gpu_check's runner tests give their subprocesses budgets of seconds.
+# (Not loadgroup: pytest-xdist 3.8 marks a group by renaming the test, which pytest 9 no longer lets it do.)
+TEST_WORKERS ?= 2
 test: venv old-triton
 	$(BIN)/ruff check .
-	LFPV_OLD_TRITON=$(OLD_TRITON_DIR) $(BIN)/python -m pytest -q --durations=15 tests
+	LFPV_OLD_TRITON=$(OLD_TRITON_DIR) $(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist loadfile --durations=15 tests
 
 demo: demo-venv
 	$(DEMO_BIN)/python -m lfpv_fast.train

@@ -7,6 +7,7 @@ Where PyTorch's CPU wheel index cannot be reached, `make demo` says so and takes
 from __future__ import annotations
 
 import http.server
+import os
 import re
 import shlex
 import shutil
@@ -49,9 +50,13 @@ def project_packages(extras: list[str]) -> set[str]:
     return names
 
 
+# Without the MAKEFLAGS of an enclosing `make test`, whose child makes would say where they are.
+MAKE_ENV = {k: v for k, v in os.environ.items() if k not in ("MAKEFLAGS", "MAKELEVEL", "MFLAGS")}
+
+
 def make_dry_run(target: str, *variables: str) -> subprocess.CompletedProcess:
-    return subprocess.run(["make", "-n", "-B", "-C", str(ROOT), target, *variables], capture_output=True, text=True,
-                          check=True, timeout=60)
+    return subprocess.run(["make", "-n", "-B", "-C", str(ROOT), target, *variables], env=MAKE_ENV,
+                          capture_output=True, text=True, check=True, timeout=60)
 
 
 def dry_run(target: str, *variables: str) -> list[list[str]]:
@@ -121,7 +126,7 @@ def installed_packages(installs: list[tuple[str, list[str]]]) -> set[str]:
 def test_make_demo_installs_the_core_and_demo_only_in_its_own_venv(reachable_index):
     # The index make demo installs torch from is PyTorch's CPU index unless told otherwise ...
     printed = subprocess.run(["make", "-s", "-C", str(ROOT), "--eval", "print-index: ; @echo $(DEMO_TORCH_INDEX)",
-                              "print-index"], capture_output=True, text=True, check=True, timeout=60)
+                              "print-index"], env=MAKE_ENV, capture_output=True, text=True, check=True, timeout=60)
     assert printed.stdout.strip() == CPU_INDEX
     # ... which this machine may not reach: a local server stands for it.
     commands = dry_run("demo", f"DEMO_TORCH_INDEX={reachable_index}")
