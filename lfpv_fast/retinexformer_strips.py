@@ -37,7 +37,6 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from lfpv_fast.models.retinexformer import (
-    FEED_FORWARD_EXPANSION,
     LEVELS,
     IlluminationGuidedTransformer,
     RetinexFormer,
@@ -228,8 +227,16 @@ def _stage_by_strips(stage: RetinexStage, x: torch.Tensor, rows: int,
     heights = [height >> level for level in range(LEVELS + 1)]
     strips = [max(rows >> level, 1) for level in range(LEVELS + 1)]
 
+    # The estimator's rows are asked for many times per strip (for the embedding, the illumination of each
+    # level-1 block, the lit-up image added at the end), each time inside the first, widest window: keep it.
+    last_estimate: dict[str, tuple[int, int, torch.Tensor, torch.Tensor]] = {}
+
     def estimate(a: int, b: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Rows [a, b) of the illumination features and of the lit-up image."""
+        if "rows" in last_estimate:
+            lo, hi, features, lit = last_estimate["rows"]
+            if lo <= a and b <= hi:
+                return features[:, :, a - lo:b - lo], lit[:, :, a - lo:b - lo]
         pad = estimator.grouped_5x5.padding[0]
         lo, hi = max(a - pad, 0), min(b + pad, height)
         img = x[:, :, lo:hi]
@@ -237,7 +244,9 @@ def _stage_by_strips(stage: RetinexStage, x: torch.Tensor, rows: int,
         features, start = _same_conv_rows(estimator.grouped_5x5, features, lo, height)
         features = _crop(features, start, a, b)
         img = x[:, :, a:b]
-        return features, img * estimator.pointwise_out(features) + img
+        lit = img * estimator.pointwise_out(features) + img
+        last_estimate["rows"] = (a, b, features, lit)
+        return features, lit
 
     def illumination1(a: int, b: int) -> torch.Tensor:
         return estimate(a, b)[0]
@@ -339,6 +348,17 @@ def retinexformer_whole_image_forward(net: RetinexFormer, x: torch.Tensor, rows:
 # Memory estimates.
 
 
+# Measured on the CPU (peak RSS above the start, float32, n_feat 40, batch 1, bench/bench_retinexformer_whole.py's
+# child at 384x256 and 768x512): the untiled forward peaks at about 19.4 * n_feat elements per pixel (its
+# attention's q, k, v, their normalised and per-head copies, the feed-forward's 4C hidden maps, the skips and the
+# illumination pyramid); a strip's working set at about 22 * n_feat elements per pixel of the strip widened by
+# about 42 rows of halo (rows 32 and 64 at width 768 fit this), the nested halos of the decoder's level-1 block
+# over the recomputed level-1 skip.
+UNTILED_ELEMENTS_PER_PIXEL_PER_CHANNEL = 19.5
+STRIP_ELEMENTS_PER_PIXEL_PER_CHANNEL = 22
+STRIP_HALO_ROWS = 42
+
+
 def estimate_retinexformer_peak_bytes(n_feat: int, num_blocks: list[int] | tuple[int, ...], batch: int, height: int,
                                       width: int, element_size: int, rows: int | None = None,
                                       in_channels: int = 3) -> int:
@@ -349,19 +369,9 @@ def estimate_retinexformer_peak_bytes(n_feat: int, num_blocks: list[int] | tuple
     """
     del num_blocks
     pixels = batch * height * width
-    c = n_feat
-    hidden = FEED_FORWARD_EXPANSION * c
     if rows is None:
-        # Alive through the decoder's level-1 block: input, lit-up image, illumination pyramid (C + C/2 + C/4),
-        # the two skips (C + C/2) and the block's input; then the feed-forward's hidden maps at level 1 (two of
-        # 4C at once: a GELU's input and output) and its normalised input.
-        kept = 2 * in_channels + (c + c / 2 + c / 4) + (c + c / 2) + 2 * c
-        return int(element_size * pixels * (kept + 2 * hidden + c))
-    kept = in_channels + c / 2 + c / 2 + c / 4
-    # One strip's working set at level 1 (the largest): a block's feed-forward hidden maps (two of 4C) and about
-    # eight C-channel maps (its input window, v, the position term, the attention output, the residual sum, the
-    # pulled skip and upsampled maps), over the strip and its halo.
-    halo = 2 * (BLOCK_HALO + 1) + 2 + 2  # decoder block + output conv, level-1 block + embedding, the estimator
-    strip_pixels = batch * min(rows + 2 * halo, height) * width
-    working = strip_pixels * (2 * hidden + 8 * c)
+        return int(element_size * pixels * (2 * in_channels + UNTILED_ELEMENTS_PER_PIXEL_PER_CHANNEL * n_feat))
+    kept = in_channels + n_feat / 2 + n_feat / 2 + n_feat / 4  # input, level-2 map and illumination, bottleneck
+    strip_pixels = batch * min(rows + STRIP_HALO_ROWS, height) * width
+    working = strip_pixels * STRIP_ELEMENTS_PER_PIXEL_PER_CHANNEL * n_feat
     return int(element_size * (pixels * kept + working))
