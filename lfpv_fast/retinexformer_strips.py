@@ -330,6 +330,7 @@ def retinexformer_whole_image_forward(net: RetinexFormer, x: torch.Tensor, rows:
     are rows // 4 bottleneck rows starting at multiples of that, so with at_site, rows must be a multiple of
     4 * 4 = 16 (the site's stride times the LFPV patch size): every strip then starts on the patch grid, and
     a local per-pixel or per-4x4-patch operation gives the same result as on the whole map.
+    The IG-MSA layers run in this module's two-pass form (not the op set's ig_msa, which needs the whole map).
     """
     net.check_input(x)
     if not isinstance(rows, int) or rows < 1 or rows % net.align:
