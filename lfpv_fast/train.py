@@ -34,6 +34,7 @@ from lfpv_fast.cli import ArgumentParser, fail
 from lfpv_fast.config import ConfigError, RunConfig, load_config
 from lfpv_fast.data.errors import DataError
 from lfpv_fast.fast_path import resolve_features
+from lfpv_fast.run_folder import RunFolder, RunLock, run_dir_of_checkpoint
 from lfpv_fast.trainer import Trainer
 
 DEMO_CONFIG = "demo"
@@ -58,26 +59,28 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def resume_run_dir(checkpoint: Path) -> Path:
     """The run folder of a checkpoint: DIR for DIR/checkpoints/step_N.pth, else the file's folder."""
-    folder = checkpoint.expanduser().resolve().parent
-    return folder.parent if folder.name == "checkpoints" else folder
+    return run_dir_of_checkpoint(checkpoint)
 
 
 def load_run_config(args: argparse.Namespace) -> RunConfig:
     run_dir = Path(args.out).expanduser() if args.out else resume_run_dir(Path(args.resume)) \
-        if args.resume not in (None, "latest") else None
+        if args.resume not in (None, "latest", "auto") else None
     if args.config is None and args.resume is not None and run_dir is not None:
-        if (run_dir / "config.yaml").is_file():
-            return load_config(run_dir / "config.yaml", args.overrides)
+        saved = RunFolder(run_dir).config
+        if saved.is_file():
+            return load_config(saved, args.overrides)
     return load_config(args.config or DEMO_CONFIG, args.overrides)
 
 
 def choose_run_dir(args: argparse.Namespace, cfg: RunConfig, info: distributed.DistInfo) -> Path:
     if args.out:
         return Path(args.out).expanduser()
-    if args.resume not in (None, "latest"):
+    if args.resume not in (None, "latest", "auto"):
         return resume_run_dir(Path(args.resume))
     if args.resume == "latest":
         raise ConfigError("--resume without a checkpoint path needs --out DIR (the run folder to continue)")
+    if args.resume == "auto":
+        raise ConfigError("--resume auto needs --out DIR (the run folder to continue or start)")
     name = [f"runs/{Path(cfg.source).stem}-{time.strftime('%Y%m%d-%H%M%S')}"]
     if info.enabled:  # every rank must write to the folder rank 0 named
         dist.broadcast_object_list(name, src=0, group=info.control_group)
@@ -92,25 +95,45 @@ def main(argv: list[str] | None = None) -> int:
         features = resolve_features(cfg, int(os.environ.get("LOCAL_RANK", "0")))
     except (ConfigError, DataError, OSError, ValueError) as exc:
         return fail(str(exc))
-    info = distributed.init(features.device.type == "cuda")
-    trainer = None
+    info = distributed.init(features.device.type == "cuda", timeout_s=cfg.train.dist_timeout_s)
+    heartbeat = distributed.Heartbeat(info) if info.enabled else None
+    trainer: Trainer | None = None
+    lock: RunLock | None = None
+    where = f"rank {info.rank}: " if info.enabled else ""
     try:
         run_dir = choose_run_dir(args, cfg, info)
+        # Rank 0 holds the run folder's lock for the whole run; every rank learns whether it got it.
+        lock = distributed.on_every_rank(lambda: RunFolder(run_dir).lock() if info.is_main else None, info)
         trainer = Trainer(cfg, run_dir, resume=args.resume, dist_info=info, features=features)
         return trainer.fit()
+    except distributed.OtherRankFailed:  # that rank prints the error line
+        return 2
     except CheckpointWriteError as exc:  # a failure during the work (a full disk), not an input error
-        fail(str(exc))
+        fail(where + str(exc))
         return 1
     except (ConfigError, DataError, OSError, ValueError) as exc:
-        return fail(str(exc))
+        return fail(where + str(exc))
     except KeyboardInterrupt:  # a second Ctrl-C: no checkpoint for the step in progress
         last = trainer.last_checkpoint if trainer is not None else None
         print(f"interrupted; last checkpoint: {last}", file=sys.stderr)
         return 130
+    except Exception as exc:
+        if not (info.enabled and distributed.is_lost_peer_error(exc)):
+            raise
+        # A rank died or stalled: fail within train.dist_timeout_s, naming it, instead of hanging.
+        last = trainer.last_checkpoint if trainer is not None else None
+        fail(f"{where}lost {distributed.describe_lost(heartbeat)} of {info.world_size} (it died, or stalled past "
+             f"train.dist_timeout_s={cfg.train.dist_timeout_s:g} s); last checkpoint: {last}; torchrun "
+             f"--max-restarts resumes from it with --resume auto ({str(exc).splitlines()[0][:160]})")
+        return 1
     finally:
         if trainer is not None:
             trainer.close()
+        if heartbeat is not None:
+            heartbeat.stop()
         distributed.shutdown(info)
+        if lock is not None:
+            lock.release()
 
 
 if __name__ == "__main__":
