@@ -99,6 +99,16 @@ def any_rank_each(flags: list[bool], info: DistInfo) -> list[bool]:
     return [bool(v) for v in t.tolist()]
 
 
+def restart_warning() -> str | None:
+    """torchrun --max-restarts with its rendezvous store shared with the workers (its default since torch 2.5): a
+    restarted round can read the previous round's addresses and fail to connect (pytorch/pytorch#135712)."""
+    shared = os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True"
+    if not shared or os.environ.get("TORCHELASTIC_MAX_RESTARTS", "0") == "0":
+        return None
+    return ("warning: torchrun --max-restarts shares its store with the workers here, so a restart can fail to "
+            "connect (pytorch/pytorch#135712): start torchrun with TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 (README)")
+
+
 class OtherRankFailed(RuntimeError):
     """Another rank could not go on; this one stops too, quietly (that rank prints the error line)."""
 

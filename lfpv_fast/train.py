@@ -105,6 +105,9 @@ def main(argv: list[str] | None = None) -> int:
         # Rank 0 holds the run folder's lock for the whole run; every rank learns whether it got it.
         lock = distributed.on_every_rank(lambda: RunFolder(run_dir).lock() if info.is_main else None, info)
         trainer = Trainer(cfg, run_dir, resume=args.resume, dist_info=info, features=features)
+        warning = distributed.restart_warning()
+        if warning:
+            trainer.log(warning)
         return trainer.fit()
     except distributed.OtherRankFailed:  # that rank prints the error line
         return 2
