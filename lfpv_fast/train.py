@@ -4,18 +4,26 @@
     python -m lfpv_fast.train -c smid --set data.lq_root=/data/SMID_LQ_np --set data.gt_root=/data/SMID_Long_np
     python -m lfpv_fast.train --out runs/smid --resume          # continue from the run's latest checkpoint
     torchrun --nproc_per_node 8 -m lfpv_fast.train -c smid --out runs/smid ...   # data parallel
+    torchrun --nnodes 2 ... -m lfpv_fast.train --out runs/smid --resume auto ...   # several machines (README)
 
 -c takes a path or a packaged config name (demo, smid). --set section.key=value overrides a key (repeatable).
 --out is the run folder (default runs/<config name>-<YYYYmmdd-HHMMSS>); --resume continues the run in --out from
 its latest checkpoint that can be read (a damaged newer one is skipped, with a message), or from the checkpoint
 given (its run folder is then the default --out); without -c a resumed run reads the run folder's config.yaml,
-so `--out DIR --resume --set train.iterations=N` extends a run.
+so `--out DIR --resume --set train.iterations=N` extends a run. --resume auto (what a restarting launcher passes every
+time): the latest checkpoint in --out if there is one, else a new run; in a folder with run files but no checkpoint
+only when its config.yaml is this run's config (a run that stopped before its first checkpoint), and never over
+exported weights. A folder holding any run file (config, log, metrics, weights, checkpoints) is a run: a new run
+(no --resume) there is refused. A run holds an exclusive lock on its folder (DIR/.lock, flock; under torchrun
+rank 0 holds it) until it ends: a second process on the folder stops at once, naming the holder's PID.
 A resume that cannot start (a bad checkpoint, setting or data file) exits 2 having changed nothing in the run
 folder; newer checkpoints of an abandoned continuation are set aside (.abandoned) only once training resumes.
-Exit status: 0 done or stopped by SIGINT/SIGTERM (after a checkpoint); 1 non-finite loss (with
-train.nonfinite=skip: train.max_consecutive_skips skipped steps in a row, or every step skipped), or a
-checkpoint that could not be written (a full disk; the files written before stay intact); 2 bad arguments,
-config, checkpoint or data (one line on stderr starting with "error:"); 130 a second Ctrl-C.
+Exit status: 0 done or stopped by SIGINT/SIGTERM (after a checkpoint that every rank agreed on); 1 non-finite loss
+(with train.nonfinite=skip: train.max_consecutive_skips skipped steps in a row, or every step skipped), a
+checkpoint that could not be written (a full disk; the files written before stay intact), or under torchrun a rank
+that died or stalled past train.dist_timeout_s (named in the error line); 2 bad arguments, config, checkpoint, data
+or run folder (one line on stderr starting with "error:"; under torchrun from the first rank that found it, the
+others stop with 2 silently); 130 a second Ctrl-C.
 """
 
 from __future__ import annotations
@@ -49,7 +57,8 @@ def build_parser() -> ArgumentParser:
                     help="override a config key, e.g. --set train.iterations=1000 (repeatable)")
     ap.add_argument("--out", help="run folder (default: runs/<config name>-<YYYYmmdd-HHMMSS>)")
     ap.add_argument("--resume", nargs="?", const="latest", metavar="CHECKPOINT",
-                    help="continue from CHECKPOINT, or with no value from the latest checkpoint in --out")
+                    help="continue from CHECKPOINT, or with no value from the latest checkpoint in --out; 'auto': "
+                         "the latest checkpoint in --out if there is one, else a new run")
     return ap
 
 

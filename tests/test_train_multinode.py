@@ -264,9 +264,9 @@ def test_a_two_rank_checkpoint_resumes_on_one_and_a_one_rank_checkpoint_on_two(t
     assert "this run has 2" in (up / "train.log").read_text()
     # The same global batches in the same order at the same learning rates: the numbers of an uninterrupted
     # two-rank run up to float32 rounding (sums over ranks in another order).
-    for run in (down, up):
-        got, expected = logged(run), logged(two_nodes)
-        assert [r[0] for r in got] == [r[0] for r in expected]
+    for run, first in ((down, EVERY + 1), (up, 1)):  # (down's folder held only the checkpoint)
+        got, expected = logged(run), logged(two_nodes)[first - 1:]
+        assert [r[0] for r in got] == [r[0] for r in expected] == list(range(first, STEPS + 1))
         for a, b in zip(got, expected, strict=True):
             assert a[1] == pytest.approx(b[1], rel=1e-3) and a[4] == pytest.approx(b[4], rel=1e-9), (a, b)
         wa, wb = weights(run), weights(two_nodes)
@@ -333,3 +333,57 @@ def test_a_stalled_rank_makes_the_others_fail_within_the_timeout_naming_it(demo_
     (line,) = [x for x in logs[0].read_text().splitlines() if "error:" in x]
     assert "rank 0: lost rank 1 of 2" in line and f"train.dist_timeout_s={timeout_s}" in line, line
     assert waited < timeout_s + 20, f"the healthy rank waited {waited:.0f} s"
+
+
+# ---------------------------------------------------------------------------------------------
+# The SLURM script, with srun and scontrol stood in for: SIGTERM to the batch shell (what --signal=B:TERM sends)
+# checkpoints and requeues; the requeued job finishes as an uninterrupted run would.
+
+FAKE_SRUN = """#!/bin/bash
+# srun stand-in: the one task of a one-node job, run here (srun's own options dropped)
+while [[ "$1" == --* ]]; do shift; done
+exec "$@"
+"""
+FAKE_SCONTROL = """#!/bin/bash
+case "$1" in
+    show) echo 127.0.0.1 ;;
+    requeue) echo "requeue $2" >> "$SCONTROL_LOG" ;;
+esac
+"""
+
+
+def test_the_slurm_script_checkpoints_on_sigterm_requeues_and_the_requeued_job_finishes(demo_root, tmp_path):
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    for name, text in (("srun", FAKE_SRUN), ("scontrol", FAKE_SCONTROL)):
+        (bin_dir / name).write_text(text)
+        (bin_dir / name).chmod(0o755)
+    requeues = tmp_path / "scontrol.log"
+    out = tmp_path / "slurm_run"
+    args = ["--config", "configs/demo.yaml", "--out", str(out), *overrides(demo_root, "train.iterations=20")]
+
+    def job(log: Path) -> subprocess.Popen:
+        env = dict(os.environ, PATH=f"{bin_dir}:{Path(sys.executable).parent}:{os.environ['PATH']}",
+                   SLURM_JOB_NODELIST="node0", SLURM_JOB_NUM_NODES="1", SLURM_JOB_ID="4242", GPUS_PER_NODE="1",
+                   RDZV_PORT=str(free_port()), SCONTROL_LOG=str(requeues), OMP_NUM_THREADS="1")
+        return subprocess.Popen(["bash", str(ROOT / "scripts" / "slurm_train.sbatch"), *args], cwd=ROOT, env=env,
+                                stdout=open(log, "w"), stderr=subprocess.STDOUT,  # noqa: SIM115
+                                start_new_session=True)
+
+    first_log = tmp_path / "job1.log"
+    first = job(first_log)
+    wait_for_steps(out, 1, [first], [first_log])
+    first.send_signal(signal.SIGTERM)  # to the batch shell only, as `--signal=B:TERM` does
+    assert wait_all([first], [first_log]) == [0], tail(first_log)
+    assert requeues.read_text() == "requeue 4242\n", tail(first_log)
+    stopped = read_checkpoint(list_checkpoints(out / "checkpoints")[-1])["step"]
+    assert 1 <= stopped < 20 and [r[0] for r in logged(out)] == list(range(1, stopped + 1)), tail(first_log)
+
+    second_log = tmp_path / "job2.log"
+    assert wait_all([job(second_log)], [second_log]) == [0], tail(second_log)
+    assert requeues.read_text() == "requeue 4242\n"  # a finished run is not requeued
+    reference = tmp_path / "reference"
+    assert main(["--config", str(ROOT / "configs/demo.yaml"), "--out", str(reference),
+                 *overrides(demo_root, "train.iterations=20")]) == 0
+    assert_same_weights(out, reference)
+    assert logged(out) == logged(reference)
