@@ -164,6 +164,17 @@ class Heartbeat:
         self._thread = threading.Thread(target=self._run, name="lfpv-heartbeat", daemon=True)
         self._thread.start()
 
+    @classmethod
+    def start(cls, info: DistInfo) -> Heartbeat | None:
+        """A heartbeat under torchrun, None for one process or where the store cannot be reached (the errors then
+        say 'another rank')."""
+        if not info.enabled:
+            return None
+        try:
+            return cls(info)
+        except (RuntimeError, ValueError, KeyError, OSError):
+            return None
+
     def _run(self) -> None:
         while not self._stop.wait(self.interval_s):
             self._beats += 1

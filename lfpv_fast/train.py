@@ -105,7 +105,7 @@ def main(argv: list[str] | None = None) -> int:
     except (ConfigError, DataError, OSError, ValueError) as exc:
         return fail(str(exc))
     info = distributed.init(features.device.type == "cuda", timeout_s=cfg.train.dist_timeout_s)
-    heartbeat = distributed.Heartbeat(info) if info.enabled else None
+    heartbeat = distributed.Heartbeat.start(info)
     trainer: Trainer | None = None
     lock: RunLock | None = None
     where = f"rank {info.rank}: " if info.enabled else ""
