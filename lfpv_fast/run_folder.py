@@ -199,11 +199,15 @@ class RunFolder:
 class RunLock:
     """An exclusive flock on DIR/.lock for the life of a run. The OS drops it when the process ends, however it ends
     (kill -9 too), so a lock never outlives its holder; the file names the holder (PID and host) for the message
-    a second process prints. `release` removes the file, and the folder if this lock made it and it is empty."""
+    a second process prints. `release` removes the file, and the folders this lock made where they are empty."""
 
     def __init__(self, folder: RunFolder) -> None:
         self.folder = folder
-        self.created_folder = not folder.root.exists()
+        self.created: list[Path] = []  # the folders this lock made, innermost first
+        missing = folder.root.absolute()
+        while not missing.exists() and missing != missing.parent:
+            self.created.append(missing)
+            missing = missing.parent
         try:
             folder.root.mkdir(parents=True, exist_ok=True)
         except FileExistsError:
@@ -241,8 +245,8 @@ class RunLock:
         finally:
             os.close(self.fd)
             self.fd = None
-        if self.created_folder:
+        for folder in self.created:  # a run that could not start leaves no empty folder behind
             try:
-                self.folder.root.rmdir()  # a run that could not start leaves no empty folder behind
+                folder.rmdir()
             except OSError:
-                pass
+                break

@@ -39,7 +39,7 @@ def finished_run(tmp_path_factory, demo_root) -> tuple[Path, Path]:
     """A finished tiny run (4 steps, a checkpoint every 2, validation every 2) and its config file."""
     base = tmp_path_factory.mktemp("finished")
     cfg_file = write_tiny_yaml(base / "tiny.yaml", demo_root, "train.iterations=4", "train.checkpoint_every=2",
-                               "val.every=2", "val.max_images=1")
+                               "data.batch_size=8", "val.every=2", "val.max_images=1")
     assert main(["-c", str(cfg_file), "--out", str(base / "run")]) == 0
     return base / "run", cfg_file
 
@@ -164,6 +164,16 @@ def test_a_killed_run_leaves_no_stale_lock(finished_run, tmp_path):
         os.kill(proc.pid, signal.SIGKILL)
         proc.wait(timeout=30)
     assert main(["--out", str(folder), "--resume", "auto", "--set", "train.iterations=2"]) == 0
+
+
+def test_a_run_that_cannot_start_leaves_neither_lock_nor_folder(finished_run, tmp_path, capsys):
+    """The lock is taken before the checks (so two starts cannot both pass them), and given back with what it made."""
+    _, cfg_file = finished_run
+    out = tmp_path / "new" / "nested" / "run"
+    code, err = run(main, ["-c", cfg_file, "--out", out, "--set", f"train.vgg_weights={tmp_path / 'missing.pth'}"],
+                    capsys)
+    assert_one_line_error(code, err, "missing.pth")
+    assert list(tmp_path.iterdir()) == []
 
 
 # ---------------------------------------------------------------------------------------------
