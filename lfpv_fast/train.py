@@ -134,9 +134,10 @@ def main(argv: list[str] | None = None) -> int:
             raise
         # A rank died or stalled: fail within train.dist_timeout_s, naming it, instead of hanging.
         last = trainer.last_checkpoint if trainer is not None else None
+        saved = f"last checkpoint {last}" if last else "no checkpoint yet"
         fail(f"{where}lost {distributed.describe_lost(heartbeat)} of {info.world_size} (it died, or stalled past "
-             f"train.dist_timeout_s={cfg.train.dist_timeout_s:g} s); last checkpoint: {last}; torchrun "
-             f"--max-restarts resumes from it with --resume auto ({str(exc).splitlines()[0][:160]})")
+             f"train.dist_timeout_s={cfg.train.dist_timeout_s:g} s); {saved} (torchrun --max-restarts with "
+             f"--resume auto continues from the newest one) ({str(exc).splitlines()[0][:160]})")
         return 1
     finally:
         if trainer is not None:
