@@ -154,8 +154,9 @@ class Heartbeat:
 
     def __init__(self, info: DistInfo, interval_s: float = 1.0) -> None:
         self.info, self.interval_s = info, interval_s
-        run = f"{os.environ.get('TORCHELASTIC_RUN_ID', 'local')}/{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}"
-        self.prefix = f"lfpv_fast/heartbeat/{run}/"
+        # One key per rank and run (not per restart: torchrun's restart count differs between nodes); a restarted
+        # round's ranks write the same keys again, so what counts is whether a count moves, not its value.
+        self.prefix = f"lfpv_fast/heartbeat/{os.environ.get('TORCHELASTIC_RUN_ID', 'local')}/"
         self.store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), is_master=False,
                                    timeout=datetime.timedelta(seconds=30))
         self._stop = threading.Event()
