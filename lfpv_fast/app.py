@@ -58,11 +58,12 @@ from lfpv_fast.imageio import (
 )
 from lfpv_fast.inference import PRECISIONS, check_precision
 from lfpv_fast.model import LFPVNet
+from lfpv_fast.run_folder import FINAL_WEIGHTS
 
 DEFAULT_HOST = "127.0.0.1"
 DEFAULT_PORT = 7860
 DEFAULT_RUNS = "runs"
-WEIGHTS_NAME = "final_weights.pth"
+WEIGHTS_NAME = FINAL_WEIGHTS  # what a training run exports
 # Largest image accepted by default: 40 MP covers an 8000x5000 photo; far below Pillow's decompression-bomb limit.
 DEFAULT_MAX_UPLOAD_PIXELS = 40_000_000
 DEFAULT_MAX_FILES = 16
@@ -449,14 +450,14 @@ def build_parser() -> argparse.ArgumentParser:
         prog="python -m lfpv_fast.app",
         description="A local web page for enhancing low-light photos with an LFPV model (needs the [app] extra: "
                     "pip install 'lfpv_fast[app]').",
-        epilog="Without --checkpoint the newest final_weights.pth under --runs is used; `python -m lfpv_fast.train` "
+        epilog=f"Without --checkpoint the newest {WEIGHTS_NAME} under --runs is used; `python -m lfpv_fast.train` "
                "trains one (the built-in demo). The page works offline and has no login: keep the default host "
                "unless every machine that can reach the port may use it.",
     )
     parser.add_argument("--checkpoint", default=None,
-                        help="lfpv_fast checkpoint or published state dict (default: newest final_weights.pth "
+                        help=f"lfpv_fast checkpoint or published state dict (default: newest {WEIGHTS_NAME} "
                              "under --runs)")
-    parser.add_argument("--runs", default=DEFAULT_RUNS, help="where to look for final_weights.pth without "
+    parser.add_argument("--runs", default=DEFAULT_RUNS, help=f"where to look for {WEIGHTS_NAME} without "
                         f"--checkpoint (default: {DEFAULT_RUNS})")
     parser.add_argument("--host", default=DEFAULT_HOST, help=f"address to bind (default {DEFAULT_HOST}: this "
                         "machine only; 0.0.0.0 serves every network interface, with no login)")

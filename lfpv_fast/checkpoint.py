@@ -26,6 +26,7 @@ import torch
 from lfpv_fast.config import ConfigError, section_from_dict
 from lfpv_fast.files import atomic_write, atomic_write_text
 from lfpv_fast.model import LFPVNet, ModelConfig
+from lfpv_fast.run_folder import CONFIG, FINAL_WEIGHTS, RunFolder, checkpoint_name, checkpoint_step, list_checkpoints
 
 __all__ = ["CHECKPOINT_VERSION", "FORMAT", "CheckpointWriteError", "atomic_save", "atomic_write_text",
            "capture_rng", "check_training_checkpoint", "checkpoint_step", "is_original_state_dict",
@@ -35,7 +36,6 @@ __all__ = ["CHECKPOINT_VERSION", "FORMAT", "CheckpointWriteError", "atomic_save"
 
 FORMAT = "lfpv_fast"
 CHECKPOINT_VERSION = 1
-CHECKPOINT_RE = re.compile(r"^step_(\d+)\.pth$")
 _ZIP_MAGIC = b"PK\x03\x04"  # torch.save writes a zip archive
 _TRAINING_KEYS = ("format", "model", "optimizer", "scheduler", "step", "rng", "loader")
 
@@ -77,28 +77,14 @@ def _os_error_in_chain(exc: BaseException | None) -> OSError | None:
     return None
 
 
-def checkpoint_step(path: Path) -> int | None:
-    """N for a file named step_N.pth, else None."""
-    m = CHECKPOINT_RE.match(path.name)
-    return int(m.group(1)) if m else None
-
-
-def list_checkpoints(folder: Path) -> list[Path]:
-    """The step_*.pth files in `folder`, oldest first (temporary files of interrupted writes are ignored)."""
-    if not folder.is_dir():
-        return []
-    found = [p for p in folder.iterdir() if checkpoint_step(p) is not None]
-    return sorted(found, key=lambda p: checkpoint_step(p))
-
-
 def latest_checkpoint(run_dir: Path) -> Path | None:
-    found = list_checkpoints(Path(run_dir) / "checkpoints")
+    found = RunFolder(run_dir).list_checkpoints()
     return found[-1] if found else None
 
 
 def write_checkpoint(state: dict[str, Any], folder: Path, step: int, keep: int) -> Path:
     """Atomically write `folder`/step_<step>.pth, then delete all but the newest `keep`."""
-    path = folder / f"step_{step:08d}.pth"
+    path = folder / checkpoint_name(step)
     atomic_save(state, path)
     for old in list_checkpoints(folder)[:-keep]:
         old.unlink(missing_ok=True)
@@ -175,7 +161,7 @@ def read_checkpoint(path: str | Path, what: str = "checkpoint") -> dict[str, Any
     if path.is_dir():
         if what == "checkpoint":
             raise ValueError(f"checkpoint {path} is a folder, expected a checkpoint file (.pth), e.g. a run's "
-                             "final_weights.pth")
+                             f"{FINAL_WEIGHTS}")
         raise ValueError(f"{what} {path} is a folder, not a file")
     if not path.is_file():
         raise FileNotFoundError(f"{what} {path} does not exist")
@@ -332,7 +318,7 @@ def _not_the_published_architecture(path: str | Path, state: dict[str, Any]) -> 
     nf = f", nf={first.shape[0]} in this file" if torch.is_tensor(first) and first.dim() == 4 else ""
     return (f"checkpoint {path} is in the published format, which holds no model config and so is read as the "
             f"published SMID architecture (nf={ModelConfig().nf}); its weights are of another architecture{nf}. "
-            "For a model trained with lfpv_fast use the run's final_weights.pth, which carries its config")
+            f"For a model trained with lfpv_fast use the run's {FINAL_WEIGHTS}, which carries its config")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -353,7 +339,7 @@ def check_training_checkpoint(obj: dict[str, Any], path: str | Path, model_confi
     stored = model_config_of(obj, path)
     if stored != model_config:
         raise ValueError(f"checkpoint {path} was trained with model config {asdict(stored)}, but the run config has "
-                         f"{asdict(model_config)}; resume with the run's config.yaml")
+                         f"{asdict(model_config)}; resume with the run's {CONFIG}")
     check_weights(obj["model"], path)
     step = obj["step"]
     if not isinstance(step, int) or isinstance(step, bool) or step < 0:

@@ -200,7 +200,13 @@ class TrainConfig:
     vgg_weights: str | None = None
     seed: int = 0
     checkpoint_every: int = 5000
+    # Also a checkpoint once this many minutes have passed since the last one (null: by steps only): bounds the
+    # work a hard kill (kill -9, a node lost) can lose when steps are slow.
+    checkpoint_minutes: float | None = None
     keep_checkpoints: int = 3
+    # Under torchrun: how long a collective waits for a rank that died or stalled before the run fails with an
+    # error naming it (the process-group timeout). Long enough for rank 0's validation and checkpoint writes.
+    dist_timeout_s: float = 1800.0
     # What to do when the loss or a gradient is NaN/Inf: stop, or skip the step.
     nonfinite: Literal["stop", "skip"] = "stop"
     # With nonfinite=skip: stop (exit 1) after this many skipped steps in a row (a run that is not learning).
@@ -467,6 +473,10 @@ def validate(cfg: RunConfig, where: str | None = None) -> None:
         raise ConfigError(f"{src}: train.checkpoint_every, val.every and logging.every must be >= 1")
     if len(t.betas) != 2:
         raise ConfigError(f"{src}: train.betas must be two numbers, got {t.betas}")
+    if t.checkpoint_minutes is not None and not (math.isfinite(t.checkpoint_minutes) and t.checkpoint_minutes > 0):
+        raise ConfigError(f"{src}: train.checkpoint_minutes must be > 0 or null, got {t.checkpoint_minutes}")
+    if not (math.isfinite(t.dist_timeout_s) and t.dist_timeout_s >= 1):
+        raise ConfigError(f"{src}: train.dist_timeout_s must be >= 1 (seconds), got {t.dist_timeout_s}")
     if t.keep_checkpoints < 1:
         raise ConfigError(f"{src}: train.keep_checkpoints must be >= 1, got {t.keep_checkpoints}")
     if t.restart_period < 1:

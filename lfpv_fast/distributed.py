@@ -20,13 +20,19 @@ from __future__ import annotations
 
 import datetime
 import os
+import threading
+import time
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import TypeVar
 
 import torch
 import torch.distributed as dist
 import torch.nn as nn
 
 from lfpv_fast.model import LFPVNet
+
+T = TypeVar("T")
 
 
 @dataclass
@@ -50,8 +56,12 @@ def launched_by_torchrun() -> bool:
     return int(os.environ.get("WORLD_SIZE", "1")) > 1
 
 
-def init(use_cuda: bool, timeout_minutes: int = 30) -> DistInfo:
-    """Join the process group torchrun set up (env:// rendezvous); a single process gets DistInfo()."""
+def init(use_cuda: bool, timeout_s: float = 1800.0) -> DistInfo:
+    """Join the process group torchrun set up (env:// rendezvous); a single process gets DistInfo().
+
+    `timeout_s` (train.dist_timeout_s) bounds every collective: a rank that died or stalled makes the others fail
+    after it instead of waiting forever (see `lost_ranks` for the error that names it).
+    """
     if not launched_by_torchrun():
         return DistInfo()
     for key in ("RANK", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
@@ -59,7 +69,7 @@ def init(use_cuda: bool, timeout_minutes: int = 30) -> DistInfo:
             raise RuntimeError(f"WORLD_SIZE={os.environ['WORLD_SIZE']} but {key} is not set: start multi-process "
                                "training with torchrun (see the README)")
     rank, local_rank, world_size = (int(os.environ[k]) for k in ("RANK", "LOCAL_RANK", "WORLD_SIZE"))
-    timeout = datetime.timedelta(minutes=timeout_minutes)  # long enough for a validation pass on rank 0
+    timeout = datetime.timedelta(seconds=timeout_s)
     if use_cuda:
         torch.cuda.set_device(local_rank)
         dist.init_process_group("nccl", timeout=timeout, device_id=torch.device("cuda", local_rank))
@@ -77,11 +87,131 @@ def shutdown(info: DistInfo) -> None:
 
 def any_rank(flag: bool, info: DistInfo) -> bool:
     """True on every rank if `flag` is true on any rank (a CPU all-reduce on the gloo control group)."""
+    return any_rank_each([flag], info)[0]
+
+
+def any_rank_each(flags: list[bool], info: DistInfo) -> list[bool]:
+    """For each flag: true on every rank if it is true on any rank (one all-reduce for all of them)."""
     if not info.enabled:
-        return flag
-    t = torch.tensor([int(flag)], dtype=torch.int32)
+        return list(flags)
+    t = torch.tensor([int(f) for f in flags], dtype=torch.int32)
     dist.all_reduce(t, op=dist.ReduceOp.MAX, group=info.control_group)
-    return bool(t.item())
+    return [bool(v) for v in t.tolist()]
+
+
+def restart_warning() -> str | None:
+    """torchrun --max-restarts with its rendezvous store shared with the workers (its default since torch 2.5): a
+    restarted round can read the previous round's addresses and fail to connect (pytorch/pytorch#135712)."""
+    shared = os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True"
+    if not shared or os.environ.get("TORCHELASTIC_MAX_RESTARTS", "0") == "0":
+        return None
+    return ("warning: torchrun --max-restarts shares its store with the workers here, so a restart can fail to "
+            "connect (pytorch/pytorch#135712): start torchrun with TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 (README)")
+
+
+class OtherRankFailed(RuntimeError):
+    """Another rank could not go on; this one stops too, quietly (that rank prints the error line)."""
+
+    def __init__(self, rank: int, summary: str) -> None:
+        super().__init__(f"rank {rank} failed: {summary}")
+        self.rank = rank
+
+
+def on_every_rank(work: Callable[[], T], info: DistInfo) -> T:
+    """Run `work` on every rank; if it raises on any, every rank raises (no rank is left waiting in the next
+    collective until the timeout). The lowest failing rank re-raises its own error (its one `error:` line), every
+    other rank raises OtherRankFailed. Every rank must call this at the same point."""
+    error: Exception | None = None
+    result = None
+    try:
+        result = work()
+    except Exception as exc:  # noqa: BLE001 - whatever it is, the other ranks must hear of it
+        error = exc
+    if info.enabled:
+        summary = None if error is None else f"{type(error).__name__}: {error}"[:300]
+        gathered: list[str | None] = [None] * info.world_size
+        dist.all_gather_object(gathered, summary, group=info.control_group)
+        failed = [r for r, m in enumerate(gathered) if m is not None]
+        if failed and failed[0] != info.rank:
+            raise OtherRankFailed(failed[0], gathered[failed[0]] or "") from error
+    if error is not None:
+        raise error
+    return result  # type: ignore[return-value]
+
+
+def is_lost_peer_error(exc: BaseException) -> bool:
+    """A collective failed because another rank died (connection closed) or stalled (timed out)."""
+    text = str(exc)
+    return isinstance(exc, (dist.DistError, RuntimeError)) and any(
+        s in text for s in ("Connection closed", "Connection reset", "Timed out", "timed out", "Broken pipe",
+                            "NCCL communicator was aborted", "recvBytes", "sendBytes"))
+
+
+class Heartbeat:
+    """Each rank counts beats into the rendezvous store (torchrun's, at MASTER_ADDR:MASTER_PORT) from a thread, every
+    `interval_s`. When a collective fails, the ranks whose count no longer moves are the ones that died or stalled:
+    the error can name them (gloo's own message names only a socket address)."""
+
+    def __init__(self, info: DistInfo, interval_s: float = 1.0) -> None:
+        self.info, self.interval_s = info, interval_s
+        # One key per rank and run (not per restart: torchrun's restart count differs between nodes); a restarted
+        # round's ranks write the same keys again, so what counts is whether a count moves, not its value.
+        self.prefix = f"lfpv_fast/heartbeat/{os.environ.get('TORCHELASTIC_RUN_ID', 'local')}/"
+        self.store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), is_master=False,
+                                   timeout=datetime.timedelta(seconds=30))
+        self._stop = threading.Event()
+        self._beats = 0
+        self.store.set(self.prefix + str(info.rank), "0")
+        self._thread = threading.Thread(target=self._run, name="lfpv-heartbeat", daemon=True)
+        self._thread.start()
+
+    @classmethod
+    def start(cls, info: DistInfo) -> Heartbeat | None:
+        """A heartbeat under torchrun, None for one process or where the store cannot be reached (the errors then
+        say 'another rank')."""
+        if not info.enabled:
+            return None
+        try:
+            return cls(info)
+        except (RuntimeError, ValueError, KeyError, OSError):
+            return None
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.interval_s):
+            self._beats += 1
+            try:
+                self.store.set(self.prefix + str(self.info.rank), str(self._beats))
+            except Exception:  # noqa: BLE001 - the store is gone (its host ended): nothing left to tell
+                return
+
+    def _counts(self) -> list[int | None]:
+        counts: list[int | None] = []
+        for rank in range(self.info.world_size):
+            try:
+                key = self.prefix + str(rank)
+                counts.append(int(self.store.get(key)) if self.store.check([key]) else None)
+            except Exception:  # noqa: BLE001
+                counts.append(None)
+        return counts
+
+    def silent_ranks(self) -> list[int]:
+        """The ranks whose beat did not move over three intervals (this rank excluded)."""
+        before = self._counts()
+        time.sleep(3 * self.interval_s)
+        after = self._counts()
+        return [r for r in range(self.info.world_size)
+                if r != self.info.rank and (after[r] is None or after[r] == before[r])]
+
+    def stop(self) -> None:
+        self._stop.set()
+
+
+def describe_lost(heartbeat: Heartbeat | None) -> str:
+    """'rank 1' (or 'ranks 1, 3') that stopped answering, or 'another rank' when that cannot be told."""
+    silent = heartbeat.silent_ranks() if heartbeat is not None else []
+    if not silent:
+        return "another rank"
+    return ("rank " if len(silent) == 1 else "ranks ") + ", ".join(map(str, silent))
 
 
 class _AllReduceSum(torch.autograd.Function):

@@ -42,11 +42,8 @@ from tqdm import tqdm
 from lfpv_fast import distributed
 from lfpv_fast.checkpoint import (
     atomic_save,
-    atomic_write_text,
     check_training_checkpoint,
-    checkpoint_step,
     is_published_architecture,
-    list_checkpoints,
     load_weights,
     read_checkpoint,
     restore_training_state,
@@ -60,6 +57,7 @@ from lfpv_fast.fast_path import Features, resolve_features
 from lfpv_fast.losses import PerceptualLoss, charbonnier_loss
 from lfpv_fast.metrics import psnr_batch, ssim_batch
 from lfpv_fast.model import BankDraws, LFPVNet
+from lfpv_fast.run_folder import CHECKPOINT_PATTERN, RunFolder, checkpoint_step
 
 
 def configure_torch(cfg: RunConfig, device: torch.device) -> str | None:
@@ -153,7 +151,8 @@ class Trainer:
         self.dist = dist_info or distributed.DistInfo()
         self.main = self.dist.is_main
         self.run_dir = Path(run_dir)
-        self.ckpt_dir = self.run_dir / "checkpoints"
+        self.folder = RunFolder(self.run_dir)  # every name and file of the run
+        self.ckpt_dir = self.folder.checkpoints
         self.features = features or resolve_features(cfg, self.dist.local_rank)
         self.device = self.features.device
         self._log_file: Any = None
@@ -163,22 +162,27 @@ class Trainer:
 
         # Everything that can fail on bad input runs first and changes nothing on disk (the demo dataset, made
         # on first use, lives outside the run folder): the checkpoint is read and checked whole, the data, the
-        # network with its weights, the VGG weights, the optimizer with its state.
+        # network with its weights, the VGG weights, the optimizer with its state. Under torchrun every rank
+        # does these checks (each reads the checkpoint); one that fails stops them all (no rank waits in DDP).
+        def check_inputs() -> tuple[Path | None, dict[str, Any] | None]:
+            path, checkpoint = self._find_checkpoint(resume)
+            self.train_loader, self.val_loader = self._build_loaders(train_loader, val_loader)
+            self.val_bands = self._validation_bands()
+            self.net = self._build_net(checkpoint, path)
+            self.perceptual = self._build_perceptual_loss()
+            return path, checkpoint
+
         determinism = configure_torch(cfg, self.device)
-        resume_path, checkpoint = self._find_checkpoint(resume)
-        self.train_loader, self.val_loader = self._build_loaders(train_loader, val_loader)
-        self.val_bands = self._validation_bands()
-        self.net = self._build_net(checkpoint, resume_path)
-        self.perceptual = self._build_perceptual_loss()
+        resume_path, checkpoint = distributed.on_every_rank(check_inputs, self.dist)
         # DDP (bank hook + synchronized updater BatchNorms) before the optimizer: the BatchNorm swap makes new
         # parameters. Then the optimizer, then its saved state (which must overwrite the scheduler's lr).
         self.wrapped_net = distributed.prepare_model(self.net, self.dist, self.device.type == "cuda")
         self.optimizer, self.scheduler = self._build_optimizer()
         self._start_counters(resume_path)
         if checkpoint is not None:
-            self.step, self.best_psnr = restore_training_state(
+            self.step, self.best_psnr = distributed.on_every_rank(lambda: restore_training_state(
                 checkpoint, resume_path, optimizer=self.optimizer, scheduler=self.scheduler,
-                draw_generator=self.net.draw_generator, loader=self.train_loader)
+                draw_generator=self.net.draw_generator, loader=self.train_loader), self.dist)
         self.resumed_step = self.step
         if self.features.compile:
             # CUDA graphs through inductor's cudagraph trees: the part of the step that fits a graph.
@@ -191,31 +195,50 @@ class Trainer:
                  f"{self.features.describe()}" + (f"; {determinism}" if determinism else ""))
         if checkpoint is not None:
             self.log(f"resumed from {resume_path} at step {self.step}")
+            self._log_world_size_change(checkpoint.get("world_size"))
         self._open_metrics()
 
     # -----------------------------------------------------------------------------------------
     # The steps of __init__, in order
 
     def _find_checkpoint(self, resume: str | Path | None) -> tuple[Path | None, dict[str, Any] | None]:
-        """The checkpoint to continue from (None, "latest" or a path), read and checked; (None, None) for a new run.
+        """The checkpoint to continue from (None, "latest", "auto" or a path), read and checked; (None, None) for a
+        new run.
 
+        None: a new run, only in a folder that holds no run artefact (lfpv_fast.run_folder's guard).
         "latest" is the newest checkpoint that reads: a damaged newer one (a copy cut short, a full disk) is
         skipped, saying so, and set aside as <name>.damaged once the resumed run has started training.
+        "auto" (what a restarting launcher passes every time): "latest" where there is a checkpoint, else a new
+        run; in a folder with artefacts but no checkpoint only when it is this same run that never reached its
+        first checkpoint (RunFolder.restartable_without_checkpoint). One log line says which.
         """
         if resume is None:
-            if list_checkpoints(self.ckpt_dir):
-                raise FileExistsError(f"{self.run_dir} already holds a run (checkpoints/step_*.pth): continue it "
-                                      "with --resume, or pick another --out")
+            self.folder.check_new_run()
             return None, None
+        auto = False
+        if str(resume) == "auto":
+            if not self.folder.list_checkpoints():
+                artefacts = self.folder.artefacts()
+                if not artefacts:
+                    self.log(f"--resume auto: no checkpoint in {self.folder.checkpoints}: starting a new run")
+                    return None, None
+                allowed, why = self.folder.restartable_without_checkpoint(config_to_dict(self.cfg))
+                if not allowed:
+                    raise self.folder.refuse_new_run(artefacts, why)
+                self.log(f"--resume auto: no checkpoint in {self.folder.checkpoints}, and the run there has this "
+                         "run's config (it stopped before its first checkpoint): starting it again from step 0")
+                return None, None
+            resume = "latest"
+            auto = True
         if str(resume) != "latest":
             path = Path(resume).expanduser()
             if not path.is_file():
                 raise FileNotFoundError(f"--resume: checkpoint {path} does not exist")
             checkpoint = read_checkpoint(path)
         else:
-            found = list_checkpoints(self.ckpt_dir)
+            found = self.folder.list_checkpoints()
             if not found:
-                raise FileNotFoundError(f"--resume: no checkpoint (step_*.pth) in {self.ckpt_dir}")
+                raise FileNotFoundError(f"--resume: no checkpoint ({CHECKPOINT_PATTERN}) in {self.ckpt_dir}")
             path, checkpoint = None, None
             for candidate in reversed(found):
                 try:
@@ -232,8 +255,21 @@ class Trainer:
             if self._damaged:
                 self.log(f"resuming from {path.name}, the newest intact checkpoint (instead of "
                          f"{self._damaged[0].name}, which cannot be read)")
+            if auto:
+                self.log(f"--resume auto: resuming from {path}, the newest complete checkpoint")
         check_training_checkpoint(checkpoint, path, self.cfg.model)
         return path, checkpoint
+
+    def _log_world_size_change(self, saved: Any) -> None:
+        """A checkpoint of another world size resumes; the log says what that changes (README: the rule)."""
+        now = self.dist.world_size
+        if not isinstance(saved, int) or saved == now:
+            return
+        batch = self.cfg.data.batch_size
+        self.log(f"world size changed: the checkpoint was written by {saved} process(es), this run has {now}. "
+                 f"data.batch_size={batch} stays the global batch (per rank {batch // saved} -> {batch // now}); the "
+                 "learning-rate schedule (by step) and the data order (the same global batches) do not change; the "
+                 "sums over ranks change order, so the numbers equal the old world size's up to rounding")
 
     def _build_loaders(self, train_loader: Any, val_loader: Any) -> tuple[Any, Any]:
         """The loaders; a missing or broken data file fails here, naming it, before the run folder is made.
@@ -278,12 +314,8 @@ class Trainer:
         once every check of __init__ has passed."""
         if not self.main:
             return
-        self.ckpt_dir.mkdir(parents=True, exist_ok=True)
-        (self.run_dir / "images").mkdir(exist_ok=True)
-        for stale in self.ckpt_dir.glob(".*.tmp"):  # left by a write that was killed
-            stale.unlink(missing_ok=True)
-        atomic_write_text(self.run_dir / "config.yaml", yaml.safe_dump(config_to_dict(self.cfg), sort_keys=False))
-        self._log_file = open(self.run_dir / "train.log", "a")  # noqa: SIM115 - closed in close()
+        self.folder.prepare(yaml.safe_dump(config_to_dict(self.cfg), sort_keys=False))
+        self._log_file = open(self.folder.log, "a")  # noqa: SIM115 - closed in close()
         for line in self._unwritten_log:
             self._log_file.write(line)
         self._unwritten_log.clear()
@@ -301,16 +333,15 @@ class Trainer:
         self._started = True
         if not self.main:
             return
-        for path in list_checkpoints(self.ckpt_dir):
+        for path in self.folder.list_checkpoints():
             if path in self._damaged:
-                path.rename(path.with_name(path.name + ".damaged"))
-                self.log(f"{path} cannot be read: renamed to {path.name}.damaged")
+                target = self.folder.set_aside(path, damaged=True)
+                self.log(f"{path} cannot be read: renamed to {target.name}")
             elif checkpoint_step(path) > self.resumed_step:
-                path.rename(path.with_name(path.name + ".abandoned"))
+                target = self.folder.set_aside(path, damaged=False)
                 self.log(f"{path} is newer than the resumed step {self.resumed_step}, and training has resumed "
-                         f"from there: renamed to {path.name}.abandoned (kept, not deleted)")
-        self._truncate_jsonl(self.metrics_path, self.resumed_step)
-        self._truncate_jsonl(self.run_dir / "val.jsonl", self.resumed_step)
+                         f"from there: renamed to {target.name} (kept, not deleted)")
+        self.folder.truncate_logs(self.resumed_step)
 
     def _build_net(self, checkpoint: dict[str, Any] | None, path: Path | None) -> LFPVNet:
         """The bare LFPVNet. One seed everywhere: every rank builds the same weights and draws the same bank
@@ -357,10 +388,11 @@ class Trainer:
         self.consecutive_skips = 0
         self.applied_steps = 0  # steps of this process whose update was applied
         self.last_checkpoint: Path | None = resume_path
+        self._last_save_time = time.monotonic()  # for train.checkpoint_minutes
 
     def _open_metrics(self) -> None:
         """metrics.jsonl and val.jsonl (cut back to the resumed step once training starts), TensorBoard."""
-        self.metrics_path = self.run_dir / "metrics.jsonl"
+        self.metrics_path = self.folder.metrics
         self.tb = self._tensorboard()
 
     # -----------------------------------------------------------------------------------------
@@ -410,7 +442,16 @@ class Trainer:
                         self.validate()
                 if self.step % t.checkpoint_every == 0 or last:
                     self.save_checkpoint()
-                if not last and distributed.any_rank(stop.name is not None, self.dist):
+                if last:
+                    continue
+                # One agreement per step (a CPU all-reduce under torchrun): every rank stops, or checkpoints, at
+                # the same step boundary, so no rank writes or leaves while another is still training.
+                time_due = t.checkpoint_minutes is not None and \
+                    time.monotonic() - self._last_save_time >= 60 * t.checkpoint_minutes
+                stop_now, save_now = distributed.any_rank_each([stop.name is not None, time_due], self.dist)
+                if save_now and not stop_now:
+                    self.save_checkpoint()
+                if stop_now:
                     path = self.save_checkpoint()
                     self.log(f"stopped by {stop.name or 'a signal on another rank'} after step {self.step}; "
                              f"checkpoint {path}. Resume with: python -m lfpv_fast.train --out {self.run_dir} --resume")
@@ -533,23 +574,10 @@ class Trainer:
         try:
             from torch.utils.tensorboard import SummaryWriter
         except ImportError:
-            self.log("tensorboard is not installed: scalars go to metrics.jsonl only (pip install tensorboard)")
+            self.log(f"tensorboard is not installed: scalars go to {self.folder.metrics.name} only "
+                     "(pip install tensorboard)")
             return None
-        return SummaryWriter(str(self.run_dir / "tensorboard"))
-
-    def _truncate_jsonl(self, path: Path, last_step: int) -> None:
-        """Drop rows past `last_step`: a resumed run rewrites the steps after its checkpoint."""
-        if not path.exists():
-            return
-        keep = []
-        for line in path.read_text().splitlines():
-            try:
-                row = json.loads(line)
-            except ValueError:  # a line cut short by a kill
-                continue
-            if isinstance(row, dict) and 0 < row.get("step", 0) <= last_step:
-                keep.append(line)
-        atomic_write_text(path, "".join(line + "\n" for line in keep))
+        return SummaryWriter(str(self.folder.tensorboard))
 
     def _log_interval(self, steps: int, elapsed: float, data_wait: float) -> dict[str, Any]:
         """The one sync of an interval: read the summed loss (over ranks: the global batch's loss).
@@ -666,7 +694,7 @@ class Trainer:
             self.best_psnr = psnr
         if self.main:
             self._save_grids(grids)
-            with open(self.run_dir / "val.jsonl", "a") as fh:
+            with open(self.folder.validation, "a") as fh:
                 fh.write(json.dumps(result) + "\n")
             if self.tb is not None:
                 self.tb.add_scalar("val/psnr", psnr, self.step)
@@ -677,7 +705,7 @@ class Trainer:
                 self.log(f"  exposure {name} ({band['images']} images): PSNR {band['input_psnr']:.2f} -> "
                          f"{band['psnr']:.2f} dB, SSIM {band['input_ssim']:.4f} -> {band['ssim']:.4f}")
             if is_best:
-                atomic_save(self.checkpoint_state(), self.ckpt_dir / "best.pth")
+                atomic_save(self.checkpoint_state(), self.folder.best)
         return result
 
     def _save_grids(self, grids: list[tuple[str, torch.Tensor]]) -> None:
@@ -687,7 +715,7 @@ class Trainer:
         for name, grid in grids:
             safe = re.sub(r"[^A-Za-z0-9_.-]", "_", name)
             pixels = (grid.clamp(0, 1) * 255).round().to(torch.uint8).permute(1, 2, 0).numpy()
-            Image.fromarray(pixels).save(self.run_dir / "images" / f"step_{self.step:08d}_{safe}.png")
+            Image.fromarray(pixels).save(self.folder.image(self.step, safe))
 
     # -----------------------------------------------------------------------------------------
     # Checkpoints
@@ -700,13 +728,14 @@ class Trainer:
 
     def save_checkpoint(self) -> Path:
         """Write checkpoints/step_<step>.pth on rank 0 (once per step), keeping the newest train.keep_checkpoints."""
-        path = self.ckpt_dir / f"step_{self.step:08d}.pth"
+        path = self.folder.checkpoint(self.step)
         if self.last_checkpoint == path:
             return path
         self._check_finite()  # never write a checkpoint that holds a non-finite step
         if self.main:
             write_checkpoint(self.checkpoint_state(), self.ckpt_dir, self.step, self.cfg.train.keep_checkpoints)
         self.last_checkpoint = path
+        self._last_save_time = time.monotonic()
         return path
 
     # -----------------------------------------------------------------------------------------
@@ -718,8 +747,8 @@ class Trainer:
             dist.barrier(group=self.dist.control_group)
         if not self.main:
             return
-        atomic_save(weights_only_checkpoint(self.net), self.run_dir / "final_weights.pth")
-        original = self.run_dir / "final_original_format.pth"
+        atomic_save(weights_only_checkpoint(self.net), self.folder.final_weights)
+        original = self.folder.final_original
         if is_published_architecture(self.net.config):
             atomic_save(self.net.to_original_state_dict(), original)
             published = f"; published format: {original}"
@@ -729,7 +758,7 @@ class Trainer:
                          "architecture (the default model section)")
         lines = [f"done: {self.step} steps."]
         if self.input_metrics is not None and self.best_psnr is not None:
-            last = json.loads((self.run_dir / "val.jsonl").read_text().splitlines()[-1])
+            last = json.loads(self.folder.validation.read_text().splitlines()[-1])
             lines.append(f"validation ({last['images']} held-out images): input PSNR {last['input_psnr']:.2f} dB / "
                          f"SSIM {last['input_ssim']:.4f} -> output PSNR {last['psnr']:.2f} dB / SSIM "
                          f"{last['ssim']:.4f} ({last['psnr'] - last['input_psnr']:+.2f} dB)")
@@ -737,10 +766,10 @@ class Trainer:
                 lines.append(f"  exposure {name} ({band['images']} images): PSNR {band['input_psnr']:.2f} -> "
                              f"{band['psnr']:.2f} dB, SSIM {band['input_ssim']:.4f} -> {band['ssim']:.4f}")
         lines += [
-            f"  images (input | output | ground truth): {self.run_dir / 'images'}",
-            f"  log: {self.run_dir / 'train.log'}; metrics: {self.metrics_path}, {self.run_dir / 'val.jsonl'}",
-            f"  checkpoint: {self.last_checkpoint} (best PSNR: {self.ckpt_dir / 'best.pth'})",
-            f"  weights: {self.run_dir / 'final_weights.pth'}{published}",
+            f"  images (input | output | ground truth): {self.folder.images}",
+            f"  log: {self.folder.log}; metrics: {self.folder.metrics}, {self.folder.validation}",
+            f"  checkpoint: {self.last_checkpoint} (best PSNR: {self.folder.best})",
+            f"  weights: {self.folder.final_weights}{published}",
         ]
         self.log("\n".join(lines))
 
