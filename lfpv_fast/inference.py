@@ -16,6 +16,7 @@ recomputed per strip rather than kept: 3 input channels make it the cheapest con
 
 from __future__ import annotations
 
+import ast
 import dataclasses
 import functools
 from collections.abc import Callable
@@ -54,17 +55,44 @@ def _in_strips(fn: Callable[..., torch.Tensor], inputs: list[tuple[torch.Tensor,
 
 
 @torch.no_grad()
-def whole_image_forward(net: LFPVNet, x: torch.Tensor, snr: torch.Tensor,
+def whole_image_forward(net: LFPVNet, x: torch.Tensor, snr: torch.Tensor | None,
                         strip_rows: int = DEFAULT_STRIP_ROWS) -> torch.Tensor:
-    """Eval-mode `net(x, snr)` of the whole image, with the full-resolution stages run in strips.
+    """Eval-mode `net(x, snr)` of the whole image: in strips where the backbone has an exact strip path
+    (`strip_path`), else untiled (the whole image in one forward, memory as `estimate_peak_bytes` counts).
 
-    x (B,3,H,W), snr (B,1,H,W) on the net's device. strip_rows: full-resolution rows per strip (even).
+    x (B,3,H,W), snr (B,1,H,W) or None on the net's device. strip_rows: full-resolution rows per strip (even).
     """
     if net.training:
         raise RuntimeError("whole_image_forward is for inference: put the net in eval mode first")
     if strip_rows < 2 or strip_rows % 2:
         raise ValueError(f"strip_rows must be a positive even number, got {strip_rows}")
+    path = strip_path(net)
+    if path is None:
+        forward = getattr(net, "compiled_forward", None) or net
+        return forward(x, snr)
+    return path(net, x, snr, strip_rows)
+
+
+# Exact strip paths of backbones other than SNR-Aware: backbone class -> fn(net, x, guide, strip_rows) computing
+# eval-mode net(x, guide) bit-for-bit up to summation order. Retinexformer's attention reduces over every pixel
+# of a feature map, so its strip path must carry those sums across strips; until one is registered here it
+# runs untiled.
+STRIP_PATHS: dict[type, Callable[..., torch.Tensor]] = {}
+
+
+def strip_path(net: LFPVNet) -> Callable[..., torch.Tensor] | None:
+    """The exact strip forward of the net's backbone, or None (the whole image runs in one forward)."""
+    from lfpv_fast.models.snr_aware import SNRAware
+
+    if isinstance(net.backbone, SNRAware):
+        return _snr_aware_strips
+    return STRIP_PATHS.get(type(net.backbone))
+
+
+def _snr_aware_strips(net: LFPVNet, x: torch.Tensor, snr: torch.Tensor | None, strip_rows: int) -> torch.Tensor:
     height, width = x.shape[-2:]
+    if snr is None:
+        snr = net.guide(x)
     x, snr = net.aligned_inputs(x, snr)  # as LFPVNet.forward: to a multiple of the alignment, and back at the end
     ops = net.ops_for(x)
     aligned = list(x.shape[-2:])
@@ -80,8 +108,8 @@ def whole_image_forward(net: LFPVNet, x: torch.Tensor, snr: torch.Tensor,
 
 
 def uses_channels_last(net: LFPVNet) -> bool:
-    return net.encoder.conv_full.weight.is_contiguous(memory_format=torch.channels_last) and \
-        net.encoder.conv_full.weight.shape[-1] > 1
+    weight = next((p for p in net.parameters() if p.dim() == 4 and p.shape[-1] > 1), None)
+    return weight is not None and weight.is_contiguous(memory_format=torch.channels_last)
 
 
 def prepare_for_inference(net: LFPVNet, device: torch.device) -> LFPVNet:
@@ -102,19 +130,21 @@ class InferenceStages:
 
     def encode_strip(self, x: torch.Tensor) -> torch.Tensor:
         """Input rows -> the half-resolution skip (the full-resolution map lives only per strip)."""
-        encoder = self.net.encoder
+        encoder = self.net.backbone.encoder
         return encoder.half_res(encoder.full_res(x))
 
     def middle(self, half: torch.Tensor, snr: torch.Tensor, ops) -> torch.Tensor:
         """Quarter resolution on the whole image: LFPV fusion, transformer, blend, first upsampling."""
         net = self.net
-        quarter = net.encoder.quarter_res(half)
-        features = net.lfpv.fuse(net.encoder.blocks(quarter), net.bank_vectors, net.bank_patches, ops)
-        return net.decoder.half_res(features, snr, quarter, ops)
+        encoder, decoder = net.backbone.encoder, net.backbone.decoder
+        quarter = encoder.quarter_res(half)
+        features = net.fuse(encoder.blocks(quarter), ops)
+        return decoder.half_res(features, snr, quarter, ops)
 
     def decode_strip(self, up: torch.Tensor, half: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         """The last upsampling and the full-resolution convs of a strip (the encoder's first conv recomputed)."""
-        return self.net.decoder.full_res(up, half, self.net.encoder.full_res(x), x)
+        backbone = self.net.backbone
+        return backbone.decoder.full_res(up, half, backbone.encoder.full_res(x), x)
 
 
 def compile_stages(net: LFPVNet) -> None:
@@ -122,6 +152,9 @@ def compile_stages(net: LFPVNet) -> None:
 
     dynamic=True: image sizes and strip heights vary, and one compiled graph serves them all.
     """
+    if strip_path(net) is not _snr_aware_strips:
+        net.compiled_forward = torch.compile(net, dynamic=True)
+        return
     eager = InferenceStages(net)
     stages = InferenceStages(net)
     stages.encode_strip = torch.compile(eager.encode_strip, dynamic=True)
@@ -155,6 +188,8 @@ def estimate_peak_bytes(config: ModelConfig, batch: int, height: int, width: int
     full-resolution stages. linear_attention=False is the reference op, which holds B x heads x L x L
     scores (three of them at once: scores, masked scores, softmax).
     """
+    if config.backbone != "snr_aware":
+        return _estimate_untiled(config, batch, height, width, element_size)
     nf, hr = config.nf, config.hr_nf
     pixels = batch * height * width
     a = config.align
@@ -176,14 +211,32 @@ def estimate_peak_bytes(config: ModelConfig, batch: int, height: int, width: int
                           weights=weight_bytes)
 
 
+def _estimate_untiled(config: ModelConfig, batch: int, height: int, width: int, element_size: int) -> MemoryEstimate:
+    """Peak of one untiled eval forward of a backbone without a strip path, in bytes (a count, not measured).
+
+    Retinexformer (n_feat C, levels at 1, 1/2 and 1/4 resolution with C, 2C and 4C channels): at full resolution
+    the input, illumination map, enhanced input and output (4 x 3 values a pixel) and about 28 x C feature values
+    a pixel alive at the worst point (the feed-forward's two 4C-wide maps in a block, its input, the
+    illumination features, the skip, q, k, v of the attention), the coarser levels adding a fraction of that.
+    Any other backbone: the same count with C the LFPV site's channels (a rough bound for a U-Net-like network).
+    """
+    width_c = config.options.n_feat if config.backbone == "retinexformer" else config.site.channels
+    pixels = batch * height * width
+    per_pixel = 4 * 3 + 28 * width_c + 2 * width_c * 14 / 4 + 4 * width_c * 14 / 16
+    attention = 0  # the channel attention holds heads x d x d per image: negligible
+    return MemoryEstimate(whole_image=int(per_pixel * pixels) * element_size, attention=attention,
+                          weights=_parameter_count(config) * 4)
+
+
 def _parameter_count(config: ModelConfig) -> int:
-    return _parameter_count_of(tuple(sorted(dataclasses.asdict(config).items())))
+    return _parameter_count_of(repr(dataclasses.asdict(config)))
 
 
 @functools.lru_cache(maxsize=8)
-def _parameter_count_of(config_items: tuple) -> int:
+def _parameter_count_of(config_repr: str) -> int:
+    config = ModelConfig(**ast.literal_eval(config_repr))
     with torch.device("meta"):
-        net = LFPVNet(ModelConfig(**dict(config_items)), backend="reference")
+        net = LFPVNet(config, backend="reference")
     return sum(p.numel() for p in net.parameters()) + sum(b.numel() for b in net.buffers())
 
 
