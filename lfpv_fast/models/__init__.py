@@ -29,12 +29,9 @@ class RetinexformerOptions:
     num_blocks: list[int] = field(default_factory=lambda: [1, 2, 2])
 
     def __post_init__(self) -> None:
+        # The other checks are RetinexFormer's own (made when the config builds it on the meta device).
         if self.in_channels != 3 or self.out_channels != 3:
             raise ValueError("model.options: in_channels and out_channels must be 3 (RGB in, RGB out)")
-        if self.n_feat < 1 or self.stage < 1:
-            raise ValueError(f"model.options: n_feat and stage must be >= 1, got {self.n_feat}, {self.stage}")
-        if len(self.num_blocks) != 3 or min(self.num_blocks) < 1:
-            raise ValueError(f"model.options.num_blocks must be three counts >= 1, got {self.num_blocks}")
 
 
 def _build_snr_aware(options: Any, backend: str) -> nn.Module:
@@ -59,9 +56,9 @@ class BackboneEntry:
     legacy_flat_keys: tuple[str, ...] | None = None
 
     def check(self, config: Any) -> None:
-        """Checks across a ModelConfig's keys: the LFPV site exists (ValueError naming it)."""
-        if config.lfpv.enabled or config.lfpv.site is not None:
-            _ = config.site
+        """Checks across a ModelConfig's keys: the backbone builds (on the meta device) and the LFPV site exists
+        (ValueError naming it)."""
+        _ = config.site
 
 
 def _snr_aware_entry() -> BackboneEntry:
@@ -99,16 +96,8 @@ def build_backbone(config: Any, backend: str) -> nn.Module:
 
 from lfpv_fast.models.config import LFPVConfig, ModelConfig  # noqa: E402  (the config module reads BACKBONES)
 from lfpv_fast.models.lfpv import BankDraws, LFPVModule, LFPVNet  # noqa: E402
-
-
-def __getattr__(name: str) -> Any:
-    # RetinexFormer is imported on first use (lfpv_fast.models.RetinexFormer).
-    if name == "RetinexFormer":
-        from lfpv_fast.models.retinexformer import RetinexFormer
-
-        return RetinexFormer
-    raise AttributeError(name)
+from lfpv_fast.models.retinexformer import RetinexFormer  # noqa: E402
 
 
 __all__ = ["BACKBONES", "Backbone", "BackboneEntry", "BankDraws", "LFPVConfig", "LFPVModule", "LFPVNet",
-           "ModelConfig", "RetinexformerOptions", "Site", "backbone_entry", "build_backbone"]
+           "ModelConfig", "RetinexFormer", "RetinexformerOptions", "Site", "backbone_entry", "build_backbone"]
