@@ -38,9 +38,10 @@ from lfpv_fast.inference import (
     compile_stages,
     estimate_peak_bytes,
     prepare_for_inference,
+    strip_path,
     whole_image_forward,
 )
-from lfpv_fast.model import LFPVNet
+from lfpv_fast.models import LFPVNet
 
 DEFAULT_TILE = 1024
 DEFAULT_OVERLAP = 64
@@ -156,6 +157,11 @@ def plan_enhancement(net: LFPVNet, batch: int, height: int, width: int, *, tile:
     if estimate <= budget:
         return EnhancePlan(False, None, estimate, budget, f"estimated peak {_gib(estimate)} <= {_gib(budget)} "
                            f"of {source}")
+    if strip_path(net) is None:
+        # Tiles would change the result (the backbone's attention spans the whole image): refuse, before any work.
+        raise ValueError(f"{width}x{height}: the {net.config.backbone} backbone runs a whole image untiled and needs "
+                         f"an estimated {_gib(estimate)}, more than {_gib(budget)} of {source}; use a smaller image, "
+                         "a device with more memory, or --tile N for approximate tiles")
     if not linear:
         hint = "; backend 'reference' holds the whole L x L attention, --backend auto does not"
     else:
@@ -196,7 +202,7 @@ def enhance_image(net: LFPVNet, image: np.ndarray | torch.Tensor, tile: int | No
     if not x.is_floating_point():
         raise TypeError(f"enhance_image expects a float image in [0, 1], got dtype {x.dtype}")
     b, _, height, width = x.shape
-    align = net.config.align
+    align = net.align
     problem = size_problem(height, width, align)
     if problem is not None:
         raise ValueError(f"enhance_image: {problem}")
@@ -244,7 +250,7 @@ def enhance_image(net: LFPVNet, image: np.ndarray | torch.Tensor, tile: int | No
 def _enhance_tiled(net: LFPVNet, x: torch.Tensor, snr: torch.Tensor, tile: int, overlap: int,
                    batch_size: int) -> torch.Tensor:
     b, _, height, width = x.shape
-    align = net.config.align
+    align = net.align
     # Pad to a multiple of the alignment so that all tiles are aligned and none needs a resize.
     pad_h, pad_w = -height % align, -width % align
     if pad_h or pad_w:
@@ -290,6 +296,10 @@ class ImageEnhancer:
                  max_memory: int | None = None, precision: str = "fp32", compile: bool = False,
                  max_decoded_bytes: int | None = DEFAULT_MAX_DECODED_BYTES) -> None:
         self.net = prepare_for_inference(net.to(device), device)
+        # Said once per run: why images of this backbone are not tiled to fit memory.
+        self.note = (None if strip_path(self.net) is not None else
+                     f"note: the {net.config.backbone} backbone has no exact strip path (its attention spans the "
+                     "whole image): each image runs untiled, and one that would not fit memory is refused")
         if compile:
             compile_stages(self.net)
         self.device = device
@@ -303,15 +313,20 @@ class ImageEnhancer:
         ImageReadError (FileNotFoundError for a missing file) naming the file, else what decoding will give.
         """
         info = read_image_info(path, self.max_decoded_bytes)
-        problem = size_problem(info.height, info.width, self.net.config.align)
+        problem = size_problem(info.height, info.width, self.net.align)
         if problem is not None:
             raise ImageReadError(f"{path}: {problem}")
+        if self.note is not None:  # untiled: an image that would not fit is refused now, before any work
+            try:
+                self.plan(1, info.height, info.width)
+            except ValueError as exc:
+                raise ImageReadError(f"{path}: {exc}") from None
         return info
 
     def read(self, path: str | Path) -> LoadedImage:
         """Decode the file (its header is checked first, by the reader); ImageReadError naming it if it cannot be."""
         image = read_image(path, self.max_decoded_bytes)
-        problem = size_problem(*image.size, self.net.config.align)
+        problem = size_problem(*image.size, self.net.align)
         if problem is not None:
             raise ImageReadError(f"{path}: {problem}")
         return image

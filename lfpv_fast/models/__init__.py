@@ -98,6 +98,5 @@ from lfpv_fast.models.config import LFPVConfig, ModelConfig  # noqa: E402  (the 
 from lfpv_fast.models.lfpv import BankDraws, LFPVModule, LFPVNet  # noqa: E402
 from lfpv_fast.models.retinexformer import RetinexFormer  # noqa: E402
 
-
 __all__ = ["BACKBONES", "Backbone", "BackboneEntry", "BankDraws", "LFPVConfig", "LFPVModule", "LFPVNet",
            "ModelConfig", "RetinexFormer", "RetinexformerOptions", "Site", "backbone_entry", "build_backbone"]
