@@ -183,7 +183,8 @@ def enhance_image(net: LFPVNet, image: np.ndarray | torch.Tensor, tile: int | No
     image: (3,H,W) or (B,3,H,W) tensor, or an (H,W,3) numpy array; H, W >= 16. The model runs on its
     own device and dtype (the net is put in eval mode for the call); a tensor result is returned on the
     input's device.
-    snr: the SNR map (B,1,H,W); default `net.snr_mask(image)`, computed from the whole image.
+    snr: the SNR map (B,1,H,W); default `net.snr_mask(image)`, computed from the whole image (None for a backbone
+    without a guide map, e.g. Retinexformer).
     Whole image or tiles: as `plan_enhancement(net, ..., tile, max_pixels, max_memory)` decides (or
     `plan`): the whole image, exactly `net(x, snr)` in bounded memory (`whole_image_forward`), when it
     fits; else tiles of tile x tile pixels (a multiple of the model's alignment, 16), overlapping
@@ -233,7 +234,8 @@ def enhance_image(net: LFPVNet, image: np.ndarray | torch.Tensor, tile: int | No
                     raise ValueError(f"snr must have shape {(b, 1, height, width)}, got {tuple(snr.shape)}")
                 snr = snr.to(device, dtype)
             if tile is None:
-                out = torch.cat([whole_image_forward(net, x[i:i + batch_size], snr[i:i + batch_size]).float()
+                out = torch.cat([whole_image_forward(net, x[i:i + batch_size],
+                                                     None if snr is None else snr[i:i + batch_size]).float()
                                  for i in range(0, b, batch_size)])
             else:
                 out = _enhance_tiled(net, x, snr, tile, overlap, batch_size)
@@ -247,7 +249,7 @@ def enhance_image(net: LFPVNet, image: np.ndarray | torch.Tensor, tile: int | No
     return out[0] if layout == "chw" else out
 
 
-def _enhance_tiled(net: LFPVNet, x: torch.Tensor, snr: torch.Tensor, tile: int, overlap: int,
+def _enhance_tiled(net: LFPVNet, x: torch.Tensor, snr: torch.Tensor | None, tile: int, overlap: int,
                    batch_size: int) -> torch.Tensor:
     b, _, height, width = x.shape
     align = net.align
@@ -255,7 +257,7 @@ def _enhance_tiled(net: LFPVNet, x: torch.Tensor, snr: torch.Tensor, tile: int, 
     pad_h, pad_w = -height % align, -width % align
     if pad_h or pad_w:
         x = F.pad(x, (0, pad_w, 0, pad_h), mode="reflect")
-        snr = F.pad(snr, (0, pad_w, 0, pad_h), mode="reflect")
+        snr = None if snr is None else F.pad(snr, (0, pad_w, 0, pad_h), mode="reflect")
     hp, wp = height + pad_h, width + pad_w
     th, tw = min(tile, hp), min(tile, wp)
     ys, xs = tile_starts(hp, th, overlap, align), tile_starts(wp, tw, overlap, align)
@@ -271,7 +273,8 @@ def _enhance_tiled(net: LFPVNet, x: torch.Tensor, snr: torch.Tensor, tile: int, 
         for first in range(0, len(tiles), batch_size):
             chunk = tiles[first:first + batch_size]
             crops = torch.stack([x[image, :, ys[i]:ys[i] + th, xs[j]:xs[j] + tw] for i, j in chunk])
-            masks = torch.stack([snr[image, :, ys[i]:ys[i] + th, xs[j]:xs[j] + tw] for i, j in chunk])
+            masks = None if snr is None else torch.stack([snr[image, :, ys[i]:ys[i] + th, xs[j]:xs[j] + tw]
+                                                          for i, j in chunk])
             out = whole_image_forward(net, crops, masks).float()
             for (i, j), result in zip(chunk, out, strict=True):
                 weight = (wy[i][:, None] * wx[j][None, :]).to(result)

@@ -252,7 +252,8 @@ def test_enhance_and_evaluate_run_with_each_checkpoint(retinexformer_runs, which
     out = tmp_path / "eval.json"
     code, err = run(evaluate_cli.main, ["--checkpoint", checkpoint, "--config", "configs/demo_retinexformer.yaml",
                                         "--set", f"data.demo_root={retinexformer_runs['demo']}",
-                                        "--set", "data.resize=[64, 48]", "--set", "data.test_frames=1", *model,
+                                        "--set", "data.resize=[64, 48]", "--set", "data.crop=32",
+                                        "--set", "data.test_frames=1", *model,
                                         "--device", "cpu", "--out", out, "--no-progress"], capsys)
     assert code == 0, err
     summary = json.loads(out.read_text())
@@ -262,8 +263,11 @@ def test_enhance_and_evaluate_run_with_each_checkpoint(retinexformer_runs, which
 def test_published_file_of_another_size_is_one_error(retinexformer_runs, tmp_path, capsys):
     small = tmp_path / "small.pth"
     save_published_checkpoint(RetinexFormer(**SMALL_RETINEXFORMER), small)
+    photo = tmp_path / "in" / "photo.png"
+    photo.parent.mkdir()
+    Image.fromarray(np.zeros((32, 32, 3), np.uint8)).save(photo)
     code, err = run(enhance_cli.main, ["--checkpoint", small, "--output", tmp_path / "out", "--device", "cpu",
-                                       tmp_path], capsys)
+                                       photo.parent], capsys)
     assert_one_line_error(code, err, str(small), "Retinexformer state dict")
 
 
