@@ -27,7 +27,9 @@ Differences from the published code, all deliberate:
 
 from __future__ import annotations
 
+import dataclasses
 import inspect
+import math
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from types import ModuleType
@@ -197,7 +199,7 @@ class LFPVNet(nn.Module):
         self.lfpv: LFPVModule | None = None
         if cfg.lfpv.enabled:
             c, p = self.site.channels, cfg.lfpv.patch_size
-            self.align = _lcm(backbone.align, self.site.stride * p)
+            self.align = math.lcm(backbone.align, self.site.stride * p)  # whole bank patches at the site
             self.lfpv = LFPVModule(cfg.lfpv, c)
             self.register_buffer("bank_vectors", torch.zeros(cfg.lfpv.bank_size, c))
             self.register_buffer("bank_patches", torch.zeros(cfg.lfpv.bank_size, c, p, p))
@@ -213,9 +215,12 @@ class LFPVNet(nn.Module):
         """LFPVs on a backbone module you built (anything with sites, default_site, align, encode, decode)."""
         lfpv = lfpv if lfpv is not None else LFPVConfig()
         if site is not None:
-            lfpv = LFPVConfig(**{**lfpv.__dict__, "site": site})
-        config = ModelConfig.__new__(ModelConfig)  # no backbone name to look up: a config for this module only
-        config.backbone, config.options, config.lfpv, config.init_from = type(backbone).__name__, {}, lfpv, None
+            lfpv = dataclasses.replace(lfpv, site=site)
+        # The config names the module's class as "module:Class" (how a run config names it for the trainer), but
+        # is not built through it: the module given is used as it is (its options are unknown here).
+        config = ModelConfig.__new__(ModelConfig)
+        config.backbone = f"{type(backbone).__module__}:{type(backbone).__qualname__}"
+        config.options, config.lfpv, config.init_from = {}, lfpv, None
         return cls(config, backend, backbone=backbone)
 
     @property
@@ -333,8 +338,3 @@ class LFPVNet(nn.Module):
             raise TypeError(f"expected a state dict (a mapping of names to tensors), got {type(state_dict).__name__}")
         self._snr_aware_format().load_published(self, dict(state_dict))
 
-
-def _lcm(a: int, b: int) -> int:
-    import math
-
-    return math.lcm(a, b)
