@@ -5,8 +5,8 @@
 
 For each backbone (SNR-Aware: configs/demo.yaml; Retinexformer: configs/demo_retinexformer.yaml) and each
 seed, two runs of `python -m lfpv_fast.train` on the built-in demo data that differ in one key only,
-`model.lfpv.enabled` (true / false): the same data, steps, schedule, loss terms and seed (the weights the two
-share start from the same draws only where the module order allows; the seed is the run's `train.seed`).
+`model.lfpv.enabled` (true / false): the same data and batch order, steps, schedule, loss terms and seed
+(`train.seed`; LFPVNet builds the backbone before the plug-in, so its initial weights are the same in both arms).
 Each run's last validation (the held-out scenes, overall and per exposure band, as the trainer reports it)
 is collected; the table gives, per backbone, arm and band, the median PSNR/SSIM over the seeds and their range,
 and the median difference with - without LFPVs. Writes bench/results/<date>-ablation-<tag>.json and .md.
