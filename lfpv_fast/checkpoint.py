@@ -405,7 +405,7 @@ def init_backbone(net: LFPVNet, path: str | Path) -> None:
         return
     if backbone == "snr_aware" and (state := published_state_dict(obj)) is not None:
         check_weights(state, path, entry="state dict")
-        donor = LFPVNet(ModelConfig(backbone, net.config.options, {"enabled": True}), backend="reference")
+        donor = LFPVNet(ModelConfig(backbone, net.config.options, _published_lfpv(state)), backend="reference")
         try:
             snr_aware.load_published(donor, state)
         except (KeyError, ValueError, TypeError) as exc:
@@ -414,6 +414,18 @@ def init_backbone(net: LFPVNet, path: str | Path) -> None:
         return
     raise ValueError(f"model.init_from {path}: not a checkpoint of the {backbone} backbone (expected a published "
                      f"{backbone} file or an lfpv_fast checkpoint)")
+
+
+def _published_lfpv(state: dict[str, Any]) -> dict[str, Any]:
+    """The LFPV settings of a published LFPV state dict (its banks' and updaters' shapes), so that its backbone part
+    can be read whatever LFPVs the run itself has."""
+    state = snr_aware.strip_module_prefix(state)
+    shapes = {k: tuple(state[k].shape) for k in ("common_feature_patch", "update_feature.0.weight")
+              if torch.is_tensor(state.get(k))}
+    if len(shapes) < 2:
+        return {}
+    bank, _, patch, _ = shapes["common_feature_patch"]
+    return {"bank_size": bank, "patch_size": patch, "updater_width": shapes["update_feature.0.weight"][0]}
 
 
 def _published_retinexformer(state: dict[str, Any], path: str | Path, config: ModelConfig | None,

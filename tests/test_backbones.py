@@ -281,3 +281,24 @@ def test_weights_only_checkpoint_records_backbone_and_lfpv(tmp_path):
     x = torch.rand(1, 3, 32, 32)
     with torch.no_grad():
         assert torch.equal(loaded(x), net.eval()(x))
+
+
+def test_init_from_takes_the_backbone_of_a_published_file_and_keeps_fresh_lfpvs(tmp_path):
+    from lfpv_fast.checkpoint import init_backbone
+
+    torch.manual_seed(3)
+    source = RetinexFormer(**SMALL_RETINEXFORMER)
+    save_published_checkpoint(source, tmp_path / "retinexformer.pth")
+    net = retinexformer_net(enabled=True)
+    lfpv_before = {k: v.clone() for k, v in net.lfpv.state_dict().items()}
+    init_backbone(net, tmp_path / "retinexformer.pth")
+    assert all(torch.equal(v, source.state_dict()[k]) for k, v in net.backbone.state_dict().items())
+    assert all(torch.equal(v, lfpv_before[k]) for k, v in net.lfpv.state_dict().items())
+    # A published LFPV file for an SNR-Aware backbone: its backbone part.
+    published = LFPVNet(TINY, backend="reference")
+    atomic_save(published.to_original_state_dict(), tmp_path / "smid.pth")
+    fresh = LFPVNet(TINY, backend="reference")
+    init_backbone(fresh, tmp_path / "smid.pth")
+    assert all(torch.equal(v, published.backbone.state_dict()[k]) for k, v in fresh.backbone.state_dict().items())
+    with pytest.raises(ValueError, match="not a checkpoint of the retinexformer backbone"):
+        init_backbone(retinexformer_net(), tmp_path / "smid.pth")
