@@ -29,6 +29,8 @@ Published checkpoints: the published key names (`body.0.estimator.conv1.weight`,
 this module's parameters (`published_state_dict`, `load_published_state_dict`); files are BasicSR's
 `{'params': state_dict}` (and `'params_ema'` next to it when trained with EMA), read by
 `state_dict_from_published_checkpoint` and written by `save_published_checkpoint`.
+
+Whole photos, exactly and in bounded memory: lfpv_fast.retinexformer_strips.retinexformer_whole_image_forward.
 """
 
 from __future__ import annotations
