@@ -73,20 +73,35 @@ def whole_image_forward(net: LFPVNet, x: torch.Tensor, snr: torch.Tensor | None,
     return path(net, x, snr, strip_rows)
 
 
-# Exact strip paths of backbones other than SNR-Aware: backbone class -> fn(net, x, guide, strip_rows) computing
-# eval-mode net(x, guide) bit-for-bit up to summation order. Retinexformer's attention reduces over every pixel
-# of a feature map, so its strip path must carry those sums across strips; until one is registered here it
-# runs untiled.
+# Exact strip paths of other backbones: backbone class -> fn(net, x, guide, strip_rows) computing eval-mode
+# net(x, guide) bit-for-bit up to summation order. SNR-Aware and Retinexformer (at its default site) are built in.
 STRIP_PATHS: dict[type, Callable[..., torch.Tensor]] = {}
 
 
 def strip_path(net: LFPVNet) -> Callable[..., torch.Tensor] | None:
     """The exact strip forward of the net's backbone, or None (the whole image runs in one forward)."""
+    from lfpv_fast.models.retinexformer import RetinexFormer
     from lfpv_fast.models.snr_aware import SNRAware
 
     if isinstance(net.backbone, SNRAware):
         return _snr_aware_strips
+    if isinstance(net.backbone, RetinexFormer) and (net.lfpv is None or net.site.name == net.backbone.default_site):
+        return _retinexformer_strips  # its strip path fuses the LFPVs at the bottleneck, strip by strip
     return STRIP_PATHS.get(type(net.backbone))
+
+
+def _retinexformer_strips(net: LFPVNet, x: torch.Tensor, guide: torch.Tensor | None, strip_rows: int) -> torch.Tensor:
+    """Retinexformer by strips (lfpv_fast.retinexformer_strips: two passes per attention layer), the LFPV fusion
+    applied to each bottleneck strip; strips of a multiple of the alignment (16 with LFPVs: whole bank patches)."""
+    from lfpv_fast.retinexformer_strips import retinexformer_whole_image_forward
+
+    height, width = x.shape[-2:]
+    x, _ = net.aligned_inputs(x, None)
+    ops = net.ops_for(x)
+    rows = max(net.align, strip_rows // net.align * net.align)
+    at_site = None if net.lfpv is None else (lambda features: net.fuse(features, ops))
+    out = retinexformer_whole_image_forward(net.backbone, x, rows, at_site=at_site)
+    return net._restore_size(out, height, width)
 
 
 def _snr_aware_strips(net: LFPVNet, x: torch.Tensor, snr: torch.Tensor | None, strip_rows: int) -> torch.Tensor:
@@ -188,6 +203,8 @@ def estimate_peak_bytes(config: ModelConfig, batch: int, height: int, width: int
     full-resolution stages. linear_attention=False is the reference op, which holds B x heads x L x L
     scores (three of them at once: scores, masked scores, softmax).
     """
+    if config.backbone == "retinexformer":
+        return _estimate_retinexformer(config, batch, height, width, element_size, strip_rows)
     if config.backbone != "snr_aware":
         return _estimate_untiled(config, batch, height, width, element_size)
     nf, hr = config.nf, config.hr_nf
@@ -211,18 +228,28 @@ def estimate_peak_bytes(config: ModelConfig, batch: int, height: int, width: int
                           weights=weight_bytes)
 
 
-def _estimate_untiled(config: ModelConfig, batch: int, height: int, width: int, element_size: int) -> MemoryEstimate:
-    """Peak of one untiled eval forward of a backbone without a strip path, in bytes.
+def _estimate_retinexformer(config: ModelConfig, batch: int, height: int, width: int, element_size: int,
+                            strip_rows: int) -> MemoryEstimate:
+    """lfpv_fast.retinexformer_strips' measured estimate: by strips where `whole_image_forward` runs strips (the
+    default site or no LFPVs), else untiled; the LFPV fusion at the bottleneck adds a strip-sized map."""
+    from lfpv_fast.retinexformer_strips import estimate_retinexformer_peak_bytes
 
-    Retinexformer (n_feat C; levels at 1, 1/2 and 1/4 resolution with C, 2C and 4C channels): the input, the
-    illumination map, the lit-up input and the output (4 x 3 values a pixel), about 16 x C feature values a pixel
-    alive at the worst point at full resolution (a block's feed-forward holds two 4C-wide maps, beside its input,
-    the illumination features and the skip), and 8 maps' worth at each coarser level. Measured (backend auto on
-    the CPU, one thread, peak RSS above the start, the published n_feat 40): 0.69 GiB at 512x512 with LFPVs and
-    2.31 GiB at 1024x1024 without, for a count of 0.87 and 3.3 GiB: on the safe side.
-    Any other backbone: the same count with C the LFPV site's channels (a rough bound for a U-Net-like network).
+    o = config.options
+    by_strips = not config.lfpv.enabled or config.lfpv.site in (None, "bottleneck")
+    rows = max(config.align, strip_rows // config.align * config.align) if by_strips else None
+    peak = estimate_retinexformer_peak_bytes(o.n_feat, o.num_blocks, batch, height, width, element_size, rows,
+                                             o.in_channels)
+    return MemoryEstimate(whole_image=peak, attention=0, weights=_parameter_count(config) * 4)
+
+
+def _estimate_untiled(config: ModelConfig, batch: int, height: int, width: int, element_size: int) -> MemoryEstimate:
+    """Peak of one untiled eval forward of a backbone without a strip path, in bytes: a rough count for a
+    U-Net-like network with C the LFPV site's channels (the input, output and lit-up copies, about 16 x C feature
+    values a pixel at full resolution, 8 maps' worth at each coarser level). Checked on Retinexformer's untiled
+    forward (n_feat 40, backend auto on the CPU, peak RSS above the start): 0.69 GiB at 512x512 and 2.31 GiB at
+    1024x1024, for counts of 0.87 and 3.3 GiB.
     """
-    width_c = config.options.n_feat if config.backbone == "retinexformer" else config.site.channels
+    width_c = config.site.channels
     pixels = batch * height * width
     per_pixel = 4 * 3 + 16 * width_c + 2 * width_c * 8 / 4 + 4 * width_c * 8 / 16
     attention = 0  # the channel attention holds heads x d x d per image: negligible

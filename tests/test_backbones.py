@@ -189,7 +189,10 @@ def test_first_format_optimizer_state_is_renumbered():
 
 
 def test_untiled_backbone_is_refused_when_it_does_not_fit():
-    net = retinexformer_net(enabled=True).eval()
+    """LFPVs at Retinexformer's level2 site: no strip path there, so whole images run untiled or are refused."""
+    torch.manual_seed(0)
+    net = LFPVNet(ModelConfig("retinexformer", SMALL_RETINEXFORMER, {"bank_size": 4, "updater_width": 16,
+                                                                     "site": "level2"}), backend="reference").eval()
     with pytest.raises(ValueError, match="retinexformer backbone runs a whole image untiled"):
         plan_enhancement(net, 1, 4000, 6000, max_memory=2**30)
     plan = plan_enhancement(net, 1, 64, 64, max_memory=2**30)
@@ -198,6 +201,21 @@ def test_untiled_backbone_is_refused_when_it_does_not_fit():
     with torch.no_grad():
         expected = net(image[None]).clamp(0, 1)[0]
     assert torch.equal(enhance_image(net, image), expected)  # whole image, untiled: exactly the network
+
+
+def test_retinexformer_whole_image_path_runs_strips_with_the_lfpv_fusion():
+    """At the default site the whole-image path is the strip path, the LFPVs fused strip by strip."""
+    from lfpv_fast.inference import whole_image_forward
+
+    net = retinexformer_net(enabled=True).double().eval()
+    x = torch.rand(1, 3, 80, 48, dtype=torch.float64)
+    with torch.no_grad():
+        expected = net(x)
+        strips = whole_image_forward(net, x, None, strip_rows=16)
+    assert (strips - expected).abs().max() < 1e-10
+    plain = retinexformer_net(enabled=False).double().eval()
+    with torch.no_grad():
+        assert (whole_image_forward(plain, x, None, strip_rows=32) - plain(x)).abs().max() < 1e-10
 
 
 
@@ -244,7 +262,7 @@ def test_enhance_and_evaluate_run_with_each_checkpoint(retinexformer_runs, which
     code, err = run(enhance_cli.main, ["--checkpoint", checkpoint, photo.parent,
                                        "--output", tmp_path / "out", "--device", "cpu"], capsys)
     assert code == 0, err
-    assert "no exact strip path" in err
+    assert "no exact strip path" not in err  # the default site: the exact strip path
     assert Image.open(tmp_path / "out" / "photo.png").size == (56, 40)
     # A published file carries no config: the config's model section (a retinexformer backbone) describes it.
     model = ["--set", "model.options.n_feat=40", "--set", "model.options.num_blocks=[1, 2, 2]"] \
