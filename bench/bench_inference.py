@@ -176,21 +176,38 @@ def describe_input(source: str) -> dict:
             "description": "read as enhance reads it, resized bicubically, not darkened"}
 
 
-def kept_fraction(net: LFPVNet, snr: torch.Tensor) -> float:
-    """Share of attention keys kept (token patches with mean SNR > 0.5), as the model computes it."""
+def kept_fraction(net: LFPVNet, snr: torch.Tensor | None) -> float | None:
+    """Share of attention keys kept (token patches with mean SNR > 0.5), as the model computes it (SNR-Aware only)."""
+    if net.config.backbone != "snr_aware":
+        return None
     a, t = net.config.align, net.config.token_size
     h, w = snr.shape[-2] // a * a, snr.shape[-1] // a * a
     quarter = F.interpolate(F.interpolate(snr, size=[h, w], mode="bilinear"), size=[h // 4, w // 4], mode="nearest")
     return float((F.avg_pool2d(quarter, t) > 0.5).float().mean())
 
 
+def _share(value: float | None) -> str:
+    return "-" if value is None else f"{value:.1%}"
+
+
 def smid_net(backend: str, seed: int = 0) -> LFPVNet:
+    """The benchmarked network: MODEL (the published SMID model, or what --set model.KEY=V makes it)."""
     torch.manual_seed(seed)
     net = LFPVNet(MODEL, backend=backend).eval()
-    with torch.no_grad():
-        net.bank_vectors.normal_()
-        net.bank_patches.normal_()
+    if net.lfpv_enabled:
+        with torch.no_grad():
+            net.bank_vectors.normal_()
+            net.bank_patches.normal_()
     return net
+
+
+def set_model(overrides: list[str]) -> None:
+    """MODEL from `--set model.KEY=V` overrides (any backend: e.g. model.backbone=retinexformer)."""
+    global MODEL
+    if overrides:
+        from lfpv_fast.config import load_config
+
+        MODEL = load_config(None, overrides).model
 
 
 def frame_part(pub, reps: int, device: torch.device, source: str = "photo") -> dict:
@@ -231,7 +248,8 @@ def frame_part(pub, reps: int, device: torch.device, source: str = "photo") -> d
                             "seconds": timings[name].summary(),
                             "speedup_vs_first_row": common.Timing(ratios).summary(),
                             "max_abs_diff_vs_reference": diffs[name]})
-        print(f"\n{FRAME_HW[0]}x{FRAME_HW[1]} frame, {input_name} (kept attention keys {results[-1]['kept_keys']:.1%})")
+        kept = _share(results[-1]["kept_keys"])
+        print(f"\n{FRAME_HW[0]}x{FRAME_HW[1]} frame, {input_name} (kept attention keys {kept})")
         print(f"{'row':<46}{'s: median (min-max)':>24}{'vs first row':>22}{'max |diff|':>12}")
         for r in results[-len(rows):]:
             print(f"{r['name']:<46}{common.fmt_spread(r['seconds'], '.3f'):>24}"
@@ -281,10 +299,10 @@ def memory_child(spec: dict) -> dict:
             "estimate_bytes": est.whole_image, "kept_keys": kept_fraction(net, snr), "out_mean": float(out.mean())}
 
 
-def memory_part(sizes: list[int], source: str = "photo") -> dict:
+def memory_part(sizes: list[int], source: str = "photo", model_overrides: list[str] | None = None) -> dict:
     specs = []
     for mp in sizes:
-        common_spec = {"megapixels": mp, "hw": SIZES_MP[mp], "input": source}
+        common_spec = {"megapixels": mp, "hw": SIZES_MP[mp], "input": source, "model_overrides": model_overrides or []}
         specs.append({**common_spec, "backend": "auto", "path": "enhance"})
         if mp <= 4:
             specs.append({**common_spec, "backend": "auto", "path": "net(x, snr)"})
@@ -293,8 +311,9 @@ def memory_part(sizes: list[int], source: str = "photo") -> dict:
     rows = []
     print(f"\n{'MP':>4} {'size':>10} {'backend':>10} {'path':>12} {'s':>8} {'peak GiB':>9} {'estimate':>9} {'kept':>6}")
     for spec in specs:
-        proc = subprocess.run([sys.executable, __file__, "--memory-child", json.dumps(spec)], capture_output=True,
-                              text=True)
+        model = [a for item in spec.get("model_overrides", []) for a in ("--set", item)]
+        proc = subprocess.run([sys.executable, __file__, "--memory-child", json.dumps(spec), *model],
+                              capture_output=True, text=True)
         lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("{")]
         if proc.returncode != 0 or not lines:
             tail = (proc.stderr.strip().splitlines() or ["killed (out of memory?)"])[-1]
@@ -306,7 +325,7 @@ def memory_part(sizes: list[int], source: str = "photo") -> dict:
         h, w = row["hw"]
         print(f"{row['megapixels']:>4} {f'{w}x{h}':>10} {row['backend']:>10} {row['path']:>12} {row['seconds']:>8.1f} "
               f"{row['peak_rss_above_start_bytes'] / 2**30:>9.2f} {row['estimate_bytes'] / 2**30:>9.2f} "
-              f"{row['kept_keys']:>6.1%}")
+              f"{_share(row['kept_keys']):>6}")
     return {"rows": rows}
 
 
@@ -345,6 +364,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--reps", type=int, default=common.MIN_REPS, help="timed repetitions per row (at least 5)")
     ap.add_argument("--sizes", default="1,4,12", help="megapixels for the memory part (of 1, 4, 12)")
     ap.add_argument("--checkpoint", help="model for the precision part (skipped without one)")
+    ap.add_argument("--set", dest="model_overrides", action="append", default=[], metavar="model.KEY=VALUE",
+                    help="the network benchmarked (default: the published SMID model), e.g. "
+                    "model.backbone=retinexformer")
     ap.add_argument("--out", help="JSON path (default bench/results/<date>-<device>-inference.json)")
     ap.add_argument("--device", default="cpu", help="where the frame part runs: cpu (default) or cuda; the memory "
                     "and precision parts measure the CPU")
@@ -354,6 +376,7 @@ def main(argv: list[str] | None = None) -> int:
                     "resized, not darkened); recorded in the JSON")
     ap.add_argument("--memory-child", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
+    set_model(args.model_overrides)
     if args.memory_child:
         print(json.dumps(memory_child(json.loads(args.memory_child))))
         return 0
@@ -374,7 +397,7 @@ def main(argv: list[str] | None = None) -> int:
     if "frame" in parts:
         doc["frame"] = frame_part(pub, args.reps, device, args.input)
     if "memory" in parts:
-        doc["memory"] = memory_part([int(s) for s in args.sizes.split(",")], args.input)
+        doc["memory"] = memory_part([int(s) for s in args.sizes.split(",")], args.input, args.model_overrides)
     if "precision" in parts:
         doc["precision"] = precision_part(args.checkpoint, args.reps) if args.checkpoint else {
             "skipped": "no --checkpoint"}

@@ -35,9 +35,9 @@ import published as pub_mod
 import torch
 
 from lfpv_fast import reference
-from lfpv_fast.config import load_config
+from lfpv_fast.config import load_config, model_config_to_dict
 from lfpv_fast.fast_path import resolve_features
-from lfpv_fast.model import LFPVNet
+from lfpv_fast.models import LFPVNet, ModelConfig
 from lfpv_fast.trainer import Trainer
 
 BASE = ["train.compile=off", "train.bf16=off", "train.fused_adam=off", "train.channels_last=false",
@@ -104,6 +104,8 @@ def main(argv: list[str] | None = None) -> int:
     batches = demo_batches(3, batch, crop, args.overrides)
     gpu_batches = [{k: v.to(device) for k, v in b.items()} for b in batches]
     model_config = run_config(args.overrides, batch, crop, device).model
+    if pub is not None and model_config.backbone != "snr_aware":
+        ap.error(f"--published compares with the published SNR-Aware code; model.backbone is {model_config.backbone}")
     torch.manual_seed(0)
     initial = LFPVNet(model_config, backend="reference").state_dict()  # the same initial weights in every row
 
@@ -180,7 +182,8 @@ def main(argv: list[str] | None = None) -> int:
             continue
         print(f"{r['name']:<48}{common.fmt_spread(r['step_s'], '.3f'):>28}{r['images_per_s']['median']:>10.2f}"
               f"{common.fmt_spread(r['speedup_vs_first_row'], '.2f') + 'x':>22}")
-    doc = {"benchmark": "train_step", "model": "smid", "batch": batch, "crop": crop, "published": str(pub.root)
+    model = "smid" if model_config == ModelConfig() else model_config_to_dict(model_config)
+    doc = {"benchmark": "train_step", "model": model, "batch": batch, "crop": crop, "published": str(pub.root)
            if pub else None, "baseline": base_name, "environment": env, "rows": results}
     common.finish(doc, "train", args.out)
     return 0

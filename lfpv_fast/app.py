@@ -57,7 +57,7 @@ from lfpv_fast.imageio import (
     write_bytes_atomic,
 )
 from lfpv_fast.inference import PRECISIONS, check_precision
-from lfpv_fast.model import LFPVNet
+from lfpv_fast.models import LFPVNet
 from lfpv_fast.run_folder import FINAL_WEIGHTS
 
 DEFAULT_HOST = "127.0.0.1"
@@ -114,6 +114,15 @@ def describe_device(device: torch.device) -> str:
     return str(device)
 
 
+def _describe_network(cfg) -> str:
+    """The backbone in a few words, and whether it carries LFPVs."""
+    if cfg.backbone == "snr_aware":
+        network = f"nf {cfg.nf}, {cfg.layers} transformer layers"
+    else:
+        network = f"backbone {cfg.backbone}"
+    return network + ("" if cfg.lfpv.enabled else ", no LFPVs")
+
+
 class Enhancer:
     """A loaded model and the rules of this server; `enhance_file` turns one upload into an EnhancedFile."""
 
@@ -155,9 +164,10 @@ class Enhancer:
         cfg = self.net.config
         params = sum(p.numel() for p in self.net.parameters())
         tiling = (_processed_as(self.tile) if self.tile is not None else
-                  "whole image when its estimated peak memory fits the device's free memory, tiles otherwise")
-        return (f"**Model** `{_escape(self.model_name)}` ({params / 1e6:.2f} M parameters, nf {cfg.nf}, "
-                f"{cfg.layers} transformer layers) · **Device** {_escape(describe_device(self.device))} · "
+                  "whole image when its estimated peak memory fits the device's free memory, tiles otherwise"
+                  if self.pipeline.note is None else "whole image, untiled (refused when it would not fit memory)")
+        return (f"**Model** `{_escape(self.model_name)}` ({params / 1e6:.2f} M parameters, {_describe_network(cfg)})"
+                f" · **Device** {_escape(describe_device(self.device))} · "
                 f"**Precision** {self.precision} · **Backend** {self.backend_description} · **Inference** {tiling} · "
                 f"**Limits** {self.max_pixels / 1e6:.1f} MP per image")
 

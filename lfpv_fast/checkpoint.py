@@ -23,9 +23,9 @@ from typing import Any
 import numpy as np
 import torch
 
-from lfpv_fast.config import ConfigError, section_from_dict
+from lfpv_fast.config import ConfigError, model_config_to_dict, section_from_dict
 from lfpv_fast.files import atomic_write, atomic_write_text
-from lfpv_fast.model import LFPVNet, ModelConfig
+from lfpv_fast.models import LFPVNet, ModelConfig, snr_aware
 from lfpv_fast.run_folder import CONFIG, FINAL_WEIGHTS, RunFolder, checkpoint_name, checkpoint_step, list_checkpoints
 
 __all__ = ["CHECKPOINT_VERSION", "FORMAT", "CheckpointWriteError", "atomic_save", "atomic_write_text",
@@ -128,7 +128,7 @@ def training_checkpoint(net: LFPVNet, optimizer: torch.optim.Optimizer, schedule
     return {
         "format": FORMAT,
         "version": CHECKPOINT_VERSION,
-        "model_config": asdict(net.config),
+        "model_config": model_config_to_dict(net.config),
         "model": {k: v.detach().cpu() for k, v in net.state_dict().items()},
         "optimizer": optimizer.state_dict(),
         "scheduler": scheduler.state_dict(),
@@ -144,7 +144,7 @@ def training_checkpoint(net: LFPVNet, optimizer: torch.optim.Optimizer, schedule
 
 def weights_only_checkpoint(net: LFPVNet) -> dict[str, Any]:
     """The exported weights file: model state (banks included) and its config, nothing else."""
-    return {"format": FORMAT, "model_config": asdict(net.config),
+    return {"format": FORMAT, "model_config": model_config_to_dict(net.config),
             "model": {k: v.detach().cpu() for k, v in net.state_dict().items()}}
 
 
@@ -232,6 +232,42 @@ def model_config_of(obj: dict[str, Any], path: str | Path) -> ModelConfig:
         raise ValueError(f"{exc} (a file from another version of lfpv_fast, or edited?)") from None
 
 
+# Buffers of the first format's state dicts (everything else there is a parameter, in the optimizer's order).
+_BUFFER_SUFFIXES = (".running_mean", ".running_var", ".num_batches_tracked")
+
+
+def upgrade_first_format(obj: dict[str, Any]) -> dict[str, Any]:
+    """A file of ours written before backbones (a flat 'model_config'), in today's layout, changed in place.
+
+    Its SNR-Aware weights were named encoder.* / decoder.* (today backbone.encoder.*, backbone.decoder.*), and its
+    parameters were in the order encoder, lfpv, decoder (today backbone.encoder, backbone.decoder, lfpv): an
+    optimizer state saved then is renumbered to today's order, so a resumed run continues exactly.
+    """
+    config, state = obj.get("model_config"), obj.get("model")
+    if not isinstance(config, dict) or "backbone" in config or not isinstance(state, dict):
+        return obj
+    old_params = [k for k in state if isinstance(k, str) and not k.startswith("bank_")
+                  and not k.endswith(_BUFFER_SUFFIXES)]
+    renamed = {_today_name(k): v for k, v in state.items()}
+    obj["model"] = renamed
+    optimizer = obj.get("optimizer")
+    if isinstance(optimizer, dict) and isinstance(optimizer.get("state"), dict):
+        group = {"backbone.encoder": 0, "backbone.decoder": 1, "lfpv": 2}
+        new_params = sorted((_today_name(k) for k in old_params), key=lambda k: group.get(k.split(".")[0] if
+                            k.startswith("lfpv") else ".".join(k.split(".")[:2]), 3))
+        index = {name: i for i, name in enumerate(new_params)}
+        to_new = {i: index[_today_name(name)] for i, name in enumerate(old_params)}
+        optimizer["state"] = {to_new.get(i, i): v for i, v in optimizer["state"].items()}
+        for param_group in optimizer.get("param_groups", []):
+            if isinstance(param_group, dict) and isinstance(param_group.get("params"), list):
+                param_group["params"] = sorted(to_new.get(i, i) for i in param_group["params"])
+    return obj
+
+
+def _today_name(key: str) -> str:
+    return f"backbone.{key}" if isinstance(key, str) and key.startswith(("encoder.", "decoder.")) else key
+
+
 def load_weights(net: LFPVNet | torch.nn.Module, state: dict[str, torch.Tensor], path: str | Path) -> None:
     """Load a checked state dict strictly; a mismatch is one line naming the first keys that differ."""
     own = net.state_dict()
@@ -260,26 +296,40 @@ def load_weights(net: LFPVNet | torch.nn.Module, state: dict[str, torch.Tensor],
 
 def _describe_config(config: ModelConfig) -> str:
     """The fields that differ from the published model, e.g. (nf=8, layers=1); (published SMID) if none."""
-    default = asdict(ModelConfig())
-    changed = [f"{k}={v}" for k, v in asdict(config).items() if v != default[k]]
+    if config.backbone != "snr_aware":
+        return f"(backbone {config.backbone}, {model_config_to_dict(config)['options']}, lfpv {asdict(config.lfpv)})"
+    default = ModelConfig()
+    changed = [f"{k}={v}" for k, v in asdict(config.options).items() if v != getattr(default.options, k)]
+    changed += [f"lfpv.{k}={v}" for k, v in asdict(config.lfpv).items() if v != getattr(default.lfpv, k)]
     return f"({', '.join(changed)})" if changed else "(the published SMID model)"
 
 
-def is_original_state_dict(obj: dict[str, Any]) -> bool:
-    """True for a state dict of the published code (recognised by its keys)."""
-    keys = {k[len("module."):] if isinstance(k, str) and k.startswith("module.") else k for k in obj}
-    return "common_feature" in keys and "conv_first_1.weight" in keys
+# The published formats live with their backbones (lfpv_fast.models.snr_aware, lfpv_fast.models.retinexformer).
+is_original_state_dict = snr_aware.is_published_state_dict
+published_state_dict = snr_aware.published_state_dict
 
 
-def published_state_dict(obj: dict[str, Any]) -> dict[str, Any] | None:
-    """The weights of a file in the published format (bare, or nested under 'params'/'state_dict'), else None."""
-    state = obj.get("params", obj.get("state_dict", obj))
-    return state if isinstance(state, dict) and is_original_state_dict(state) else None
+def published_retinexformer_state_dict(obj: dict[str, Any]) -> dict[str, Any] | None:
+    """The weights of a published Retinexformer file (BasicSR's {'params': ...} or 'params_ema'), else None."""
+    from lfpv_fast.models.retinexformer import state_dict_from_published_checkpoint
+
+    if obj.get("format") == FORMAT:
+        return None
+    try:
+        state = state_dict_from_published_checkpoint(obj)
+    except ValueError:
+        return None
+    return state if any(isinstance(k, str) and k.startswith("body.0.estimator.") for k in state) else None
 
 
 def is_published_architecture(config: ModelConfig) -> bool:
-    """True for the published SMID model, the only architecture that the published format can describe."""
+    """True for the published SMID model, the only architecture that the published LFPV format can describe."""
     return config == ModelConfig()
+
+
+def is_published_retinexformer(config: ModelConfig) -> bool:
+    """True for plain Retinexformer (no LFPVs), which the published Retinexformer format (BasicSR) holds."""
+    return config.backbone == "retinexformer" and not config.lfpv.enabled
 
 
 def load_model(path: str | Path, backend: str = "auto", config: ModelConfig | None = None) -> LFPVNet:
@@ -289,6 +339,7 @@ def load_model(path: str | Path, backend: str = "auto", config: ModelConfig | No
     """
     obj = read_checkpoint(path)
     if obj.get("format") == FORMAT:
+        upgrade_first_format(obj)
         cfg = config or model_config_of(obj, path)
         if "model" not in obj:
             raise ValueError(f"checkpoint {path} has no 'model' entry: it holds no weights "
@@ -307,15 +358,79 @@ def load_model(path: str | Path, backend: str = "auto", config: ModelConfig | No
             if config is None:
                 raise ValueError(_not_the_published_architecture(path, state)) from exc
             raise ValueError(f"checkpoint {path}: {detail}") from exc
+    state = published_retinexformer_state_dict(obj)
+    if state is not None:
+        return _published_retinexformer(state, path, config, backend)
     raise ValueError(
         f"checkpoint {path} is neither an lfpv_fast checkpoint nor a state dict of the published LFPV "
-        "model (expected keys such as 'common_feature' and 'conv_first_1.weight')"
+        "model (expected keys such as 'common_feature' and 'conv_first_1.weight') nor a published Retinexformer "
+        "file (BasicSR's {'params': ...} with keys such as 'body.0.estimator.conv1.weight')"
     )
 
 
+def init_backbone(net: LFPVNet, path: str | Path) -> None:
+    """model.init_from: the backbone's weights from a published checkpoint of it (the LFPVs stay fresh).
+
+    A published Retinexformer file (BasicSR) for a retinexformer backbone; a published LFPV file (SNR-Aware)
+    for a snr_aware backbone (its backbone weights only); a file of ours (its backbone.* weights).
+    """
+    obj = read_checkpoint(path)
+    backbone = net.config.backbone
+    if obj.get("format") == FORMAT:
+        upgrade_first_format(obj)
+        state = check_weights(obj.get("model"), path)
+        prefix = "backbone."
+        load_weights(net.backbone, {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}, path)
+        return
+    if backbone == "retinexformer" and (state := published_retinexformer_state_dict(obj)) is not None:
+        check_weights(state, path, entry="params")
+        try:
+            net.backbone.load_published_state_dict(state)
+        except ValueError as exc:
+            raise ValueError(f"model.init_from {path}: {exc}") from None
+        return
+    if backbone == "snr_aware" and (state := published_state_dict(obj)) is not None:
+        check_weights(state, path, entry="state dict")
+        donor = LFPVNet(ModelConfig(backbone, net.config.options, _published_lfpv(state)), backend="reference")
+        try:
+            snr_aware.load_published(donor, state)
+        except (KeyError, ValueError, TypeError) as exc:
+            raise ValueError(f"model.init_from {path}: {exc.args[0] if exc.args else exc}") from None
+        net.backbone.load_state_dict(donor.backbone.state_dict())
+        return
+    raise ValueError(f"model.init_from {path}: not a checkpoint of the {backbone} backbone (expected a published "
+                     f"{backbone} file or an lfpv_fast checkpoint)")
+
+
+def _published_lfpv(state: dict[str, Any]) -> dict[str, Any]:
+    """The LFPV settings of a published LFPV state dict (its banks' and updaters' shapes), so that its backbone part
+    can be read whatever LFPVs the run itself has."""
+    state = snr_aware.strip_module_prefix(state)
+    shapes = {k: tuple(state[k].shape) for k in ("common_feature_patch", "update_feature.0.weight")
+              if torch.is_tensor(state.get(k))}
+    if len(shapes) < 2:
+        return {}
+    bank, _, patch, _ = shapes["common_feature_patch"]
+    return {"bank_size": bank, "patch_size": patch, "updater_width": shapes["update_feature.0.weight"][0]}
+
+
+def _published_retinexformer(state: dict[str, Any], path: str | Path, config: ModelConfig | None,
+                             backend: str) -> LFPVNet:
+    """A published Retinexformer file as plain Retinexformer (no LFPVs: the file holds none); its options from
+    `config` when that names the retinexformer backbone, else the published ones (n_feat 40, [1, 2, 2])."""
+    check_weights(state, path, entry="params")
+    options = config.options if config is not None and config.backbone == "retinexformer" else None
+    net = LFPVNet(ModelConfig("retinexformer", options, {"enabled": False}), backend=backend)
+    try:
+        net.backbone.load_published_state_dict(state)
+    except ValueError as exc:
+        raise ValueError(f"checkpoint {path}: {exc}") from None
+    return net
+
+
 def _not_the_published_architecture(path: str | Path, state: dict[str, Any]) -> str:
-    first = state.get("conv_first_1.weight", state.get("module.conv_first_1.weight"))
-    nf = f", nf={first.shape[0]} in this file" if torch.is_tensor(first) and first.dim() == 4 else ""
+    found = snr_aware.published_nf(state)
+    nf = f", nf={found} in this file" if found is not None else ""
     return (f"checkpoint {path} is in the published format, which holds no model config and so is read as the "
             f"published SMID architecture (nf={ModelConfig().nf}); its weights are of another architecture{nf}. "
             f"For a model trained with lfpv_fast use the run's {FINAL_WEIGHTS}, which carries its config")
@@ -328,6 +443,7 @@ def _not_the_published_architecture(path: str | Path, state: dict[str, Any]) -> 
 def check_training_checkpoint(obj: dict[str, Any], path: str | Path, model_config: ModelConfig) -> None:
     """Everything a resume will read, checked without touching any state: the entries exist and have the right
     form, the model config is the run's, the weights are finite and the random states can be restored."""
+    upgrade_first_format(obj)  # a file from before backbones: today's names and parameter order
     missing = [k for k in _TRAINING_KEYS if k not in obj]
     if obj.get("format") != FORMAT or missing:
         raise ValueError(f"checkpoint {path} is not a training checkpoint of lfpv_fast (missing {missing}); "

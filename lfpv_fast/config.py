@@ -22,7 +22,8 @@ from typing import Any, Literal
 import yaml
 
 from lfpv_fast.backends import BackendName
-from lfpv_fast.model import ModelConfig
+from lfpv_fast.models import backbone_entry
+from lfpv_fast.models.config import LEGACY_LFPV_KEYS, LFPVConfig, ModelConfig
 
 
 class ConfigError(ValueError):
@@ -354,6 +355,8 @@ def _unknown_key(key: str, valid: list[str], where: str) -> ConfigError:
 
 
 def _build_section(cls: type, values: dict[str, Any], where: str) -> Any:
+    if cls is ModelConfig:
+        return _build_model_section(values, where)
     if not isinstance(values, dict):
         raise ConfigError(f"{where}: expected a mapping of keys, got {values!r}")
     hints = typing.get_type_hints(cls)
@@ -367,6 +370,53 @@ def _build_section(cls: type, values: dict[str, Any], where: str) -> Any:
         return cls(**kwargs)
     except (ValueError, TypeError) as exc:
         raise ConfigError(f"{where}: {exc}") from exc
+
+
+MODEL_KEYS = ("backbone", "options", "lfpv", "init_from")
+
+
+def _build_model_section(values: dict[str, Any], where: str) -> ModelConfig:
+    """The model section: backbone, options, lfpv, init_from; or the first format's flat SNR-Aware keys."""
+    if not isinstance(values, dict):
+        raise ConfigError(f"{where}: expected a mapping of keys, got {values!r}")
+    backbone = values.get("backbone", "snr_aware")
+    if not isinstance(backbone, str):
+        raise ConfigError(f"{where}.backbone: expected a backbone name (str), got {backbone!r}")
+    try:
+        entry = backbone_entry(backbone)
+    except ValueError as exc:
+        raise ConfigError(f"{where}: {exc}") from None
+    flat_keys = (*(entry.legacy_flat_keys or ()), *LEGACY_LFPV_KEYS) if entry.legacy_flat_keys else ()
+    flat = {k: v for k, v in values.items() if k in flat_keys}
+    for key in values:
+        if key not in MODEL_KEYS and key not in flat_keys:
+            raise _unknown_key(str(key), [*MODEL_KEYS, *flat_keys], where)
+    if flat and ("options" in values or "lfpv" in values):
+        raise ConfigError(f"{where}: flat key {next(iter(flat))!r} (the first config format) cannot be mixed with "
+                          "'options'/'lfpv'; put it under model.options or model.lfpv")
+    options: Any = values.get("options") or {}
+    if entry.options is not dict:
+        options = dataclasses.asdict(_build_section(entry.options, options, f"{where}.options"))
+    elif not isinstance(options, dict):
+        raise ConfigError(f"{where}.options: expected a mapping of keys, got {options!r}")
+    lfpv = dataclasses.asdict(_build_section(LFPVConfig, values.get("lfpv") or {}, f"{where}.lfpv"))
+    init_from = _coerce(values.get("init_from"), str | None, f"{where}.init_from")
+    hints = typing.get_type_hints(entry.options) if entry.options is not dict else {}
+    hints.update(typing.get_type_hints(LFPVConfig))
+    hints["updater_width"] = int
+    flat = {k: _coerce(v, hints[k], f"{where}.{k}") for k, v in flat.items()}
+    try:
+        return ModelConfig(backbone, options, lfpv, init_from, **flat)
+    except (ValueError, TypeError) as exc:
+        raise ConfigError(f"{where}: {exc}") from exc
+
+
+def model_config_to_dict(config: ModelConfig) -> dict[str, Any]:
+    """The model section as plain values (nested: backbone, options, lfpv, init_from)."""
+    values = dataclasses.asdict(config)
+    if not isinstance(values["options"], dict):
+        values["options"] = dict(values["options"])
+    return values
 
 
 def section_from_dict(cls: type, values: dict[str, Any], where: str) -> Any:
@@ -399,7 +449,7 @@ def _build_config(raw: dict[str, Any], source: str) -> RunConfig:
 
 def config_to_dict(cfg: RunConfig) -> dict[str, Any]:
     """The config as a nested dict of plain values (what the run folder's config.yaml holds)."""
-    return {name: dataclasses.asdict(getattr(cfg, name)) for name in SECTIONS}
+    return {name: dataclasses.asdict(getattr(cfg, name)) for name in SECTIONS}  # model: nested (backbone, options...)
 
 
 def parse_override(text: str) -> tuple[list[str], Any]:
@@ -408,8 +458,10 @@ def parse_override(text: str) -> tuple[list[str], Any]:
         raise ConfigError(f"--set {text}: expected the form section.key=value")
     key, _, value = text.partition("=")
     parts = key.strip().split(".")
-    if len(parts) != 2 or not all(parts):
-        raise ConfigError(f"--set {text}: the key must be section.key, e.g. train.iterations")
+    nested = len(parts) == 3 and parts[0] == "model" and parts[1] in ("options", "lfpv")
+    if (len(parts) != 2 and not nested) or not all(parts):
+        raise ConfigError(f"--set {text}: the key must be section.key, e.g. train.iterations (or "
+                          "model.options.KEY / model.lfpv.KEY)")
     try:
         parsed = yaml.safe_load(value) if value.strip() else None
     except yaml.YAMLError as exc:
@@ -440,8 +492,13 @@ def _apply_overrides(cfg: RunConfig, overrides: list[str] | tuple[str, ...]) -> 
     """`--set section.key=value` on top of the file's values; an error names the override it comes from."""
     changes: dict[str, dict[str, Any]] = {}
     given: dict[str, list[str]] = {}
+    model_overrides = []
     for text in overrides:
-        (section, key), value = parse_override(text)
+        parts, value = parse_override(text)
+        if parts[0] == "model":
+            model_overrides.append((text, parts[1:], value))
+            continue
+        section, key = parts
         where = f"--set {text}"
         if section not in SECTIONS:
             raise _unknown_key(section, list(SECTIONS), where)
@@ -454,12 +511,37 @@ def _apply_overrides(cfg: RunConfig, overrides: list[str] | tuple[str, ...]) -> 
             value = ""  # `--set data.lq_prefix=` clears a text key (an empty value is null only where null is valid)
         changes.setdefault(section, {})[key] = _coerce(value, hint, f"{where}: {section}.{key}")
         given.setdefault(section, []).append(where)
+    if model_overrides:
+        cfg.model = _override_model(cfg.model, model_overrides)
     # One replace per section: a section's own checks across its keys see all of its overrides at once.
     for section, values in changes.items():
         try:
             setattr(cfg, section, dataclasses.replace(getattr(cfg, section), **values))
         except (ValueError, TypeError) as exc:
             raise ConfigError(f"{', '.join(given[section])}: {section}: {exc}") from exc
+
+
+def _override_model(model: ModelConfig, overrides: list[tuple[str, list[str], Any]]) -> ModelConfig:
+    """`--set model.KEY=V`, `model.options.KEY=V`, `model.lfpv.KEY=V` (and the first format's flat keys,
+    `model.nf=8`, which go to options or lfpv) applied together, then the section built and checked again."""
+    values = model_config_to_dict(model)
+    flat = backbone_entry(model.backbone).legacy_flat_keys or ()
+    for _, path, value in overrides:
+        if path == ["backbone"] and value != values["backbone"]:
+            values["options"] = {}  # another backbone's options do not carry over
+        if len(path) == 2:
+            values[path[0]] = {**values[path[0]], path[1]: value}
+        elif path[0] == "updater_width" and flat:  # first format: a multiple of nf
+            nf = values["options"]["nf"]
+            values["lfpv"]["updater_width"] = None if value == 4 else (value * nf if isinstance(value, int) else value)
+        elif path[0] in ("bank_size", "patch_size"):
+            values["lfpv"][path[0]] = value
+        elif path[0] in flat:
+            values["options"][path[0]] = value
+        else:
+            values[path[0]] = value
+    where = ", ".join(f"--set {text}" for text, _, _ in overrides)
+    return _build_model_section(values, f"{where}: model")
 
 
 def validate(cfg: RunConfig, where: str | None = None) -> None:

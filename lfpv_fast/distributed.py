@@ -286,6 +286,8 @@ def _global_batchnorm(module: nn.Module) -> nn.Module:
 
 def sync_sample_updater_batchnorms(net: LFPVNet, use_cuda: bool) -> None:
     """Make the sample-updater MLPs' BatchNorms use global-batch statistics (state dict keys unchanged)."""
+    if net.lfpv is None:  # the plain backbone (model.lfpv.enabled=false) has no updaters
+        return
     for name in ("sample_vector_mlp", "sample_patch_mlp"):
         mlp = getattr(net.lfpv, name)
         synced = nn.SyncBatchNorm.convert_sync_batchnorm(mlp) if use_cuda else _global_batchnorm(mlp)

@@ -363,6 +363,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     enhancer = ImageEnhancer(net, device, tile=args.tile, overlap=args.tile_overlap, batch_size=args.batch_size,
                              max_pixels=args.max_pixels, max_memory=args.max_memory, precision=args.precision,
                              compile=args.compile, max_decoded_bytes=args.max_image_size)
+    if enhancer.note is not None:
+        note(enhancer.note)
 
     todo = _still_to_write(jobs, args.overwrite, note)
     if not todo:

@@ -38,9 +38,10 @@ from lfpv_fast.inference import (
     compile_stages,
     estimate_peak_bytes,
     prepare_for_inference,
+    strip_path,
     whole_image_forward,
 )
-from lfpv_fast.model import LFPVNet
+from lfpv_fast.models import LFPVNet
 
 DEFAULT_TILE = 1024
 DEFAULT_OVERLAP = 64
@@ -156,6 +157,11 @@ def plan_enhancement(net: LFPVNet, batch: int, height: int, width: int, *, tile:
     if estimate <= budget:
         return EnhancePlan(False, None, estimate, budget, f"estimated peak {_gib(estimate)} <= {_gib(budget)} "
                            f"of {source}")
+    if strip_path(net) is None:
+        # Tiles would change the result (the backbone's attention spans the whole image): refuse, before any work.
+        raise ValueError(f"{width}x{height}: the {net.config.backbone} backbone runs a whole image untiled and needs "
+                         f"an estimated {_gib(estimate)}, more than {_gib(budget)} of {source}; use a smaller image, "
+                         "a device with more memory, or --tile N for approximate tiles")
     if not linear:
         hint = "; backend 'reference' holds the whole L x L attention, --backend auto does not"
     else:
@@ -177,7 +183,8 @@ def enhance_image(net: LFPVNet, image: np.ndarray | torch.Tensor, tile: int | No
     image: (3,H,W) or (B,3,H,W) tensor, or an (H,W,3) numpy array; H, W >= 16. The model runs on its
     own device and dtype (the net is put in eval mode for the call); a tensor result is returned on the
     input's device.
-    snr: the SNR map (B,1,H,W); default `net.snr_mask(image)`, computed from the whole image.
+    snr: the SNR map (B,1,H,W); default `net.snr_mask(image)`, computed from the whole image (None for a backbone
+    without a guide map, e.g. Retinexformer).
     Whole image or tiles: as `plan_enhancement(net, ..., tile, max_pixels, max_memory)` decides (or
     `plan`): the whole image, exactly `net(x, snr)` in bounded memory (`whole_image_forward`), when it
     fits; else tiles of tile x tile pixels (a multiple of the model's alignment, 16), overlapping
@@ -196,7 +203,7 @@ def enhance_image(net: LFPVNet, image: np.ndarray | torch.Tensor, tile: int | No
     if not x.is_floating_point():
         raise TypeError(f"enhance_image expects a float image in [0, 1], got dtype {x.dtype}")
     b, _, height, width = x.shape
-    align = net.config.align
+    align = net.align
     problem = size_problem(height, width, align)
     if problem is not None:
         raise ValueError(f"enhance_image: {problem}")
@@ -227,7 +234,8 @@ def enhance_image(net: LFPVNet, image: np.ndarray | torch.Tensor, tile: int | No
                     raise ValueError(f"snr must have shape {(b, 1, height, width)}, got {tuple(snr.shape)}")
                 snr = snr.to(device, dtype)
             if tile is None:
-                out = torch.cat([whole_image_forward(net, x[i:i + batch_size], snr[i:i + batch_size]).float()
+                out = torch.cat([whole_image_forward(net, x[i:i + batch_size],
+                                                     None if snr is None else snr[i:i + batch_size]).float()
                                  for i in range(0, b, batch_size)])
             else:
                 out = _enhance_tiled(net, x, snr, tile, overlap, batch_size)
@@ -241,15 +249,15 @@ def enhance_image(net: LFPVNet, image: np.ndarray | torch.Tensor, tile: int | No
     return out[0] if layout == "chw" else out
 
 
-def _enhance_tiled(net: LFPVNet, x: torch.Tensor, snr: torch.Tensor, tile: int, overlap: int,
+def _enhance_tiled(net: LFPVNet, x: torch.Tensor, snr: torch.Tensor | None, tile: int, overlap: int,
                    batch_size: int) -> torch.Tensor:
     b, _, height, width = x.shape
-    align = net.config.align
+    align = net.align
     # Pad to a multiple of the alignment so that all tiles are aligned and none needs a resize.
     pad_h, pad_w = -height % align, -width % align
     if pad_h or pad_w:
         x = F.pad(x, (0, pad_w, 0, pad_h), mode="reflect")
-        snr = F.pad(snr, (0, pad_w, 0, pad_h), mode="reflect")
+        snr = None if snr is None else F.pad(snr, (0, pad_w, 0, pad_h), mode="reflect")
     hp, wp = height + pad_h, width + pad_w
     th, tw = min(tile, hp), min(tile, wp)
     ys, xs = tile_starts(hp, th, overlap, align), tile_starts(wp, tw, overlap, align)
@@ -265,7 +273,8 @@ def _enhance_tiled(net: LFPVNet, x: torch.Tensor, snr: torch.Tensor, tile: int, 
         for first in range(0, len(tiles), batch_size):
             chunk = tiles[first:first + batch_size]
             crops = torch.stack([x[image, :, ys[i]:ys[i] + th, xs[j]:xs[j] + tw] for i, j in chunk])
-            masks = torch.stack([snr[image, :, ys[i]:ys[i] + th, xs[j]:xs[j] + tw] for i, j in chunk])
+            masks = None if snr is None else torch.stack([snr[image, :, ys[i]:ys[i] + th, xs[j]:xs[j] + tw]
+                                                          for i, j in chunk])
             out = whole_image_forward(net, crops, masks).float()
             for (i, j), result in zip(chunk, out, strict=True):
                 weight = (wy[i][:, None] * wx[j][None, :]).to(result)
@@ -290,6 +299,10 @@ class ImageEnhancer:
                  max_memory: int | None = None, precision: str = "fp32", compile: bool = False,
                  max_decoded_bytes: int | None = DEFAULT_MAX_DECODED_BYTES) -> None:
         self.net = prepare_for_inference(net.to(device), device)
+        # Said once per run: why images of this backbone are not tiled to fit memory.
+        self.note = (None if strip_path(self.net) is not None else
+                     f"note: the {net.config.backbone} backbone has no exact strip path (its attention spans the "
+                     "whole image): each image runs untiled, and one that would not fit memory is refused")
         if compile:
             compile_stages(self.net)
         self.device = device
@@ -303,15 +316,20 @@ class ImageEnhancer:
         ImageReadError (FileNotFoundError for a missing file) naming the file, else what decoding will give.
         """
         info = read_image_info(path, self.max_decoded_bytes)
-        problem = size_problem(info.height, info.width, self.net.config.align)
+        problem = size_problem(info.height, info.width, self.net.align)
         if problem is not None:
             raise ImageReadError(f"{path}: {problem}")
+        if self.note is not None:  # untiled: an image that would not fit is refused now, before any work
+            try:
+                self.plan(1, info.height, info.width)
+            except ValueError as exc:
+                raise ImageReadError(f"{path}: {exc}") from None
         return info
 
     def read(self, path: str | Path) -> LoadedImage:
         """Decode the file (its header is checked first, by the reader); ImageReadError naming it if it cannot be."""
         image = read_image(path, self.max_decoded_bytes)
-        problem = size_problem(*image.size, self.net.config.align)
+        problem = size_problem(*image.size, self.net.align)
         if problem is not None:
             raise ImageReadError(f"{path}: {problem}")
         return image

@@ -17,7 +17,6 @@ import os
 import sys
 import tempfile
 import time
-from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
@@ -25,13 +24,19 @@ import torch
 from tqdm import tqdm
 
 from lfpv_fast.backends import BACKENDS, require_backend
-from lfpv_fast.checkpoint import atomic_write_text, load_model, published_state_dict, read_checkpoint
+from lfpv_fast.checkpoint import (
+    atomic_write_text,
+    load_model,
+    published_retinexformer_state_dict,
+    published_state_dict,
+    read_checkpoint,
+)
 from lfpv_fast.cli import ArgumentParser, fail, resolve_device
-from lfpv_fast.config import ConfigError, RunConfig, load_config
+from lfpv_fast.config import ConfigError, RunConfig, load_config, model_config_to_dict
 from lfpv_fast.data.errors import DataError
 from lfpv_fast.inference import PRECISIONS, autocast, check_precision, prepare_for_inference
 from lfpv_fast.metrics import psnr, psnr_gt_mean, quantize, ssim
-from lfpv_fast.model import LFPVNet, ModelConfig
+from lfpv_fast.models import LFPVNet, ModelConfig
 
 
 def to_uint8_hwc(image: torch.Tensor) -> np.ndarray:
@@ -160,12 +165,21 @@ def describe_model_config(used: ModelConfig, from_checkpoint: bool, cfg: RunConf
     """One line: which model config runs and where it came from (the checkpoint's wins over the config file's)."""
     if not from_checkpoint:
         return f"model config: the model section of {cfg.source} (the published format carries none)"
-    ours, theirs = asdict(used), asdict(cfg.model)
-    differs = [f"{k}={ours[k]} (config: {k}={theirs[k]})" for k in ours if ours[k] != theirs.get(k)]
+    ours, theirs = _flat_fields(used), _flat_fields(cfg.model)
+    differs = [f"{k}={ours[k]} (config: {k}={theirs.get(k)})" for k in ours if ours[k] != theirs.get(k)]
     if not differs:
         return f"model config: from the checkpoint (the same as the model section of {cfg.source})"
     return (f"model config: from the checkpoint, which differs from the model section of {cfg.source} in "
             + ", ".join(differs))
+
+
+def _flat_fields(config: ModelConfig) -> dict[str, object]:
+    """backbone, options.KEY, lfpv.KEY: the model config's fields as one flat mapping (for messages)."""
+    values = model_config_to_dict(config)
+    flat = {"backbone": values["backbone"]}
+    flat.update({f"options.{k}": v for k, v in values["options"].items()})
+    flat.update({f"lfpv.{k}": v for k, v in values["lfpv"].items()})
+    return flat
 
 
 def check_writable(target: Path, flag: str, folder: bool = False) -> None:
@@ -225,12 +239,15 @@ def main(argv: list[str] | None = None) -> int:
         check_precision(args.precision, device)
         require_backend(args.backend, device)
         raw = read_checkpoint(args.checkpoint)
-        published = published_state_dict(raw) is not None
+        published_lfpv = published_state_dict(raw) is not None
+        published_retinexformer = not published_lfpv and published_retinexformer_state_dict(raw) is not None
+        published = published_lfpv or published_retinexformer
         # A published checkpoint carries no config: the config file's model section describes it.
         net = load_model(args.checkpoint, backend=args.backend, config=cfg.model if published else None)
     except (ConfigError, FileNotFoundError, ValueError) as exc:
         return fail(str(exc))
-    kind = "published SMID format" if published else "lfpv_fast"
+    kind = ("published SMID format" if published_lfpv else
+            "published Retinexformer format, plain Retinexformer" if published_retinexformer else "lfpv_fast")
     print(f"checkpoint {args.checkpoint} ({kind}); device {device}, {args.precision}"
           f"{', compiled' if args.compile else ''}; test split of {cfg.source}")
     print(describe_model_config(net.config, not published, cfg))
@@ -243,7 +260,8 @@ def main(argv: list[str] | None = None) -> int:
     summary.update(checkpoint=str(args.checkpoint), checkpoint_format=kind, config=cfg.source,
                    device=str(device), precision=args.precision, compiled=args.compile,
                    seconds=round(time.perf_counter() - start, 2),
-                   model_config=asdict(net.config), model_config_source="config" if published else "checkpoint")
+                   model_config=model_config_to_dict(net.config),
+                   model_config_source="config" if published else "checkpoint")
     if "per_image" in summary:
         print(format_image_table(summary))
         print(f"input (dark) PSNR, mean of images: {summary['input_psnr']:.4f}")

@@ -16,6 +16,7 @@ recomputed per strip rather than kept: 3 input channels make it the cheapest con
 
 from __future__ import annotations
 
+import ast
 import dataclasses
 import functools
 from collections.abc import Callable
@@ -54,17 +55,59 @@ def _in_strips(fn: Callable[..., torch.Tensor], inputs: list[tuple[torch.Tensor,
 
 
 @torch.no_grad()
-def whole_image_forward(net: LFPVNet, x: torch.Tensor, snr: torch.Tensor,
+def whole_image_forward(net: LFPVNet, x: torch.Tensor, snr: torch.Tensor | None,
                         strip_rows: int = DEFAULT_STRIP_ROWS) -> torch.Tensor:
-    """Eval-mode `net(x, snr)` of the whole image, with the full-resolution stages run in strips.
+    """Eval-mode `net(x, snr)` of the whole image: in strips where the backbone has an exact strip path
+    (`strip_path`), else untiled (the whole image in one forward, memory as `estimate_peak_bytes` counts).
 
-    x (B,3,H,W), snr (B,1,H,W) on the net's device. strip_rows: full-resolution rows per strip (even).
+    x (B,3,H,W), snr (B,1,H,W) or None on the net's device. strip_rows: full-resolution rows per strip (even).
     """
     if net.training:
         raise RuntimeError("whole_image_forward is for inference: put the net in eval mode first")
     if strip_rows < 2 or strip_rows % 2:
         raise ValueError(f"strip_rows must be a positive even number, got {strip_rows}")
+    path = strip_path(net)
+    if path is None:
+        forward = getattr(net, "compiled_forward", None) or net
+        return forward(x, snr)
+    return path(net, x, snr, strip_rows)
+
+
+# Exact strip paths of other backbones: backbone class -> fn(net, x, guide, strip_rows) computing eval-mode
+# net(x, guide) bit-for-bit up to summation order. SNR-Aware and Retinexformer (at its default site) are built in.
+STRIP_PATHS: dict[type, Callable[..., torch.Tensor]] = {}
+
+
+def strip_path(net: LFPVNet) -> Callable[..., torch.Tensor] | None:
+    """The exact strip forward of the net's backbone, or None (the whole image runs in one forward)."""
+    from lfpv_fast.models.retinexformer import RetinexFormer
+    from lfpv_fast.models.snr_aware import SNRAware
+
+    if isinstance(net.backbone, SNRAware):
+        return _snr_aware_strips
+    if isinstance(net.backbone, RetinexFormer) and (net.lfpv is None or net.site.name == net.backbone.default_site):
+        return _retinexformer_strips  # its strip path fuses the LFPVs at the bottleneck, strip by strip
+    return STRIP_PATHS.get(type(net.backbone))
+
+
+def _retinexformer_strips(net: LFPVNet, x: torch.Tensor, guide: torch.Tensor | None, strip_rows: int) -> torch.Tensor:
+    """Retinexformer by strips (lfpv_fast.retinexformer_strips: two passes per attention layer), the LFPV fusion
+    applied to each bottleneck strip; strips of a multiple of the alignment (16 with LFPVs: whole bank patches)."""
+    from lfpv_fast.retinexformer_strips import retinexformer_whole_image_forward
+
     height, width = x.shape[-2:]
+    x, _ = net.aligned_inputs(x, None)
+    ops = net.ops_for(x)
+    rows = max(net.align, strip_rows // net.align * net.align)
+    at_site = None if net.lfpv is None else (lambda features: net.fuse(features, ops))
+    out = retinexformer_whole_image_forward(net.backbone, x, rows, at_site=at_site)
+    return net._restore_size(out, height, width)
+
+
+def _snr_aware_strips(net: LFPVNet, x: torch.Tensor, snr: torch.Tensor | None, strip_rows: int) -> torch.Tensor:
+    height, width = x.shape[-2:]
+    if snr is None:
+        snr = net.guide(x)
     x, snr = net.aligned_inputs(x, snr)  # as LFPVNet.forward: to a multiple of the alignment, and back at the end
     ops = net.ops_for(x)
     aligned = list(x.shape[-2:])
@@ -80,8 +123,8 @@ def whole_image_forward(net: LFPVNet, x: torch.Tensor, snr: torch.Tensor,
 
 
 def uses_channels_last(net: LFPVNet) -> bool:
-    return net.encoder.conv_full.weight.is_contiguous(memory_format=torch.channels_last) and \
-        net.encoder.conv_full.weight.shape[-1] > 1
+    weight = next((p for p in net.parameters() if p.dim() == 4 and p.shape[-1] > 1), None)
+    return weight is not None and weight.is_contiguous(memory_format=torch.channels_last)
 
 
 def prepare_for_inference(net: LFPVNet, device: torch.device) -> LFPVNet:
@@ -102,19 +145,21 @@ class InferenceStages:
 
     def encode_strip(self, x: torch.Tensor) -> torch.Tensor:
         """Input rows -> the half-resolution skip (the full-resolution map lives only per strip)."""
-        encoder = self.net.encoder
+        encoder = self.net.backbone.encoder
         return encoder.half_res(encoder.full_res(x))
 
     def middle(self, half: torch.Tensor, snr: torch.Tensor, ops) -> torch.Tensor:
         """Quarter resolution on the whole image: LFPV fusion, transformer, blend, first upsampling."""
         net = self.net
-        quarter = net.encoder.quarter_res(half)
-        features = net.lfpv.fuse(net.encoder.blocks(quarter), net.bank_vectors, net.bank_patches, ops)
-        return net.decoder.half_res(features, snr, quarter, ops)
+        encoder, decoder = net.backbone.encoder, net.backbone.decoder
+        quarter = encoder.quarter_res(half)
+        features = net.fuse(encoder.blocks(quarter), ops)
+        return decoder.half_res(features, snr, quarter, ops)
 
     def decode_strip(self, up: torch.Tensor, half: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         """The last upsampling and the full-resolution convs of a strip (the encoder's first conv recomputed)."""
-        return self.net.decoder.full_res(up, half, self.net.encoder.full_res(x), x)
+        backbone = self.net.backbone
+        return backbone.decoder.full_res(up, half, backbone.encoder.full_res(x), x)
 
 
 def compile_stages(net: LFPVNet) -> None:
@@ -122,6 +167,9 @@ def compile_stages(net: LFPVNet) -> None:
 
     dynamic=True: image sizes and strip heights vary, and one compiled graph serves them all.
     """
+    if strip_path(net) is not _snr_aware_strips:
+        net.compiled_forward = torch.compile(net, dynamic=True)
+        return
     eager = InferenceStages(net)
     stages = InferenceStages(net)
     stages.encode_strip = torch.compile(eager.encode_strip, dynamic=True)
@@ -155,6 +203,10 @@ def estimate_peak_bytes(config: ModelConfig, batch: int, height: int, width: int
     full-resolution stages. linear_attention=False is the reference op, which holds B x heads x L x L
     scores (three of them at once: scores, masked scores, softmax).
     """
+    if config.backbone == "retinexformer":
+        return _estimate_retinexformer(config, batch, height, width, element_size, strip_rows)
+    if config.backbone != "snr_aware":
+        return _estimate_untiled(config, batch, height, width, element_size)
     nf, hr = config.nf, config.hr_nf
     pixels = batch * height * width
     a = config.align
@@ -176,14 +228,44 @@ def estimate_peak_bytes(config: ModelConfig, batch: int, height: int, width: int
                           weights=weight_bytes)
 
 
+def _estimate_retinexformer(config: ModelConfig, batch: int, height: int, width: int, element_size: int,
+                            strip_rows: int) -> MemoryEstimate:
+    """lfpv_fast.retinexformer_strips' measured estimate: by strips where `whole_image_forward` runs strips (the
+    default site or no LFPVs), else untiled; the LFPV fusion at the bottleneck adds a strip-sized map."""
+    from lfpv_fast.retinexformer_strips import estimate_retinexformer_peak_bytes
+
+    o = config.options
+    by_strips = not config.lfpv.enabled or config.lfpv.site in (None, "bottleneck")
+    rows = max(config.align, strip_rows // config.align * config.align) if by_strips else None
+    peak = estimate_retinexformer_peak_bytes(o.n_feat, o.num_blocks, batch, height, width, element_size, rows,
+                                             o.in_channels)
+    return MemoryEstimate(whole_image=peak, attention=0, weights=_parameter_count(config) * 4)
+
+
+def _estimate_untiled(config: ModelConfig, batch: int, height: int, width: int, element_size: int) -> MemoryEstimate:
+    """Peak of one untiled eval forward of a backbone without a strip path, in bytes: a rough count for a
+    U-Net-like network with C the LFPV site's channels (the input, output and lit-up copies, about 16 x C feature
+    values a pixel at full resolution, 8 maps' worth at each coarser level). Checked on Retinexformer's untiled
+    forward (n_feat 40, backend auto on the CPU, peak RSS above the start): 0.69 GiB at 512x512 and 2.31 GiB at
+    1024x1024, for counts of 0.87 and 3.3 GiB.
+    """
+    width_c = config.site.channels
+    pixels = batch * height * width
+    per_pixel = 4 * 3 + 16 * width_c + 2 * width_c * 8 / 4 + 4 * width_c * 8 / 16
+    attention = 0  # the channel attention holds heads x d x d per image: negligible
+    return MemoryEstimate(whole_image=int(per_pixel * pixels) * element_size, attention=attention,
+                          weights=_parameter_count(config) * 4)
+
+
 def _parameter_count(config: ModelConfig) -> int:
-    return _parameter_count_of(tuple(sorted(dataclasses.asdict(config).items())))
+    return _parameter_count_of(repr(dataclasses.asdict(config)))
 
 
 @functools.lru_cache(maxsize=8)
-def _parameter_count_of(config_items: tuple) -> int:
+def _parameter_count_of(config_repr: str) -> int:
+    config = ModelConfig(**ast.literal_eval(config_repr))
     with torch.device("meta"):
-        net = LFPVNet(ModelConfig(**dict(config_items)), backend="reference")
+        net = LFPVNet(config, backend="reference")
     return sum(p.numel() for p in net.parameters()) + sum(b.numel() for b in net.buffers())
 
 

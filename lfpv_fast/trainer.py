@@ -43,7 +43,9 @@ from lfpv_fast import distributed
 from lfpv_fast.checkpoint import (
     atomic_save,
     check_training_checkpoint,
+    init_backbone,
     is_published_architecture,
+    is_published_retinexformer,
     load_weights,
     read_checkpoint,
     restore_training_state,
@@ -56,7 +58,8 @@ from lfpv_fast.data.errors import DataError
 from lfpv_fast.fast_path import Features, resolve_features
 from lfpv_fast.losses import PerceptualLoss, charbonnier_loss
 from lfpv_fast.metrics import psnr_batch, ssim_batch
-from lfpv_fast.model import BankDraws, LFPVNet
+from lfpv_fast.models import BankDraws, LFPVNet
+from lfpv_fast.models.retinexformer import published_checkpoint
 from lfpv_fast.run_folder import CHECKPOINT_PATTERN, RunFolder, checkpoint_step
 
 
@@ -102,9 +105,8 @@ def cosine_restart_lambda(lr: float, period: int, eta_min: float):
 
 
 def feature_hw(cfg: RunConfig, height: int, width: int) -> tuple[int, int]:
-    """Size of the feature map the bank updaters sample: 1/4 of the input cut down to cfg.model.align."""
-    a = cfg.model.align
-    return height // a * a // 4, width // a * a // 4
+    """Size of the feature map the bank updaters sample: the LFPV site's map of the input cut down to the alignment."""
+    return cfg.model.feature_hw(height, width)
 
 
 class StopSignal:
@@ -356,6 +358,9 @@ class Trainer:
             net = net.to(memory_format=torch.channels_last)
         if checkpoint is not None:
             load_weights(net, checkpoint["model"], path)
+        elif self.cfg.model.init_from:
+            init_backbone(net, self.cfg.model.init_from)
+            self.log(f"model.init_from: the backbone starts from {self.cfg.model.init_from} (LFPVs fresh)")
         return net
 
     def _build_perceptual_loss(self) -> PerceptualLoss | None:
@@ -472,12 +477,18 @@ class Trainer:
     # -----------------------------------------------------------------------------------------
     # One step
 
-    def loss(self, out: torch.Tensor, without_lfpv: torch.Tensor, gt: torch.Tensor) -> torch.Tensor:
-        """Published: Charbonnier on both outputs, plus the perceptual loss on the output without the LFPV."""
+    def loss(self, out: torch.Tensor, without_lfpv: torch.Tensor | None, gt: torch.Tensor) -> torch.Tensor:
+        """Published: Charbonnier on both outputs, plus the perceptual loss on the output without the LFPV.
+
+        The plain backbone (model.lfpv.enabled=false, without_lfpv None) has one output: the pixel loss on it once
+        and the perceptual loss on it (the ablation's plain side sees the same terms minus the LFPV output's)."""
         t = self.cfg.train
-        loss = t.pixel_weight * (charbonnier_loss(out.float(), gt) + charbonnier_loss(without_lfpv.float(), gt))
+        loss = t.pixel_weight * charbonnier_loss(out.float(), gt)
+        if without_lfpv is not None:
+            loss = loss + t.pixel_weight * charbonnier_loss(without_lfpv.float(), gt)
         if self.perceptual is not None:
-            loss = loss + t.perceptual_weight * self.perceptual(without_lfpv, gt).float()
+            loss = loss + t.perceptual_weight * self.perceptual(out if without_lfpv is None else without_lfpv,
+                                                                gt).float()
         return loss
 
     def autocast(self) -> contextlib.AbstractContextManager:
@@ -494,9 +505,11 @@ class Trainer:
             lq = lq.contiguous(memory_format=torch.channels_last)
         snr = net.snr_mask(lq)  # on the device, from the crop as augmented (as published)
         # The draws come from the shared generator on the host, then travel pinned and asynchronously.
-        draws = BankDraws.sample(feature_hw(self.cfg, *lq.shape[-2:]), net.config.bank_size, net.config.patch_size,
-                                 net.draw_generator)
-        if self.device.type == "cuda":
+        draws = None
+        if net.lfpv_enabled:
+            draws = BankDraws.sample(feature_hw(self.cfg, *lq.shape[-2:]), net.config.lfpv.bank_size,
+                                     net.config.lfpv.patch_size, net.draw_generator)
+        if draws is not None and self.device.type == "cuda":
             draws = BankDraws(*(x.pin_memory() for x in (draws.vector_pos, draws.patch_pos, draws.vector_partner,
                                                          draws.patch_partner))).to(self.device)
         with self.autocast():
@@ -752,6 +765,9 @@ class Trainer:
         if is_published_architecture(self.net.config):
             atomic_save(self.net.to_original_state_dict(), original)
             published = f"; published format: {original}"
+        elif is_published_retinexformer(self.net.config):
+            atomic_save(published_checkpoint(self.net.backbone), original)
+            published = f"; published Retinexformer format: {original}"
         else:
             # The published format has no room for a config: a reader takes it for the SMID architecture.
             published = (f"; {original.name} is not written: the published format holds only the published "

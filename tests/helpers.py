@@ -48,10 +48,14 @@ def write_tiny_checkpoint(path: Path) -> Path:
 
 
 def model_overrides(config: ModelConfig) -> list[str]:
-    """The `--set` overrides (model.<field>=<value>) that give a run `config`: the fields off the default."""
+    """The `--set` overrides that give a run `config` (an SNR-Aware one): model.<option>=<value> and
+    model.lfpv.<key>=<value> for the fields off the default."""
     default = ModelConfig()
-    return [f"model.{f.name}={getattr(config, f.name)}" for f in dataclasses.fields(ModelConfig)
-            if getattr(config, f.name) != getattr(default, f.name)]
+    options = [f"model.{f.name}={getattr(config.options, f.name)}" for f in dataclasses.fields(config.options)
+               if getattr(config.options, f.name) != getattr(default.options, f.name)]
+    lfpv = [f"model.lfpv.{f.name}={getattr(config.lfpv, f.name)}" for f in dataclasses.fields(config.lfpv)
+            if getattr(config.lfpv, f.name) != getattr(default.lfpv, f.name)]
+    return options + lfpv
 
 
 # The training tests' run: TINY with one wider head, a bigger bank and updater, on 64x48 demo frames, a

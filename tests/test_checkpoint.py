@@ -147,7 +147,7 @@ def _malformed(name: str) -> tuple[dict, str]:
         return _ours(model_config=[8, 8, 1]), "'model_config' is a list"
     if name == "model_config of another width":
         obj = _ours()
-        obj["model_config"] = dict(obj["model_config"], nf=12)
+        obj["model_config"] = dict(obj["model_config"], options=dict(obj["model_config"]["options"], nf=12))
         return obj, "differ in shape"
     if name == "empty model":
         return _ours(model={}), "holds no weights"

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from lfpv_fast.config import ConfigError, config_to_dict, configs_dir, load_config
+from lfpv_fast.config import ConfigError, config_from_dict, config_to_dict, configs_dir, load_config
 
 
 def test_smid_config_carries_the_published_recipe():
@@ -19,7 +19,7 @@ def test_smid_config_carries_the_published_recipe():
 @pytest.mark.parametrize("name", sorted(p.name for p in configs_dir().glob("*.yaml")))
 def test_every_packaged_config_loads(name):
     cfg = load_config(name)
-    assert config_to_dict(cfg)["model"]["nf"] == cfg.model.nf
+    assert config_from_dict(config_to_dict(cfg)).model == cfg.model
 
 
 def test_overrides_are_parsed_as_yaml():
@@ -48,7 +48,7 @@ def test_wrong_type_names_key_and_expected_type(tmp_path):
         load_config("smid", ["data.loader=opencv"])
     with pytest.raises(ConfigError, match=r"data.flips: expected bool"):
         load_config("smid", ["data.flips=3"])
-    with pytest.raises(ConfigError, match="model: ModelConfig.nf must be >= 1"):
+    with pytest.raises(ConfigError, match="model.options: model.nf must be >= 1"):
         load_config("smid", ["model.nf=0"])
     p = tmp_path / "bad.yaml"
     p.write_text("train: [1, 2]\n")

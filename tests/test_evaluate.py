@@ -81,7 +81,7 @@ def test_evaluate_published_format_checkpoint(demo_root, tmp_path):
                                         "--out", str(tmp_path / "r.json")])
     assert code == 0
     res = json.loads((tmp_path / "r.json").read_text())
-    assert res["checkpoint_format"] == "published SMID format" and res["model_config"]["nf"] == 64
+    assert res["checkpoint_format"] == "published SMID format" and res["model_config"]["options"]["nf"] == 64
     assert np.isfinite(res["psnr"])
 
 

@@ -87,7 +87,7 @@ def test_bias_zero_gradient_rule_is_not_vacuous(case):
     """The fingerprint check must fail when a gradient is wrong (here: scaled by 1 + 1e-5)."""
     net = golden_net(case)
     run_training_step(net, case)
-    p = net.encoder.conv_full.weight
+    p = net.backbone.encoder.conv_full.weight
     p.grad.mul_(1 + 1e-5)
     with pytest.raises(AssertionError):
         check_fingerprints(net, case["train_grad_fingerprints"])

@@ -54,7 +54,7 @@ def test_untiled_enhance_equals_the_reference_forward_of_the_whole_image(prepare
     reference_net, auto_net = tiny_net("reference"), tiny_net("auto")
     if prepared:
         prepare_for_inference(auto_net, torch.device("cpu"))
-        assert auto_net.encoder.conv_full.weight.is_contiguous(memory_format=torch.channels_last)
+        assert auto_net.backbone.encoder.conv_full.weight.is_contiguous(memory_format=torch.channels_last)
     x = dark_image(208, 320)
     snr = reference_net.snr_mask(x)
     with torch.no_grad():

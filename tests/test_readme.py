@@ -19,7 +19,12 @@ CLI_MODULES = sorted(set(re.findall(r"python -m (lfpv_fast(?:\.\w+)+)", README))
 
 
 def all_config_keys() -> set[str]:
-    return {f"{s}.{f.name}" for s, cls in SECTIONS.items() for f in dataclasses.fields(cls)}
+    from lfpv_fast.models import BACKBONES
+
+    keys = {f"{s}.{f.name}" for s, cls in SECTIONS.items() for f in dataclasses.fields(cls)}
+    # The model section's flat keys of the first format (SNR-Aware options and three LFPV keys) stay valid.
+    return keys | {f"model.{k}" for k in (*BACKBONES["snr_aware"].legacy_flat_keys, "bank_size", "patch_size",
+                                          "updater_width")}
 
 
 def test_readme_names_the_two_commands():
