@@ -52,7 +52,7 @@ class Target:
     interpreter: bool = False  # runs under TRITON_INTERPRET here: only interpreter workarounds look at this
 
 
-# An H100 SXM and an A100: the cards the compile gate builds for (tests/test_compile_gate.py).
+# An H100 SXM and an A100: the cards the compile gate builds for (bench/compile_gate.py, tests/test_compile_gate.py).
 TARGETS = {
     "sm_90": Target("sm_90", 90, 132, 232448),
     "sm_80": Target("sm_80", 80, 108, 166912),

@@ -4,7 +4,7 @@ The op (see `lfpv_fast.reference.query_fusion`) adds to every feature pixel the 
 the raw vector bank (queries: LayerNorm of the pixel's C-vector, keys: LayerNorm of the bank) and to
 every p x p patch the same over the patch bank (D = C*p*p values per patch, channel-major).
 
-Design (sizes chosen with the compile gate, `python -m lfpv_fast.kernels.compile_gate`: shared memory
+Design (sizes chosen with the compile gate, `python bench/compile_gate.py`: shared memory
 well under both cards; no spills for the published model's fp32, bf16 and mix builds on sm_90 and sm_80
 with Triton 3.6 and 3.9; the demo model's forward and some float16/float64 builds do spill, listed per
 version in bench/results/compile-triton-*.md):
