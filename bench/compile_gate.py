@@ -53,6 +53,7 @@ import triton
 from torch._subclasses.fake_tensor import FakeTensorMode
 
 from lfpv_fast.kernels._common import TARGETS, LaunchRecord, Target, TensorSpec, record_launches
+from lfpv_fast.kernels.runtime import interpreting
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -787,7 +788,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--compile-jobs", type=Path, help=argparse.SUPPRESS)
     parser.add_argument("--compile-results", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
-    if os.environ.get("TRITON_INTERPRET", "0") == "1":
+    if interpreting():
         parser.error("run without TRITON_INTERPRET=1: the interpreter replaces the kernels' JIT functions")
     # Triton 3.9 warns that its default (fused multiply-adds allowed) changes in 3.10: build with the
     # default the kernels run with today, and say so explicitly.

@@ -29,7 +29,7 @@ import triton
 import triton.language as tl
 
 from lfpv_fast.kernels._common import Target, accumulator_dtype, div_ieee, launch, new_output, target_for
-from lfpv_fast.reference import MASKED_SCORE
+from lfpv_fast.kernels.conventions import MASKED_SCORE
 
 _LOG2E = 1.4426950408889634  # the kernels use exp2/log2: base-2 scores s * log2(e)
 _SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
