@@ -645,6 +645,13 @@ def _geometry(features: torch.Tensor, bank_patches: torch.Tensor, tile_elements:
                 C=c, N=n, P=p, BC=bc, CC=cc, BN=bn, G=g)
 
 
+def _pixel_bwd_warps(padded_channels: int, bf16_dots: bool) -> int:
+    """Warps of the pixel-branch backward, which holds whole (pixels, C) and (N, C) blocks: 4, or 8 for
+    the bf16 dots at 256 padded channels (C=160 and 144: the compile gate's sm_90 build spills 252 B with
+    4 warps, none with 8; its float32 build spills either way, less with 4)."""
+    return 8 if bf16_dots and padded_channels >= 256 else 4
+
+
 def _dot_precision(dtype: torch.dtype, device: torch.device) -> dict[str, bool]:
     """The kernels' BF16_DOTS and EMULATE: bf16 features (bf16 training) run the dots other than the
     scores on bf16 tensor cores; float32, float16 and float64 keep exact float32/float64 dots ("ieee").
@@ -732,7 +739,8 @@ def _query_fusion_backward_op(
     launch("query_fusion_bwd_pixel", _query_fusion_bwd_pixel_kernel, (pixel_programs,),
            features, grad_out, grad_pixels, pixel_partials, bank_vectors, vector_keys, pixel_weight, pixel_bias,
            hw, tiles_per_image, pixel_tiles, per_program,
-           C=c, N=n, BC=geo["BC"], BN=geo["BN"], BM=_PIXEL_BLOCK, EPS=eps, **dots, num_warps=4)
+           C=c, N=n, BC=geo["BC"], BN=geo["BN"], BM=_PIXEL_BLOCK, EPS=eps, **dots,
+           num_warps=_pixel_bwd_warps(geo["BC"], dots["BF16_DOTS"]))
 
     # 2. The patch branch per tile of patches, and d features (pixel part + patch part + dO).
     total_patches = b * geo["Hp"] * geo["Wp"]
