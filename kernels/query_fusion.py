@@ -6,8 +6,9 @@ every p x p patch the same over the patch bank (D = C*p*p values per patch, chan
 
 Design (sizes chosen with the compile gate, `python bench/compile_gate.py`: shared memory
 well under both cards; no spills for the published model's fp32, bf16 and mix builds on sm_90 and sm_80
-with Triton 3.6 and 3.9; the demo model's forward and some float16/float64 builds do spill, listed per
-version in bench/results/compile-triton-*.md):
+with Triton 3.6 and 3.9; the demo model's forward, some float16/float64 builds and, by kilobytes, the
+float32 pixel-branch backward at C=160 (its bf16 build does not) do spill, listed per version in
+bench/results/compile-triton-*.md):
 - A tile is G consecutive patches of one patch row of one image. A kernel never holds a whole tile:
   it makes passes over chunks of CC channels, (G, CC, p*p) values re-read from L1/L2 each pass:
   LayerNorm statistics (mean, then mean squared deviation) of every pixel (over C) and every patch
