@@ -86,14 +86,10 @@ gpu-check:
 	$(GPU_PY) -u bench/gpu_check.py $(ARGS)
 
 # Every Triton launch compiled ahead of time for sm_90 and sm_80 (no GPU needed), with the venv's newest
-# Triton and with $(OLD_TRITON); a report per version in bench/results/compile-triton-VERSION.{json,md}.
+# Triton and with $(OLD_TRITON) in one run (launches recorded once, each distinct specialisation compiled
+# once per version); a report per version in bench/results/compile-triton-VERSION.{json,md}.
 compile-gate: venv old-triton
-	for path in "" "$(OLD_TRITON_DIR)"; do \
-		version=$$(PYTHONPATH=$$path $(BIN)/python -c 'import triton; print(triton.__version__)') && \
-		PYTHONPATH=$$path $(BIN)/python -m lfpv_fast.kernels.compile_gate \
-			--json bench/results/compile-triton-$$version.json --markdown bench/results/compile-triton-$$version.md \
-			|| exit 1; \
-	done
+	$(BIN)/python bench/compile_gate.py --also-triton $(OLD_TRITON_DIR) --out bench/results
 
 clean:
 	rm -rf $(VENV) $(DEMO_VENV) build *.egg-info

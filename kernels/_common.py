@@ -18,7 +18,7 @@ import triton.language as tl
 from torch._subclasses.fake_tensor import is_fake
 from torch.library import wrap_triton
 
-from lfpv_fast.kernels.interpreter import interpreting
+from lfpv_fast.kernels.runtime import RECORDING, interpreting
 
 # Number of kernel launches per kernel name since the last reset (eager calls only; under
 # torch.compile the launches happen inside the compiled graph and are counted with the profiler).
@@ -52,7 +52,7 @@ class Target:
     interpreter: bool = False  # runs under TRITON_INTERPRET here: only interpreter workarounds look at this
 
 
-# An H100 SXM and an A100: the cards the compile gate builds for (tests/test_compile_gate.py).
+# An H100 SXM and an A100: the cards the compile gate builds for (bench/compile_gate.py, tests/test_compile_gate.py).
 TARGETS = {
     "sm_90": Target("sm_90", 90, 132, 232448),
     "sm_80": Target("sm_80", 80, 108, 166912),
@@ -119,9 +119,6 @@ class TensorSpec:
         return 1 << 20 if self.aligned else (1 << 20) + 2
 
 
-_RECORDING: ContextVar[list[LaunchRecord] | None] = ContextVar("lfpv_triton_recording", default=None)
-
-
 def _tensor_spec(t: torch.Tensor) -> TensorSpec:
     # Allocations are at least 256-byte aligned; a view is aligned where its offset is.
     return TensorSpec(t.dtype, (t.storage_offset() * t.element_size()) % 16 == 0)
@@ -132,21 +129,16 @@ def record_launches(target: Target) -> Iterator[list[LaunchRecord]]:
     """Within the block, every launch is configured for `target` and recorded instead of run.
 
     Run the ops on fake tensors (torch._subclasses.FakeTensorMode) to record the launches of any
-    shape without memory or a GPU; `backend="triton"` then accepts CPU tensors (lfpv_fast.backends asks
-    `recording_launches`).
+    shape without memory or a GPU; `backend="triton"` then accepts CPU tensors (kernels.runtime's
+    `takes_cpu_tensors`, which lfpv_fast.backends asks).
     """
     records: list[LaunchRecord] = []
-    token = _RECORDING.set(records)
+    token = RECORDING.set(records)
     with use_target(target):
         try:
             yield records
         finally:
-            _RECORDING.reset(token)
-
-
-def recording_launches() -> bool:
-    """True inside `record_launches`: launches are recorded, not run."""
-    return _RECORDING.get() is not None
+            RECORDING.reset(token)
 
 
 def new_output(shape, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
@@ -176,7 +168,7 @@ def launch(name: str, kernel, grid: tuple[int, ...], *args, **kwargs) -> None:
     interpreter `wrap_triton` hands back the plain interpreted kernel, which cannot run on fake
     tensors, so the launch is skipped there (the outputs' shapes are all a fake run needs).
     """
-    records = _RECORDING.get()
+    records = RECORDING.get()
     if records is not None:
         specs = tuple(_tensor_spec(a) if isinstance(a, torch.Tensor) else a for a in args)
         records.append(LaunchRecord(name, kernel, tuple(grid), specs, dict(kwargs)))

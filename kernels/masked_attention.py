@@ -29,7 +29,7 @@ import triton
 import triton.language as tl
 
 from lfpv_fast.kernels._common import Target, accumulator_dtype, div_ieee, launch, new_output, target_for
-from lfpv_fast.reference import MASKED_SCORE
+from lfpv_fast.kernels.conventions import MASKED_SCORE
 
 _LOG2E = 1.4426950408889634  # the kernels use exp2/log2: base-2 scores s * log2(e)
 _SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
@@ -306,7 +306,7 @@ def _upcast_dots(dtype: torch.dtype, target: Target) -> bool:
     return target.interpreter and dtype == torch.bfloat16
 
 
-# Configurations chosen with the compile gate (python -m lfpv_fast.kernels.compile_gate): zero spills on
+# Configurations chosen with the compile gate (bench/compile_gate.py): zero spills on
 # sm_90 and sm_80 at the model's head dim 64 (but sm_80's 16-bit backward) and at the demo's 32 (but its
 # fp32 forward on sm_80 with Triton 3.9: 4 B), with Triton 3.6 and 3.9, shared memory well under both
 # cards. The interpreter runs them too (sm_90's unless LFPV_TRITON_TARGET says otherwise), so the

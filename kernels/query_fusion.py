@@ -4,10 +4,11 @@ The op (see `lfpv_fast.reference.query_fusion`) adds to every feature pixel the 
 the raw vector bank (queries: LayerNorm of the pixel's C-vector, keys: LayerNorm of the bank) and to
 every p x p patch the same over the patch bank (D = C*p*p values per patch, channel-major).
 
-Design (sizes chosen with the compile gate, `python -m lfpv_fast.kernels.compile_gate`: shared memory
+Design (sizes chosen with the compile gate, `python bench/compile_gate.py`: shared memory
 well under both cards; no spills for the published model's fp32, bf16 and mix builds on sm_90 and sm_80
-with Triton 3.6 and 3.9; the demo model's forward and some float16/float64 builds do spill, listed per
-version in bench/results/compile-triton-*.md):
+with Triton 3.6 and 3.9; the demo model's forward, some float16/float64 builds and, by kilobytes, the
+float32 pixel-branch backward at C=160 (its bf16 build does not) do spill, listed per version in
+bench/results/compile-triton-*.md):
 - A tile is G consecutive patches of one patch row of one image. A kernel never holds a whole tile:
   it makes passes over chunks of CC channels, (G, CC, p*p) values re-read from L1/L2 each pass:
   LayerNorm statistics (mean, then mean squared deviation) of every pixel (over C) and every patch
@@ -31,6 +32,11 @@ version in bench/results/compile-triton-*.md):
   float32 and float16 features keep all dots exact. Why, and the error of each choice:
   bench/dot_precision.py and README "Performance".
 
+- Any channel count C (16 to 160 and beyond; powers of two or not, e.g. 40, 144, 160): the passes take
+  CC channels a chunk up to C, the last chunk masked where C is no multiple of CC; the pixel-branch
+  backward holds whole pixels, C padded (masked) to a power of two. Any bank size (padded to BN >= 16),
+  power-of-two patch sizes.
+
 Launches: forward 2 (keys, fused op); backward 7 (keys, pixel branch, patch branch, patch parameters,
 two row sums, keys' backward).
 """
@@ -44,8 +50,8 @@ from torch.library import triton_op
 
 from lfpv_fast.kernels._common import accumulator_dtype, launch, new_output, target_for
 
-# Channel and bank dimensions are padded (masked) up to this: the K of a dot must be >= 16 (Triton 3.6
-# for every operand type; 3.9 takes 8 for 32-bit operands).
+# Bank dimensions (and the pixel-branch backward's channels) are padded (masked) up to this: the K of a
+# dot must be >= 16 (Triton 3.6 for every operand type; 3.9 takes 8 for 32-bit operands).
 _MIN_DOT = 16
 # Sizes of a (patches, C, p, p) tile, forward and backward (which keeps more per value): G patches
 # where G * C * p * p is about this many values. Chosen by register spills in offline sm_90 and sm_80
@@ -188,20 +194,20 @@ def _chunk(x_ptr, t, c0, H, W, Hp, Wp, n_groups, total_tiles,
 
 @triton.jit
 def _tile_stats(x_ptr, t, H, W, Hp, Wp, n_groups, total_tiles, eps,
-                C: tl.constexpr, P: tl.constexpr, BC: tl.constexpr, CC: tl.constexpr, G: tl.constexpr, acc_ty):
+                C: tl.constexpr, P: tl.constexpr, CC: tl.constexpr, G: tl.constexpr, acc_ty):
     """LayerNorm statistics of tile t: per pixel over its C channels (G, P*P) and per patch over its
     D = C*P*P values (G,). Two passes over chunks of CC channels, mean then mean squared deviation, so
     that no more than a chunk is held at once."""
     PP: tl.constexpr = P * P
     sum_v = tl.zeros((G, PP), acc_ty)
-    for c0 in tl.range(0, BC, CC):
+    for c0 in tl.range(0, C, CC):
         x, _, _ = _chunk(x_ptr, t, c0, H, W, Hp, Wp, n_groups, total_tiles, C, P, CC, G, acc_ty)
         sum_v += tl.sum(x, axis=1)
     mean_v = sum_v / C
     mean_p = tl.sum(sum_v, axis=1) / (C * PP)
     sq_v = tl.zeros((G, PP), acc_ty)
     sq_p = tl.zeros((G, PP), acc_ty)
-    for c0 in tl.range(0, BC, CC):
+    for c0 in tl.range(0, C, CC):
         x, _, mask = _chunk(x_ptr, t, c0, H, W, Hp, Wp, n_groups, total_tiles, C, P, CC, G, acc_ty)
         dv = tl.where(mask, x - mean_v[:, None, :], 0.0)
         dp = tl.where(mask, x - mean_p[:, None, None], 0.0)
@@ -239,7 +245,7 @@ def _patch_queries(x, c0, mean_p, rstd_p, qw_ptr, qb_ptr, C: tl.constexpr, CC: t
 def _query_fusion_fwd_kernel(
     x_ptr, out_ptr, vbank_ptr, vkey_ptr, pbank_ptr, pkey_ptr, xw_ptr, xb_ptr, qw_ptr, qb_ptr,
     H, W, Hp, Wp, n_groups, total_tiles,
-    C: tl.constexpr, N: tl.constexpr, P: tl.constexpr, BC: tl.constexpr, CC: tl.constexpr, BN: tl.constexpr,
+    C: tl.constexpr, N: tl.constexpr, P: tl.constexpr, CC: tl.constexpr, BN: tl.constexpr,
     G: tl.constexpr, EPS: tl.constexpr, BF16_DOTS: tl.constexpr, EMULATE: tl.constexpr,
 ):
     """One tile of G patches, in passes over chunks of CC channels (re-read from L1/L2), so that only a
@@ -253,10 +259,10 @@ def _query_fusion_fwd_kernel(
     n = tl.arange(0, BN)
     n_ok = n < N
     mean_v, rstd_v, mean_p, rstd_p = _tile_stats(x_ptr, t, H, W, Hp, Wp, n_groups, total_tiles, eps,
-                                                 C, P, BC, CC, G, acc_ty)
+                                                 C, P, CC, G, acc_ty)
     scores_v = tl.zeros((G * PP, BN), acc_ty)
     scores_p = tl.zeros((G, BN), acc_ty)
-    for c0 in tl.range(0, BC, CC):
+    for c0 in tl.range(0, C, CC):
         x, offs, mask = _chunk(x_ptr, t, c0, H, W, Hp, Wp, n_groups, total_tiles, C, P, CC, G, acc_ty)
         cc = c0 + tl.arange(0, CC)
         q, xhat = _pixel_queries(x, c0, mean_v, rstd_v, xw_ptr, xb_ptr, C, CC, acc_ty)
@@ -268,7 +274,7 @@ def _query_fusion_fwd_kernel(
     probs_p = _softmax_rows(scores_p, n_ok[None, :])
 
     # Output chunk by chunk: features + (vector update + patch update), the reference's order.
-    for c0 in tl.range(0, BC, CC):
+    for c0 in tl.range(0, C, CC):
         x, offs, mask = _chunk(x_ptr, t, c0, H, W, Hp, Wp, n_groups, total_tiles, C, P, CC, G, acc_ty)
         cc = c0 + tl.arange(0, CC)
         d = c0 * PP + tl.arange(0, CC * PP)
@@ -353,7 +359,7 @@ def _query_fusion_bwd_pixel_kernel(
 def _query_fusion_bwd_patch_kernel(
     x_ptr, dout_ptr, dxv_ptr, dx_ptr, aux_ptr, pbank_ptr, pkey_ptr, qw_ptr, qb_ptr,
     H, W, Hp, Wp, n_groups, total_tiles,
-    C: tl.constexpr, N: tl.constexpr, P: tl.constexpr, BC: tl.constexpr, CC: tl.constexpr, BN: tl.constexpr,
+    C: tl.constexpr, N: tl.constexpr, P: tl.constexpr, CC: tl.constexpr, BN: tl.constexpr,
     G: tl.constexpr, EPS: tl.constexpr, BF16_DOTS: tl.constexpr, EMULATE: tl.constexpr,
 ):
     """The patch branch's backward for one tile of G patches, and d features: dO + (pixel part + patch
@@ -370,10 +376,10 @@ def _query_fusion_bwd_patch_kernel(
     # (The pixel statistics are unused here; the compiler drops them. Names bound in these loops keep
     # one type from loop to loop, as Triton requires: hence no `_` for unused results.)
     mean_v, rstd_v, mean_p, rstd_p = _tile_stats(x_ptr, t, H, W, Hp, Wp, n_groups, total_tiles, eps,
-                                                 C, P, BC, CC, G, acc_ty)
+                                                 C, P, CC, G, acc_ty)
     scores = tl.zeros((G, BN), acc_ty)
     dprobs = tl.zeros((G, BN), acc_ty)
-    for c0 in tl.range(0, BC, CC):
+    for c0 in tl.range(0, C, CC):
         x, offs, mask = _chunk(x_ptr, t, c0, H, W, Hp, Wp, n_groups, total_tiles, C, P, CC, G, acc_ty)
         dout, offs, mask = _chunk(dout_ptr, t, c0, H, W, Hp, Wp, n_groups, total_tiles, C, P, CC, G, acc_ty)
         d = c0 * PP + tl.arange(0, CC * PP)
@@ -396,7 +402,7 @@ def _query_fusion_bwd_patch_kernel(
     # The patch LayerNorm's backward needs two sums over all D values first.
     m1 = tl.zeros((G,), acc_ty)
     m2 = tl.zeros((G,), acc_ty)
-    for c0 in tl.range(0, BC, CC):
+    for c0 in tl.range(0, C, CC):
         x, offs, mask = _chunk(x_ptr, t, c0, H, W, Hp, Wp, n_groups, total_tiles, C, P, CC, G, acc_ty)
         d = c0 * PP + tl.arange(0, CC * PP)
         wp = tl.load(qw_ptr + d, mask=d < D, other=0.0).to(acc_ty)
@@ -408,7 +414,7 @@ def _query_fusion_bwd_patch_kernel(
     m2 = m2 / D
 
     # d features chunk by chunk: dO + (pixel LayerNorm grad + patch LayerNorm grad).
-    for c0 in tl.range(0, BC, CC):
+    for c0 in tl.range(0, C, CC):
         x, offs, mask = _chunk(x_ptr, t, c0, H, W, Hp, Wp, n_groups, total_tiles, C, P, CC, G, acc_ty)
         d = c0 * PP + tl.arange(0, CC * PP)
         wp = tl.load(qw_ptr + d, mask=d < D, other=0.0).to(acc_ty)
@@ -640,6 +646,13 @@ def _geometry(features: torch.Tensor, bank_patches: torch.Tensor, tile_elements:
                 C=c, N=n, P=p, BC=bc, CC=cc, BN=bn, G=g)
 
 
+def _pixel_bwd_warps(padded_channels: int, bf16_dots: bool) -> int:
+    """Warps of the pixel-branch backward, which holds whole (pixels, C) and (N, C) blocks: 4, or 8 for
+    the bf16 dots at 256 padded channels (C=160 and 144: the compile gate's sm_90 build spills 252 B with
+    4 warps, none with 8; its float32 build spills either way, less with 4)."""
+    return 8 if bf16_dots and padded_channels >= 256 else 4
+
+
 def _dot_precision(dtype: torch.dtype, device: torch.device) -> dict[str, bool]:
     """The kernels' BF16_DOTS and EMULATE: bf16 features (bf16 training) run the dots other than the
     scores on bf16 tensor cores; float32, float16 and float64 keep exact float32/float64 dots ("ieee").
@@ -692,7 +705,7 @@ def _query_fusion_op(
            features, out, bank_vectors, vector_keys, bank_patches, patch_keys,
            pixel_weight, pixel_bias, patch_weight, patch_bias,
            geo["H"], geo["W"], geo["Hp"], geo["Wp"], geo["n_groups"], geo["total_tiles"],
-           C=geo["C"], N=geo["N"], P=geo["P"], BC=geo["BC"], CC=geo["CC"], BN=geo["BN"], G=geo["G"], EPS=eps,
+           C=geo["C"], N=geo["N"], P=geo["P"], CC=geo["CC"], BN=geo["BN"], G=geo["G"], EPS=eps,
            **_dot_precision(features.dtype, features.device), num_warps=8)
     return out
 
@@ -727,7 +740,8 @@ def _query_fusion_backward_op(
     launch("query_fusion_bwd_pixel", _query_fusion_bwd_pixel_kernel, (pixel_programs,),
            features, grad_out, grad_pixels, pixel_partials, bank_vectors, vector_keys, pixel_weight, pixel_bias,
            hw, tiles_per_image, pixel_tiles, per_program,
-           C=c, N=n, BC=geo["BC"], BN=geo["BN"], BM=_PIXEL_BLOCK, EPS=eps, **dots, num_warps=4)
+           C=c, N=n, BC=geo["BC"], BN=geo["BN"], BM=_PIXEL_BLOCK, EPS=eps, **dots,
+           num_warps=_pixel_bwd_warps(geo["BC"], dots["BF16_DOTS"]))
 
     # 2. The patch branch per tile of patches, and d features (pixel part + patch part + dO).
     total_patches = b * geo["Hp"] * geo["Wp"]
@@ -736,10 +750,10 @@ def _query_fusion_backward_op(
     launch("query_fusion_bwd_patch", _query_fusion_bwd_patch_kernel, (geo["total_tiles"],),
            features, grad_out, grad_pixels, grad_features, aux, bank_patches, patch_keys, patch_weight, patch_bias,
            geo["H"], geo["W"], geo["Hp"], geo["Wp"], geo["n_groups"], geo["total_tiles"],
-           C=c, N=n, P=p, BC=geo["BC"], CC=geo["CC"], BN=geo["BN"], G=geo["G"], EPS=eps, **dots, num_warps=4)
+           C=c, N=n, P=p, CC=geo["CC"], BN=geo["BN"], G=geo["G"], EPS=eps, **dots, num_warps=4)
 
     # 3. The patch branch's parameter grads: a program per (channel chunk, run of patches).
-    chunks = geo["BC"] // geo["CC"]
+    chunks = triton.cdiv(c, geo["CC"])
     patch_programs = min(total_patches, target.sm_count)
     patch_partials = new_output((patch_programs, 2 * n * d + 2 * d), acc, device)
     launch("query_fusion_bwd_patch_params", _query_fusion_bwd_patch_params_kernel, (chunks, patch_programs),

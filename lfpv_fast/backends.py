@@ -15,7 +15,6 @@ the kernels, the kernels never import it.
 
 from __future__ import annotations
 
-import sys
 import typing
 import warnings
 from dataclasses import dataclass
@@ -25,7 +24,7 @@ from typing import Literal
 import torch
 
 from lfpv_fast import cpu_ops, reference
-from lfpv_fast.kernels.interpreter import interpreting
+from lfpv_fast.kernels import runtime
 
 BackendName = Literal["auto", "reference", "triton"]
 BACKENDS: tuple[str, ...] = typing.get_args(BackendName)
@@ -34,7 +33,13 @@ OpSetName = Literal["reference", "cpu_ops", "triton"]
 
 def triton_interpreting() -> bool:
     """True when Triton runs under its CPU interpreter (TRITON_INTERPRET=1)."""
-    return interpreting()
+    return runtime.interpreting()
+
+
+def triton_takes_cpu_tensors() -> bool:
+    """Whether backend 'triton' can run on CPU tensors here: under the interpreter, or while the compile gate
+    records launches (kernels.runtime, the rule's one home)."""
+    return runtime.takes_cpu_tensors()
 
 
 def triton_unavailable_reason() -> str | None:
@@ -46,14 +51,6 @@ def triton_unavailable_reason() -> str | None:
     except ImportError as exc:
         return f"the triton backend is not available here: {exc!r}"
     return None
-
-
-def _recording_launches() -> bool:
-    """The compile gate records the kernels' launches on fake CPU tensors (kernels._common.record_launches).
-    Where nothing has imported the kernels nothing is recording; importing them here would import Triton,
-    which fixes whether it interprets (TRITON_INTERPRET) for the rest of the process."""
-    common = sys.modules.get("lfpv_fast.kernels._common")
-    return common is not None and common.recording_launches()
 
 
 _OP_SETS: dict[str, ModuleType] = {"reference": reference, "cpu_ops": cpu_ops}
@@ -105,7 +102,7 @@ def resolve_backend(requested: str, device: torch.device | str, *, training: boo
         if reason is None:
             return Resolved(requested, "triton")
         return Resolved(requested, "reference", reason)
-    if not on_cuda and not triton_interpreting() and not _recording_launches():
+    if not on_cuda and not triton_takes_cpu_tensors():
         return Resolved(requested, None, (
             "backend='triton' got a CPU tensor: Triton kernels need a CUDA device. On the CPU, "
             "run them under the interpreter (set TRITON_INTERPRET=1 before starting Python; slow, "

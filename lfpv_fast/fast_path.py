@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 import torch
 
-from lfpv_fast.backends import resolve_backend, triton_interpreting
+from lfpv_fast.backends import resolve_backend, triton_takes_cpu_tensors
 from lfpv_fast.config import ConfigError, RunConfig
 
 
@@ -46,7 +46,7 @@ def resolve_features(cfg: RunConfig, local_rank: int = 0) -> Features:
     use_cuda = t.device == "cuda" or (t.device == "auto" and has_cuda)
     if not use_cuda:
         asked = []
-        if t.backend == "triton" and not triton_interpreting():
+        if t.backend == "triton" and not triton_takes_cpu_tensors():
             asked.append("train.backend=triton -> 'reference' or 'auto'")
         if t.bf16 == "on":
             asked.append("train.bf16=on -> 'auto' or 'off'")

@@ -11,9 +11,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-# The published transformer masks keys with masked_fill(-1e9) before the softmax, so a query row
-# whose keys are all masked gets uniform weights (not NaN, not zeros).
-MASKED_SCORE = -1e9
+# The published masked score (-1e9), stated once with the kernels that share it; part of this op set.
+from lfpv_fast.kernels.conventions import MASKED_SCORE  # noqa: F401
 
 
 def luminance(x: torch.Tensor) -> torch.Tensor:

@@ -1,5 +1,7 @@
-"""The compile gate: every Triton launch of a training step and of eval frames, compiled ahead of time for
-an H100 (sm_90) and an A100 (sm_80) with Triton's own compiler, must fit the card's shared memory.
+"""The compile gate (bench/compile_gate.py): every Triton launch of a training step and of eval frames, of
+the published model, the demo and the LFPV plug-in at Retinexformer's sites, compiled ahead of time for an
+H100 (sm_90) and an A100 (sm_80) with Triton's own compiler, must fit the card's shared memory; with the
+venv's Triton and the oldest supported one, in one run.
 
 The interpreter replaces the kernels' JIT functions (tests/conftest.py sets TRITON_INTERPRET=1 on a CPU
 machine), so the compiles run in subprocesses without it. No GPU is needed.
@@ -19,10 +21,12 @@ import torch
 
 triton = pytest.importorskip("triton")
 
-from lfpv_fast.kernels import _common  # noqa: E402
-from lfpv_fast.kernels.compile_gate import DEMO_PRECISIONS, PRECISIONS, record_scenario  # noqa: E402
-
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "bench"))
+
+import compile_gate  # noqa: E402
+
+from lfpv_fast.kernels import _common  # noqa: E402
 
 
 def run_without_interpreter(args: list[str], timeout: float) -> subprocess.CompletedProcess:
@@ -36,25 +40,35 @@ def run_without_interpreter(args: list[str], timeout: float) -> subprocess.Compl
 OLD_TRITON_ENV = "LFPV_OLD_TRITON"
 
 
-def run_gate(tmp_path: Path, pythonpath: str | None = None) -> dict:
-    """The whole gate (sm_90 and sm_80, every precision, the published and the demo model's shapes) in a
-    subprocess, with `pythonpath` first on the import path when given; its JSON report."""
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    if pythonpath:
-        env["PYTHONPATH"] = os.pathsep.join(filter(None, [pythonpath, env.get("PYTHONPATH")]))
-    out = tmp_path / "compile.json"
-    proc = subprocess.run([sys.executable, "-m", "lfpv_fast.kernels.compile_gate", "--json", str(out),
-                           "--markdown", str(tmp_path / "compile.md")], cwd=ROOT, env=env, capture_output=True,
-                          text=True, timeout=1500)
+def old_triton_folder() -> str | None:
+    folder = os.environ.get(OLD_TRITON_ENV)
+    if not folder:
+        return None
+    folder = str(Path(folder).resolve())
+    assert Path(folder, "triton", "__init__.py").is_file(), f"{OLD_TRITON_ENV}={folder}: no triton package there"
+    return folder
+
+
+@pytest.fixture(scope="module")
+def gate_reports(tmp_path_factory) -> dict[str, dict]:
+    """The whole gate (sm_90 and sm_80, every launch set in each of its precisions), run once for both
+    tests: with the venv's Triton and, where LFPV_OLD_TRITON names one, the older Triton in the same run
+    (the launches recorded once, each distinct specialisation compiled once per version). Its JSON report
+    per Triton version."""
+    out = tmp_path_factory.mktemp("compile-gate")
+    old = old_triton_folder()
+    proc = run_without_interpreter(["bench/compile_gate.py", "--out", str(out),
+                                    *(["--also-triton", old] if old else [])], timeout=3000)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    return json.loads(out.read_text())
+    return {path.stem.removeprefix("compile-triton-"): json.loads(path.read_text())
+            for path in out.glob("compile-triton-*.json")}
 
 
 def assert_gate_passed(report: dict) -> None:
     results = report["results"]
     assert {r["target"] for r in results} == {"sm_90", "sm_80"}
     assert {(r["model"], r["precision"]) for r in results} == {
-        *(("smid", p) for p in (*PRECISIONS, "fp64")), *(("demo", p) for p in DEMO_PRECISIONS)}
+        (name, p) for name, s in compile_gate.LAUNCH_SETS.items() for p in s.precisions}
     assert all(r["error"] is None and r["shared"] is not None for r in results)
     names = {r["name"] for r in results}
     assert {"query_fusion_fwd", "query_fusion_bwd_pixel", "query_fusion_bwd_patch", "query_fusion_bwd_patch_params",
@@ -65,27 +79,76 @@ def assert_gate_passed(report: dict) -> None:
     demo_attention = {r["signature"] for r in results if r["model"] == "demo" and r["name"] == "masked_attention_fwd"}
     assert demo_attention and all("HEAD_DIM=32" in s for s in demo_attention), demo_attention
     assert any("C=16" in r["signature"] for r in results if r["model"] == "demo" and r["name"] == "query_fusion_fwd")
+    # The plug-in at Retinexformer's three levels, forward and backward, float32 and the bf16 mix.
+    for name in ("query_fusion_fwd", "query_fusion_bwd_pixel", "query_fusion_bwd_patch",
+                 "query_fusion_bwd_patch_params", "sample_updater_inputs", "mutual_updater_inputs_bwd"):
+        for precision in ("fp32", "mix"):
+            channels = {c for r in results if (r["model"], r["name"], r["precision"]) == ("retinexformer", name,
+                                                                                          precision)
+                        for c in (40, 80, 160) if f"C={c}," in r["signature"]}
+            assert channels == {40, 80, 160}, (name, precision, channels)
 
 
 @pytest.mark.slow
-def test_every_launch_fits_an_h100_and_an_a100(tmp_path):
-    report = run_gate(tmp_path)
-    assert report["meta"]["triton"] == triton.__version__
-    assert_gate_passed(report)
+def test_every_launch_fits_an_h100_and_an_a100(gate_reports):
+    assert triton.__version__ in gate_reports, sorted(gate_reports)
+    assert_gate_passed(gate_reports[triton.__version__])
 
 
 @pytest.mark.slow
-def test_every_launch_compiles_with_the_oldest_supported_triton(tmp_path):
-    """The same gate with an older Triton (3.6.0, what torch 2.11 ships) first on the import path."""
-    folder = os.environ.get(OLD_TRITON_ENV)
-    if not folder:
+def test_every_launch_compiles_with_the_oldest_supported_triton(gate_reports):
+    """The same gate with an older Triton (3.6.0, what torch 2.11 ships), compiled in the same run."""
+    if old_triton_folder() is None:
         pytest.skip(f"{OLD_TRITON_ENV} is not set: `make test` installs Triton 3.6.0 into .venv/triton-3.6.0 "
                     f"and sets it (pip install --no-deps --target DIR triton==3.6.0)")
-    folder = str(Path(folder).resolve())
-    assert Path(folder, "triton", "__init__.py").is_file(), f"{OLD_TRITON_ENV}={folder}: no triton package there"
-    report = run_gate(tmp_path, pythonpath=folder)
-    assert report["meta"]["triton"] != triton.__version__, "the older Triton was not the one imported"
+    others = sorted(set(gate_reports) - {triton.__version__})
+    assert len(others) == 1, f"the older Triton was not the one imported: reports for {sorted(gate_reports)}"
+    report = gate_reports[others[0]]
+    assert report["meta"]["triton"] == others[0]
     assert_gate_passed(report)
+    # Recorded once: both versions built the very same launches.
+    newest = gate_reports[triton.__version__]["results"]
+    assert [(r["target"], r["model"], r["precision"], r["signature"]) for r in report["results"]] == [
+        (r["target"], r["model"], r["precision"], r["signature"]) for r in newest]
+
+
+def test_distinct_specialisations_are_tritons_own():
+    """specialization_key merges two launches exactly when Triton's binder gives them the same
+    specialisation and options (compiles them once): on the launches of a training step and eval frames
+    of the demo model and of the plug-in at two sites, in float32 and the bf16 mix."""
+    script = textwrap.dedent('''
+        import sys, collections
+        sys.path.insert(0, "bench")
+        import compile_gate as g
+        from lfpv_fast.kernels._common import TARGETS
+        from triton.backends.compiler import GPUTarget
+        from triton.compiler import make_backend
+        from triton.runtime.jit import create_function_from_signature
+        from torch._subclasses.fake_tensor import FakeTensorMode
+        from lfpv_fast.kernels._common import record_launches
+        backend = make_backend(GPUTarget("cuda", 90, 32))
+        records = []
+        for precision in ("fp32", "mix"):
+            records += g.record_scenario(TARGETS["sm_90"], precision, [(1, 64), (2, 48)], [(48, 80)], "demo")
+            with FakeTensorMode(allow_non_fake_inputs=True), record_launches(TARGETS["sm_90"]) as found:
+                for site in (g.PluginSite(40, 1), g.PluginSite(160, 4)):
+                    g.record_lfpv_site(precision, site, [64], [(64, 96), (400, 600)], [1, 3])
+            records += found
+        def binder_key(r):
+            bind = create_function_from_signature(r.kernel.signature, r.kernel.params, backend)
+            _, specialization, options = bind(*r.args, **r.kwargs)
+            return repr((r.kernel.fn.__qualname__, specialization, options))
+        ours, theirs = collections.defaultdict(set), collections.defaultdict(set)
+        for r in records:
+            ours[g.specialization_key(r)].add(binder_key(r))
+            theirs[binder_key(r)].add(g.specialization_key(r))
+        print(len(records), len(ours), len(theirs), max(map(len, ours.values())), max(map(len, theirs.values())))
+    ''')
+    proc = run_without_interpreter(["-c", script], timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    launches, ours, theirs, most_merged_by_us, most_merged_by_triton = map(int, proc.stdout.split()[-5:])
+    assert launches > ours > 10, proc.stdout  # several launches share a compile
+    assert ours == theirs and most_merged_by_us == most_merged_by_triton == 1, proc.stdout
 
 
 def test_the_gate_fails_what_does_not_fit(tmp_path):
@@ -125,7 +188,8 @@ def test_the_gate_fails_what_does_not_fit(tmp_path):
         sys.path.insert(0, {str(tmp_path)!r})
         import toy_kernels
         from lfpv_fast.kernels._common import TARGETS, LaunchRecord, TensorSpec
-        from lfpv_fast.kernels.compile_gate import _compile_one
+        sys.path.insert(0, "bench")
+        from compile_gate import _compile_one, verdict
         f32 = TensorSpec(torch.float32, True)
         big = LaunchRecord("big", toy_kernels.big_tiles, (1,), (f32, f32, f32, 4096),
                            dict(BLOCK=256, num_warps=8, num_stages=4))
@@ -133,7 +197,7 @@ def test_the_gate_fails_what_does_not_fit(tmp_path):
                              dict(BLOCK=32, num_warps=4, num_stages=2))
         bad = LaunchRecord("bad", toy_kernels.bad_dot, (1,), (f32, f32), dict(BLOCK=16))
         for record, grid in [(big, [1, 1, 1]), (small, [1, 1, 1]), (small, [1, 70000, 1]), (bad, [1, 1, 1])]:
-            r = _compile_one((record, grid, TARGETS["sm_80"], "fp32", "smid"))
+            r = verdict(_compile_one((record, TARGETS["sm_80"])), TARGETS["sm_80"], grid, "fp32", "smid")
             print(record.name, r.shared, r.error)
     ''')
     proc = run_without_interpreter(["-c", script], timeout=600)
@@ -150,7 +214,7 @@ def test_the_gate_fails_what_does_not_fit(tmp_path):
 def test_recording_sees_the_launches_and_dtypes_of_an_autocast_step():
     """On fake tensors, one bf16-autocast training step and one eval frame: every op's launches are
     recorded (none runs), with the mix of dtypes autocast makes and the sm_90 configuration."""
-    records = record_scenario(_common.TARGETS["sm_90"], "mix", [(2, 64)], [(64, 96)], "smid")
+    records = compile_gate.record_scenario(_common.TARGETS["sm_90"], "mix", [(2, 64)], [(64, 96)], "smid")
     by_name = {}
     for r in records:
         by_name.setdefault(r.name, []).append(r)
@@ -177,7 +241,27 @@ def test_recording_sees_the_launches_and_dtypes_of_an_autocast_step():
 
 def test_recording_the_demo_model_builds_its_own_shapes():
     """The demo model (configs/demo.yaml: C=16, 2 heads of 32) is recorded with its own sizes."""
-    records = record_scenario(_common.TARGETS["sm_90"], "fp32", [(1, 64)], [(64, 64)], "demo")
+    records = compile_gate.record_scenario(_common.TARGETS["sm_90"], "fp32", [(1, 64)], [(64, 64)], "demo")
     kinds = {r.name: r for r in records}
     assert kinds["query_fusion_fwd"].kwargs["C"] == 16
     assert kinds["masked_attention_fwd"].kwargs["HEAD_DIM"] == 32
+
+
+def test_recording_the_plugin_at_retinexformers_bottleneck():
+    """The plug-in's launches at C=160, 1/4 scale: every op forward and backward in training, query-and-fusion
+    in eval at a frame padded to whole patches (400x600 -> 100x152 features), bf16 features beside float32
+    banks in the mix."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    with FakeTensorMode(allow_non_fake_inputs=True), _common.record_launches(_common.TARGETS["sm_90"]) as records:
+        compile_gate.record_lfpv_site("mix", compile_gate.PluginSite(160, 4), [128], [(400, 600)], [2],
+                                      all_reduce=True)
+    names = {r.name for r in records}
+    assert {"sample_updater_inputs", "sample_updater_inputs_bwd", "batch_mean_layer_norm",
+            "batch_mean_layer_norm_bwd", "batch_mean", "bank_layer_norm", "mutual_updater_inputs",
+            "mutual_updater_inputs_bwd", "query_fusion_fwd", "query_fusion_bwd_pixel", "query_fusion_bwd_patch",
+            "query_fusion_bwd_patch_params", "query_fusion_keys_bwd"} <= names, names
+    fused = [r for r in records if r.name == "query_fusion_fwd"]
+    assert {r.kwargs["C"] for r in fused} == {160}
+    assert {(r.args[0].dtype, r.args[2].dtype) for r in fused} == {(torch.bfloat16, torch.float32)}
+    assert {tuple(r.args[10:12]) for r in fused} == {(32, 32), (100, 152)}  # (H, W): training crop, eval frame

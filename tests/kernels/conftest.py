@@ -17,7 +17,7 @@ import importlib.util
 import pytest
 import torch
 
-from lfpv_fast.kernels.interpreter import interpreting
+from lfpv_fast.kernels.runtime import interpreting
 
 
 def why_kernels_cannot_run() -> str | None:

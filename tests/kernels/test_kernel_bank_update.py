@@ -178,6 +178,37 @@ def test_batch_mean_layer_norm(case, dtype, reduce):
                             leaves, dtype, exact_forward=False, names=["updates", "weight", "bias"])
 
 
+# Retinexformer's bottleneck (C=160) and first level (C=40), patch sizes 4 and 2, banks of 16 and 8: every
+# bank-update op, forward and backward, in float64 and float32 (not powers of two: masked channel blocks).
+PLUGIN_CASES = [(16, 2, 160, 4), (8, 3, 40, 4), (16, 2, 40, 2)]
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=str)
+@pytest.mark.parametrize("case", PLUGIN_CASES, ids=lambda c: f"N={c[0]},C={c[2]},p={c[3]}")
+def test_any_channel_count(case, dtype):
+    n, b, c, p = case
+    h, w = 3 * p, 2 * p + 1
+    vpos, ppos = index((h - 1, 1)), index((p - 1, p + 1))
+    names = ["features", "bank_vectors", "bank_patches", "embedding"]
+
+    def composed(f, bv, bp, emb):
+        return reference.sample_updater_inputs(bv, bp, *reference.gather_samples(f, vpos, ppos, p), emb)
+
+    check_against_reference(lambda f, bv, bp, emb: bu.sample_updater_inputs_from_features(f, vpos, ppos, bv, bp, emb),
+                            composed, [rand(b, c, h, w), rand(n, c, seed=1), rand(n, c, p, p, seed=2),
+                                       rand(n, c, seed=5)], dtype, exact_forward=True, names=names)
+    partners = [index([(3 * i + 1) % n for i in range(n)]), index([(5 * i + 2) % n for i in range(n)])]
+    check_against_reference(lambda bv, bp, emb: bu.mutual_updater_inputs(bv, bp, *partners, emb),
+                            lambda bv, bp, emb: reference.mutual_updater_inputs(bv, bp, *partners, emb),
+                            [rand(n, c, seed=1), rand(n, c, p, p, seed=2), rand(n, c, seed=5)], dtype,
+                            exact_forward=True, names=names[1:])
+    for shape in [(c,), (c, p, p)]:
+        leaves = [rand(n * b, *shape, seed=1), 1 + 0.1 * rand(*shape, seed=2), 0.1 * rand(*shape, seed=3)]
+        check_against_reference(lambda u, wt, bias: bu.batch_mean_layer_norm(u, b, (wt, bias)),
+                                lambda u, wt, bias: reference.batch_mean_layer_norm(u, b, (wt, bias)),
+                                leaves, dtype, exact_forward=False, names=["updates", "weight", "bias"])
+
+
 def test_all_reduce_mean_sees_the_batch_mean_once():
     n, b, shape = 4, 3, (8, 2, 2)
     updates = rand(n * b, *shape)
