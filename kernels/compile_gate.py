@@ -62,12 +62,14 @@ FP64_TRAIN_SHAPES = [(2, 64)]
 # The hot kernels (query-and-fusion, attention) are built in every precision. The rest (bank-update
 # glue, the keys' LayerNorms, row sums, the SNR map: small copies and reductions, a few KB of shared
 # memory at most) only in fp32, mix and fp64: their bf16 and fp16 builds differ only in loads and stores.
-HOT_LAUNCHES = ("query_fusion_fwd", "query_fusion_bwd", "masked_attention")
+HOT_LAUNCHES = ("query_fusion_fwd", "query_fusion_bwd", "masked_attention", "ig_msa")
 ALL_DTYPES_PRECISIONS = ("fp32", "mix", "fp64")
 # The models whose shapes are built: the published SMID model (ModelConfig's defaults: C=64, head dim 64)
 # in every precision, and the built-in demo (configs/demo.yaml: C=16, head dim 32) as it trains, in fp32
-# and in bf16 autocast (train.bf16 on a GPU), at its crops and its held-out frames.
-MODELS = ("smid", "demo")
+# and in bf16 autocast (train.bf16 on a GPU), at its crops and its held-out frames. "ig_msa": Retinexformer's
+# channel attention at its three levels (lfpv_fast.kernels.ig_msa.ig_msa_launches: its own shapes and
+# precisions).
+MODELS = ("smid", "demo", "ig_msa")
 DEMO_PRECISIONS = ("fp32", "mix")
 DEMO_TRAIN_SHAPES = [(1, 128), (4, 128)]
 DEMO_EVAL_FRAMES = [(192, 256), (512, 960)]
@@ -125,6 +127,10 @@ def record_scenario(target: Target, precision: str, train_shapes: Iterable[tuple
                     eval_frames: Iterable[tuple[int, int]], model: str = "smid") -> list[LaunchRecord]:
     """The launches of one training step (forward + backward) per (batch, crop) and one eval forward per
     (height, width) frame of `model`'s architecture, in `precision`, configured for `target`."""
+    if model == "ig_msa":
+        from lfpv_fast.kernels.ig_msa import ig_msa_launches
+
+        return ig_msa_launches(target, precision)
     from lfpv_fast.model import LFPVNet
 
     config = _model_config(model)
@@ -359,6 +365,11 @@ def scenarios(precisions: Iterable[str] = PRECISIONS, fp64: bool = True,
             out += [("smid", p, TRAIN_SHAPES, EVAL_FRAMES) for p in precisions]
             if fp64:
                 out.append(("smid", "fp64", FP64_TRAIN_SHAPES, [(64, 64)]))
+        elif model == "ig_msa":
+            from lfpv_fast.kernels.ig_msa import GATE_EVAL_FRAMES, GATE_PRECISIONS, GATE_TRAIN_CROPS
+
+            wanted = [*precisions, *(("fp64",) if fp64 else ())]
+            out += [("ig_msa", p, GATE_TRAIN_CROPS, GATE_EVAL_FRAMES) for p in GATE_PRECISIONS if p in wanted]
         else:
             out += [("demo", p, DEMO_TRAIN_SHAPES, DEMO_EVAL_FRAMES) for p in precisions if p in DEMO_PRECISIONS]
     return out

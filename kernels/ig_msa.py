@@ -45,6 +45,12 @@ step in float32. V' = V . I is rounded to the inputs' dtype before its dots, as 
 product is. Tolerances: tests/test_kernel_ig_msa.py.
 
 Launches: forward 3, backward 3 (+ torch's sum of rescale's per-row gradient).
+
+Compile gate (`python -m lfpv_fast.kernels.compile_gate --models ig_msa`: fp32, bf16 and fp64 at
+Retinexformer's three levels for 128x128 crops and a 1024x1920 frame): 0 failed and no spills on sm_90 and
+sm_80 with Triton 3.6 and 3.9; at most 123 KB of shared memory (the fp64 backward apply), 66 KB in fp32, 49 KB in bf16
+(bench/results/compile-ig_msa-triton-*.md). 16-bit loads of rows of d = 40 channels (80 bytes) are not
+known to Triton to be 16-byte aligned (it tracks divisibility by 16 only): a possible speed-up, untimed.
 """
 
 from __future__ import annotations
@@ -148,12 +154,14 @@ def _gram_kernel(
         rows = (first + i) * BLOCK_N + offs
         mask = (rows < N)[:, None] & d_ok[None, :]
         q = _operand(_load_tile(Q, rows, d, sqn, sqc, mask), EMULATE)
-        k = _operand(_load_tile(K, rows, d, skn, skc, mask), EMULATE)
-        gram = tl.dot(tl.trans(k), q, gram, input_precision=DOT_PREC, out_dtype=acc_ty)
+        # K loaded as a (d, pixels) tile: the dot's first operand without a transposition in registers
+        k_t = _operand(tl.load(K + d[:, None] * skc + rows[None, :].to(tl.int64) * skn, mask=tl.trans(mask),
+                               other=0.0), EMULATE)
+        gram = tl.dot(k_t, q, gram, input_precision=DOT_PREC, out_dtype=acc_ty)
         qa = q.to(acc_ty)
-        ka = k.to(acc_ty)
+        ka = k_t.to(acc_ty)
         sq_q += tl.sum(qa * qa, axis=0)
-        sq_k += tl.sum(ka * ka, axis=0)
+        sq_k += tl.sum(ka * ka, axis=1)
     row = PART + (bh.to(tl.int64) * splits + split) * (BLOCK_D * BLOCK_D + 2 * BLOCK_D)
     tl.store(row + d[:, None] * BLOCK_D + d[None, :], gram)
     tl.store(row + BLOCK_D * BLOCK_D + d, sq_q)
@@ -278,10 +286,12 @@ def _grad_attention_kernel(
     for i in range(blocks_per_program):
         rows = (first + i) * BLOCK_N + offs
         mask = (rows < N)[:, None] & d_ok[None, :]
-        dout = _operand(_load_tile(DOUT, rows, d, sdn, sdc, mask), EMULATE)
+        # dO loaded as a (d, pixels) tile: the dot's first operand without a transposition in registers
+        dout_t = _operand(tl.load(DOUT + d[:, None] * sdc + rows[None, :].to(tl.int64) * sdn,
+                                  mask=tl.trans(mask), other=0.0), EMULATE)
         vi = _illuminated(_load_tile(V, rows, d, svn, svc, mask), _load_tile(ILLUM, rows, d, sin, sic, mask),
                           acc_ty, in_ty, DOT16, EMULATE)
-        grad_attn = tl.dot(tl.trans(dout), vi, grad_attn, input_precision=DOT_PREC, out_dtype=acc_ty)
+        grad_attn = tl.dot(dout_t, vi, grad_attn, input_precision=DOT_PREC, out_dtype=acc_ty)
     row = PART + (bh.to(tl.int64) * splits + split) * (BLOCK_D * BLOCK_D)
     tl.store(row + d[:, None] * BLOCK_D + d[None, :], grad_attn)
 
@@ -398,13 +408,20 @@ def _block_d(head_dim: int) -> int:
     return max(_MIN_DOT, triton.next_power_of_2(head_dim))
 
 
-def _config(dtype: torch.dtype, target: Target) -> dict:
-    """Pixels per block and warps of the pixel passes (forward / backward apply)."""
-    if dtype == torch.float64:
-        return dict(block_n=32, block_n_bwd=32, warps=4)
-    if dtype == torch.float32:
-        return dict(block_n=64, block_n_bwd=32, warps=4)
-    return dict(block_n=128, block_n_bwd=64, warps=4)
+# Pixels per block, warps and pipeline stages of each pixel pass, per input dtype: chosen with the compile
+# gate (registers, spills, shared memory on sm_90 and sm_80 with Triton 3.6 and 3.9), not yet by timings.
+_CONFIGS = {
+    # pass:          gram        apply       bwd_reduce  bwd_apply
+    torch.float64: dict(gram=(32, 4, 2), apply=(32, 4, 2), bwd_reduce=(32, 8, 1), bwd_apply=(16, 4, 1)),
+    torch.float32: dict(gram=(32, 8, 1), apply=(32, 8, 2), bwd_reduce=(32, 8, 1), bwd_apply=(32, 8, 2)),
+    torch.bfloat16: dict(gram=(64, 8, 3), apply=(64, 8, 3), bwd_reduce=(64, 8, 3), bwd_apply=(32, 8, 2)),
+}
+
+
+def _config(dtype: torch.dtype, target: Target, pass_name: str) -> tuple[int, int, int]:
+    """(pixels per block, num_warps, num_stages) of one pixel pass ("gram", "apply", "bwd_reduce",
+    "bwd_apply") for inputs of `dtype` (float16 as bfloat16)."""
+    return _CONFIGS[torch.bfloat16 if dtype == torch.float16 else dtype][pass_name]
 
 
 def _splits(n: int, block_n: int, rows: int, target: Target) -> tuple[int, int]:
@@ -419,8 +436,9 @@ def _dots(dtype: torch.dtype, target: Target) -> dict:
     """DOT16, DOT_PREC and EMULATE of the kernels for inputs of `dtype`."""
     dot16 = dtype in (torch.float16, torch.bfloat16)
     emulate = dot16 and target.interpreter
-    # "ieee": float32 must not drop to TF32 (torch.matmul's default is full float32); ignored by 16-bit dots.
-    return dict(DOT16=dot16, DOT_PREC="ieee", EMULATE=emulate)
+    # "ieee": float32 must not drop to TF32 (torch.matmul's default is full float32). 16-bit operands take
+    # the default ("tf32", which they ignore); under EMULATE they are float32 copies: "ieee".
+    return dict(DOT16=dot16, DOT_PREC="tf32" if dot16 and not emulate else "ieee", EMULATE=emulate)
 
 
 def _check_inputs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, illumination: torch.Tensor,
@@ -462,17 +480,17 @@ def ig_msa_fwd(
     acc = accumulator_dtype(q.dtype)
     device = q.device
     target = target_for(device)
-    cfg = _config(q.dtype, target)
     block_d = _block_d(d)
     dots = _dots(q.dtype, target)
     rescale = rescale.reshape(heads)
 
-    splits, per_program = _splits(n, cfg["block_n"], rows, target)
+    block_n, warps, stages = _config(q.dtype, target, "gram")
+    splits, per_program = _splits(n, block_n, rows, target)
     partials = new_output((rows * splits, block_d * block_d + 2 * block_d), acc, device)
     launch("ig_msa_gram", _gram_kernel, (splits, rows),
            q, k, partials, *q.stride(), *k.stride(), heads, n, per_program,
-           HEAD_DIM=d, BLOCK_D=block_d, BLOCK_N=cfg["block_n"], DOT_PREC=dots["DOT_PREC"], EMULATE=dots["EMULATE"],
-           num_warps=cfg["warps"])
+           HEAD_DIM=d, BLOCK_D=block_d, BLOCK_N=block_n, DOT_PREC=dots["DOT_PREC"], EMULATE=dots["EMULATE"],
+           num_warps=warps, num_stages=stages)
 
     attn = new_output((batch, heads, d, d), acc, device)
     cos = new_output((batch, heads, d, d), acc, device)
@@ -482,9 +500,11 @@ def ig_msa_fwd(
            HEAD_DIM=d, BLOCK_D=block_d, EPS=NORM_EPS, IS_FP64=q.dtype == torch.float64, num_warps=4)
 
     out = new_output((batch, n, channels), q.dtype, device)
+    block_n, warps, stages = _config(q.dtype, target, "apply")
+    splits, per_program = _splits(n, block_n, rows, target)
     launch("ig_msa_apply", _apply_kernel, (splits, rows),
            v, illumination, attn, out, *v.stride(), *illumination.stride(), *out.stride(), heads, n, per_program,
-           HEAD_DIM=d, BLOCK_D=block_d, BLOCK_N=cfg["block_n"], **dots, num_warps=cfg["warps"])
+           HEAD_DIM=d, BLOCK_D=block_d, BLOCK_N=block_n, **dots, num_warps=warps, num_stages=stages)
     return out, attn, cos, norms
 
 
@@ -500,18 +520,18 @@ def ig_msa_bwd(
     acc = accumulator_dtype(q.dtype)
     device = q.device
     target = target_for(device)
-    cfg = _config(q.dtype, target)
     block_d = _block_d(d)
     dots = _dots(q.dtype, target)
     is_fp64 = q.dtype == torch.float64
     grad_out = grad_out.to(q.dtype)
 
-    splits, per_program = _splits(n, cfg["block_n"], rows, target)
+    block_n, warps, stages = _config(q.dtype, target, "bwd_reduce")
+    splits, per_program = _splits(n, block_n, rows, target)
     partials = new_output((rows * splits, block_d * block_d), acc, device)
     launch("ig_msa_bwd_reduce", _grad_attention_kernel, (splits, rows),
            grad_out, v, illumination, partials, *grad_out.stride(), *v.stride(), *illumination.stride(),
            heads, n, per_program,
-           HEAD_DIM=d, BLOCK_D=block_d, BLOCK_N=cfg["block_n"], **dots, num_warps=cfg["warps"])
+           HEAD_DIM=d, BLOCK_D=block_d, BLOCK_N=block_n, **dots, num_warps=warps, num_stages=stages)
 
     pmat = new_output((batch, heads, d, d), acc, device)
     beta = new_output((batch, heads, 2, d), acc, device)
@@ -521,12 +541,13 @@ def ig_msa_bwd(
            HEAD_DIM=d, BLOCK_D=block_d, EPS=NORM_EPS, IS_FP64=is_fp64, num_warps=4)
 
     grads = [new_output((batch, n, channels), t.dtype, device) for t in (q, k, v, illumination)]
-    splits, per_program = _splits(n, cfg["block_n_bwd"], rows, target)
+    block_n, warps, stages = _config(q.dtype, target, "bwd_apply")
+    splits, per_program = _splits(n, block_n, rows, target)
     launch("ig_msa_bwd_apply", _grad_apply_kernel, (splits, rows),
            grad_out, q, k, v, illumination, attn, pmat, beta, *grads,
            *grad_out.stride(), *q.stride(), *k.stride(), *v.stride(), *illumination.stride(),
            heads, n, per_program, channels,
-           HEAD_DIM=d, BLOCK_D=block_d, BLOCK_N=cfg["block_n_bwd"], **dots, num_warps=cfg["warps"])
+           HEAD_DIM=d, BLOCK_D=block_d, BLOCK_N=block_n, **dots, num_warps=warps, num_stages=stages)
     grad_rescale = grad_rescale_rows.sum(dim=0).to(rescale.dtype).reshape(rescale.shape)
     return (*grads, grad_rescale)
 
@@ -563,3 +584,40 @@ def ig_msa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, illumination: torc
 
 
 __all__ = ["ig_msa", "ig_msa_bwd", "ig_msa_fwd"]
+
+
+# ----------------------------------------------------------------------------------------------
+# The compile gate's launches (python -m lfpv_fast.kernels.compile_gate --models ig_msa)
+# ----------------------------------------------------------------------------------------------
+
+# Retinexformer's levels: (stride, channels, heads); head dim 40 at every level.
+RETINEXFORMER_LEVELS = ((1, 40, 1), (2, 80, 2), (4, 160, 4))
+# Training crops (batch, side) and eval frames (height, width) whose IG-MSA launches the gate builds.
+GATE_TRAIN_CROPS = [(1, 128), (8, 128)]
+GATE_EVAL_FRAMES = [(1024, 1920)]
+GATE_PRECISIONS = ("fp32", "bf16", "fp64")  # bf16 is also what autocast gives (the op casts to it)
+
+
+def ig_msa_launches(target: Target, precision: str) -> list:
+    """The launches of ig_msa at every Retinexformer level, forward and backward for the training crops
+    (float64: one crop of batch 1, as the tests use it) and forward for the eval frames, recorded on fake
+    tensors for `target` (lfpv_fast.kernels._common.record_launches): no memory, no GPU."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    from lfpv_fast.kernels._common import record_launches
+
+    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp64": torch.float64}[precision]
+    crops = GATE_TRAIN_CROPS[:1] if precision == "fp64" else GATE_TRAIN_CROPS
+    frames = [] if precision == "fp64" else GATE_EVAL_FRAMES
+    with FakeTensorMode(), record_launches(target) as records:
+        for (batch, height, width), train in [((b, s, s), True) for b, s in crops] + \
+                                             [((1, h, w), False) for h, w in frames]:
+            for stride, channels, heads in RETINEXFORMER_LEVELS:
+                shape = (batch, (height // stride) * (width // stride), channels)
+                tensors = [torch.empty(shape, dtype=dtype, requires_grad=train) for _ in range(4)]
+                rescale = torch.ones(heads, 1, 1, dtype=torch.float64 if precision == "fp64" else torch.float32,
+                                     requires_grad=train)
+                out = ig_msa(*tensors, rescale, heads)
+                if train:
+                    out.sum().backward()
+    return records

@@ -21,6 +21,7 @@ triton = pytest.importorskip("triton")
 
 from lfpv_fast.kernels import _common  # noqa: E402
 from lfpv_fast.kernels.compile_gate import DEMO_PRECISIONS, PRECISIONS, record_scenario  # noqa: E402
+from lfpv_fast.kernels.ig_msa import GATE_PRECISIONS as IG_MSA_PRECISIONS  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -54,17 +55,23 @@ def assert_gate_passed(report: dict) -> None:
     results = report["results"]
     assert {r["target"] for r in results} == {"sm_90", "sm_80"}
     assert {(r["model"], r["precision"]) for r in results} == {
-        *(("smid", p) for p in (*PRECISIONS, "fp64")), *(("demo", p) for p in DEMO_PRECISIONS)}
+        *(("smid", p) for p in (*PRECISIONS, "fp64")), *(("demo", p) for p in DEMO_PRECISIONS),
+        *(("ig_msa", p) for p in IG_MSA_PRECISIONS)}
     assert all(r["error"] is None and r["shared"] is not None for r in results)
     names = {r["name"] for r in results}
     assert {"query_fusion_fwd", "query_fusion_bwd_pixel", "query_fusion_bwd_patch", "query_fusion_bwd_patch_params",
-            "masked_attention_fwd", "masked_attention_bwd", "snr_mask_ratio", "batch_mean_layer_norm"} <= names
+            "masked_attention_fwd", "masked_attention_bwd", "snr_mask_ratio", "batch_mean_layer_norm",
+            "ig_msa_gram", "ig_msa_attention", "ig_msa_apply", "ig_msa_bwd_reduce", "ig_msa_bwd_stats",
+            "ig_msa_bwd_apply"} <= names
     summary = report["meta"]["summary"]
     assert summary["failed"] == summary["over_shared_memory"] == 0
     # The demo model's head dim 32 and C=16 are built, besides the published 64 and 64.
     demo_attention = {r["signature"] for r in results if r["model"] == "demo" and r["name"] == "masked_attention_fwd"}
     assert demo_attention and all("HEAD_DIM=32" in s for s in demo_attention), demo_attention
     assert any("C=16" in r["signature"] for r in results if r["model"] == "demo" and r["name"] == "query_fusion_fwd")
+    # Retinexformer's IG-MSA at its head dim 40, up to the 1024x1920 frame's 2M pixels at stride 1.
+    ig_msa = [r for r in results if r["model"] == "ig_msa"]
+    assert ig_msa and all("HEAD_DIM=40" in r["signature"] for r in ig_msa)
 
 
 @pytest.mark.slow
@@ -181,3 +188,18 @@ def test_recording_the_demo_model_builds_its_own_shapes():
     kinds = {r.name: r for r in records}
     assert kinds["query_fusion_fwd"].kwargs["C"] == 16
     assert kinds["masked_attention_fwd"].kwargs["HEAD_DIM"] == 32
+
+
+def test_recording_ig_msa_builds_every_level_forward_and_backward():
+    """Retinexformer's three levels (C = 40, 80, 160 in heads of 40) at the 128x128 crops and the 1024x1920
+    frame: forward and backward launches, in the precision's dtype, the grids sized for the target."""
+    records = record_scenario(_common.TARGETS["sm_80"], "bf16", [], [], "ig_msa")
+    names = {r.name for r in records}
+    assert names == {"ig_msa_gram", "ig_msa_attention", "ig_msa_apply", "ig_msa_bwd_reduce", "ig_msa_bwd_stats",
+                     "ig_msa_bwd_apply"}
+    assert {r.kwargs["HEAD_DIM"] for r in records} == {40}
+    assert {r.args[0].dtype for r in records if r.name == "ig_msa_gram"} == {torch.bfloat16}
+    # (batch * heads) rows of programs: 1, 2, 4 heads at batch 1 (frame) and 8 (crops)
+    assert {r.grid[1] for r in records if r.name == "ig_msa_gram"} == {1, 2, 4, 8, 16, 32}
+    # The frame at stride 1 has 2M pixels over at most 2 programs per SM (108 on an A100): many blocks each.
+    assert max(r.grid[0] for r in records if r.name == "ig_msa_apply") <= 2 * 108
