@@ -451,6 +451,8 @@ def _check_inputs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, illuminatio
     if not (q.dtype == k.dtype == v.dtype == illumination.dtype) or q.dtype not in _SUPPORTED_DTYPES:
         raise TypeError(f"ig_msa: q, k, v and illumination must share one of {_SUPPORTED_DTYPES}; got "
                         f"{q.dtype}, {k.dtype}, {v.dtype}, {illumination.dtype}")
+    if q.shape[1] == 0:
+        raise ValueError(f"ig_msa: q {tuple(q.shape)} has no pixels (N = 0)")
     channels = q.shape[2]
     if heads < 1 or channels % heads:
         raise ValueError(f"ig_msa: {channels} channels do not split into {heads} heads")

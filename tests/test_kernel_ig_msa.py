@@ -264,6 +264,8 @@ def test_rejects_bad_inputs():
         ig_msa(q, k, v, illumination, rescale[:1], 2)
     with pytest.raises(TypeError, match="must share"):
         ig_msa(q, k.float(), v, illumination, rescale, 2)
+    with pytest.raises(ValueError, match="no pixels"):
+        ig_msa(q[:, :0], k[:, :0], v[:, :0], illumination[:, :0], rescale, 2)
     with pytest.raises(ValueError, match="head dim 80 > 64"):
         ig_msa(*make_inputs(1, 8, 80, 1, torch.float64, seed=0)[:5], 1)
 
