@@ -17,6 +17,7 @@ output gradient, in units of each tensor's largest true value (max |truth|).
   the reference under the same autocast, which also rounds the normalised q and k, <= 0.6 and <= 1.3.
   rescale's gradient sums B*d*d terms dS_ij M_ij that cancel (every row of dS sums to zero): it is held
   to 1 ulp of the sum of its terms' magnitudes (measured: kernel <= 0.01, reference <= 0.03).
+- float16 (autocast): the same bounds in float16 ulps (2^-10); measured kernel <= 0.6 ulp.
 """
 
 from __future__ import annotations
@@ -41,7 +42,6 @@ if DEVICE == "cpu" and not _common.interpreting():
 # Outputs poisoned with NaN, launch counter reset: the fixture lives in conftest.py.
 pytestmark = pytest.mark.usefixtures("poisoned_outputs")
 
-BF16_ULP = 2.0**-7
 
 
 def make_inputs(batch: int, tokens: int, channels: int, heads: int, dtype: torch.dtype, seed: int,
@@ -201,29 +201,31 @@ def test_float32_matches_float64_truth():
 
 
 BF16_ULPS = (2, 3, 3, 3, 3)  # out, dq, dk, dv, dillumination (module docstring)
+ULP = {torch.bfloat16: 2.0**-7, torch.float16: 2.0**-10}
 
 
-def assert_bf16_close(results, expected, leaves, heads: int, who: str) -> None:
+def assert_16bit_close(results, expected, leaves, heads: int, who: str, dtype: torch.dtype = torch.bfloat16) -> None:
     for name, ulps, a, t in zip(NAMES[:5], BF16_ULPS, results[:5], expected[:5], strict=True):
-        assert_close(a, t, ulps * BF16_ULP, f"{who}{name}")
-    assert_close(results[5], expected[5], BF16_ULP, f"{who}drescale",
-                 scale=rescale_grad_terms(leaves, heads, torch.bfloat16))
+        assert_close(a, t, ulps * ULP[dtype], f"{who}{name}")
+    assert_close(results[5], expected[5], ULP[dtype], f"{who}drescale",
+                 scale=rescale_grad_terms(leaves, heads, dtype))
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
 @pytest.mark.parametrize("case", [(2, 130, 40, 1), (1, 200, 160, 4)], ids=lambda c: "x".join(map(str, c)))
-def test_bf16_autocast_mix(case):
+def test_16bit_autocast_mix(case, dtype):
     """What Retinexformer's IG-MSA sees in bf16 training: bf16 q, k, v (linear layers) and illumination
-    (a conv) under autocast, a float32 rescale parameter. Dtypes as the reference's; values within the
-    module docstring's bf16 bounds of the float64 truth."""
+    (a conv) under autocast, a float32 rescale parameter (and the same in float16). Dtypes as the
+    reference's; values within the module docstring's bounds (in the dtype's ulps) of the float64 truth."""
     b, n, c, heads = case
-    leaves = make_inputs(b, n, c, heads, torch.bfloat16, seed=17 + n)
-    out, grads = forward_backward(ig_msa, leaves, heads, autocast=torch.bfloat16)
-    ref_out, ref_grads = forward_backward(reference.ig_msa, leaves, heads, autocast=torch.bfloat16)
-    true_out, true_grads = truth(leaves, heads, torch.bfloat16)
-    assert out.dtype == ref_out.dtype == torch.bfloat16
+    leaves = make_inputs(b, n, c, heads, dtype, seed=17 + n)
+    out, grads = forward_backward(ig_msa, leaves, heads, autocast=dtype)
+    ref_out, ref_grads = forward_backward(reference.ig_msa, leaves, heads, autocast=dtype)
+    true_out, true_grads = truth(leaves, heads, dtype)
+    assert out.dtype == ref_out.dtype == dtype
     assert [g.dtype for g in grads] == [g.dtype for g in ref_grads] == [t.dtype for t in leaves]
-    assert_bf16_close((out, *grads), (true_out, *true_grads), leaves, heads, "")
-    assert_bf16_close((ref_out, *ref_grads), (true_out, *true_grads), leaves, heads, "reference (the model) ")
+    assert_16bit_close((out, *grads), (true_out, *true_grads), leaves, heads, "", dtype)
+    assert_16bit_close((ref_out, *ref_grads), (true_out, *true_grads), leaves, heads, "reference (the model) ", dtype)
 
 
 def test_float32_leaves_under_autocast():
@@ -234,7 +236,7 @@ def test_float32_leaves_under_autocast():
     rounded = [t.detach().to(torch.bfloat16) if i < 4 else t for i, t in enumerate(leaves)]
     true_out, true_grads = truth(rounded, 1, torch.bfloat16)
     assert out.dtype == torch.bfloat16 and all(g.dtype == torch.float32 for g in grads)
-    assert_bf16_close((out, *grads), (true_out, *true_grads), rounded, 1, "")
+    assert_16bit_close((out, *grads), (true_out, *true_grads), rounded, 1, "")
 
 
 def test_launch_counts():
