@@ -67,7 +67,7 @@ PRECISIONS = ("fp32", "bf16", "fp16", "mix", "fp64")
 # (bank-update glue, the keys' LayerNorms, row sums, the SNR map: small copies and reductions, a few KB
 # of shared memory at most) only in fp32, mix and fp64: their bf16 and fp16 builds differ only in loads
 # and stores.
-HOT_LAUNCHES = ("query_fusion_fwd", "query_fusion_bwd", "masked_attention")
+HOT_LAUNCHES = ("query_fusion_fwd", "query_fusion_bwd", "masked_attention", "ig_msa")
 ALL_DTYPES_PRECISIONS = ("fp32", "mix", "fp64")
 
 
@@ -354,6 +354,34 @@ def _retinexformer(precision: str) -> None:
 def _retinexformer_demo(precision: str) -> None:
     for site in RETINEXFORMER_DEMO_SITES:
         record_lfpv_site(precision, site, RETINEXFORMER_DEMO_TRAIN, DEMO_EVAL_FRAMES, RETINEXFORMER_DEMO_BATCHES)
+
+
+# --- Retinexformer's channel attention (IG-MSA) at its three levels: (stride, channels, heads), head dim 40.
+IG_MSA_LEVELS = ((1, 40, 1), (2, 80, 2), (4, 160, 4))
+IG_MSA_TRAIN = [(1, 128), (8, 128)]  # (batch, crop side): forward and backward
+IG_MSA_FRAMES = [(1024, 1920)]  # eval frames: forward
+
+
+@launch_set("ig_msa", ("fp32", "bf16", "fp64"),
+            f"Retinexformer's IG-MSA at strides/channels/heads {IG_MSA_LEVELS}: training crops {IG_MSA_TRAIN} "
+            f"forward and backward (fp64: the first crop only, as the tests use it), eval frames {IG_MSA_FRAMES} "
+            "forward; bf16 is also what autocast gives (the op casts to it)")
+def _ig_msa(precision: str) -> None:
+    from lfpv_fast.kernels.ig_msa import ig_msa
+
+    dtype = _dtype(precision)
+    crops = IG_MSA_TRAIN[:1] if precision == "fp64" else IG_MSA_TRAIN
+    frames = [] if precision == "fp64" else IG_MSA_FRAMES
+    cases = [((b, s, s), True) for b, s in crops] + [((1, h, w), False) for h, w in frames]
+    for (batch, height, width), train in cases:
+        for stride, channels, heads in IG_MSA_LEVELS:
+            shape = (batch, (height // stride) * (width // stride), channels)
+            tensors = [torch.empty(shape, dtype=dtype, requires_grad=train) for _ in range(4)]
+            rescale = torch.ones(heads, 1, 1, dtype=torch.float64 if precision == "fp64" else torch.float32,
+                                 requires_grad=train)
+            out = ig_msa(*tensors, rescale, heads)
+            if train:
+                out.sum().backward()
 
 
 # ---------------------------------------------------------------------------------------------

@@ -28,6 +28,7 @@ HERE = Path(__file__).resolve().parent
 SCRIPTS = {
     "bench_lfpv_kernels.py": ["--quick"],
     "bench_attention_snr.py": ["--quick"],
+    "bench_ig_msa.py": ["--quick"],
     "bench_data.py": ["--quick"],
     "bench_train.py": ["--quick"],
     "bench_inference.py": ["--sizes", "1", "--parts", "frame,memory"],

@@ -11,6 +11,7 @@ from lfpv_fast.kernels.bank_update import (
     sample_updater_inputs,
     sample_updater_inputs_from_features,
 )
+from lfpv_fast.kernels.ig_msa import ig_msa
 from lfpv_fast.kernels.masked_attention import masked_attention
 from lfpv_fast.kernels.query_fusion import query_fusion
 from lfpv_fast.kernels.snr_mask import snr_mask
@@ -18,6 +19,7 @@ from lfpv_fast.kernels.snr_mask import snr_mask
 __all__ = [
     "batch_mean_layer_norm",
     "gather_samples",
+    "ig_msa",
     "masked_attention",
     "mutual_updater_inputs",
     "query_fusion",

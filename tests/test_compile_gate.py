@@ -87,6 +87,11 @@ def assert_gate_passed(report: dict) -> None:
                                                                                           precision)
                         for c in (40, 80, 160) if f"C={c}," in r["signature"]}
             assert channels == {40, 80, 160}, (name, precision, channels)
+    # Retinexformer's IG-MSA, forward and backward, at its head dim 40.
+    ig_msa = [r for r in results if r["model"] == "ig_msa"]
+    assert {r["name"] for r in ig_msa} >= {"ig_msa_gram", "ig_msa_attention", "ig_msa_apply", "ig_msa_bwd_reduce",
+                                           "ig_msa_bwd_stats", "ig_msa_bwd_apply"}
+    assert all("HEAD_DIM=40" in r["signature"] for r in ig_msa)
 
 
 @pytest.mark.slow
@@ -265,3 +270,18 @@ def test_recording_the_plugin_at_retinexformers_bottleneck():
     assert {r.kwargs["C"] for r in fused} == {160}
     assert {(r.args[0].dtype, r.args[2].dtype) for r in fused} == {(torch.bfloat16, torch.float32)}
     assert {tuple(r.args[10:12]) for r in fused} == {(32, 32), (100, 152)}  # (H, W): training crop, eval frame
+
+
+def test_recording_ig_msa_builds_every_level_forward_and_backward():
+    """Retinexformer's three levels (C = 40, 80, 160 in heads of 40) at the 128x128 crops and the 1024x1920
+    frame: forward and backward launches, in the precision's dtype, the grids sized for the target."""
+    records = compile_gate.record(_common.TARGETS["sm_80"], "ig_msa", "bf16")
+    names = {r.name for r in records}
+    assert names == {"ig_msa_gram", "ig_msa_attention", "ig_msa_apply", "ig_msa_bwd_reduce", "ig_msa_bwd_stats",
+                     "ig_msa_bwd_apply"}
+    assert {r.kwargs["HEAD_DIM"] for r in records} == {40}
+    assert {r.args[0].dtype for r in records if r.name == "ig_msa_gram"} == {torch.bfloat16}
+    # (batch * heads) rows of programs: 1, 2, 4 heads at batch 1 (frame) and 8 (crops)
+    assert {r.grid[1] for r in records if r.name == "ig_msa_gram"} == {1, 2, 4, 8, 16, 32}
+    # The frame at stride 1 has 2M pixels over at most 2 programs per SM (108 on an A100): many blocks each.
+    assert max(r.grid[0] for r in records if r.name == "ig_msa_apply") <= 2 * 108
