@@ -33,6 +33,7 @@ from lfpv_fast import reference
 from lfpv_fast.kernels import _common
 from lfpv_fast.kernels.ig_msa import ig_msa, ig_msa_fwd
 
+
 def make_inputs(batch: int, tokens: int, channels: int, heads: int, dtype: torch.dtype, seed: int,
                 rescale: list[float] | None = None) -> list[torch.Tensor]:
     """q, k, v, illumination (B, N, C) in `dtype` and rescale (heads, 1, 1) float32 (float64 for float64),
