@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import random
 import re
+import warnings
 import zipfile
 from dataclasses import asdict
 from pathlib import Path
@@ -26,6 +27,7 @@ import torch
 from lfpv_fast.config import ConfigError, section_from_dict
 from lfpv_fast.files import atomic_write, atomic_write_text
 from lfpv_fast.model import LFPVNet, ModelConfig
+from lfpv_fast.model_bounds import build_on_meta, check_network_fits_memory, weights_mismatch
 
 __all__ = ["CHECKPOINT_VERSION", "FORMAT", "CheckpointWriteError", "atomic_save", "atomic_write_text",
            "capture_rng", "check_training_checkpoint", "checkpoint_step", "is_original_state_dict",
@@ -213,10 +215,6 @@ def _kind(value: Any) -> str:
     return f"a {type(value).__name__}"
 
 
-def _shape(t: torch.Tensor) -> str:
-    return "(" + ", ".join(str(s) for s in t.shape) + ")"
-
-
 def check_weights(state: Any, path: str | Path, entry: str = "model") -> dict[str, torch.Tensor]:
     """A state dict as read from `path`: a non-empty dict of tensors, none holding NaN or inf."""
     if not isinstance(state, dict):
@@ -246,25 +244,18 @@ def model_config_of(obj: dict[str, Any], path: str | Path) -> ModelConfig:
         raise ValueError(f"{exc} (a file from another version of lfpv_fast, or edited?)") from None
 
 
-def load_weights(net: LFPVNet | torch.nn.Module, state: dict[str, torch.Tensor], path: str | Path) -> None:
-    """Load a checked state dict strictly; a mismatch is one line naming the first keys that differ."""
-    own = net.state_dict()
-    missing = [k for k in own if k not in state]
-    unexpected = [k for k in state if k not in own]
-    shapes = [k for k in own if k in state and state[k].shape != own[k].shape]
-    if missing or unexpected or shapes:
-        parts = []
-        if shapes:
-            first = ", ".join(f"{k!r} is {_shape(state[k])} in the file, {_shape(own[k])} in the model"
-                              for k in shapes[:2])
-            parts.append(f"{len(shapes)} tensor(s) differ in shape ({first}{', ...' if len(shapes) > 2 else ''})")
-        for name, keys in (("missing", missing), ("unexpected", unexpected)):
-            if keys:
-                parts.append(f"{len(keys)} {name} key(s) ({', '.join(repr(k) for k in keys[:3])}"
-                             f"{', ...' if len(keys) > 3 else ''})")
+def check_weights_fit(net: torch.nn.Module, state: dict[str, torch.Tensor], path: str | Path) -> None:
+    """The state dict has the network's keys and shapes (`net` may live on the meta device); else one line."""
+    mismatch = weights_mismatch(net.state_dict(), state)
+    if mismatch:
         config = getattr(net, "config", None)
         model = f"the model config {_describe_config(config)}" if isinstance(config, ModelConfig) else "the model"
-        raise ValueError(f"checkpoint {path}: its weights do not fit {model}: {'; '.join(parts)}")
+        raise ValueError(f"checkpoint {path}: its weights do not fit {model}: {mismatch}")
+
+
+def load_weights(net: LFPVNet | torch.nn.Module, state: dict[str, torch.Tensor], path: str | Path) -> None:
+    """Load a checked state dict strictly; a mismatch is one line naming the first keys that differ."""
+    check_weights_fit(net, state, path)
     try:
         net.load_state_dict(state, strict=True)
     except RuntimeError as exc:  # dtypes that cannot be copied, and the like: torch's first line is enough
@@ -308,6 +299,10 @@ def load_model(path: str | Path, backend: str = "auto", config: ModelConfig | No
             raise ValueError(f"checkpoint {path} has no 'model' entry: it holds no weights "
                              f"(entries: {', '.join(map(str, obj))})")
         state = check_weights(obj["model"], path)
+        # Shapes and size are checked on a network built on the meta device (no memory): a small file whose
+        # config claims a huge network is refused before that network is built.
+        check_weights_fit(build_on_meta(lambda: LFPVNet(cfg, backend=backend)), state, path)
+        _check_fits_memory(cfg, backend, path)
         net = LFPVNet(cfg, backend=backend)
         load_weights(net, state, path)
         return net
@@ -315,6 +310,11 @@ def load_model(path: str | Path, backend: str = "auto", config: ModelConfig | No
     if state is not None:
         check_weights(state, path, entry="state dict")
         try:
+            # On the meta device first (see above): the published format holds no config, `config` may be any.
+            with warnings.catch_warnings():  # loading into meta tensors is a no-op, which torch warns about
+                warnings.simplefilter("ignore")
+                build_on_meta(lambda: LFPVNet(config, backend=backend)).load_original_state_dict(state)
+            _check_fits_memory(config or ModelConfig(), backend, path)
             return LFPVNet.from_original_state_dict(state, config=config, backend=backend)
         except (KeyError, ValueError, TypeError) as exc:
             detail = exc.args[0] if exc.args else str(exc)
@@ -325,6 +325,15 @@ def load_model(path: str | Path, backend: str = "auto", config: ModelConfig | No
         f"checkpoint {path} is neither an lfpv_fast checkpoint nor a state dict of the published LFPV "
         "model (expected keys such as 'common_feature' and 'conv_first_1.weight')"
     )
+
+
+def _check_fits_memory(config: ModelConfig, backend: str, path: str | Path) -> None:
+    """The network of `config` plus its activations on the smallest input fit the memory available here."""
+    from lfpv_fast.inference import available_memory, estimate_peak_bytes
+
+    smallest = estimate_peak_bytes(config, 1, config.align, config.align).whole_image
+    check_network_fits_memory(build_on_meta(lambda: LFPVNet(config, backend=backend)), path,
+                              available_memory(torch.device("cpu")), smallest)
 
 
 def _not_the_published_architecture(path: str | Path, state: dict[str, Any]) -> str:

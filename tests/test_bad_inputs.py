@@ -1,0 +1,86 @@
+"""Inputs of a hostile but realistic user (issue 25, items 3-12): each is refused with one short `error:` line
+naming what is wrong, without a traceback, a hang or a huge allocation."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from helpers import TINY, assert_one_line_error
+from lfpv_fast import LFPVNet
+from lfpv_fast.checkpoint import atomic_save, load_model, weights_only_checkpoint
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def png(path: Path, height: int, width: int, seed: int = 0) -> Path:
+    Image.fromarray(np.random.default_rng(seed).integers(0, 256, (height, width, 3), dtype=np.uint8)).save(path)
+    return path
+
+
+def tiny_weights(path: Path, **model_config) -> Path:
+    """TINY's weights, under a model config with `model_config` changed (a file edited or forged)."""
+    torch.manual_seed(0)
+    obj = weights_only_checkpoint(LFPVNet(TINY, backend="reference"))
+    obj["model_config"].update(model_config)
+    atomic_save(obj, path)
+    return path
+
+
+def run_measured(code: str, *args: str) -> tuple[int, str, int]:
+    """Exit status, stderr and peak RSS (bytes) of `code` run in a fresh Python (argv[1:] = args)."""
+    wrapper = ("import resource, sys\n"
+               "try:\n"
+               f"    status = {code}\n"
+               "finally:\n"
+               "    print('PEAK', resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024, file=sys.stderr)\n"
+               "sys.exit(status)\n")
+    done = subprocess.run([sys.executable, "-c", wrapper, *args], capture_output=True, text=True, cwd=REPO,
+                          timeout=300)
+    lines = done.stderr.splitlines()
+    peaks = [int(line.split()[1]) for line in lines if line.startswith("PEAK ")]
+    err = "\n".join(line for line in lines if not line.startswith("PEAK "))
+    return done.returncode, err, peaks[-1] if peaks else -1
+
+
+# ---------------------------------------------------------------------------------------------
+# 3. A tiny checkpoint whose config claims a huge network
+
+
+def test_a_tiny_checkpoint_claiming_a_huge_network_is_refused_with_a_small_peak(tmp_path):
+    checkpoint = tiny_weights(tmp_path / "forged.pth", nf=512)  # building nf=512 takes about 2 GB
+    image = png(tmp_path / "a.png", 16, 16)
+    code, err, peak = run_measured("__import__('lfpv_fast.enhance').enhance.main(sys.argv[1:])",
+                                   str(image), "--checkpoint", str(checkpoint), "-o", str(tmp_path / "out"))
+    assert_one_line_error(code, err, "forged.pth", "nf=512", "differ in shape")
+    assert peak < 1 * 2**30, f"peak RSS {peak / 2**30:.2f} GiB while refusing a 3 MB checkpoint"
+
+
+def test_a_network_too_big_for_the_memory_here_is_refused_before_it_is_built(tmp_path, monkeypatch):
+    from lfpv_fast import inference
+
+    checkpoint = tiny_weights(tmp_path / "tiny.pth")
+    built = []
+    monkeypatch.setattr(inference, "available_memory", lambda device: 2**20)  # 1 MiB free
+    monkeypatch.setattr(LFPVNet, "__init__", _recording_init(built))
+    with pytest.raises(ValueError) as info:
+        load_model(checkpoint, backend="reference")
+    line = str(info.value)
+    assert "\n" not in line and "tiny.pth" in line and "GiB available" in line, line
+    assert built and set(built) == {"meta"}, f"the network was built on {built} before its size was checked"
+
+
+def _recording_init(built: list[str]):
+    original = LFPVNet.__init__
+
+    def init(self, *args, **kwargs):
+        built.append(torch.empty(0).device.type)  # the default device: meta inside build_on_meta
+        original(self, *args, **kwargs)
+
+    return init
