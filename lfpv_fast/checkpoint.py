@@ -423,6 +423,8 @@ def restore_training_state(obj: dict[str, Any], path: str | Path, *, optimizer: 
 
     Returns (step, best_psnr). A state that does not fit (an optimizer of another model) is a one-line ValueError.
     """
+    check_optimizer_state(obj["optimizer"], optimizer, path)
+    check_scheduler_state(obj["scheduler"], optimizer, path)
     for name, target in (("optimizer", optimizer), ("scheduler", scheduler), ("loader", loader)):
         try:
             target.load_state_dict(obj[name])
@@ -432,3 +434,96 @@ def restore_training_state(obj: dict[str, Any], path: str | Path, *, optimizer: 
     restore_rng(obj["rng"])
     draw_generator.set_state(obj["draw_generator"])
     return int(obj["step"]), obj.get("best_psnr")
+
+
+# The largest learning rate a saved state may hold (train.lr's bound, lfpv_fast.config.MAX_LR).
+_MAX_SAVED_LR = 1.0
+
+
+def _is_number(value: Any) -> bool:
+    if torch.is_tensor(value):
+        return value.numel() == 1 and not value.is_complex() and bool(torch.isfinite(value))
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and np.isfinite(value)
+
+
+def _check_lr(value: Any, where: str, path: str | Path) -> None:
+    if not (_is_number(value) and 0 <= float(value) <= _MAX_SAVED_LR):
+        raise ValueError(f"checkpoint {path}: {where} must be a number in [0, {_MAX_SAVED_LR:g}], got "
+                         f"{_cut(repr(value))}")
+
+
+def _cut(text: str, limit: int = 80) -> str:
+    return text if len(text) <= limit else text[:limit] + "..."
+
+
+def check_optimizer_state(saved: dict[str, Any], optimizer: torch.optim.Optimizer, path: str | Path) -> None:
+    """A saved Adam state that fits `optimizer` and can take a step: its groups and parameters match, the
+    hyperparameters are sane (lr in [0, 1], betas in [0, 1), eps > 0, weight decay >= 0, all finite), and every
+    moment has its parameter's shape and finite values (exp_avg_sq >= 0), every step count a whole number >= 0.
+    torch's load_state_dict checks none of this; a bad value would crash or diverge at the first step."""
+    groups = optimizer.param_groups
+    saved_groups = saved["param_groups"]
+    if len(saved_groups) != len(groups) or any(len(s["params"]) != len(g["params"])
+                                               for s, g in zip(saved_groups, groups, strict=False)):
+        raise ValueError(f"checkpoint {path}: its 'optimizer' state is for {len(saved_groups)} group(s) of "
+                         f"{[len(s['params']) for s in saved_groups][:4]} parameters, this run has "
+                         f"{[len(g['params']) for g in groups][:4]}")
+    params: dict[Any, torch.Tensor] = {}
+    for index, (group, live) in enumerate(zip(saved_groups, groups, strict=True)):
+        where = f"'optimizer' group {index}"
+        _check_lr(group.get("lr"), f"{where} lr", path)
+        if "initial_lr" in group:
+            _check_lr(group["initial_lr"], f"{where} initial_lr", path)
+        betas = group.get("betas")
+        if not (isinstance(betas, (list, tuple)) and len(betas) == 2
+                and all(_is_number(b) and 0 <= float(b) < 1 for b in betas)):
+            raise ValueError(f"checkpoint {path}: {where} betas must be two numbers in [0, 1), got {_cut(repr(betas))}")
+        eps = group.get("eps")
+        if not (_is_number(eps) and float(eps) > 0):
+            raise ValueError(f"checkpoint {path}: {where} eps must be a finite number > 0, got {_cut(repr(eps))}")
+        decay = group.get("weight_decay", 0)
+        if not (_is_number(decay) and float(decay) >= 0):
+            raise ValueError(f"checkpoint {path}: {where} weight_decay must be a finite number >= 0, got "
+                             f"{_cut(repr(decay))}")
+        params.update(zip(group["params"], live["params"], strict=True))
+    for key, entry in saved["state"].items():
+        if key not in params:
+            raise ValueError(f"checkpoint {path}: 'optimizer' state for parameter {_cut(repr(key))}, which no group "
+                             "holds")
+        if not isinstance(entry, dict):
+            raise ValueError(f"checkpoint {path}: 'optimizer' state of parameter {key} is {_kind(entry)}, not a dict")
+        shape = tuple(params[key].shape)
+        for name in ("exp_avg", "exp_avg_sq", "max_exp_avg_sq"):
+            if name not in entry:
+                if name != "max_exp_avg_sq":
+                    raise ValueError(f"checkpoint {path}: 'optimizer' state of parameter {key} has no {name!r}")
+                continue
+            moment = entry[name]
+            if not (torch.is_tensor(moment) and moment.is_floating_point() and tuple(moment.shape) == shape):
+                raise ValueError(f"checkpoint {path}: 'optimizer' {name} of parameter {key} is {_kind(moment)}, "
+                                 f"expected a float tensor of the parameter's shape {shape}")
+            if not bool(torch.isfinite(moment).all()) or (name != "exp_avg" and bool((moment < 0).any())):
+                raise ValueError(f"checkpoint {path}: 'optimizer' {name} of parameter {key} holds NaN/inf"
+                                 f"{'' if name == 'exp_avg' else ' or negative'} values")
+        step = entry.get("step")
+        if not (_is_number(step) and float(step) >= 0 and float(step) == int(float(step))):
+            raise ValueError(f"checkpoint {path}: 'optimizer' step count of parameter {key} must be a whole number "
+                             f">= 0, got {_cut(repr(step))}")
+
+
+def check_scheduler_state(saved: dict[str, Any], optimizer: torch.optim.Optimizer, path: str | Path) -> None:
+    """A saved LR scheduler state (LambdaLR) for this optimizer: one base lr per group, each sane, whole-number
+    counters >= 0 (last_epoch >= -1)."""
+    base = saved.get("base_lrs")
+    if not (isinstance(base, list) and len(base) == len(optimizer.param_groups)):
+        raise ValueError(f"checkpoint {path}: 'scheduler' base_lrs must be a list of {len(optimizer.param_groups)} "
+                         f"learning rate(s), got {_cut(repr(base))}")
+    for index, lr in enumerate(base):
+        _check_lr(lr, f"'scheduler' base_lrs[{index}]", path)
+    for index, lr in enumerate(saved.get("_last_lr") or []):
+        _check_lr(lr, f"'scheduler' _last_lr[{index}]", path)
+    for name, low in (("last_epoch", -1), ("_step_count", 0)):
+        value = saved.get(name, low)
+        if not (isinstance(value, int) and not isinstance(value, bool) and value >= low):
+            raise ValueError(f"checkpoint {path}: 'scheduler' {name} must be a whole number >= {low}, got "
+                             f"{_cut(repr(value))}")

@@ -12,7 +12,7 @@ import pytest
 import torch
 from PIL import Image
 
-from helpers import TINY, assert_one_line_error
+from helpers import TINY, assert_one_line_error, run
 from lfpv_fast import LFPVNet
 from lfpv_fast.checkpoint import atomic_save, load_model, weights_only_checkpoint
 
@@ -84,3 +84,59 @@ def _recording_init(built: list[str]):
         original(self, *args, **kwargs)
 
     return init
+
+
+# ---------------------------------------------------------------------------------------------
+# 4. Bad values inside a training checkpoint's optimizer and scheduler state
+
+
+@pytest.fixture(scope="module")
+def demo_root(tmp_path_factory) -> Path:
+    return tmp_path_factory.getbasetemp() / "lfpv-demo-data"
+
+
+def folder_snapshot(folder: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def _set_first_moment(obj: dict, shape: tuple[int, ...]) -> None:
+    obj["optimizer"]["state"][0]["exp_avg"] = torch.zeros(shape)
+
+
+OPTIMIZER_DAMAGE = {
+    "lr 1e39": (lambda obj: obj["optimizer"]["param_groups"][0].update(lr=1e39), "lr"),
+    "betas (5, 5)": (lambda obj: obj["optimizer"]["param_groups"][0].update(betas=(5.0, 5.0)), "betas"),
+    "eps 0": (lambda obj: obj["optimizer"]["param_groups"][0].update(eps=0.0), "eps"),
+    "exp_avg of another shape": (lambda obj: _set_first_moment(obj, (3, 3)), "exp_avg"),
+    "exp_avg_sq with NaN": (lambda obj: obj["optimizer"]["state"][0]["exp_avg_sq"].fill_(float("nan")), "exp_avg_sq"),
+    "a negative step count": (lambda obj: obj["optimizer"]["state"][0].update(step=torch.tensor(-3.0)), "step"),
+    "state of a parameter no group holds": (lambda obj: obj["optimizer"]["state"].update({10**6: {}}), "1000000"),
+    "scheduler base lr inf": (lambda obj: obj["scheduler"].update(base_lrs=[float("inf")]), "base_lrs"),
+    "scheduler last_epoch -5": (lambda obj: obj["scheduler"].update(last_epoch=-5), "last_epoch"),
+}
+
+
+def test_bad_optimizer_and_scheduler_state_is_refused_before_the_run_folder_changes(tmp_path, demo_root, capsys):
+    from helpers import tiny_config
+    from lfpv_fast.checkpoint import list_checkpoints, read_checkpoint
+    from lfpv_fast.train import main
+    from lfpv_fast.trainer import Trainer
+
+    run_dir = tmp_path / "run"
+    trainer = Trainer(tiny_config(demo_root, "train.iterations=2", "train.checkpoint_every=2"), run_dir)
+    try:
+        assert trainer.fit() == 0
+    finally:
+        trainer.close()
+    good = list_checkpoints(run_dir / "checkpoints")[-1]
+    damaged = tmp_path / "damaged.pth"
+    capsys.readouterr()
+    for case, (damage, named) in OPTIMIZER_DAMAGE.items():
+        obj = read_checkpoint(good)
+        damage(obj)
+        torch.save(obj, damaged)
+        before = folder_snapshot(run_dir)
+        code, err = run(main, ["--out", run_dir, "--resume", damaged, "--set", "train.iterations=3"], capsys)
+        assert code == 2, f"{case}: exit {code}, {err[-400:]}"
+        assert_one_line_error(code, err, "damaged.pth", named)
+        assert folder_snapshot(run_dir) == before, f"{case}: the run folder changed"
