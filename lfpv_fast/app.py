@@ -48,7 +48,7 @@ import numpy as np
 import torch
 
 from lfpv_fast.backends import BACKENDS, resolve_backend
-from lfpv_fast.cli import ArgumentParser, resolve_device
+from lfpv_fast.cli import ArgumentParser, one_line, resolve_device
 from lfpv_fast.enhancement import DEFAULT_OVERLAP, DEFAULT_TILE, ImageEnhancer
 from lfpv_fast.imageio import (
     IMAGE_EXTENSIONS,
@@ -571,7 +571,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         checkpoint = resolve_checkpoint(args.checkpoint, args.runs)
         net = load_model(checkpoint, backend=args.backend)
     except (ValueError, FileNotFoundError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
+        print(f"error: {one_line(str(exc))}", file=sys.stderr)
         return 2
     # Our own lines only: the root logger would also print every HTTP request of Gradio's clients.
     handler = logging.StreamHandler(sys.stderr)

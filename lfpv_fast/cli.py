@@ -13,17 +13,31 @@ from typing import NoReturn
 
 import torch
 
+# The longest error line printed: what a message quotes is cut where it is made (lfpv_fast.config.quote); this
+# is the last guard, for a message that quotes something long that nobody cut (a path, a library's text).
+MAX_ERROR_CHARS = 1000
+
+
+def one_line(message: str) -> str:
+    """The message on one line (line breaks become " | "), its middle cut when longer than MAX_ERROR_CHARS."""
+    text = " | ".join(part.strip() for part in str(message).splitlines() if part.strip())
+    if len(text) <= MAX_ERROR_CHARS:
+        return text
+    head, tail = MAX_ERROR_CHARS * 3 // 4, MAX_ERROR_CHARS // 4
+    return f"{text[:head]} [... {len(text) - head - tail} characters cut ...] {text[-tail:]}"
+
 
 class ArgumentParser(argparse.ArgumentParser):
     """argparse with the project's convention: a usage error is one `error:` line and status 2."""
 
     def error(self, message: str) -> NoReturn:
-        self.exit(2, f"error: {message} (see {self.prog} --help)\n")
+        self.exit(2, f"error: {one_line(message)} (see {self.prog} --help)\n")
 
 
 def fail(message: str) -> int:
-    """Print `error: message` on stderr; returns the exit status of an input error, 2."""
-    print(f"error: {message}", file=sys.stderr)
+    """Print `error: message` on stderr, as one line of bounded length; returns the exit status of an input
+    error, 2."""
+    print(f"error: {one_line(message)}", file=sys.stderr)
     return 2
 
 

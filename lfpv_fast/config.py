@@ -42,6 +42,53 @@ IMAGE_DATASETS = ("pairs", "demo_png", *IMAGE_PRESETS)
 MAX_RESIZE_PIXELS = 1 << 25
 # The largest train.lr accepted: Adam moves each weight by about lr per step.
 MAX_LR = 1.0
+# The most values a config (or one --set value) may hold once its YAML aliases are expanded: a run config holds
+# about 80, and a few levels of aliases that repeat aliases (a "billion laughs" document) expand past any memory.
+MAX_YAML_VALUES = 10_000
+# Values quoted in error messages are cut to this many characters, so that every error stays one short line.
+MAX_QUOTED_CHARS = 200
+
+
+def quote(value: Any) -> str:
+    """repr(value), cut to MAX_QUOTED_CHARS (error messages quote what they were given, never a megabyte of it)."""
+    text = _bounded_repr(value)
+    return text if len(text) <= MAX_QUOTED_CHARS else f"{text[:MAX_QUOTED_CHARS]}... ({len(text)} characters)"
+
+
+def _bounded_repr(value: Any) -> str:
+    # repr of a deeply shared structure can be gigabytes: only small containers are repr'ed whole.
+    if isinstance(value, (list, tuple, dict)) and _expanded_size(value, MAX_QUOTED_CHARS) > MAX_QUOTED_CHARS:
+        kind = type(value).__name__
+        return f"<a {kind} of {len(value)} entries, holding more than {MAX_QUOTED_CHARS} values>"
+    return repr(value)
+
+
+def _expanded_size(value: Any, limit: int) -> int:
+    """How many values `value` holds with shared (aliased) parts counted each time they appear; stops past `limit`."""
+    count, stack = 0, [value]
+    while stack and count <= limit:
+        item = stack.pop()
+        count += 1
+        if isinstance(item, dict):
+            stack.extend(item.keys())
+            stack.extend(item.values())
+        elif isinstance(item, (list, tuple)):
+            stack.extend(item)
+    return count
+
+
+def _shown(text: str) -> str:
+    """A text given on the command line, cut to MAX_QUOTED_CHARS for an error message."""
+    return text if len(text) <= MAX_QUOTED_CHARS else f"{text[:MAX_QUOTED_CHARS]}..."
+
+
+def load_yaml(text: str, where: str) -> Any:
+    """yaml.safe_load, refusing a document whose aliases expand past MAX_YAML_VALUES values (a YAML bomb)."""
+    value = yaml.safe_load(text)
+    if _expanded_size(value, MAX_YAML_VALUES) > MAX_YAML_VALUES:
+        raise ConfigError(f"{where}: the YAML holds more than {MAX_YAML_VALUES} values once its aliases (*name) "
+                          "are expanded; a run config holds about 80 (aliases that repeat aliases: a YAML bomb?)")
+    return value
 
 
 @dataclass
@@ -338,7 +385,7 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
             return value
     else:
         raise TypeError(f"unsupported config annotation {tp!r} for {where}")
-    raise ConfigError(f"{where}: expected {_type_name(tp)}, got {value!r} ({type(value).__name__})")
+    raise ConfigError(f"{where}: expected {_type_name(tp)}, got {quote(value)} ({type(value).__name__})")
 
 
 def _unknown_key(key: str, valid: list[str], where: str) -> ConfigError:
@@ -349,7 +396,7 @@ def _unknown_key(key: str, valid: list[str], where: str) -> ConfigError:
 
 def _build_section(cls: type, values: dict[str, Any], where: str) -> Any:
     if not isinstance(values, dict):
-        raise ConfigError(f"{where}: expected a mapping of keys, got {values!r}")
+        raise ConfigError(f"{where}: expected a mapping of keys, got {quote(values)}")
     hints = typing.get_type_hints(cls)
     names = [f.name for f in dataclasses.fields(cls) if f.init]
     kwargs = {}
@@ -398,16 +445,17 @@ def config_to_dict(cfg: RunConfig) -> dict[str, Any]:
 
 def parse_override(text: str) -> tuple[list[str], Any]:
     """`a.b=value` -> (["a", "b"], value), the value read as YAML (so 3, 1e-4, null, [1, 2] work)."""
+    shown = _shown(text)
     if "=" not in text:
-        raise ConfigError(f"--set {text}: expected the form section.key=value")
+        raise ConfigError(f"--set {shown}: expected the form section.key=value")
     key, _, value = text.partition("=")
     parts = key.strip().split(".")
     if len(parts) != 2 or not all(parts):
-        raise ConfigError(f"--set {text}: the key must be section.key, e.g. train.iterations")
+        raise ConfigError(f"--set {shown}: the key must be section.key, e.g. train.iterations")
     try:
-        parsed = yaml.safe_load(value) if value.strip() else None
+        parsed = load_yaml(value, f"--set {shown}") if value.strip() else None
     except yaml.YAMLError as exc:
-        raise ConfigError(f"--set {text}: the value is not valid YAML ({exc})") from exc
+        raise ConfigError(f"--set {shown}: the value is not valid YAML ({exc})") from exc
     return parts, parsed
 
 
@@ -419,14 +467,14 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
         p = resolve_config_path(path)
         source = str(p)
         try:
-            raw = yaml.safe_load(p.read_text()) or {}
+            raw = load_yaml(p.read_text(), str(p)) or {}
         except yaml.YAMLError as exc:
             raise ConfigError(f"{p}: not valid YAML ({exc})") from exc
         if not isinstance(raw, dict):
             raise ConfigError(f"{p}: expected a mapping with sections {list(SECTIONS)}")
     cfg = _build_config(raw, source)
     _apply_overrides(cfg, overrides)
-    validate(cfg, f"{source} with {' '.join(f'--set {t}' for t in overrides)}" if overrides else source)
+    validate(cfg, f"{source} with {' '.join(f'--set {_shown(t)}' for t in overrides)}" if overrides else source)
     return cfg
 
 
@@ -436,7 +484,7 @@ def _apply_overrides(cfg: RunConfig, overrides: list[str] | tuple[str, ...]) -> 
     given: dict[str, list[str]] = {}
     for text in overrides:
         (section, key), value = parse_override(text)
-        where = f"--set {text}"
+        where = f"--set {_shown(text)}"
         if section not in SECTIONS:
             raise _unknown_key(section, list(SECTIONS), where)
         cls = SECTIONS[section]

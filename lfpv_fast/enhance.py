@@ -49,7 +49,7 @@ import numpy as np
 import torch
 
 from lfpv_fast.backends import BACKENDS, require_backend
-from lfpv_fast.cli import ArgumentParser, fail, resolve_device
+from lfpv_fast.cli import ArgumentParser, fail, one_line, resolve_device
 from lfpv_fast.enhancement import (  # noqa: F401  (enhance_image, plan_enhancement, EnhancePlan: the API's old home)
     DEFAULT_OVERLAP,
     DEFAULT_TILE,
@@ -263,7 +263,7 @@ class Tally:
 
 
 def _error(message: str) -> None:
-    print(f"error: {message}", file=sys.stderr)
+    print(f"error: {one_line(message)}", file=sys.stderr)
 
 
 def _enhance_batch(enhancer: ImageEnhancer, batch: list[tuple[LoadedImage, Job]], plan: EnhancePlan,

@@ -140,3 +140,43 @@ def test_bad_optimizer_and_scheduler_state_is_refused_before_the_run_folder_chan
         assert code == 2, f"{case}: exit {code}, {err[-400:]}"
         assert_one_line_error(code, err, "damaged.pth", named)
         assert folder_snapshot(run_dir) == before, f"{case}: the run folder changed"
+
+
+# ---------------------------------------------------------------------------------------------
+# 5. A YAML alias bomb; every error line short
+
+
+def alias_bomb(levels: int) -> str:
+    """YAML whose `levels` levels of anchors each repeat the one before 9 times: 9**levels values."""
+    anchors = ['&a0 ["lol", "lol", "lol", "lol", "lol", "lol", "lol", "lol", "lol"]']
+    anchors += [f"&a{i} [{', '.join([f'*a{i - 1}'] * 9)}]" for i in range(1, levels)]
+    return f"[{', '.join(anchors)}]"
+
+
+def test_a_yaml_alias_bomb_is_refused_in_one_short_line(tmp_path, capsys):
+    from lfpv_fast.evaluate import main as evaluate_main
+    from lfpv_fast.train import main as train_main
+
+    bomb = tmp_path / "bomb.yaml"
+    bomb.write_text(f"train:\n  seed: {alias_bomb(7)}\n")  # 4.8 million values once expanded, 400 bytes
+    assert len(bomb.read_bytes()) < 600
+    code, err = run(train_main, ["-c", bomb, "--out", tmp_path / "run"], capsys)
+    line = assert_one_line_error(code, err, "bomb.yaml", "aliases")
+    assert len(line) < 400, line[:1000]
+    assert not (tmp_path / "run").exists()
+    # The same document as a --set value.
+    code, err = run(evaluate_main, ["-c", "demo", "--checkpoint", tmp_path / "none.pth", "--out", tmp_path / "e.json",
+                                    "--set", f"train.seed={alias_bomb(6)}"],
+                    capsys)
+    line = assert_one_line_error(code, err, "--set train.seed=", "aliases")
+    assert len(line) < 600, line[:1000]
+
+
+def test_a_long_value_is_cut_in_the_error_line(tmp_path, capsys):
+    from lfpv_fast.train import main as train_main
+
+    long_list = "[" + ", ".join(["'x'"] * 3000) + "]"  # 3000 values: under the bound, but 15 kB to print
+    code, err = run(train_main, ["--out", tmp_path / "run", "--set", f"train.seed={long_list}"], capsys)
+    line = assert_one_line_error(code, err, "train.seed", "expected int")
+    assert len(line) < 600, line[:1000]
+    assert not (tmp_path / "run").exists()
