@@ -12,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import math
+import os
 import types
 import typing
 from dataclasses import dataclass, field
@@ -212,16 +213,21 @@ DATASET_CHECKS = {
 }
 
 
-def validate_data(d: DataConfig, src: str) -> None:
-    """The data section's checks across keys: the common ones, then the dataset's own (DATASET_CHECKS)."""
+def validate_data(d: DataConfig, src: str, min_side: int = ModelConfig().align) -> None:
+    """The data section's checks across keys: the common ones, then the dataset's own (DATASET_CHECKS).
+
+    min_side: the model's smallest input side (`ModelConfig.align`), which frames and crops must reach."""
+    rule = f"the model's smallest input side, 4 * model.token_size = {min_side}"
     if d.resize is not None:
-        if len(d.resize) != 2 or min(d.resize) < 16:
-            raise ConfigError(f"{src}: data.resize must be [width, height], each >= 16, or null, got {d.resize}")
+        if len(d.resize) != 2 or min(d.resize) < min_side:
+            raise ConfigError(f"{src}: data.resize must be [width, height], each >= {min_side} ({rule}), or null, "
+                              f"got {quote(d.resize)}")
         if d.resize[0] * d.resize[1] > MAX_RESIZE_PIXELS:
             raise ConfigError(f"{src}: data.resize {d.resize} is {d.resize[0] * d.resize[1]} pixels a frame; at most "
                               f"{MAX_RESIZE_PIXELS} are supported")
-    if d.crop < 16 or (d.resize is not None and d.crop > min(d.resize)):
-        raise ConfigError(f"{src}: data.crop must be in [16, min(data.resize)], got {d.crop}")
+    if d.crop < min_side or (d.resize is not None and d.crop > min(d.resize)):
+        raise ConfigError(f"{src}: data.crop must be in [{min_side}, min(data.resize)] ({min_side}: {rule}), "
+                          f"got {d.crop}")
     if d.batch_size < 1:
         raise ConfigError(f"{src}: data.batch_size must be >= 1, got {d.batch_size}")
     if d.test_frames < 1:
@@ -508,7 +514,7 @@ def validate(cfg: RunConfig, where: str | None = None) -> None:
     """Checks across keys, done before any work starts; errors start with `where` (default: cfg.source)."""
     src = where or cfg.source
     t = cfg.train
-    validate_data(cfg.data, src)
+    validate_data(cfg.data, src, cfg.model.align)
     if t.iterations < 1:
         raise ConfigError(f"{src}: train.iterations must be >= 1, got {t.iterations}")
     if t.checkpoint_every < 1 or cfg.val.every < 1 or cfg.logging.every < 1:
@@ -535,8 +541,11 @@ def validate(cfg: RunConfig, where: str | None = None) -> None:
         raise ConfigError(f"{src}: train.betas must be in [0, 1), got {t.betas}")
     if t.pixel_weight < 0 or t.perceptual_weight < 0:
         raise ConfigError(f"{src}: train.pixel_weight and train.perceptual_weight must be >= 0")
-    if t.cpu_threads is not None and t.cpu_threads < 1:
-        raise ConfigError(f"{src}: train.cpu_threads must be >= 1 or null, got {t.cpu_threads}")
+    cores = os.cpu_count() or 1
+    if t.cpu_threads is not None and not 1 <= t.cpu_threads <= cores:
+        # More threads than cores only slows the ops down; far more cannot even be started.
+        raise ConfigError(f"{src}: train.cpu_threads must be in [1, {cores}] (the CPU cores here) or null, "
+                          f"got {t.cpu_threads}")
     if t.cuda_graphs and t.compile == "off":
         # CUDA graphs come from torch.compile's "reduce-overhead" mode (cudagraph trees).
         raise ConfigError(f"{src}: train.cuda_graphs=true needs train.compile 'on' or 'auto', got 'off'")

@@ -64,10 +64,12 @@ class ModelConfig:
         for name in ("front_blocks", "back_blocks", "light_blocks"):
             if getattr(self, name) < 0:
                 raise ValueError(f"ModelConfig.{name} must be >= 0, got {getattr(self, name)}")
-        if 4 * self.token_size % self.patch_size:
+        # Feature maps are 1/4 of an input aligned to 4 * token_size: their sides are multiples of token_size
+        # (any multiple), so the bank patches tile them only where patch_size divides token_size.
+        if self.token_size % self.patch_size:
             raise ValueError(
-                f"ModelConfig.patch_size={self.patch_size} must divide the feature alignment "
-                f"4 * token_size = {4 * self.token_size}"
+                f"ModelConfig.patch_size={self.patch_size} must divide token_size={self.token_size} (feature maps "
+                f"are multiples of token_size on a side, and bank patches must tile them)"
             )
 
     @property

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import subprocess
 import sys
+from dataclasses import replace as dataclass_replace
 from pathlib import Path
 
 import numpy as np
@@ -180,3 +181,40 @@ def test_a_long_value_is_cut_in_the_error_line(tmp_path, capsys):
     line = assert_one_line_error(code, err, "train.seed", "expected int")
     assert len(line) < 600, line[:1000]
     assert not (tmp_path / "run").exists()
+
+
+# ---------------------------------------------------------------------------------------------
+# 6. Configs that passed validation and crashed at step 1: the model's own rules, checked up front
+
+
+@pytest.mark.parametrize("overrides, named", [
+    (["model.token_size=5", "model.patch_size=2"], "patch_size=2 must divide token_size=5"),
+    (["model.token_size=3", "model.patch_size=4"], "patch_size=4 must divide token_size=3"),
+    (["model.token_size=8", "data.crop=16"], "data.crop must be in [32,"),
+    (["model.token_size=8", "data.resize=[960, 24]", "data.crop=24"], "data.resize must be"),
+    (["train.cpu_threads=100000"], "train.cpu_threads must be in [1,"),
+])
+def test_configs_that_break_the_models_rules_are_config_errors(tmp_path, capsys, overrides, named):
+    from lfpv_fast.train import main as train_main
+
+    argv = ["--out", tmp_path / "run"]
+    for override in overrides:
+        argv += ["--set", override]
+    code, err = run(train_main, argv, capsys)
+    assert_one_line_error(code, err, named)
+    assert not (tmp_path / "run").exists()
+
+
+def test_the_models_rules_accept_what_the_model_runs(tmp_path):
+    """The rules are the model's: a config they accept trains a step (token 2, patch 1: 8-pixel crops)."""
+    import os
+
+    from lfpv_fast.config import load_config
+
+    cfg = load_config("demo", ["model.token_size=2", "model.patch_size=1", "data.crop=8",
+                               f"train.cpu_threads={os.cpu_count()}"])
+    assert cfg.model.align == 8
+    net = LFPVNet(dataclass_replace(TINY, token_size=2, patch_size=1), backend="reference").train()
+    x = torch.rand(2, 3, 8, 8)
+    out, without = net(x, net.snr_mask(x))
+    assert out.shape == without.shape == x.shape and bool(torch.isfinite(out).all())
