@@ -48,7 +48,7 @@ import numpy as np
 import torch
 
 from lfpv_fast.backends import BACKENDS, resolve_backend
-from lfpv_fast.cli import ArgumentParser, one_line, resolve_device
+from lfpv_fast.cli import ArgumentParser, cut_path, one_line, os_error_line, resolve_device
 from lfpv_fast.enhancement import DEFAULT_OVERLAP, DEFAULT_TILE, ImageEnhancer
 from lfpv_fast.imageio import (
     IMAGE_EXTENSIONS,
@@ -70,6 +70,8 @@ DEFAULT_MAX_QUEUE = 8
 DEFAULT_MAX_UPLOAD_MB = 200
 # The previews shown in the browser are scaled down to this longest side; downloads are always full size.
 PREVIEW_MAX_SIDE = 2048
+# Characters of an upload's name kept in the names of its outputs (photo_enhanced.png, photo_before.png, ...).
+MAX_STEM_CHARS = 100
 # The work folder's bounds: results of older requests are deleted beyond them (oldest first).
 DEFAULT_MAX_WORK_MB = 1024
 DEFAULT_MAX_WORK_FILES = 500
@@ -193,7 +195,7 @@ class Enhancer:
         result = self.pipeline.enhance([image], plan)[0]  # on the CPU: the device's work is finished
         seconds = time.perf_counter() - start
 
-        stem = Path(name).stem
+        stem = Path(name).stem[:MAX_STEM_CHARS]  # room for the suffixes below within the file system's 255 bytes
         output = out_dir / f"{stem}_enhanced{suffix}"
         self.pipeline.write(output, image, result)
         before, after = out_dir / f"{stem}_before.png", out_dir / f"{stem}_after.png"
@@ -382,8 +384,10 @@ def build_demo(enhancer: Enhancer, work: WorkFolder, *, max_files: int = DEFAULT
                 done.append(enhancer.enhance_file(path, name, file_dir, on_start=started))
             except InputError as exc:
                 errors.append(str(exc))
-            except (RuntimeError, OSError, ValueError) as exc:  # out of memory, a full disk: say so, keep serving
-                errors.append(f"{name}: enhancement failed: {exc}")
+            except OSError as exc:  # a full disk, a name too long to write: say so (the path cut), keep serving
+                errors.append(f"{cut_path(name)}: enhancement failed: {os_error_line(exc)}")
+            except (RuntimeError, ValueError) as exc:  # out of memory: say so, keep serving
+                errors.append(f"{cut_path(name)}: enhancement failed: {one_line(str(exc))}")
         for message in errors:
             log.warning("error: %s", message)
         if not done:
@@ -572,6 +576,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         net = load_model(checkpoint, backend=args.backend)
     except (ValueError, FileNotFoundError) as exc:
         print(f"error: {one_line(str(exc))}", file=sys.stderr)
+        return 2
+    except OSError as exc:  # a name too long for the file system, a file that cannot be read
+        print(f"error: {os_error_line(exc, 'checkpoint')}", file=sys.stderr)
         return 2
     # Our own lines only: the root logger would also print every HTTP request of Gradio's clients.
     handler = logging.StreamHandler(sys.stderr)

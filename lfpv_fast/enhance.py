@@ -49,7 +49,7 @@ import numpy as np
 import torch
 
 from lfpv_fast.backends import BACKENDS, require_backend
-from lfpv_fast.cli import ArgumentParser, fail, one_line, resolve_device
+from lfpv_fast.cli import ArgumentParser, fail, one_line, os_error_line, resolve_device
 from lfpv_fast.enhancement import (  # noqa: F401  (enhance_image, plan_enhancement, EnhancePlan: the API's old home)
     DEFAULT_OVERLAP,
     DEFAULT_TILE,
@@ -350,6 +350,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         jobs = plan_outputs(args)
     except (ValueError, FileNotFoundError) as exc:
         parser.error(str(exc))  # exits with status 2
+    except OSError as exc:  # a name too long for the file system, a folder that cannot be read
+        parser.error(os_error_line(exc))
 
     def note(message: str) -> None:
         if not args.quiet:
@@ -360,6 +362,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         net = load_model(args.checkpoint, backend=args.backend)
     except (ValueError, FileNotFoundError) as exc:
         return fail(str(exc))
+    except OSError as exc:
+        return fail(os_error_line(exc, "checkpoint"))
     enhancer = ImageEnhancer(net, device, tile=args.tile, overlap=args.tile_overlap, batch_size=args.batch_size,
                              max_pixels=args.max_pixels, max_memory=args.max_memory, precision=args.precision,
                              compile=args.compile, max_decoded_bytes=args.max_image_size)
@@ -376,6 +380,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             enhancer.check(job.input)
         except (ImageReadError, FileNotFoundError) as exc:
             problems.append(str(exc))
+        except OSError as exc:
+            problems.append(os_error_line(exc, "image"))
     if problems:
         for message in problems:
             _error(message)

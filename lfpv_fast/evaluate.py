@@ -26,7 +26,7 @@ from tqdm import tqdm
 
 from lfpv_fast.backends import BACKENDS, require_backend
 from lfpv_fast.checkpoint import atomic_write_text, load_model, published_state_dict, read_checkpoint
-from lfpv_fast.cli import ArgumentParser, fail, resolve_device
+from lfpv_fast.cli import ArgumentParser, fail, os_error_line, resolve_device
 from lfpv_fast.config import ConfigError, RunConfig, load_config
 from lfpv_fast.data.errors import DataError
 from lfpv_fast.inference import PRECISIONS, autocast, check_precision, prepare_for_inference
@@ -230,6 +230,8 @@ def main(argv: list[str] | None = None) -> int:
         net = load_model(args.checkpoint, backend=args.backend, config=cfg.model if published else None)
     except (ConfigError, FileNotFoundError, ValueError) as exc:
         return fail(str(exc))
+    except OSError as exc:  # a name too long for the file system, a file that cannot be read
+        return fail(os_error_line(exc))
     kind = "published SMID format" if published else "lfpv_fast"
     print(f"checkpoint {args.checkpoint} ({kind}); device {device}, {args.precision}"
           f"{', compiled' if args.compile else ''}; test split of {cfg.source}")

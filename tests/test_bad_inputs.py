@@ -218,3 +218,66 @@ def test_the_models_rules_accept_what_the_model_runs(tmp_path):
     x = torch.rand(2, 3, 8, 8)
     out, without = net(x, net.snr_mask(x))
     assert out.shape == without.shape == x.shape and bool(torch.isfinite(out).all())
+
+
+# ---------------------------------------------------------------------------------------------
+# 7. Names too long for the file system
+
+
+LONG_NAME = "a" * 300  # over the 255 bytes of a file name
+
+
+def test_over_long_names_in_enhance_are_one_line_naming_the_file(tmp_path, tiny_checkpoint, capsys):
+    from lfpv_fast.enhance import main as enhance_main
+
+    image = png(tmp_path / "a.png", 16, 16)
+    long_path = tmp_path.joinpath(*["b" * 100] * 45)  # 4.5 kB: over the 4096 bytes of a path
+    cases = {
+        "input": [tmp_path / f"{LONG_NAME}.png", "-o", tmp_path / "out", "--checkpoint", tiny_checkpoint],
+        "-o": [image, "-o", tmp_path / LONG_NAME, "--checkpoint", tiny_checkpoint],
+        "--checkpoint": [image, "-o", tmp_path / "out", "--checkpoint", tmp_path / f"{LONG_NAME}.pth"],
+        "a 4.5 kB path": [long_path, "-o", tmp_path / "out", "--checkpoint", tiny_checkpoint],
+    }
+    for case, argv in cases.items():
+        code, err = run(enhance_main, argv, capsys)
+        line = assert_one_line_error(code, err, "too long", "aaaa" if case != "a 4.5 kB path" else "bbbb")
+        assert len(line) < 500 and "Errno" not in line, (case, line)
+    assert not (tmp_path / "out").exists()
+
+
+def test_over_long_names_in_evaluate_are_one_line_naming_the_file(tmp_path, tiny_checkpoint, capsys):
+    from lfpv_fast.evaluate import main as evaluate_main
+
+    cases = {
+        "--checkpoint": ["-c", "demo", "--checkpoint", tmp_path / f"{LONG_NAME}.pth", "--out", tmp_path / "e.json"],
+        "--out": ["-c", "demo", "--checkpoint", tiny_checkpoint, "--out", tmp_path / f"{LONG_NAME}.json"],
+        "-c": ["-c", tmp_path / f"{LONG_NAME}.yaml", "--checkpoint", tiny_checkpoint, "--out", tmp_path / "e.json"],
+        "--save-images": ["-c", "demo", "--checkpoint", tiny_checkpoint, "--out", tmp_path / "e.json",
+                          "--save-images", tmp_path / LONG_NAME],
+    }
+    for case, argv in cases.items():
+        code, err = run(evaluate_main, argv, capsys)
+        line = assert_one_line_error(code, err, "too long", "aaaa")
+        assert len(line) < 500 and "Errno" not in line, (case, line)
+    assert not (tmp_path / "e.json").exists()
+
+
+def test_over_long_names_in_the_app(tmp_path, tiny_checkpoint, capsys):
+    import socket
+
+    from lfpv_fast import app as app_mod
+
+    with socket.socket() as probe:  # a free port, so that the address check passes
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    code, err = run(app_mod.main, ["--checkpoint", tmp_path / f"{LONG_NAME}.pth", "--device", "cpu", "--port", port],
+                    capsys)
+    assert_one_line_error(code, err, "checkpoint", "too long", "aaaa")
+    # An upload whose name fits the file system, but not with "_enhanced" added: its outputs get a cut name.
+    name = "c" * 250 + ".png"
+    upload = png(tmp_path / "upload.png", 16, 16)
+    enhancer = app_mod.Enhancer(load_model(tiny_checkpoint, backend="reference"), tiny_checkpoint,
+                                torch.device("cpu"), max_pixels=10**6)
+    (tmp_path / "work").mkdir()
+    done = enhancer.enhance_file(upload, name, tmp_path / "work")
+    assert done.output.is_file() and done.output.name.startswith("c" * 100) and len(done.output.name) < 255
