@@ -49,7 +49,7 @@ import torch
 
 from lfpv_fast.backends import BACKENDS, resolve_backend
 from lfpv_fast.cli import ArgumentParser, cut_path, one_line, os_error_line, resolve_device
-from lfpv_fast.enhancement import DEFAULT_OVERLAP, DEFAULT_TILE, ImageEnhancer
+from lfpv_fast.enhancement import DEFAULT_OVERLAP, ImageEnhancer, tile_problem
 from lfpv_fast.imageio import (
     IMAGE_EXTENSIONS,
     ImageReadError,
@@ -119,7 +119,7 @@ class Enhancer:
     """A loaded model and the rules of this server; `enhance_file` turns one upload into an EnhancedFile."""
 
     def __init__(self, net: LFPVNet, checkpoint: Path, device: torch.device, *, max_pixels: int,
-                 tile: int | None = None, overlap: int = DEFAULT_OVERLAP, precision: str = "fp32") -> None:
+                 tile: int | None = None, overlap: int | None = None, precision: str = "fp32") -> None:
         # batch_size=1 as the enhance CLI's default: one tile at a time keeps the peak memory lowest.
         self.pipeline = ImageEnhancer(net, device, tile=tile, overlap=overlap, batch_size=1, precision=precision)
         self.checkpoint = checkpoint
@@ -469,10 +469,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--backend", default="auto", choices=BACKENDS)
     parser.add_argument("--precision", default="fp32", choices=PRECISIONS,
                         help="bf16/fp16 autocast: on CUDA; on a CPU only where faster than fp32 (else refused)")
-    parser.add_argument("--tile", type=int, default=None, help="always enhance in tiles of this side (multiple of "
-                        "16); default: the whole image when its estimated peak memory fits the device's free "
-                        "memory, tiles otherwise (as `enhance` decides)")
-    parser.add_argument("--tile-overlap", type=int, default=DEFAULT_OVERLAP, help="minimum tile overlap in pixels")
+    parser.add_argument("--tile", type=int, default=None, help="always enhance in tiles of this side (a multiple "
+                        "of the model's alignment, 16 for the published model); default: the whole image when its "
+                        "estimated peak memory fits the device's free memory, tiles otherwise (as `enhance` decides)")
+    parser.add_argument("--tile-overlap", type=int, default=None, help="minimum tile overlap in pixels (default: "
+                        f"{DEFAULT_OVERLAP}, at most half a tile)")
     parser.add_argument("--max-pixels", type=int, default=DEFAULT_MAX_UPLOAD_PIXELS,
                         help=f"largest image accepted, in pixels (default {DEFAULT_MAX_UPLOAD_PIXELS})")
     parser.add_argument("--max-files", type=int, default=DEFAULT_MAX_FILES,
@@ -496,10 +497,11 @@ def _parse_args(argv: Sequence[str] | None) -> tuple[argparse.ArgumentParser, ar
     args = parser.parse_args(argv)
     if not 1 <= args.port <= 65535:
         parser.error(f"--port must be in [1, 65535], got {args.port}")
-    if args.tile is not None and (args.tile < 16 or args.tile % 16):
-        parser.error(f"--tile must be a positive multiple of 16, got {args.tile}")
-    if args.tile_overlap < 0 or args.tile_overlap >= (args.tile or DEFAULT_TILE):
-        parser.error(f"--tile-overlap must be in [0, tile), got {args.tile_overlap}")
+    # --tile against the model's alignment once the model is loaded (enhancement.tile_problem)
+    if args.tile is not None and args.tile < 1:
+        parser.error(f"--tile must be a positive multiple of the model's alignment, got {args.tile}")
+    if args.tile_overlap is not None and args.tile_overlap < 0:
+        parser.error(f"--tile-overlap must be >= 0, got {args.tile_overlap}")
     for flag in ("max_pixels", "max_files", "max_queue", "max_upload_mb", "max_work_mb", "max_work_files"):
         if getattr(args, flag) < 1:
             parser.error(f"--{flag.replace('_', '-')} must be >= 1, got {getattr(args, flag)}")
@@ -574,6 +576,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         check_precision(args.precision, device)
         checkpoint = resolve_checkpoint(args.checkpoint, args.runs)
         net = load_model(checkpoint, backend=args.backend)
+        problem = tile_problem(args.tile, args.tile_overlap, net.config.align)
+        if problem is not None:
+            raise ValueError(f"{problem} (see python -m lfpv_fast.app --help)")
     except (ValueError, FileNotFoundError) as exc:
         print(f"error: {one_line(str(exc))}", file=sys.stderr)
         return 2

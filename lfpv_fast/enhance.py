@@ -58,6 +58,7 @@ from lfpv_fast.enhancement import (  # noqa: F401  (enhance_image, plan_enhancem
     ImageEnhancer,
     enhance_image,
     plan_enhancement,
+    tile_problem,
 )
 from lfpv_fast.imageio import (
     DEFAULT_MAX_DECODED_BYTES,
@@ -97,8 +98,10 @@ def build_parser() -> ArgumentParser:
     parser.add_argument("--backend", default="auto", choices=BACKENDS)
     parser.add_argument("--batch-size", type=int, default=1, help="images of the same size run together (and tiles)")
     parser.add_argument("--tile", type=int, default=None, help="always enhance in tiles of this side in pixels "
-                        "(multiple of 16); default: the whole image when it fits in memory, tiles otherwise")
-    parser.add_argument("--tile-overlap", type=int, default=DEFAULT_OVERLAP, help="minimum tile overlap in pixels")
+                        "(a multiple of the model's alignment, 16 for the published model); default: the whole image "
+                        "when it fits in memory, tiles otherwise")
+    parser.add_argument("--tile-overlap", type=int, default=None, help="minimum tile overlap in pixels (default: "
+                        f"{DEFAULT_OVERLAP}, at most half a tile)")
     parser.add_argument("--max-pixels", type=int, default=None, help="tile images with more pixels than this")
     parser.add_argument("--max-memory", type=parse_size, default=None, metavar="SIZE",
                         help="memory the whole-image path may use, e.g. 6G or 512M (default: "
@@ -124,10 +127,11 @@ def _parse_args(argv: Sequence[str] | None) -> tuple[argparse.ArgumentParser, ar
     args = parser.parse_args(argv)
     if args.batch_size < 1:
         parser.error(f"--batch-size must be >= 1, got {args.batch_size}")
-    if args.tile is not None and (args.tile < 16 or args.tile % 16):
-        parser.error(f"--tile must be a positive multiple of 16, got {args.tile}")
-    if args.tile_overlap < 0 or args.tile_overlap >= (args.tile or DEFAULT_TILE):
-        parser.error(f"--tile-overlap must be in [0, tile), got {args.tile_overlap}")
+    # --tile against the model's alignment once the model is loaded (enhancement.tile_problem)
+    if args.tile is not None and args.tile < 1:
+        parser.error(f"--tile must be a positive multiple of the model's alignment, got {args.tile}")
+    if args.tile_overlap is not None and args.tile_overlap < 0:
+        parser.error(f"--tile-overlap must be >= 0, got {args.tile_overlap}")
     if args.max_pixels is not None and args.max_pixels < 1:
         parser.error(f"--max-pixels must be >= 1, got {args.max_pixels}")
     return parser, args
@@ -360,6 +364,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     # The checkpoint before anything else: a bad one is an error even when every output exists already.
     try:
         net = load_model(args.checkpoint, backend=args.backend)
+        problem = tile_problem(args.tile, args.tile_overlap, net.config.align)
+        if problem is not None:
+            raise ValueError(f"{problem} (see {parser.prog} --help)")
     except (ValueError, FileNotFoundError) as exc:
         return fail(str(exc))
     except OSError as exc:

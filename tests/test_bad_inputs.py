@@ -281,3 +281,42 @@ def test_over_long_names_in_the_app(tmp_path, tiny_checkpoint, capsys):
     (tmp_path / "work").mkdir()
     done = enhancer.enhance_file(upload, name, tmp_path / "work")
     assert done.output.is_file() and done.output.name.startswith("c" * 100) and len(done.output.name) < 255
+
+
+# ---------------------------------------------------------------------------------------------
+# 8. Tiling small images: the overlap shrinks with the tile; the tile rule is the model's alignment
+
+
+def test_tiling_small_images_works_and_the_overlap_shrinks_with_the_tile(tmp_path, tiny_checkpoint, capsys):
+    from lfpv_fast.enhance import main as enhance_main
+    from lfpv_fast.enhancement import overlap_for, tile_starts
+
+    assert tile_starts(48, 48, 64) == [0]  # one tile on an axis: no neighbour to overlap
+    assert overlap_for(16, None) == 8 and overlap_for(1024, None) == 64 and overlap_for(16, 3) == 3
+    cases = {"40x56 --max-pixels 100": ((40, 56), ["--max-pixels", "100"]),
+             "17x1000 --tile 256": ((17, 1000), ["--tile", "256"]),
+             "40x56 --tile 16": ((40, 56), ["--tile", "16"])}
+    for case, ((height, width), flags) in cases.items():
+        out = tmp_path / case.replace(" ", "_")
+        image = png(tmp_path / f"{height}x{width}.png", height, width)
+        code, err = run(enhance_main, [image, "-o", out, "--checkpoint", tiny_checkpoint, "-q", *flags], capsys)
+        assert code == 0, (case, err)
+        with Image.open(out / image.name) as result:
+            assert result.size == (width, height), case
+
+
+def test_the_tile_rule_is_the_models_alignment(tmp_path, tiny_checkpoint, capsys):
+    from lfpv_fast.enhance import main as enhance_main
+
+    image = png(tmp_path / "a.png", 40, 56)
+    code, err = run(enhance_main, [image, "-o", tmp_path / "out", "--checkpoint", tiny_checkpoint, "--tile", "24"],
+                    capsys)
+    assert_one_line_error(code, err, "--tile must be a positive multiple of 16", "got 24")
+    assert not (tmp_path / "out").exists()
+    # A model aligned to 8 (token_size 2) takes 24-pixel tiles.
+    torch.manual_seed(0)
+    small = tmp_path / "align8.pth"
+    atomic_save(weights_only_checkpoint(LFPVNet(dataclass_replace(TINY, token_size=2, patch_size=2),
+                                                backend="reference")), small)
+    code, err = run(enhance_main, [image, "-o", tmp_path / "out", "--checkpoint", small, "--tile", "24", "-q"], capsys)
+    assert code == 0, err
