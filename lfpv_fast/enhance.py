@@ -342,6 +342,16 @@ def _enhance_all(enhancer: ImageEnhancer, todo: list[Job], quiet: bool, note: Ca
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    try:
+        return _main(argv)
+    except KeyboardInterrupt:
+        # Ctrl-C: every output is written atomically, so what is there is whole; say so in one line.
+        print("error: interrupted; the outputs written so far are complete, no partial file is left",
+              file=sys.stderr)
+        return 130  # 128 + SIGINT, as a shell reports a command stopped by Ctrl-C
+
+
+def _main(argv: Sequence[str] | None) -> int:
     from tqdm import tqdm
 
     from lfpv_fast.checkpoint import load_model

@@ -192,17 +192,22 @@ def prepare(
     bar = tqdm(total=len(tasks), initial=len(tasks) - len(todo), unit="frame", desc="prepare",
                disable=not progress)
     workers = workers or min(8, os.cpu_count() or 1)
-    with ThreadPoolExecutor(max_workers=workers) as pool:  # leaving the block waits for the writes under way
+    pool = ThreadPoolExecutor(max_workers=workers)
+    try:
         futures = {pool.submit(_convert, s, d, (w, h)) for s, d in todo}
         while futures:
             done, futures = wait(futures, return_when=FIRST_EXCEPTION)
             for fut in done:
                 if fut.exception() is not None:
-                    for other in futures:
-                        other.cancel()
-                    bar.close()
                     raise fut.exception()  # type: ignore[misc]
                 bar.update(1)
+    except BaseException:
+        # A failed frame or Ctrl-C (KeyboardInterrupt): no queued frame starts; the frames being written finish
+        # (each is written atomically), so the cache holds whole frames and no temporary file.
+        pool.shutdown(wait=True, cancel_futures=True)
+        bar.close()
+        raise
+    pool.shutdown(wait=True)
     bar.close()
 
     doc = manifest_doc(tree, (w, h))
@@ -234,6 +239,10 @@ def main(argv: list[str] | None = None) -> int:
         where = f"{exc.filename}: {exc.strerror}" if exc.filename and exc.strerror else str(exc)
         return fail(f"{where}; the cache in {args.out} is as usable as before (frames finished so far are kept: "
                     "run prepare again to continue)")
+    except KeyboardInterrupt:
+        print(f"error: interrupted; the cache in {args.out} is as usable as before (frames finished so far are "
+              "kept: run prepare again to continue)", file=sys.stderr)
+        return 130  # 128 + SIGINT, as a shell reports a command stopped by Ctrl-C
     if report.replaced_size is not None:
         old_w, old_h = report.replaced_size
         print(f"rebuilt {args.out} at {args.resize[0]}x{args.resize[1]} (it held {old_w}x{old_h} frames)")

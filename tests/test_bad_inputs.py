@@ -320,3 +320,91 @@ def test_the_tile_rule_is_the_models_alignment(tmp_path, tiny_checkpoint, capsys
                                                 backend="reference")), small)
     code, err = run(enhance_main, [image, "-o", tmp_path / "out", "--checkpoint", small, "--tile", "24", "-q"], capsys)
     assert code == 0, err
+
+
+# ---------------------------------------------------------------------------------------------
+# 9. Ctrl-C in prepare and enhance
+
+
+SLOW_PREPARE = """
+import sys, time
+import lfpv_fast.prepare as prepare
+convert = prepare._convert
+def slow(*args):
+    time.sleep(0.05)
+    convert(*args)
+prepare._convert = slow
+sys.exit(prepare.main(sys.argv[1:]))
+"""
+
+SLOW_ENHANCE = """
+import sys, time
+from lfpv_fast import enhance
+from lfpv_fast.enhancement import ImageEnhancer
+write = ImageEnhancer.write
+def slow(path, image, result):
+    write(path, image, result)
+    time.sleep(0.2)
+ImageEnhancer.write = staticmethod(slow)
+sys.exit(enhance.main(sys.argv[1:]))
+"""
+
+
+def _interrupt_when(process: subprocess.Popen, ready, timeout: float = 60.0) -> None:
+    import signal
+    import time
+
+    deadline = time.monotonic() + timeout
+    while not ready():
+        assert process.poll() is None, process.communicate()
+        assert time.monotonic() < deadline, "the work did not start in time"
+        time.sleep(0.02)
+    process.send_signal(signal.SIGINT)
+
+
+def test_ctrl_c_stops_prepare_at_once_leaving_whole_frames_and_one_line(tmp_path):
+    from helpers import write_tree
+
+    rng = np.random.default_rng(0)
+    lq, gt = write_tree(tmp_path / "raw", {"s1": [rng.integers(0, 256, (16, 16, 3), dtype=np.uint8)
+                                                  for _ in range(300)]},
+                        {"s1": rng.integers(0, 256, (16, 16, 3), dtype=np.uint8)}, decoys=False)
+    out = tmp_path / "cache"
+    process = subprocess.Popen([sys.executable, "-c", SLOW_PREPARE, "--lq", str(lq), "--gt", str(gt), "--out",
+                                str(out), "--resize", "8", "8", "--workers", "2", "--no-progress"],
+                               cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+    def frames() -> int:
+        return len(list((out / "lq" / "s1").glob("*.npy"))) if (out / "lq" / "s1").is_dir() else 0
+
+    _interrupt_when(process, lambda: frames() >= 10)
+    at_signal = frames()
+    _, err = process.communicate(timeout=60)
+    assert process.returncode == 130, err
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error: interrupted") and str(out) in lines[0], err
+    # Queued frames were not started: at most the two being written when the signal came (and one finishing).
+    assert frames() - at_signal <= 3, (at_signal, frames())
+    assert not (out / "manifest.json").exists()
+    assert not [p for p in out.rglob("*") if p.name.startswith(".") and p.is_file()], "temporary files left"
+
+
+def test_ctrl_c_in_enhance_is_one_line_and_leaves_whole_outputs(tmp_path, tiny_checkpoint):
+    inputs = tmp_path / "in"
+    inputs.mkdir()
+    for k in range(30):
+        png(inputs / f"{k:02d}.png", 16, 16, seed=k)
+    out = tmp_path / "out"
+    process = subprocess.Popen([sys.executable, "-c", SLOW_ENHANCE, str(inputs), "-o", str(out), "--checkpoint",
+                                str(tiny_checkpoint), "-q"], cwd=REPO, stdout=subprocess.PIPE,
+                               stderr=subprocess.PIPE, text=True)
+    _interrupt_when(process, lambda: out.is_dir() and len(list(out.glob("*.png"))) >= 2)
+    _, err = process.communicate(timeout=60)
+    assert process.returncode == 130, err
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error: interrupted"), err
+    written = sorted(out.iterdir())
+    assert 2 <= len(written) < 30 and all(p.suffix == ".png" for p in written), written
+    for path in written:
+        with Image.open(path) as image:
+            image.load()  # whole files only
