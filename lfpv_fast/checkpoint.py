@@ -25,7 +25,7 @@ import numpy as np
 import torch
 
 from lfpv_fast.config import ConfigError, section_from_dict
-from lfpv_fast.files import atomic_write, atomic_write_text
+from lfpv_fast.files import OutputWriteError, atomic_write, atomic_write_text
 from lfpv_fast.model import LFPVNet, ModelConfig
 from lfpv_fast.model_bounds import build_on_meta, check_network_fits_memory, weights_mismatch
 
@@ -46,7 +46,7 @@ _TRAINING_KEYS = ("format", "model", "optimizer", "scheduler", "step", "rng", "l
 # Writing
 
 
-class CheckpointWriteError(OSError):
+class CheckpointWriteError(OutputWriteError):
     """A checkpoint could not be written (a full disk, a read-only folder); the message is one line naming the
     file, and no partial file is left behind."""
 

@@ -29,6 +29,7 @@ from lfpv_fast.checkpoint import atomic_write_text, load_model, published_state_
 from lfpv_fast.cli import ArgumentParser, fail, os_error_line, resolve_device
 from lfpv_fast.config import ConfigError, RunConfig, load_config
 from lfpv_fast.data.errors import DataError
+from lfpv_fast.files import write_output
 from lfpv_fast.inference import PRECISIONS, autocast, check_precision, prepare_for_inference
 from lfpv_fast.metrics import psnr, psnr_gt_mean, quantize, ssim
 from lfpv_fast.model import LFPVNet, ModelConfig
@@ -107,6 +108,7 @@ def evaluate(net: LFPVNet, cfg: RunConfig, device: torch.device, save_images: Pa
     input_rows: list[float] = []
     if save_images is not None:
         save_images.mkdir(parents=True, exist_ok=True)
+    image_error: str | None = None  # the first image that could not be written (saving stops there)
     bar = tqdm(total=total, desc="evaluate", unit="img", disable=not progress)
     for batch in loader:
         lq = batch["lq"].to(device, non_blocking=True)
@@ -126,15 +128,12 @@ def evaluate(net: LFPVNet, cfg: RunConfig, device: torch.device, save_images: Pa
                 row["psnr_gt_mean"] = float(psnr_gt_mean(pred, gt))
             input_rows.append(float(psnr(to_uint8_hwc(batch["lq"][i]), gt)))
             per_frame.append(row)
-            if save_images is not None:
-                from PIL import Image
-
-                if images:
-                    target = save_images / f"{row['image']}.png"
-                    target.parent.mkdir(parents=True, exist_ok=True)
-                else:
-                    target = save_images / f"{scene}.{Path(frame).stem}.png"
-                Image.fromarray(pred).save(target)
+            if save_images is not None and image_error is None:
+                target = save_images / (f"{row['image']}.png" if images else f"{scene}.{Path(frame).stem}.png")
+                try:
+                    _save_png(target, pred)
+                except OSError as exc:  # a disk that filled up: the evaluation goes on, its results come first
+                    image_error = f"{exc}; the images after it were not saved"
             bar.update(1)
             bar.set_postfix(psnr=f"{np.mean([r['psnr'] for r in per_frame]):.2f}")
         if len(per_frame) >= total:
@@ -147,7 +146,25 @@ def evaluate(net: LFPVNet, cfg: RunConfig, device: torch.device, save_images: Pa
         summary = summarize_images(per_frame)
         summary["input_psnr"] = float(np.mean(input_rows))
         summary["per_image"] = per_frame
-        return summary
+    else:
+        summary = _frame_summary(per_frame, input_rows, gt_mean)
+    if image_error is not None:
+        summary["save_images_error"] = image_error
+    return summary
+
+
+def _save_png(target: Path, pixels: np.ndarray) -> None:
+    """An 8-bit PNG, written atomically (no partial file); OutputWriteError naming it when it cannot be."""
+    import io
+
+    from PIL import Image
+
+    buffer = io.BytesIO()
+    Image.fromarray(pixels).save(buffer, format="PNG")
+    write_output(target, lambda f: f.write(buffer.getvalue()))
+
+
+def _frame_summary(per_frame: list[dict], input_rows: list[float], gt_mean: bool) -> dict:
     summary = summarize(per_frame)
     if gt_mean:
         summary["psnr_gt_mean_all_frames"] = float(np.mean([r["psnr_gt_mean"] for r in per_frame]))
@@ -259,6 +276,10 @@ def main(argv: list[str] | None = None) -> int:
         atomic_write_text(out, json.dumps(summary, indent=2))
     except OSError as exc:
         fail(f"could not write the results file {out}: {exc.strerror or exc}; the results are printed above")
+        return 1
+    if "save_images_error" in summary:  # the tools' rule for a write that fails during the work: status 1
+        print(f"results written to {out}")
+        fail(f"{summary['save_images_error']}; the results are printed above")
         return 1
     print(f"results written to {out}" + (f"; images in {args.save_images}" if args.save_images else ""))
     return 0

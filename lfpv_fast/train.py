@@ -29,11 +29,11 @@ from pathlib import Path
 import torch.distributed as dist
 
 from lfpv_fast import distributed
-from lfpv_fast.checkpoint import CheckpointWriteError
 from lfpv_fast.cli import ArgumentParser, fail
 from lfpv_fast.config import ConfigError, RunConfig, load_config
 from lfpv_fast.data.errors import DataError
 from lfpv_fast.fast_path import resolve_features
+from lfpv_fast.files import OutputWriteError
 from lfpv_fast.trainer import Trainer
 
 DEMO_CONFIG = "demo"
@@ -98,7 +98,7 @@ def main(argv: list[str] | None = None) -> int:
         run_dir = choose_run_dir(args, cfg, info)
         trainer = Trainer(cfg, run_dir, resume=args.resume, dist_info=info, features=features)
         return trainer.fit()
-    except CheckpointWriteError as exc:  # a failure during the work (a full disk), not an input error
+    except OutputWriteError as exc:  # a failure during the work (a full disk), not an input error
         fail(str(exc))
         return 1
     except (ConfigError, DataError, OSError, ValueError) as exc:

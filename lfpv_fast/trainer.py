@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import contextlib
 import importlib.util
+import io
 import json
 import math
 import os
@@ -57,6 +58,7 @@ from lfpv_fast.checkpoint import (
 from lfpv_fast.config import RunConfig, config_to_dict
 from lfpv_fast.data.errors import DataError
 from lfpv_fast.fast_path import Features, resolve_features
+from lfpv_fast.files import write_output
 from lfpv_fast.losses import PerceptualLoss, charbonnier_loss
 from lfpv_fast.metrics import psnr_batch, ssim_batch
 from lfpv_fast.model import BankDraws, LFPVNet
@@ -687,7 +689,11 @@ class Trainer:
         for name, grid in grids:
             safe = re.sub(r"[^A-Za-z0-9_.-]", "_", name)
             pixels = (grid.clamp(0, 1) * 255).round().to(torch.uint8).permute(1, 2, 0).numpy()
-            Image.fromarray(pixels).save(self.run_dir / "images" / f"step_{self.step:08d}_{safe}.png")
+            encoded = io.BytesIO()
+            Image.fromarray(pixels).save(encoded, format="PNG")
+            # Atomic; a full disk is an OutputWriteError naming the file (status 1, as for a checkpoint).
+            write_output(self.run_dir / "images" / f"step_{self.step:08d}_{safe}.png",
+                         lambda f, data=encoded: f.write(data.getvalue()))
 
     # -----------------------------------------------------------------------------------------
     # Checkpoints

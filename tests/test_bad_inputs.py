@@ -408,3 +408,76 @@ def test_ctrl_c_in_enhance_is_one_line_and_leaves_whole_outputs(tmp_path, tiny_c
     for path in written:
         with Image.open(path) as image:
             image.load()  # whole files only
+
+
+# ---------------------------------------------------------------------------------------------
+# 10. A full disk outside a checkpoint save: one rule (status 1, the file named, no partial file, results first)
+
+
+@pytest.fixture(scope="module")
+def demo_images(tmp_path_factory) -> Path:
+    from lfpv_fast.data.demo import make_demo_dataset
+
+    root = tmp_path_factory.mktemp("demo")
+    make_demo_dataset(root)
+    return root
+
+
+def test_evaluate_save_images_onto_a_full_disk_prints_results_then_names_the_file(demo_images, tmp_path, capsys,
+                                                                                    small_filesystem,
+                                                                                    tiny_checkpoint):
+    import json
+    import os
+
+    from lfpv_fast.evaluate import main as evaluate_main
+
+    disk = small_filesystem(256)
+    stat = os.statvfs(disk)
+    (disk / "filler").write_bytes(b"\0" * (stat.f_bavail * stat.f_frsize - 40_000))  # room for about one image
+    out = tmp_path / "res.json"
+    argv = ["-c", "smid", "--device", "cpu", "--no-progress", "--checkpoint", tiny_checkpoint, "--out", out,
+            "--max-images", "4", "--save-images", disk / "img"]
+    for override in ("data.dataset=demo", f"data.demo_root={demo_images}", "data.resize=[256, 192]",
+                     "data.crop=128", "data.num_workers=0"):
+        argv += ["--set", override]
+    code = evaluate_main([str(a) for a in argv])
+    captured = capsys.readouterr()
+    assert code == 1, captured.err
+    assert "mean of scenes" in captured.out  # the results first
+    lines = [line for line in captured.err.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith(f"error: could not write {disk / 'img'}/"), captured.err
+    assert "No space left on device" in lines[0] and ".png" in lines[0]
+    assert json.loads(out.read_text())["save_images_error"].startswith("could not write")
+    saved = list((disk / "img").iterdir())
+    assert all(p.suffix == ".png" and not p.name.startswith(".") and p.stat().st_size > 0 for p in saved), saved
+    for path in saved:
+        with Image.open(path) as image:
+            image.load()
+
+
+def test_validation_images_onto_a_full_disk_stop_training_naming_the_file(tmp_path, demo_root, capsys,
+                                                                           monkeypatch):
+    import errno
+
+    from helpers import TINY_RUN
+    from lfpv_fast import files
+    from lfpv_fast.train import main as train_main
+
+    real = files.atomic_write
+
+    def full_for_images(path, write):
+        if Path(path).parent.name == "images":
+            raise OSError(errno.ENOSPC, "No space left on device", str(path))
+        real(path, write)
+
+    monkeypatch.setattr(files, "atomic_write", full_for_images)
+    argv = ["--out", tmp_path / "run"]
+    for override in [*TINY_RUN, f"data.demo_root={demo_root}", "train.iterations=2", "val.every=1",
+                     "val.save_images=1"]:
+        argv += ["--set", override]
+    code, err = run(train_main, argv, capsys)
+    lines = [line for line in err.splitlines() if line.startswith("error:")]
+    assert code == 1, err
+    assert len(lines) == 1 and f"could not write {tmp_path / 'run' / 'images'}/step_" in lines[0], err
+    assert "No space left on device" in lines[0]
+    assert not list((tmp_path / "run" / "images").glob(".*")), "a temporary file was left"
