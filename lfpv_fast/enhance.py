@@ -201,7 +201,7 @@ def plan_outputs(args: argparse.Namespace) -> list[Job]:
                                  "enhance them into different output folders")
             claimed[resolved] = path
         owner = side_by_side_owner(side) if side is not None and not args.overwrite else None
-        if owner is not None and owner != relative.as_posix():
+        if owner is not None and owner != owner_text(relative.as_posix()):
             raise ValueError(f"{path} would write its side-by-side to {side}, which holds the side-by-side of "
                              f"{owner} from an earlier call; enhance them into different output folders (or pass "
                              "--overwrite to replace it)")
@@ -219,10 +219,16 @@ def write_side_by_side(path: Path, pixels: np.ndarray, output: str) -> None:
     from PIL import Image, PngImagePlugin
 
     info = PngImagePlugin.PngInfo()
-    info.add_text(SIDE_BY_SIDE_KEY, output)
+    info.add_text(SIDE_BY_SIDE_KEY, owner_text(output))
     buffer = io.BytesIO()
     Image.fromarray(to_integer(pixels, 8)).save(buffer, format="PNG", pnginfo=info)
     write_bytes_atomic(path, buffer.getvalue())
+
+
+def owner_text(output: str) -> str:
+    """What a side-by-side file records for `output`: the name as text that PNG can hold (a file name that is not
+    UTF-8 reaches Python with surrogates, which no encoding takes; they are written as \\udcXX escapes)."""
+    return output.encode("utf-8", "backslashreplace").decode("utf-8")
 
 
 def side_by_side_owner(path: Path) -> str | None:

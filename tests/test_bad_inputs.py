@@ -481,3 +481,27 @@ def test_validation_images_onto_a_full_disk_stop_training_naming_the_file(tmp_pa
     assert len(lines) == 1 and f"could not write {tmp_path / 'run' / 'images'}/step_" in lines[0], err
     assert "No space left on device" in lines[0]
     assert not list((tmp_path / "run" / "images").glob(".*")), "a temporary file was left"
+
+
+# ---------------------------------------------------------------------------------------------
+# 11. --side-by-side with a file name that is not UTF-8
+
+
+def test_side_by_side_with_a_name_that_is_not_utf8(tmp_path, tiny_checkpoint, capsys):
+    import os
+
+    from lfpv_fast.enhance import main as enhance_main
+    from lfpv_fast.enhance import side_by_side_owner
+
+    inputs = tmp_path / "in"
+    inputs.mkdir()
+    name = os.fsdecode(b"caf\xe9.png")  # Latin-1 bytes: Python sees a surrogate
+    png(inputs / name, 16, 16)
+    out = tmp_path / "out"
+    for extra in ([], ["--overwrite"]):  # the second call reads the owner recorded by the first
+        code, err = run(enhance_main, [inputs, "-o", out, "--checkpoint", tiny_checkpoint, "-q", "--side-by-side",
+                                       *extra], capsys)
+        assert code == 0, err
+    side = out / os.fsdecode(b"caf\xe9_side_by_side.png")
+    assert (out / name).is_file() and side.is_file()
+    assert side_by_side_owner(side) == "caf\\udce9.png"
