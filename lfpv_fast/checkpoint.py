@@ -246,16 +246,28 @@ def model_config_of(obj: dict[str, Any], path: str | Path) -> ModelConfig:
 
 def check_weights_fit(net: torch.nn.Module, state: dict[str, torch.Tensor], path: str | Path) -> None:
     """The state dict has the network's keys and shapes (`net` may live on the meta device); else one line."""
-    mismatch = weights_mismatch(net.state_dict(), state)
+    own = net.state_dict()
+    mismatch = weights_mismatch(own, state)
     if mismatch:
         config = getattr(net, "config", None)
         model = f"the model config {_describe_config(config)}" if isinstance(config, ModelConfig) else "the model"
         raise ValueError(f"checkpoint {path}: its weights do not fit {model}: {mismatch}")
+    # Weights cast to integers lost their values (int32 truncates every weight to 0 or so): refused. Floating
+    # weights of another precision (float16, bfloat16, float64) are converted explicitly by load_weights.
+    cast = [k for k, v in own.items() if v.is_floating_point() and not state[k].is_floating_point()]
+    if cast:
+        raise ValueError(f"checkpoint {path}: {len(cast)} weight tensor(s) hold {state[cast[0]].dtype} values where "
+                         f"the model has floating-point weights (e.g. {cast[0]!r}): weights cast to integers have "
+                         "lost their values; use the file as it was saved")
 
 
 def load_weights(net: LFPVNet | torch.nn.Module, state: dict[str, torch.Tensor], path: str | Path) -> None:
     """Load a checked state dict strictly; a mismatch is one line naming the first keys that differ."""
     check_weights_fit(net, state, path)
+    own = net.state_dict()
+    # Floating weights of another precision (a file saved in float16, say) become the model's dtype here,
+    # explicitly: float16 -> float32 is exact; float64 -> float32 rounds as training in float32 would.
+    state = {k: v.to(own[k].dtype) if v.dtype != own[k].dtype else v for k, v in state.items()}
     try:
         net.load_state_dict(state, strict=True)
     except RuntimeError as exc:  # dtypes that cannot be copied, and the like: torch's first line is enough
@@ -309,6 +321,12 @@ def load_model(path: str | Path, backend: str = "auto", config: ModelConfig | No
     state = published_state_dict(obj)
     if state is not None:
         check_weights(state, path, entry="state dict")
+        cast = [k for k, v in state.items() if torch.is_tensor(v) and not v.is_floating_point()
+                and not str(k).endswith("num_batches_tracked")]  # the only integer entries of the published model
+        if cast:
+            raise ValueError(f"checkpoint {path}: {len(cast)} weight tensor(s) hold {state[cast[0]].dtype} values "
+                             f"(e.g. {cast[0]!r}): weights cast to integers have lost their values; use the file as "
+                             "it was saved")
         try:
             # On the meta device first (see above): the published format holds no config, `config` may be any.
             with warnings.catch_warnings():  # loading into meta tensors is a no-op, which torch warns about

@@ -46,6 +46,8 @@ MAX_LR = 1.0
 # The most values a config (or one --set value) may hold once its YAML aliases are expanded: a run config holds
 # about 80, and a few levels of aliases that repeat aliases (a "billion laughs" document) expand past any memory.
 MAX_YAML_VALUES = 10_000
+# train.seed seeds numpy's global generator too, which takes seeds below 2**32.
+MAX_SEED = 2**32 - 1
 # Values quoted in error messages are cut to this many characters, so that every error stays one short line.
 MAX_QUOTED_CHARS = 200
 
@@ -83,9 +85,26 @@ def _shown(text: str) -> str:
     return text if len(text) <= MAX_QUOTED_CHARS else f"{text[:MAX_QUOTED_CHARS]}..."
 
 
+def yaml_error_line(exc: yaml.YAMLError, where: str) -> str:
+    """A YAML syntax error as one line: `where:line:column: not valid YAML: what is wrong (while what)`."""
+    mark = getattr(exc, "problem_mark", None) or getattr(exc, "context_mark", None)
+    problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+    context = getattr(exc, "context", None)
+    detail = problem + (f" ({context})" if context else "")
+    if mark is None:
+        return f"{where}: not valid YAML: {detail}"
+    if where.startswith("--set"):  # a one-line value: the column says where
+        return f"{where}: the value is not valid YAML: {detail} at column {mark.column + 1}"
+    return f"{where}:{mark.line + 1}:{mark.column + 1}: not valid YAML: {detail}"
+
+
 def load_yaml(text: str, where: str) -> Any:
-    """yaml.safe_load, refusing a document whose aliases expand past MAX_YAML_VALUES values (a YAML bomb)."""
-    value = yaml.safe_load(text)
+    """yaml.safe_load, refusing a document whose aliases expand past MAX_YAML_VALUES values (a YAML bomb); a syntax
+    error is a one-line ConfigError naming `where`, the line and the column."""
+    try:
+        value = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        raise ConfigError(yaml_error_line(exc, where)) from None
     if _expanded_size(value, MAX_YAML_VALUES) > MAX_YAML_VALUES:
         raise ConfigError(f"{where}: the YAML holds more than {MAX_YAML_VALUES} values once its aliases (*name) "
                           "are expanded; a run config holds about 80 (aliases that repeat aliases: a YAML bomb?)")
@@ -458,10 +477,7 @@ def parse_override(text: str) -> tuple[list[str], Any]:
     parts = key.strip().split(".")
     if len(parts) != 2 or not all(parts):
         raise ConfigError(f"--set {shown}: the key must be section.key, e.g. train.iterations")
-    try:
-        parsed = load_yaml(value, f"--set {shown}") if value.strip() else None
-    except yaml.YAMLError as exc:
-        raise ConfigError(f"--set {shown}: the value is not valid YAML ({exc})") from exc
+    parsed = load_yaml(value, f"--set {shown}") if value.strip() else None
     return parts, parsed
 
 
@@ -473,9 +489,11 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
         p = resolve_config_path(path)
         source = str(p)
         try:
-            raw = load_yaml(p.read_text(), str(p)) or {}
-        except yaml.YAMLError as exc:
-            raise ConfigError(f"{p}: not valid YAML ({exc})") from exc
+            text = p.read_bytes().decode("utf-8")
+        except UnicodeDecodeError as exc:
+            raise ConfigError(f"{p}: not UTF-8 text (byte 0x{exc.object[exc.start]:02x} at offset {exc.start}); a "
+                              "config is YAML saved as UTF-8") from None
+        raw = load_yaml(text, str(p)) or {}
         if not isinstance(raw, dict):
             raise ConfigError(f"{p}: expected a mapping with sections {list(SECTIONS)}")
     cfg = _build_config(raw, source)
@@ -517,6 +535,8 @@ def validate(cfg: RunConfig, where: str | None = None) -> None:
     validate_data(cfg.data, src, cfg.model.align)
     if t.iterations < 1:
         raise ConfigError(f"{src}: train.iterations must be >= 1, got {t.iterations}")
+    if not 0 <= t.seed <= MAX_SEED:
+        raise ConfigError(f"{src}: train.seed must be in [0, 2**32 - 1] (numpy's seeds), got {quote(t.seed)}")
     if t.checkpoint_every < 1 or cfg.val.every < 1 or cfg.logging.every < 1:
         raise ConfigError(f"{src}: train.checkpoint_every, val.every and logging.every must be >= 1")
     if len(t.betas) != 2:

@@ -107,8 +107,9 @@ def build_parser() -> ArgumentParser:
                         help="memory the whole-image path may use, e.g. 6G or 512M (default: "
                         f"{MEMORY_HEADROOM:.0%}% of the device's free memory); larger images are tiled")
     parser.add_argument("--max-image-size", type=parse_size, default=DEFAULT_MAX_DECODED_BYTES, metavar="SIZE",
-                        help="largest image accepted, as its decoded size (width x height x samples x bytes per "
-                        f"sample), checked from the file's header before decoding (default: "
+                        help="largest image accepted, as the memory reading it takes (its decoded samples, width x "
+                        "height x samples x bytes per sample, plus its float32 RGB copy, 12 bytes a pixel, and the "
+                        "RGB copy of a gray image), checked from the file's header before decoding (default: "
                         f"{DEFAULT_MAX_DECODED_BYTES // 2**30}G)")
     parser.add_argument("--precision", default="fp32", choices=tuple(PRECISIONS),
                         help="bf16/fp16 autocast: on CUDA; on a CPU only where faster than fp32 (else refused)")

@@ -173,6 +173,29 @@ def _frame_summary(per_frame: list[dict], input_rows: list[float], gt_mean: bool
     return summary
 
 
+def json_ready(summary: dict) -> dict:
+    """The summary as valid JSON values: a non-finite number (the PSNR of an output equal to its target is
+    infinite; JSON has no infinity) is written as null, and the keys that hold one are listed under "non_finite"."""
+    found: list[str] = []
+
+    def clean(value, key: str):
+        if isinstance(value, float) and not np.isfinite(value):
+            found.append(f"{key} = {value}")
+            return None
+        if isinstance(value, dict):
+            return {k: clean(v, f"{key}.{k}" if key else str(k)) for k, v in value.items()}
+        if isinstance(value, list):
+            return [clean(v, f"{key}[{i}]") for i, v in enumerate(value)]
+        return value
+
+    ready = clean(summary, "")
+    if found:
+        ready["non_finite"] = {"note": "these values are not finite (an infinite PSNR: the output equals its "
+                                       "target); JSON has no infinity, so they are written as null",
+                               "values": found[:100], "count": len(found)}
+    return ready
+
+
 def describe_model_config(used: ModelConfig, from_checkpoint: bool, cfg: RunConfig) -> str:
     """One line: which model config runs and where it came from (the checkpoint's wins over the config file's)."""
     if not from_checkpoint:
@@ -273,7 +296,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"input (dark) PSNR, mean of frames: {summary['input_psnr_all_frames']:.4f}")
     sys.stdout.flush()
     try:  # the results are printed above, so a failure here (a disk that filled up meanwhile) loses nothing shown
-        atomic_write_text(out, json.dumps(summary, indent=2))
+        atomic_write_text(out, json.dumps(json_ready(summary), indent=2, allow_nan=False))
     except OSError as exc:
         fail(f"could not write the results file {out}: {exc.strerror or exc}; the results are printed above")
         return 1

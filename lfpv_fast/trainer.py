@@ -29,6 +29,7 @@ import os
 import random
 import re
 import signal
+import sys
 import threading
 import time
 from pathlib import Path
@@ -422,7 +423,7 @@ class Trainer:
                                      "gradient and was skipped (train.nonfinite=skip): nothing was learned, so no "
                                      "weights are exported. Lower train.lr or check the data.")
         except NonFiniteError as exc:
-            self.log(str(exc))
+            self.log(str(exc), stderr=True)  # an `error:` line: on stderr, as every tool's errors
             return 1
         finally:
             bar.close()
@@ -517,11 +518,12 @@ class Trainer:
     # -----------------------------------------------------------------------------------------
     # Logging
 
-    def log(self, message: str) -> None:
-        """Print (rank 0 only) and append to train.log; what is logged before train.log opens is written then."""
+    def log(self, message: str, stderr: bool = False) -> None:
+        """Print (rank 0 only; on stderr with `stderr`) and append to train.log; what is logged before train.log
+        opens is written then."""
         if not self.main:
             return
-        tqdm.write(message)
+        tqdm.write(message, file=sys.stderr if stderr else None)
         line = f"{time.strftime('%Y-%m-%d %H:%M:%S')} {message}\n"
         if self._log_file is None:
             self._unwritten_log.append(line)

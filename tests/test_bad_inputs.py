@@ -505,3 +505,108 @@ def test_side_by_side_with_a_name_that_is_not_utf8(tmp_path, tiny_checkpoint, ca
     side = out / os.fsdecode(b"caf\xe9_side_by_side.png")
     assert (out / name).is_file() and side.is_file()
     assert side_by_side_owner(side) == "caf\\udce9.png"
+
+
+# ---------------------------------------------------------------------------------------------
+# 12. Smaller ones
+
+
+def test_evaluate_writes_valid_json_when_a_psnr_is_infinite(demo_images, tmp_path, capsys, monkeypatch,
+                                                            tiny_checkpoint):
+    import json
+
+    from lfpv_fast import evaluate as evaluate_module
+
+    real = evaluate_module.evaluate
+
+    def an_output_equal_to_its_target(*args, **kwargs):
+        summary = real(*args, **kwargs)
+        summary["per_frame"][0]["psnr"] = float("inf")  # what psnr() gives for identical images
+        summary["psnr_all_frames"] = float("inf")
+        return summary
+
+    monkeypatch.setattr(evaluate_module, "evaluate", an_output_equal_to_its_target)
+    out = tmp_path / "res.json"
+    argv = ["-c", "smid", "--device", "cpu", "--no-progress", "--checkpoint", tiny_checkpoint, "--out", out,
+            "--max-images", "2"]
+    for override in ("data.dataset=demo", f"data.demo_root={demo_images}", "data.resize=[256, 192]",
+                     "data.crop=128", "data.num_workers=0"):
+        argv += ["--set", override]
+    assert evaluate_module.main([str(a) for a in argv]) == 0, capsys.readouterr().err
+
+    def no_constants(name: str):
+        raise AssertionError(f"{name} is not JSON")
+
+    result = json.loads(out.read_text(), parse_constant=no_constants)
+    assert result["per_frame"][0]["psnr"] is None and result["psnr_all_frames"] is None
+    assert result["non_finite"]["count"] == 2 and "per_frame[0].psnr = inf" in result["non_finite"]["values"]
+
+
+def test_the_non_finite_loss_error_goes_to_stderr(tmp_path, demo_root, capsys, monkeypatch):
+    from helpers import TINY_RUN
+    from lfpv_fast import trainer as trainer_module
+    from lfpv_fast.train import main as train_main
+
+    real = trainer_module.charbonnier_loss
+    monkeypatch.setattr(trainer_module, "charbonnier_loss", lambda out, gt: real(out, gt) * float("nan"))
+    argv = ["--out", tmp_path / "run"]
+    for override in [*TINY_RUN, f"data.demo_root={demo_root}", "train.iterations=2"]:
+        argv += ["--set", override]
+    code = train_main([str(a) for a in argv])
+    captured = capsys.readouterr()
+    assert code == 1
+    assert "error: non-finite loss" in captured.err and "error:" not in captured.out, captured
+
+
+def test_config_file_errors_are_one_line_naming_the_file(tmp_path, capsys):
+    from lfpv_fast.train import main as train_main
+
+    broken = tmp_path / "broken.yaml"
+    broken.write_text("train:\n  lr: [1, 2\n  seed: 3\n")
+    code, err = run(train_main, ["-c", broken, "--out", tmp_path / "run"], capsys)
+    assert_one_line_error(code, err, f"{broken}:3:7: not valid YAML")
+    latin = tmp_path / "latin.yaml"
+    latin.write_bytes("train:\n  seed: 1  # café\n".encode("latin-1"))
+    code, err = run(train_main, ["-c", latin, "--out", tmp_path / "run"], capsys)
+    assert_one_line_error(code, err, str(latin), "not UTF-8")
+    for value in ("1180591620717411303424", "-5"):  # 2**70: numpy cannot seed with it
+        code, err = run(train_main, ["--out", tmp_path / "run", "--set", f"train.seed={value}"], capsys)
+        assert_one_line_error(code, err, "train.seed must be in [0, 2**32 - 1]", value)
+    assert not (tmp_path / "run").exists()
+
+
+def test_the_image_bound_is_the_readers_real_peak(tmp_path):
+    import imagecodecs
+
+    from lfpv_fast.imageio import ImageTooLargeError, read_image, read_image_info
+
+    path = tmp_path / "gray16.png"
+    path.write_bytes(imagecodecs.png_encode(np.zeros((4000, 4000), np.uint16)))  # 32 MB decoded, 40 kB on disk
+    info = read_image_info(path, max_decoded_bytes=None)
+    assert info.decoded_bytes == 32 * 10**6 and info.read_peak_bytes == (2 + 6 + 12) * 16 * 10**6
+    with pytest.raises(ImageTooLargeError, match=r"would decode to 30\.5 MiB but take 305\.2 MiB to read"):
+        read_image(path, max_decoded_bytes=100 * 2**20)
+    code, err, peak = run_measured("(__import__('lfpv_fast.imageio').imageio.read_image(sys.argv[1]), 0)[1]",
+                                   str(path))
+    code0, _, base = run_measured("(__import__('lfpv_fast.imageio'), 0)[1]")
+    assert code == code0 == 0, err
+    assert peak - base <= info.read_peak_bytes + 16 * 2**20, (peak - base, info.read_peak_bytes)
+
+
+def test_weights_cast_to_integers_are_refused_and_other_floats_converted(tmp_path):
+    torch.manual_seed(0)
+    net = LFPVNet(TINY, backend="reference")
+    for dtype, named in ((torch.int32, "torch.int32"), (torch.int64, "torch.int64")):
+        obj = weights_only_checkpoint(net)
+        obj["model"] = {k: v.to(dtype) if v.is_floating_point() else v for k, v in obj["model"].items()}
+        atomic_save(obj, tmp_path / "cast.pth")
+        with pytest.raises(ValueError, match=f"hold {named} values .* cast to integers"):
+            load_model(tmp_path / "cast.pth", backend="reference")
+    obj = weights_only_checkpoint(net)
+    half = {k: v.half() if v.is_floating_point() else v for k, v in obj["model"].items()}
+    obj["model"] = half
+    atomic_save(obj, tmp_path / "half.pth")
+    loaded = load_model(tmp_path / "half.pth", backend="reference")
+    for key, value in loaded.state_dict().items():
+        assert value.dtype == net.state_dict()[key].dtype
+        assert torch.equal(value, half[key].to(value.dtype)), key
