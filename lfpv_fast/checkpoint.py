@@ -24,7 +24,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from lfpv_fast.config import ConfigError, section_from_dict
+from lfpv_fast.config import MAX_LR, ConfigError, section_from_dict
 from lfpv_fast.files import OutputWriteError, atomic_write, atomic_write_text
 from lfpv_fast.model import LFPVNet, ModelConfig
 from lfpv_fast.model_bounds import build_on_meta, check_network_fits_memory, weights_mismatch
@@ -454,8 +454,8 @@ def restore_training_state(obj: dict[str, Any], path: str | Path, *, optimizer: 
     return int(obj["step"]), obj.get("best_psnr")
 
 
-# The largest learning rate a saved state may hold (train.lr's bound, lfpv_fast.config.MAX_LR).
-_MAX_SAVED_LR = 1.0
+# The largest learning rate a saved state may hold: train.lr's bound.
+_MAX_SAVED_LR = MAX_LR
 
 
 def _is_number(value: Any) -> bool:
