@@ -53,6 +53,7 @@ from lfpv_fast.enhancement import DEFAULT_OVERLAP, ImageEnhancer, tile_problem
 from lfpv_fast.imageio import (
     IMAGE_EXTENSIONS,
     ImageReadError,
+    read_image_size,
     to_integer,
     write_bytes_atomic,
 )
@@ -174,12 +175,13 @@ class Enhancer:
             raise InputError(f"{name}: not a supported image type {suffix or '(no extension)'!r} "
                              f"(expected PNG, JPEG or TIFF: {', '.join(IMAGE_EXTENSIONS)})")
         try:
-            # The header first (nothing decoded): the decoded-size bound, the model's minimum size, then ours.
-            info = self.pipeline.check(path)
-            height, width = info.size
+            # The header first (nothing decoded): this server's limit, then the reader's memory bound and the
+            # model's minimum size.
+            height, width = read_image_size(path)
             if height * width > self.max_pixels:
                 raise InputError(f"{name}: {width}x{height} pixels ({height * width / 1e6:.1f} MP) is more than "
                                  f"this server accepts ({self.max_pixels / 1e6:.1f} MP, --max-pixels)")
+            self.pipeline.check(path)
             image = self.pipeline.read(path)
         except (ImageReadError, FileNotFoundError) as exc:
             # The readers name the server's temporary path; the user knows the file by its own name.
