@@ -16,6 +16,7 @@ from PIL import Image
 from helpers import TINY, assert_one_line_error, run
 from lfpv_fast import LFPVNet
 from lfpv_fast.checkpoint import atomic_save, load_model, weights_only_checkpoint
+from lfpv_fast.config import model_config_to_dict
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -26,10 +27,12 @@ def png(path: Path, height: int, width: int, seed: int = 0) -> Path:
 
 
 def tiny_weights(path: Path, **model_config) -> Path:
-    """TINY's weights, under a model config with `model_config` changed (a file edited or forged)."""
+    """TINY's weights, under a model config with `model_config` changed (a file edited or forged; flat keys such
+    as nf=512 go to their place in the nested section, as the file would hold them)."""
     torch.manual_seed(0)
     obj = weights_only_checkpoint(LFPVNet(TINY, backend="reference"))
-    obj["model_config"].update(model_config)
+    if model_config:
+        obj["model_config"] = model_config_to_dict(dataclass_replace(TINY, **model_config))
     atomic_save(obj, path)
     return path
 
@@ -80,6 +83,34 @@ def test_a_network_too_big_for_the_memory_here_is_refused_before_it_is_built(tmp
     line = str(info.value)
     assert "\n" not in line and "tiny.pth" in line and "GiB available" in line, line
     assert built and set(built) == {"meta"}, f"the network was built on {built} before its size was checked"
+
+
+def test_a_published_retinexformer_file_is_checked_before_it_is_built(tmp_path, monkeypatch):
+    """Published Retinexformer files (plain Retinexformer, options from the config): a wrong shape, and a network
+    too big for the memory here (Retinexformer's own activation estimate), are refused on the meta device."""
+    from lfpv_fast import inference
+    from lfpv_fast.models import ModelConfig, RetinexFormer
+
+    config = ModelConfig("retinexformer", {"n_feat": 8, "num_blocks": [1, 1, 1]}, {"enabled": False})
+    state = RetinexFormer(n_feat=8, num_blocks=[1, 1, 1], backend="reference").published_state_dict()
+    good = tmp_path / "retinexformer.pth"
+    torch.save({"params": state}, good)
+    malformed = tmp_path / "malformed.pth"
+    torch.save({"params": {**state, "body.0.estimator.conv1.weight": torch.zeros(9, 4, 1, 1)}}, malformed)
+    built: list[str] = []
+    monkeypatch.setattr(LFPVNet, "__init__", _recording_init(built))
+    with pytest.raises(ValueError, match=r"malformed\.pth: key 'body\.0\.estimator\.conv1\.weight'.*shape"):
+        load_model(malformed, backend="reference", config=config)
+    assert built == ["meta"], f"the network was built on {built} before its weights were checked"
+    built.clear()
+    monkeypatch.setattr(inference, "available_memory", lambda device: 2**12)  # 4 KiB free (its weights take 0.2 MB)
+    with pytest.raises(ValueError) as info:
+        load_model(good, backend="reference", config=config)
+    line = str(info.value)
+    assert "\n" not in line and "retinexformer.pth" in line and "GiB available" in line, line
+    assert built and set(built) == {"meta"}, f"the network was built on {built} before its size was checked"
+    monkeypatch.undo()
+    assert load_model(good, backend="reference", config=config).backbone.n_feat == 8  # the file itself is fine
 
 
 def _recording_init(built: list[str]):
@@ -193,8 +224,10 @@ def test_a_long_value_is_cut_in_the_error_line(tmp_path, capsys):
 
 
 @pytest.mark.parametrize("overrides, named", [
-    (["model.token_size=5", "model.patch_size=2"], "patch_size=2 must divide token_size=5"),
-    (["model.token_size=3", "model.patch_size=4"], "patch_size=4 must divide token_size=3"),
+    # With the backbone seam the alignment is lcm(4 * token_size, 4 * patch_size): token 5 / patch 2 aligns to 40,
+    # token 3 / patch 4 to 48 (both train, see below); a crop under that alignment is the config error.
+    (["model.token_size=5", "model.patch_size=2", "data.crop=32"], "data.crop must be in [40,"),
+    (["model.token_size=3", "model.patch_size=4", "data.crop=40"], "data.crop must be in [48,"),
     (["model.token_size=8", "data.crop=16"], "data.crop must be in [32,"),
     (["model.token_size=8", "data.resize=[960, 24]", "data.crop=24"], "data.resize must be"),
     (["train.cpu_threads=100000"], "train.cpu_threads must be in [1,"),
@@ -219,10 +252,15 @@ def test_the_models_rules_accept_what_the_model_runs(tmp_path):
     cfg = load_config("demo", ["model.token_size=2", "model.patch_size=1", "data.crop=8",
                                f"train.cpu_threads={os.cpu_count()}"])
     assert cfg.model.align == 8
-    net = LFPVNet(dataclass_replace(TINY, token_size=2, patch_size=1), backend="reference").train()
-    x = torch.rand(2, 3, 8, 8)
-    out, without = net(x, net.snr_mask(x))
-    assert out.shape == without.shape == x.shape and bool(torch.isfinite(out).all())
+    # token 2 / patch 1, and the pairs that crashed before the seam aligned inputs to whole patches as well as
+    # whole tokens (patch_size need not divide token_size): each trains a step at its alignment.
+    for token, patch, align in ((2, 1, 8), (5, 2, 40), (3, 4, 48)):
+        assert load_config("demo", [f"model.token_size={token}", f"model.patch_size={patch}",
+                                    f"data.crop={align}"]).model.align == align
+        net = LFPVNet(dataclass_replace(TINY, token_size=token, patch_size=patch), backend="reference").train()
+        x = torch.rand(2, 3, align, align)
+        out, without = net(x, net.snr_mask(x))
+        assert out.shape == without.shape == x.shape and bool(torch.isfinite(out).all())
 
 
 # ---------------------------------------------------------------------------------------------
