@@ -48,11 +48,12 @@ import numpy as np
 import torch
 
 from lfpv_fast.backends import BACKENDS, resolve_backend
-from lfpv_fast.cli import ArgumentParser, resolve_device
-from lfpv_fast.enhancement import DEFAULT_OVERLAP, DEFAULT_TILE, ImageEnhancer
+from lfpv_fast.cli import ArgumentParser, cut_path, one_line, os_error_line, resolve_device
+from lfpv_fast.enhancement import DEFAULT_OVERLAP, ImageEnhancer, tile_problem
 from lfpv_fast.imageio import (
     IMAGE_EXTENSIONS,
     ImageReadError,
+    read_image_size,
     to_integer,
     write_bytes_atomic,
 )
@@ -71,6 +72,8 @@ DEFAULT_MAX_QUEUE = 8
 DEFAULT_MAX_UPLOAD_MB = 200
 # The previews shown in the browser are scaled down to this longest side; downloads are always full size.
 PREVIEW_MAX_SIDE = 2048
+# Characters of an upload's name kept in the names of its outputs (photo_enhanced.png, photo_before.png, ...).
+MAX_STEM_CHARS = 100
 # The work folder's bounds: results of older requests are deleted beyond them (oldest first).
 DEFAULT_MAX_WORK_MB = 1024
 DEFAULT_MAX_WORK_FILES = 500
@@ -127,7 +130,7 @@ class Enhancer:
     """A loaded model and the rules of this server; `enhance_file` turns one upload into an EnhancedFile."""
 
     def __init__(self, net: LFPVNet, checkpoint: Path, device: torch.device, *, max_pixels: int,
-                 tile: int | None = None, overlap: int = DEFAULT_OVERLAP, precision: str = "fp32") -> None:
+                 tile: int | None = None, overlap: int | None = None, precision: str = "fp32") -> None:
         # batch_size=1 as the enhance CLI's default: one tile at a time keeps the peak memory lowest.
         self.pipeline = ImageEnhancer(net, device, tile=tile, overlap=overlap, batch_size=1, precision=precision)
         self.checkpoint = checkpoint
@@ -183,12 +186,13 @@ class Enhancer:
             raise InputError(f"{name}: not a supported image type {suffix or '(no extension)'!r} "
                              f"(expected PNG, JPEG or TIFF: {', '.join(IMAGE_EXTENSIONS)})")
         try:
-            # The header first (nothing decoded): the decoded-size bound, the model's minimum size, then ours.
-            info = self.pipeline.check(path)
-            height, width = info.size
+            # The header first (nothing decoded): this server's limit, then the reader's memory bound and the
+            # model's minimum size.
+            height, width = read_image_size(path)
             if height * width > self.max_pixels:
                 raise InputError(f"{name}: {width}x{height} pixels ({height * width / 1e6:.1f} MP) is more than "
                                  f"this server accepts ({self.max_pixels / 1e6:.1f} MP, --max-pixels)")
+            self.pipeline.check(path)
             image = self.pipeline.read(path)
         except (ImageReadError, FileNotFoundError) as exc:
             # The readers name the server's temporary path; the user knows the file by its own name.
@@ -204,7 +208,7 @@ class Enhancer:
         result = self.pipeline.enhance([image], plan)[0]  # on the CPU: the device's work is finished
         seconds = time.perf_counter() - start
 
-        stem = Path(name).stem
+        stem = Path(name).stem[:MAX_STEM_CHARS]  # room for the suffixes below within the file system's 255 bytes
         output = out_dir / f"{stem}_enhanced{suffix}"
         self.pipeline.write(output, image, result)
         before, after = out_dir / f"{stem}_before.png", out_dir / f"{stem}_after.png"
@@ -393,8 +397,10 @@ def build_demo(enhancer: Enhancer, work: WorkFolder, *, max_files: int = DEFAULT
                 done.append(enhancer.enhance_file(path, name, file_dir, on_start=started))
             except InputError as exc:
                 errors.append(str(exc))
-            except (RuntimeError, OSError, ValueError) as exc:  # out of memory, a full disk: say so, keep serving
-                errors.append(f"{name}: enhancement failed: {exc}")
+            except OSError as exc:  # a full disk, a name too long to write: say so (the path cut), keep serving
+                errors.append(f"{cut_path(name)}: enhancement failed: {os_error_line(exc)}")
+            except (RuntimeError, ValueError) as exc:  # out of memory: say so, keep serving
+                errors.append(f"{cut_path(name)}: enhancement failed: {one_line(str(exc))}")
         for message in errors:
             log.warning("error: %s", message)
         if not done:
@@ -476,10 +482,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--backend", default="auto", choices=BACKENDS)
     parser.add_argument("--precision", default="fp32", choices=PRECISIONS,
                         help="bf16/fp16 autocast: on CUDA; on a CPU only where faster than fp32 (else refused)")
-    parser.add_argument("--tile", type=int, default=None, help="always enhance in tiles of this side (multiple of "
-                        "16); default: the whole image when its estimated peak memory fits the device's free "
-                        "memory, tiles otherwise (as `enhance` decides)")
-    parser.add_argument("--tile-overlap", type=int, default=DEFAULT_OVERLAP, help="minimum tile overlap in pixels")
+    parser.add_argument("--tile", type=int, default=None, help="always enhance in tiles of this side (a multiple "
+                        "of the model's alignment, 16 for the published model); default: the whole image when its "
+                        "estimated peak memory fits the device's free memory, tiles otherwise (as `enhance` decides)")
+    parser.add_argument("--tile-overlap", type=int, default=None, help="minimum tile overlap in pixels (default: "
+                        f"{DEFAULT_OVERLAP}, at most half a tile)")
     parser.add_argument("--max-pixels", type=int, default=DEFAULT_MAX_UPLOAD_PIXELS,
                         help=f"largest image accepted, in pixels (default {DEFAULT_MAX_UPLOAD_PIXELS})")
     parser.add_argument("--max-files", type=int, default=DEFAULT_MAX_FILES,
@@ -503,10 +510,11 @@ def _parse_args(argv: Sequence[str] | None) -> tuple[argparse.ArgumentParser, ar
     args = parser.parse_args(argv)
     if not 1 <= args.port <= 65535:
         parser.error(f"--port must be in [1, 65535], got {args.port}")
-    if args.tile is not None and (args.tile < 16 or args.tile % 16):
-        parser.error(f"--tile must be a positive multiple of 16, got {args.tile}")
-    if args.tile_overlap < 0 or args.tile_overlap >= (args.tile or DEFAULT_TILE):
-        parser.error(f"--tile-overlap must be in [0, tile), got {args.tile_overlap}")
+    # --tile against the model's alignment once the model is loaded (enhancement.tile_problem)
+    if args.tile is not None and args.tile < 1:
+        parser.error(f"--tile must be a positive multiple of the model's alignment, got {args.tile}")
+    if args.tile_overlap is not None and args.tile_overlap < 0:
+        parser.error(f"--tile-overlap must be >= 0, got {args.tile_overlap}")
     for flag in ("max_pixels", "max_files", "max_queue", "max_upload_mb", "max_work_mb", "max_work_files"):
         if getattr(args, flag) < 1:
             parser.error(f"--{flag.replace('_', '-')} must be >= 1, got {getattr(args, flag)}")
@@ -581,8 +589,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         check_precision(args.precision, device)
         checkpoint = resolve_checkpoint(args.checkpoint, args.runs)
         net = load_model(checkpoint, backend=args.backend)
+        problem = tile_problem(args.tile, args.tile_overlap, net.config.align)
+        if problem is not None:
+            raise ValueError(f"{problem} (see python -m lfpv_fast.app --help)")
     except (ValueError, FileNotFoundError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
+        print(f"error: {one_line(str(exc))}", file=sys.stderr)
+        return 2
+    except OSError as exc:  # a name too long for the file system, a file that cannot be read
+        print(f"error: {os_error_line(exc, 'checkpoint')}", file=sys.stderr)
         return 2
     # Our own lines only: the root logger would also print every HTTP request of Gradio's clients.
     handler = logging.StreamHandler(sys.stderr)

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import random
 import re
+import warnings
 import zipfile
 from dataclasses import asdict
 from pathlib import Path
@@ -23,8 +24,9 @@ from typing import Any
 import numpy as np
 import torch
 
-from lfpv_fast.config import ConfigError, model_config_to_dict, section_from_dict
-from lfpv_fast.files import atomic_write, atomic_write_text
+from lfpv_fast.config import MAX_LR, ConfigError, model_config_to_dict, section_from_dict
+from lfpv_fast.files import OutputWriteError, atomic_write, atomic_write_text
+from lfpv_fast.model_bounds import build_on_meta, check_network_fits_memory, weights_mismatch
 from lfpv_fast.models import LFPVNet, ModelConfig, snr_aware
 from lfpv_fast.run_folder import CONFIG, FINAL_WEIGHTS, RunFolder, checkpoint_name, checkpoint_step, list_checkpoints
 
@@ -44,7 +46,7 @@ _TRAINING_KEYS = ("format", "model", "optimizer", "scheduler", "step", "rng", "l
 # Writing
 
 
-class CheckpointWriteError(OSError):
+class CheckpointWriteError(OutputWriteError):
     """A checkpoint could not be written (a full disk, a read-only folder); the message is one line naming the
     file, and no partial file is left behind."""
 
@@ -199,10 +201,6 @@ def _kind(value: Any) -> str:
     return f"a {type(value).__name__}"
 
 
-def _shape(t: torch.Tensor) -> str:
-    return "(" + ", ".join(str(s) for s in t.shape) + ")"
-
-
 def check_weights(state: Any, path: str | Path, entry: str = "model") -> dict[str, torch.Tensor]:
     """A state dict as read from `path`: a non-empty dict of tensors, none holding NaN or inf."""
     if not isinstance(state, dict):
@@ -268,25 +266,30 @@ def _today_name(key: str) -> str:
     return f"backbone.{key}" if isinstance(key, str) and key.startswith(("encoder.", "decoder.")) else key
 
 
-def load_weights(net: LFPVNet | torch.nn.Module, state: dict[str, torch.Tensor], path: str | Path) -> None:
-    """Load a checked state dict strictly; a mismatch is one line naming the first keys that differ."""
+def check_weights_fit(net: torch.nn.Module, state: dict[str, torch.Tensor], path: str | Path) -> None:
+    """The state dict has the network's keys and shapes (`net` may live on the meta device); else one line."""
     own = net.state_dict()
-    missing = [k for k in own if k not in state]
-    unexpected = [k for k in state if k not in own]
-    shapes = [k for k in own if k in state and state[k].shape != own[k].shape]
-    if missing or unexpected or shapes:
-        parts = []
-        if shapes:
-            first = ", ".join(f"{k!r} is {_shape(state[k])} in the file, {_shape(own[k])} in the model"
-                              for k in shapes[:2])
-            parts.append(f"{len(shapes)} tensor(s) differ in shape ({first}{', ...' if len(shapes) > 2 else ''})")
-        for name, keys in (("missing", missing), ("unexpected", unexpected)):
-            if keys:
-                parts.append(f"{len(keys)} {name} key(s) ({', '.join(repr(k) for k in keys[:3])}"
-                             f"{', ...' if len(keys) > 3 else ''})")
+    mismatch = weights_mismatch(own, state)
+    if mismatch:
         config = getattr(net, "config", None)
         model = f"the model config {_describe_config(config)}" if isinstance(config, ModelConfig) else "the model"
-        raise ValueError(f"checkpoint {path}: its weights do not fit {model}: {'; '.join(parts)}")
+        raise ValueError(f"checkpoint {path}: its weights do not fit {model}: {mismatch}")
+    # Weights cast to integers lost their values (int32 truncates every weight to 0 or so): refused. Floating
+    # weights of another precision (float16, bfloat16, float64) are converted explicitly by load_weights.
+    cast = [k for k, v in own.items() if v.is_floating_point() and not state[k].is_floating_point()]
+    if cast:
+        raise ValueError(f"checkpoint {path}: {len(cast)} weight tensor(s) hold {state[cast[0]].dtype} values where "
+                         f"the model has floating-point weights (e.g. {cast[0]!r}): weights cast to integers have "
+                         "lost their values; use the file as it was saved")
+
+
+def load_weights(net: LFPVNet | torch.nn.Module, state: dict[str, torch.Tensor], path: str | Path) -> None:
+    """Load a checked state dict strictly; a mismatch is one line naming the first keys that differ."""
+    check_weights_fit(net, state, path)
+    own = net.state_dict()
+    # Floating weights of another precision (a file saved in float16, say) become the model's dtype here,
+    # explicitly: float16 -> float32 is exact; float64 -> float32 rounds as training in float32 would.
+    state = {k: v.to(own[k].dtype) if v.dtype != own[k].dtype else v for k, v in state.items()}
     try:
         net.load_state_dict(state, strict=True)
     except RuntimeError as exc:  # dtypes that cannot be copied, and the like: torch's first line is enough
@@ -345,13 +348,28 @@ def load_model(path: str | Path, backend: str = "auto", config: ModelConfig | No
             raise ValueError(f"checkpoint {path} has no 'model' entry: it holds no weights "
                              f"(entries: {', '.join(map(str, obj))})")
         state = check_weights(obj["model"], path)
+        # Shapes and size are checked on a network built on the meta device (no memory): a small file whose
+        # config claims a huge network is refused before that network is built.
+        check_weights_fit(build_on_meta(lambda: LFPVNet(cfg, backend=backend)), state, path)
+        _check_fits_memory(cfg, backend, path)
         net = LFPVNet(cfg, backend=backend)
         load_weights(net, state, path)
         return net
     state = published_state_dict(obj)
     if state is not None:
         check_weights(state, path, entry="state dict")
+        cast = [k for k, v in state.items() if torch.is_tensor(v) and not v.is_floating_point()
+                and not str(k).endswith("num_batches_tracked")]  # the only integer entries of the published model
+        if cast:
+            raise ValueError(f"checkpoint {path}: {len(cast)} weight tensor(s) hold {state[cast[0]].dtype} values "
+                             f"(e.g. {cast[0]!r}): weights cast to integers have lost their values; use the file as "
+                             "it was saved")
         try:
+            # On the meta device first (see above): the published format holds no config, `config` may be any.
+            with warnings.catch_warnings():  # loading into meta tensors is a no-op, which torch warns about
+                warnings.simplefilter("ignore")
+                build_on_meta(lambda: LFPVNet(config, backend=backend)).load_original_state_dict(state)
+            _check_fits_memory(config or ModelConfig(), backend, path)
             return LFPVNet.from_original_state_dict(state, config=config, backend=backend)
         except (KeyError, ValueError, TypeError) as exc:
             detail = exc.args[0] if exc.args else str(exc)
@@ -420,12 +438,29 @@ def _published_retinexformer(state: dict[str, Any], path: str | Path, config: Mo
     `config` when that names the retinexformer backbone, else the published ones (n_feat 40, [1, 2, 2])."""
     check_weights(state, path, entry="params")
     options = config.options if config is not None and config.backbone == "retinexformer" else None
-    net = LFPVNet(ModelConfig("retinexformer", options, {"enabled": False}), backend=backend)
+    plain = ModelConfig("retinexformer", options, {"enabled": False})
     try:
+        # On the meta device first (as for our files): the keys and shapes, then the size, before it is built.
+        with warnings.catch_warnings():  # loading into meta tensors is a no-op, which torch warns about
+            warnings.simplefilter("ignore")
+            build_on_meta(lambda: LFPVNet(plain, backend=backend)).backbone.load_published_state_dict(state)
+        _check_fits_memory(plain, backend, path)
+        net = LFPVNet(plain, backend=backend)
         net.backbone.load_published_state_dict(state)
     except ValueError as exc:
-        raise ValueError(f"checkpoint {path}: {exc}") from None
+        detail = str(exc)  # _check_fits_memory's line already names the file
+        raise ValueError(detail if detail.startswith(f"checkpoint {path}") else f"checkpoint {path}: {detail}") \
+            from None
     return net
+
+
+def _check_fits_memory(config: ModelConfig, backend: str, path: str | Path) -> None:
+    """The network of `config` plus its activations on the smallest input fit the memory available here."""
+    from lfpv_fast.inference import available_memory, estimate_peak_bytes
+
+    smallest = estimate_peak_bytes(config, 1, config.align, config.align).whole_image
+    check_network_fits_memory(build_on_meta(lambda: LFPVNet(config, backend=backend)), path,
+                              available_memory(torch.device("cpu")), smallest)
 
 
 def _not_the_published_architecture(path: str | Path, state: dict[str, Any]) -> str:
@@ -516,6 +551,8 @@ def restore_training_state(obj: dict[str, Any], path: str | Path, *, optimizer: 
 
     Returns (step, best_psnr). A state that does not fit (an optimizer of another model) is a one-line ValueError.
     """
+    check_optimizer_state(obj["optimizer"], optimizer, path)
+    check_scheduler_state(obj["scheduler"], optimizer, path)
     for name, target in (("optimizer", optimizer), ("scheduler", scheduler), ("loader", loader)):
         try:
             target.load_state_dict(obj[name])
@@ -525,3 +562,96 @@ def restore_training_state(obj: dict[str, Any], path: str | Path, *, optimizer: 
     restore_rng(obj["rng"])
     draw_generator.set_state(obj["draw_generator"])
     return int(obj["step"]), obj.get("best_psnr")
+
+
+# The largest learning rate a saved state may hold: train.lr's bound.
+_MAX_SAVED_LR = MAX_LR
+
+
+def _is_number(value: Any) -> bool:
+    if torch.is_tensor(value):
+        return value.numel() == 1 and not value.is_complex() and bool(torch.isfinite(value))
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and np.isfinite(value)
+
+
+def _check_lr(value: Any, where: str, path: str | Path) -> None:
+    if not (_is_number(value) and 0 <= float(value) <= _MAX_SAVED_LR):
+        raise ValueError(f"checkpoint {path}: {where} must be a number in [0, {_MAX_SAVED_LR:g}], got "
+                         f"{_cut(repr(value))}")
+
+
+def _cut(text: str, limit: int = 80) -> str:
+    return text if len(text) <= limit else text[:limit] + "..."
+
+
+def check_optimizer_state(saved: dict[str, Any], optimizer: torch.optim.Optimizer, path: str | Path) -> None:
+    """A saved Adam state that fits `optimizer` and can take a step: its groups and parameters match, the
+    hyperparameters are sane (lr in [0, 1], betas in [0, 1), eps > 0, weight decay >= 0, all finite), and every
+    moment has its parameter's shape and finite values (exp_avg_sq >= 0), every step count a whole number >= 0.
+    torch's load_state_dict checks none of this; a bad value would crash or diverge at the first step."""
+    groups = optimizer.param_groups
+    saved_groups = saved["param_groups"]
+    if len(saved_groups) != len(groups) or any(len(s["params"]) != len(g["params"])
+                                               for s, g in zip(saved_groups, groups, strict=False)):
+        raise ValueError(f"checkpoint {path}: its 'optimizer' state is for {len(saved_groups)} group(s) of "
+                         f"{[len(s['params']) for s in saved_groups][:4]} parameters, this run has "
+                         f"{[len(g['params']) for g in groups][:4]}")
+    params: dict[Any, torch.Tensor] = {}
+    for index, (group, live) in enumerate(zip(saved_groups, groups, strict=True)):
+        where = f"'optimizer' group {index}"
+        _check_lr(group.get("lr"), f"{where} lr", path)
+        if "initial_lr" in group:
+            _check_lr(group["initial_lr"], f"{where} initial_lr", path)
+        betas = group.get("betas")
+        if not (isinstance(betas, (list, tuple)) and len(betas) == 2
+                and all(_is_number(b) and 0 <= float(b) < 1 for b in betas)):
+            raise ValueError(f"checkpoint {path}: {where} betas must be two numbers in [0, 1), got {_cut(repr(betas))}")
+        eps = group.get("eps")
+        if not (_is_number(eps) and float(eps) > 0):
+            raise ValueError(f"checkpoint {path}: {where} eps must be a finite number > 0, got {_cut(repr(eps))}")
+        decay = group.get("weight_decay", 0)
+        if not (_is_number(decay) and float(decay) >= 0):
+            raise ValueError(f"checkpoint {path}: {where} weight_decay must be a finite number >= 0, got "
+                             f"{_cut(repr(decay))}")
+        params.update(zip(group["params"], live["params"], strict=True))
+    for key, entry in saved["state"].items():
+        if key not in params:
+            raise ValueError(f"checkpoint {path}: 'optimizer' state for parameter {_cut(repr(key))}, which no group "
+                             "holds")
+        if not isinstance(entry, dict):
+            raise ValueError(f"checkpoint {path}: 'optimizer' state of parameter {key} is {_kind(entry)}, not a dict")
+        shape = tuple(params[key].shape)
+        for name in ("exp_avg", "exp_avg_sq", "max_exp_avg_sq"):
+            if name not in entry:
+                if name != "max_exp_avg_sq":
+                    raise ValueError(f"checkpoint {path}: 'optimizer' state of parameter {key} has no {name!r}")
+                continue
+            moment = entry[name]
+            if not (torch.is_tensor(moment) and moment.is_floating_point() and tuple(moment.shape) == shape):
+                raise ValueError(f"checkpoint {path}: 'optimizer' {name} of parameter {key} is {_kind(moment)}, "
+                                 f"expected a float tensor of the parameter's shape {shape}")
+            if not bool(torch.isfinite(moment).all()) or (name != "exp_avg" and bool((moment < 0).any())):
+                raise ValueError(f"checkpoint {path}: 'optimizer' {name} of parameter {key} holds NaN/inf"
+                                 f"{'' if name == 'exp_avg' else ' or negative'} values")
+        step = entry.get("step")
+        if not (_is_number(step) and float(step) >= 0 and float(step) == int(float(step))):
+            raise ValueError(f"checkpoint {path}: 'optimizer' step count of parameter {key} must be a whole number "
+                             f">= 0, got {_cut(repr(step))}")
+
+
+def check_scheduler_state(saved: dict[str, Any], optimizer: torch.optim.Optimizer, path: str | Path) -> None:
+    """A saved LR scheduler state (LambdaLR) for this optimizer: one base lr per group, each sane, whole-number
+    counters >= 0 (last_epoch >= -1)."""
+    base = saved.get("base_lrs")
+    if not (isinstance(base, list) and len(base) == len(optimizer.param_groups)):
+        raise ValueError(f"checkpoint {path}: 'scheduler' base_lrs must be a list of {len(optimizer.param_groups)} "
+                         f"learning rate(s), got {_cut(repr(base))}")
+    for index, lr in enumerate(base):
+        _check_lr(lr, f"'scheduler' base_lrs[{index}]", path)
+    for index, lr in enumerate(saved.get("_last_lr") or []):
+        _check_lr(lr, f"'scheduler' _last_lr[{index}]", path)
+    for name, low in (("last_epoch", -1), ("_step_count", 0)):
+        value = saved.get(name, low)
+        if not (isinstance(value, int) and not isinstance(value, bool) and value >= low):
+            raise ValueError(f"checkpoint {path}: 'scheduler' {name} must be a whole number >= {low}, got "
+                             f"{_cut(repr(value))}")

@@ -12,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import math
+import os
 import types
 import typing
 from dataclasses import dataclass, field
@@ -43,6 +44,72 @@ IMAGE_DATASETS = ("pairs", "demo_png", *IMAGE_PRESETS)
 MAX_RESIZE_PIXELS = 1 << 25
 # The largest train.lr accepted: Adam moves each weight by about lr per step.
 MAX_LR = 1.0
+# The most values a config (or one --set value) may hold once its YAML aliases are expanded: a run config holds
+# about 80, and a few levels of aliases that repeat aliases (a "billion laughs" document) expand past any memory.
+MAX_YAML_VALUES = 10_000
+# train.seed seeds numpy's global generator too, which takes seeds below 2**32.
+MAX_SEED = 2**32 - 1
+# Values quoted in error messages are cut to this many characters, so that every error stays one short line.
+MAX_QUOTED_CHARS = 200
+
+
+def quote(value: Any) -> str:
+    """repr(value), cut to MAX_QUOTED_CHARS (error messages quote what they were given, never a megabyte of it)."""
+    text = _bounded_repr(value)
+    return text if len(text) <= MAX_QUOTED_CHARS else f"{text[:MAX_QUOTED_CHARS]}... ({len(text)} characters)"
+
+
+def _bounded_repr(value: Any) -> str:
+    # repr of a deeply shared structure can be gigabytes: only small containers are repr'ed whole.
+    if isinstance(value, (list, tuple, dict)) and _expanded_size(value, MAX_QUOTED_CHARS) > MAX_QUOTED_CHARS:
+        kind = type(value).__name__
+        return f"<a {kind} of {len(value)} entries, holding more than {MAX_QUOTED_CHARS} values>"
+    return repr(value)
+
+
+def _expanded_size(value: Any, limit: int) -> int:
+    """How many values `value` holds with shared (aliased) parts counted each time they appear; stops past `limit`."""
+    count, stack = 0, [value]
+    while stack and count <= limit:
+        item = stack.pop()
+        count += 1
+        if isinstance(item, dict):
+            stack.extend(item.keys())
+            stack.extend(item.values())
+        elif isinstance(item, (list, tuple)):
+            stack.extend(item)
+    return count
+
+
+def _shown(text: str) -> str:
+    """A text given on the command line, cut to MAX_QUOTED_CHARS for an error message."""
+    return text if len(text) <= MAX_QUOTED_CHARS else f"{text[:MAX_QUOTED_CHARS]}..."
+
+
+def yaml_error_line(exc: yaml.YAMLError, where: str) -> str:
+    """A YAML syntax error as one line: `where:line:column: not valid YAML: what is wrong (while what)`."""
+    mark = getattr(exc, "problem_mark", None) or getattr(exc, "context_mark", None)
+    problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+    context = getattr(exc, "context", None)
+    detail = problem + (f" ({context})" if context else "")
+    if mark is None:
+        return f"{where}: not valid YAML: {detail}"
+    if where.startswith("--set"):  # a one-line value: the column says where
+        return f"{where}: the value is not valid YAML: {detail} at column {mark.column + 1}"
+    return f"{where}:{mark.line + 1}:{mark.column + 1}: not valid YAML: {detail}"
+
+
+def load_yaml(text: str, where: str) -> Any:
+    """yaml.safe_load, refusing a document whose aliases expand past MAX_YAML_VALUES values (a YAML bomb); a syntax
+    error is a one-line ConfigError naming `where`, the line and the column."""
+    try:
+        value = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        raise ConfigError(yaml_error_line(exc, where)) from None
+    if _expanded_size(value, MAX_YAML_VALUES) > MAX_YAML_VALUES:
+        raise ConfigError(f"{where}: the YAML holds more than {MAX_YAML_VALUES} values once its aliases (*name) "
+                          "are expanded; a run config holds about 80 (aliases that repeat aliases: a YAML bomb?)")
+    return value
 
 
 @dataclass
@@ -166,16 +233,21 @@ DATASET_CHECKS = {
 }
 
 
-def validate_data(d: DataConfig, src: str) -> None:
-    """The data section's checks across keys: the common ones, then the dataset's own (DATASET_CHECKS)."""
+def validate_data(d: DataConfig, src: str, min_side: int = ModelConfig().align) -> None:
+    """The data section's checks across keys: the common ones, then the dataset's own (DATASET_CHECKS).
+
+    min_side: the model's smallest input side (`ModelConfig.align`), which frames and crops must reach."""
+    rule = f"the model's smallest input side, its alignment model.align = {min_side}"
     if d.resize is not None:
-        if len(d.resize) != 2 or min(d.resize) < 16:
-            raise ConfigError(f"{src}: data.resize must be [width, height], each >= 16, or null, got {d.resize}")
+        if len(d.resize) != 2 or min(d.resize) < min_side:
+            raise ConfigError(f"{src}: data.resize must be [width, height], each >= {min_side} ({rule}), or null, "
+                              f"got {quote(d.resize)}")
         if d.resize[0] * d.resize[1] > MAX_RESIZE_PIXELS:
             raise ConfigError(f"{src}: data.resize {d.resize} is {d.resize[0] * d.resize[1]} pixels a frame; at most "
                               f"{MAX_RESIZE_PIXELS} are supported")
-    if d.crop < 16 or (d.resize is not None and d.crop > min(d.resize)):
-        raise ConfigError(f"{src}: data.crop must be in [16, min(data.resize)], got {d.crop}")
+    if d.crop < min_side or (d.resize is not None and d.crop > min(d.resize)):
+        raise ConfigError(f"{src}: data.crop must be in [{min_side}, min(data.resize)] ({min_side}: {rule}), "
+                          f"got {d.crop}")
     if d.batch_size < 1:
         raise ConfigError(f"{src}: data.batch_size must be >= 1, got {d.batch_size}")
     if d.test_frames < 1:
@@ -345,7 +417,7 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
             return value
     else:
         raise TypeError(f"unsupported config annotation {tp!r} for {where}")
-    raise ConfigError(f"{where}: expected {_type_name(tp)}, got {value!r} ({type(value).__name__})")
+    raise ConfigError(f"{where}: expected {_type_name(tp)}, got {quote(value)} ({type(value).__name__})")
 
 
 def _unknown_key(key: str, valid: list[str], where: str) -> ConfigError:
@@ -358,7 +430,7 @@ def _build_section(cls: type, values: dict[str, Any], where: str) -> Any:
     if cls is ModelConfig:
         return _build_model_section(values, where)
     if not isinstance(values, dict):
-        raise ConfigError(f"{where}: expected a mapping of keys, got {values!r}")
+        raise ConfigError(f"{where}: expected a mapping of keys, got {quote(values)}")
     hints = typing.get_type_hints(cls)
     names = [f.name for f in dataclasses.fields(cls) if f.init]
     kwargs = {}
@@ -378,10 +450,10 @@ MODEL_KEYS = ("backbone", "options", "lfpv", "init_from")
 def _build_model_section(values: dict[str, Any], where: str) -> ModelConfig:
     """The model section: backbone, options, lfpv, init_from; or the first format's flat SNR-Aware keys."""
     if not isinstance(values, dict):
-        raise ConfigError(f"{where}: expected a mapping of keys, got {values!r}")
+        raise ConfigError(f"{where}: expected a mapping of keys, got {quote(values)}")
     backbone = values.get("backbone", "snr_aware")
     if not isinstance(backbone, str):
-        raise ConfigError(f"{where}.backbone: expected a backbone name (str), got {backbone!r}")
+        raise ConfigError(f"{where}.backbone: expected a backbone name (str), got {quote(backbone)}")
     try:
         entry = backbone_entry(backbone)
     except ValueError as exc:
@@ -398,7 +470,7 @@ def _build_model_section(values: dict[str, Any], where: str) -> ModelConfig:
     if entry.options is not dict:
         options = dataclasses.asdict(_build_section(entry.options, options, f"{where}.options"))
     elif not isinstance(options, dict):
-        raise ConfigError(f"{where}.options: expected a mapping of keys, got {options!r}")
+        raise ConfigError(f"{where}.options: expected a mapping of keys, got {quote(options)}")
     lfpv = dataclasses.asdict(_build_section(LFPVConfig, values.get("lfpv") or {}, f"{where}.lfpv"))
     init_from = _coerce(values.get("init_from"), str | None, f"{where}.init_from")
     hints = typing.get_type_hints(entry.options) if entry.options is not dict else {}
@@ -454,18 +526,16 @@ def config_to_dict(cfg: RunConfig) -> dict[str, Any]:
 
 def parse_override(text: str) -> tuple[list[str], Any]:
     """`a.b=value` -> (["a", "b"], value), the value read as YAML (so 3, 1e-4, null, [1, 2] work)."""
+    shown = _shown(text)
     if "=" not in text:
-        raise ConfigError(f"--set {text}: expected the form section.key=value")
+        raise ConfigError(f"--set {shown}: expected the form section.key=value")
     key, _, value = text.partition("=")
     parts = key.strip().split(".")
     nested = len(parts) == 3 and parts[0] == "model" and parts[1] in ("options", "lfpv")
     if (len(parts) != 2 and not nested) or not all(parts):
-        raise ConfigError(f"--set {text}: the key must be section.key, e.g. train.iterations (or "
+        raise ConfigError(f"--set {shown}: the key must be section.key, e.g. train.iterations (or "
                           "model.options.KEY / model.lfpv.KEY)")
-    try:
-        parsed = yaml.safe_load(value) if value.strip() else None
-    except yaml.YAMLError as exc:
-        raise ConfigError(f"--set {text}: the value is not valid YAML ({exc})") from exc
+    parsed = load_yaml(value, f"--set {shown}") if value.strip() else None
     return parts, parsed
 
 
@@ -477,14 +547,16 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
         p = resolve_config_path(path)
         source = str(p)
         try:
-            raw = yaml.safe_load(p.read_text()) or {}
-        except yaml.YAMLError as exc:
-            raise ConfigError(f"{p}: not valid YAML ({exc})") from exc
+            text = p.read_bytes().decode("utf-8")
+        except UnicodeDecodeError as exc:
+            raise ConfigError(f"{p}: not UTF-8 text (byte 0x{exc.object[exc.start]:02x} at offset {exc.start}); a "
+                              "config is YAML saved as UTF-8") from None
+        raw = load_yaml(text, str(p)) or {}
         if not isinstance(raw, dict):
             raise ConfigError(f"{p}: expected a mapping with sections {list(SECTIONS)}")
     cfg = _build_config(raw, source)
     _apply_overrides(cfg, overrides)
-    validate(cfg, f"{source} with {' '.join(f'--set {t}' for t in overrides)}" if overrides else source)
+    validate(cfg, f"{source} with {' '.join(f'--set {_shown(t)}' for t in overrides)}" if overrides else source)
     return cfg
 
 
@@ -499,7 +571,7 @@ def _apply_overrides(cfg: RunConfig, overrides: list[str] | tuple[str, ...]) -> 
             model_overrides.append((text, parts[1:], value))
             continue
         section, key = parts
-        where = f"--set {text}"
+        where = f"--set {_shown(text)}"
         if section not in SECTIONS:
             raise _unknown_key(section, list(SECTIONS), where)
         cls = SECTIONS[section]
@@ -540,7 +612,7 @@ def _override_model(model: ModelConfig, overrides: list[tuple[str, list[str], An
             values["options"][path[0]] = value
         else:
             values[path[0]] = value
-    where = ", ".join(f"--set {text}" for text, _, _ in overrides)
+    where = ", ".join(f"--set {_shown(text)}" for text, _, _ in overrides)
     return _build_model_section(values, f"{where}: model")
 
 
@@ -548,9 +620,11 @@ def validate(cfg: RunConfig, where: str | None = None) -> None:
     """Checks across keys, done before any work starts; errors start with `where` (default: cfg.source)."""
     src = where or cfg.source
     t = cfg.train
-    validate_data(cfg.data, src)
+    validate_data(cfg.data, src, cfg.model.align)
     if t.iterations < 1:
         raise ConfigError(f"{src}: train.iterations must be >= 1, got {t.iterations}")
+    if not 0 <= t.seed <= MAX_SEED:
+        raise ConfigError(f"{src}: train.seed must be in [0, 2**32 - 1] (numpy's seeds), got {quote(t.seed)}")
     if t.checkpoint_every < 1 or cfg.val.every < 1 or cfg.logging.every < 1:
         raise ConfigError(f"{src}: train.checkpoint_every, val.every and logging.every must be >= 1")
     if len(t.betas) != 2:
@@ -579,8 +653,11 @@ def validate(cfg: RunConfig, where: str | None = None) -> None:
         raise ConfigError(f"{src}: train.betas must be in [0, 1), got {t.betas}")
     if t.pixel_weight < 0 or t.perceptual_weight < 0:
         raise ConfigError(f"{src}: train.pixel_weight and train.perceptual_weight must be >= 0")
-    if t.cpu_threads is not None and t.cpu_threads < 1:
-        raise ConfigError(f"{src}: train.cpu_threads must be >= 1 or null, got {t.cpu_threads}")
+    cores = os.cpu_count() or 1
+    if t.cpu_threads is not None and not 1 <= t.cpu_threads <= cores:
+        # More threads than cores only slows the ops down; far more cannot even be started.
+        raise ConfigError(f"{src}: train.cpu_threads must be in [1, {cores}] (the CPU cores here) or null, "
+                          f"got {t.cpu_threads}")
     if t.cuda_graphs and t.compile == "off":
         # CUDA graphs come from torch.compile's "reduce-overhead" mode (cudagraph trees).
         raise ConfigError(f"{src}: train.cuda_graphs=true needs train.compile 'on' or 'auto', got 'off'")

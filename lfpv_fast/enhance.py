@@ -49,7 +49,7 @@ import numpy as np
 import torch
 
 from lfpv_fast.backends import BACKENDS, require_backend
-from lfpv_fast.cli import ArgumentParser, fail, resolve_device
+from lfpv_fast.cli import ArgumentParser, fail, one_line, os_error_line, resolve_device
 from lfpv_fast.enhancement import (  # noqa: F401  (enhance_image, plan_enhancement, EnhancePlan: the API's old home)
     DEFAULT_OVERLAP,
     DEFAULT_TILE,
@@ -58,6 +58,7 @@ from lfpv_fast.enhancement import (  # noqa: F401  (enhance_image, plan_enhancem
     ImageEnhancer,
     enhance_image,
     plan_enhancement,
+    tile_problem,
 )
 from lfpv_fast.imageio import (
     DEFAULT_MAX_DECODED_BYTES,
@@ -97,15 +98,18 @@ def build_parser() -> ArgumentParser:
     parser.add_argument("--backend", default="auto", choices=BACKENDS)
     parser.add_argument("--batch-size", type=int, default=1, help="images of the same size run together (and tiles)")
     parser.add_argument("--tile", type=int, default=None, help="always enhance in tiles of this side in pixels "
-                        "(multiple of 16); default: the whole image when it fits in memory, tiles otherwise")
-    parser.add_argument("--tile-overlap", type=int, default=DEFAULT_OVERLAP, help="minimum tile overlap in pixels")
+                        "(a multiple of the model's alignment, 16 for the published model); default: the whole image "
+                        "when it fits in memory, tiles otherwise")
+    parser.add_argument("--tile-overlap", type=int, default=None, help="minimum tile overlap in pixels (default: "
+                        f"{DEFAULT_OVERLAP}, at most half a tile)")
     parser.add_argument("--max-pixels", type=int, default=None, help="tile images with more pixels than this")
     parser.add_argument("--max-memory", type=parse_size, default=None, metavar="SIZE",
                         help="memory the whole-image path may use, e.g. 6G or 512M (default: "
                         f"{MEMORY_HEADROOM:.0%}% of the device's free memory); larger images are tiled")
     parser.add_argument("--max-image-size", type=parse_size, default=DEFAULT_MAX_DECODED_BYTES, metavar="SIZE",
-                        help="largest image accepted, as its decoded size (width x height x samples x bytes per "
-                        f"sample), checked from the file's header before decoding (default: "
+                        help="largest image accepted, as the memory reading it takes (its decoded samples, width x "
+                        "height x samples x bytes per sample, plus its float32 RGB copy, 12 bytes a pixel, and the "
+                        "RGB copy of a gray image), checked from the file's header before decoding (default: "
                         f"{DEFAULT_MAX_DECODED_BYTES // 2**30}G)")
     parser.add_argument("--precision", default="fp32", choices=tuple(PRECISIONS),
                         help="bf16/fp16 autocast: on CUDA; on a CPU only where faster than fp32 (else refused)")
@@ -124,10 +128,11 @@ def _parse_args(argv: Sequence[str] | None) -> tuple[argparse.ArgumentParser, ar
     args = parser.parse_args(argv)
     if args.batch_size < 1:
         parser.error(f"--batch-size must be >= 1, got {args.batch_size}")
-    if args.tile is not None and (args.tile < 16 or args.tile % 16):
-        parser.error(f"--tile must be a positive multiple of 16, got {args.tile}")
-    if args.tile_overlap < 0 or args.tile_overlap >= (args.tile or DEFAULT_TILE):
-        parser.error(f"--tile-overlap must be in [0, tile), got {args.tile_overlap}")
+    # --tile against the model's alignment once the model is loaded (enhancement.tile_problem)
+    if args.tile is not None and args.tile < 1:
+        parser.error(f"--tile must be a positive multiple of the model's alignment, got {args.tile}")
+    if args.tile_overlap is not None and args.tile_overlap < 0:
+        parser.error(f"--tile-overlap must be >= 0, got {args.tile_overlap}")
     if args.max_pixels is not None and args.max_pixels < 1:
         parser.error(f"--max-pixels must be >= 1, got {args.max_pixels}")
     return parser, args
@@ -197,7 +202,7 @@ def plan_outputs(args: argparse.Namespace) -> list[Job]:
                                  "enhance them into different output folders")
             claimed[resolved] = path
         owner = side_by_side_owner(side) if side is not None and not args.overwrite else None
-        if owner is not None and owner != relative.as_posix():
+        if owner is not None and owner != owner_text(relative.as_posix()):
             raise ValueError(f"{path} would write its side-by-side to {side}, which holds the side-by-side of "
                              f"{owner} from an earlier call; enhance them into different output folders (or pass "
                              "--overwrite to replace it)")
@@ -215,10 +220,16 @@ def write_side_by_side(path: Path, pixels: np.ndarray, output: str) -> None:
     from PIL import Image, PngImagePlugin
 
     info = PngImagePlugin.PngInfo()
-    info.add_text(SIDE_BY_SIDE_KEY, output)
+    info.add_text(SIDE_BY_SIDE_KEY, owner_text(output))
     buffer = io.BytesIO()
     Image.fromarray(to_integer(pixels, 8)).save(buffer, format="PNG", pnginfo=info)
     write_bytes_atomic(path, buffer.getvalue())
+
+
+def owner_text(output: str) -> str:
+    """What a side-by-side file records for `output`: the name as text that PNG can hold (a file name that is not
+    UTF-8 reaches Python with surrogates, which no encoding takes; they are written as \\udcXX escapes)."""
+    return output.encode("utf-8", "backslashreplace").decode("utf-8")
 
 
 def side_by_side_owner(path: Path) -> str | None:
@@ -263,7 +274,7 @@ class Tally:
 
 
 def _error(message: str) -> None:
-    print(f"error: {message}", file=sys.stderr)
+    print(f"error: {one_line(message)}", file=sys.stderr)
 
 
 def _enhance_batch(enhancer: ImageEnhancer, batch: list[tuple[LoadedImage, Job]], plan: EnhancePlan,
@@ -338,6 +349,16 @@ def _enhance_all(enhancer: ImageEnhancer, todo: list[Job], quiet: bool, note: Ca
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    try:
+        return _main(argv)
+    except KeyboardInterrupt:
+        # Ctrl-C: every output is written atomically, so what is there is whole; say so in one line.
+        print("error: interrupted; the outputs written so far are complete, no partial file is left",
+              file=sys.stderr)
+        return 130  # 128 + SIGINT, as a shell reports a command stopped by Ctrl-C
+
+
+def _main(argv: Sequence[str] | None) -> int:
     from tqdm import tqdm
 
     from lfpv_fast.checkpoint import load_model
@@ -350,6 +371,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         jobs = plan_outputs(args)
     except (ValueError, FileNotFoundError) as exc:
         parser.error(str(exc))  # exits with status 2
+    except OSError as exc:  # a name too long for the file system, a folder that cannot be read
+        parser.error(os_error_line(exc))
 
     def note(message: str) -> None:
         if not args.quiet:
@@ -358,8 +381,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     # The checkpoint before anything else: a bad one is an error even when every output exists already.
     try:
         net = load_model(args.checkpoint, backend=args.backend)
+        problem = tile_problem(args.tile, args.tile_overlap, net.config.align)
+        if problem is not None:
+            raise ValueError(f"{problem} (see {parser.prog} --help)")
     except (ValueError, FileNotFoundError) as exc:
         return fail(str(exc))
+    except OSError as exc:
+        return fail(os_error_line(exc, "checkpoint"))
     enhancer = ImageEnhancer(net, device, tile=args.tile, overlap=args.tile_overlap, batch_size=args.batch_size,
                              max_pixels=args.max_pixels, max_memory=args.max_memory, precision=args.precision,
                              compile=args.compile, max_decoded_bytes=args.max_image_size)
@@ -378,6 +406,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             enhancer.check(job.input)
         except (ImageReadError, FileNotFoundError) as exc:
             problems.append(str(exc))
+        except OSError as exc:
+            problems.append(os_error_line(exc, "image"))
     if problems:
         for message in problems:
             _error(message)

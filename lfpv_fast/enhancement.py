@@ -60,16 +60,36 @@ def size_problem(height: int, width: int, align: int) -> str | None:
     return None
 
 
+def tile_problem(tile: int | None, overlap: int | None, align: int) -> str | None:
+    """Why --tile / --tile-overlap cannot be used with a model of this alignment (`ModelConfig.align`), or None.
+
+    The one home of the tile rules of the tools: a tile is a positive multiple of the alignment (the model's
+    smallest input side, as `size_problem`), an overlap given is in [0, tile)."""
+    if tile is not None and (tile < align or tile % align):
+        return f"--tile must be a positive multiple of {align} (the model's alignment), got {tile}"
+    if overlap is not None and not 0 <= overlap < (tile or DEFAULT_TILE):
+        return f"--tile-overlap must be in [0, {tile or DEFAULT_TILE}) (below the tile side), got {overlap}"
+    return None
+
+
+def overlap_for(tile: int, overlap: int | None) -> int:
+    """The overlap of tiles of side `tile`: as asked, or DEFAULT_OVERLAP shrunk with the tile (at most half of it)."""
+    return min(DEFAULT_OVERLAP, tile // 2) if overlap is None else overlap
+
+
 def tile_starts(length: int, tile: int, overlap: int, align: int = 16) -> list[int]:
     """Start offsets of tiles of size `tile` covering [0, length), neighbours overlapping by >= overlap.
 
     Starts are multiples of `align` (when `length` and `tile` are), so that every tile sees the same
-    16x16 token grid as the whole image. The last tile ends at `length`. A length <= tile gives [0].
+    16x16 token grid as the whole image. The last tile ends at `length`. A length <= tile gives [0] whatever
+    the overlap (one tile has no neighbour to overlap).
     """
-    if tile < 1 or overlap < 0 or overlap >= tile:
-        raise ValueError(f"need tile >= 1 and 0 <= overlap < tile, got tile={tile}, overlap={overlap}")
+    if tile < 1 or overlap < 0:
+        raise ValueError(f"need tile >= 1 and overlap >= 0, got tile={tile}, overlap={overlap}")
     if length <= tile:
         return [0]
+    if overlap >= tile:
+        raise ValueError(f"need 0 <= overlap < tile, got tile={tile}, overlap={overlap}")
     step = tile - overlap
     starts = sorted({s // align * align for s in range(0, length - tile, step)} | {length - tile})
     return starts
@@ -175,7 +195,7 @@ def plan_enhancement(net: LFPVNet, batch: int, height: int, width: int, *, tile:
 
 
 def enhance_image(net: LFPVNet, image: np.ndarray | torch.Tensor, tile: int | None = None,
-                  overlap: int = DEFAULT_OVERLAP, *, snr: torch.Tensor | None = None, batch_size: int = 4,
+                  overlap: int | None = None, *, snr: torch.Tensor | None = None, batch_size: int = 4,
                   max_pixels: int | None = None, max_memory: int | None = None, precision: str = "fp32",
                   plan: EnhancePlan | None = None) -> np.ndarray | torch.Tensor:
     """Enhance RGB image(s) in [0, 1]; returns the result clamped to [0, 1] in the input's layout.
@@ -188,7 +208,8 @@ def enhance_image(net: LFPVNet, image: np.ndarray | torch.Tensor, tile: int | No
     Whole image or tiles: as `plan_enhancement(net, ..., tile, max_pixels, max_memory)` decides (or
     `plan`): the whole image, exactly `net(x, snr)` in bounded memory (`whole_image_forward`), when it
     fits; else tiles of tile x tile pixels (a multiple of the model's alignment, 16), overlapping
-      by at least `overlap` pixels and cross-faded with linear ramps, run `batch_size` at a time.
+      by at least `overlap` pixels (default: DEFAULT_OVERLAP, at most half a tile) and cross-faded with
+      linear ramps, run `batch_size` at a time.
     precision: "fp32", or "bf16"/"fp16" autocast (the result is float32 either way).
 
     Tiling and the model: the convolutions are local, but the SNR map is normalised by its maximum over
@@ -209,8 +230,8 @@ def enhance_image(net: LFPVNet, image: np.ndarray | torch.Tensor, tile: int | No
         raise ValueError(f"enhance_image: {problem}")
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-    if tile is not None and (tile < align or tile % align):
-        raise ValueError(f"tile must be a positive multiple of {align}, got {tile}")
+    if tile is not None and (problem := tile_problem(tile, None, align)) is not None:
+        raise ValueError(f"enhance_image: {problem.replace('--tile', 'tile')}")
     if precision not in PRECISIONS:
         raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
     device, dtype = _net_device_dtype(net)
@@ -218,6 +239,8 @@ def enhance_image(net: LFPVNet, image: np.ndarray | torch.Tensor, tile: int | No
         plan = plan_enhancement(net, min(b, batch_size), height, width, tile=tile, max_pixels=max_pixels,
                                 max_memory=max_memory, precision=precision, device=device)
     tile = plan.tile if plan.tiled else None
+    if tile is not None:
+        overlap = overlap_for(tile, overlap)
     if tile is not None and not 0 <= overlap < tile:
         raise ValueError(f"tile overlap must be in [0, tile={tile}), got {overlap}")
 
@@ -295,7 +318,7 @@ class ImageEnhancer:
     """
 
     def __init__(self, net: LFPVNet, device: torch.device, *, tile: int | None = None,
-                 overlap: int = DEFAULT_OVERLAP, batch_size: int = 1, max_pixels: int | None = None,
+                 overlap: int | None = None, batch_size: int = 1, max_pixels: int | None = None,
                  max_memory: int | None = None, precision: str = "fp32", compile: bool = False,
                  max_decoded_bytes: int | None = DEFAULT_MAX_DECODED_BYTES) -> None:
         self.net = prepare_for_inference(net.to(device), device)

@@ -31,9 +31,10 @@ from lfpv_fast.checkpoint import (
     published_state_dict,
     read_checkpoint,
 )
-from lfpv_fast.cli import ArgumentParser, fail, resolve_device
+from lfpv_fast.cli import ArgumentParser, fail, os_error_line, resolve_device
 from lfpv_fast.config import ConfigError, RunConfig, load_config, model_config_to_dict
 from lfpv_fast.data.errors import DataError
+from lfpv_fast.files import write_output
 from lfpv_fast.inference import PRECISIONS, autocast, check_precision, prepare_for_inference
 from lfpv_fast.metrics import psnr, psnr_gt_mean, quantize, ssim
 from lfpv_fast.models import LFPVNet, ModelConfig
@@ -112,6 +113,7 @@ def evaluate(net: LFPVNet, cfg: RunConfig, device: torch.device, save_images: Pa
     input_rows: list[float] = []
     if save_images is not None:
         save_images.mkdir(parents=True, exist_ok=True)
+    image_error: str | None = None  # the first image that could not be written (saving stops there)
     bar = tqdm(total=total, desc="evaluate", unit="img", disable=not progress)
     for batch in loader:
         lq = batch["lq"].to(device, non_blocking=True)
@@ -131,15 +133,12 @@ def evaluate(net: LFPVNet, cfg: RunConfig, device: torch.device, save_images: Pa
                 row["psnr_gt_mean"] = float(psnr_gt_mean(pred, gt))
             input_rows.append(float(psnr(to_uint8_hwc(batch["lq"][i]), gt)))
             per_frame.append(row)
-            if save_images is not None:
-                from PIL import Image
-
-                if images:
-                    target = save_images / f"{row['image']}.png"
-                    target.parent.mkdir(parents=True, exist_ok=True)
-                else:
-                    target = save_images / f"{scene}.{Path(frame).stem}.png"
-                Image.fromarray(pred).save(target)
+            if save_images is not None and image_error is None:
+                target = save_images / (f"{row['image']}.png" if images else f"{scene}.{Path(frame).stem}.png")
+                try:
+                    _save_png(target, pred)
+                except OSError as exc:  # a disk that filled up: the evaluation goes on, its results come first
+                    image_error = f"{exc}; the images after it were not saved"
             bar.update(1)
             bar.set_postfix(psnr=f"{np.mean([r['psnr'] for r in per_frame]):.2f}")
         if len(per_frame) >= total:
@@ -152,13 +151,54 @@ def evaluate(net: LFPVNet, cfg: RunConfig, device: torch.device, save_images: Pa
         summary = summarize_images(per_frame)
         summary["input_psnr"] = float(np.mean(input_rows))
         summary["per_image"] = per_frame
-        return summary
+    else:
+        summary = _frame_summary(per_frame, input_rows, gt_mean)
+    if image_error is not None:
+        summary["save_images_error"] = image_error
+    return summary
+
+
+def _save_png(target: Path, pixels: np.ndarray) -> None:
+    """An 8-bit PNG, written atomically (no partial file); OutputWriteError naming it when it cannot be."""
+    import io
+
+    from PIL import Image
+
+    buffer = io.BytesIO()
+    Image.fromarray(pixels).save(buffer, format="PNG")
+    write_output(target, lambda f: f.write(buffer.getvalue()))
+
+
+def _frame_summary(per_frame: list[dict], input_rows: list[float], gt_mean: bool) -> dict:
     summary = summarize(per_frame)
     if gt_mean:
         summary["psnr_gt_mean_all_frames"] = float(np.mean([r["psnr_gt_mean"] for r in per_frame]))
     summary["input_psnr_all_frames"] = float(np.mean(input_rows))
     summary["per_frame"] = per_frame
     return summary
+
+
+def json_ready(summary: dict) -> dict:
+    """The summary as valid JSON values: a non-finite number (the PSNR of an output equal to its target is
+    infinite; JSON has no infinity) is written as null, and the keys that hold one are listed under "non_finite"."""
+    found: list[str] = []
+
+    def clean(value, key: str):
+        if isinstance(value, float) and not np.isfinite(value):
+            found.append(f"{key} = {value}")
+            return None
+        if isinstance(value, dict):
+            return {k: clean(v, f"{key}.{k}" if key else str(k)) for k, v in value.items()}
+        if isinstance(value, list):
+            return [clean(v, f"{key}[{i}]") for i, v in enumerate(value)]
+        return value
+
+    ready = clean(summary, "")
+    if found:
+        ready["non_finite"] = {"note": "these values are not finite (an infinite PSNR: the output equals its "
+                                       "target); JSON has no infinity, so they are written as null",
+                               "values": found[:100], "count": len(found)}
+    return ready
 
 
 def describe_model_config(used: ModelConfig, from_checkpoint: bool, cfg: RunConfig) -> str:
@@ -246,6 +286,8 @@ def main(argv: list[str] | None = None) -> int:
         net = load_model(args.checkpoint, backend=args.backend, config=cfg.model if published else None)
     except (ConfigError, FileNotFoundError, ValueError) as exc:
         return fail(str(exc))
+    except OSError as exc:  # a name too long for the file system, a file that cannot be read
+        return fail(os_error_line(exc))
     kind = ("published SMID format" if published_lfpv else
             "published Retinexformer format, plain Retinexformer" if published_retinexformer else "lfpv_fast")
     print(f"checkpoint {args.checkpoint} ({kind}); device {device}, {args.precision}"
@@ -272,9 +314,13 @@ def main(argv: list[str] | None = None) -> int:
         print(f"input (dark) PSNR, mean of frames: {summary['input_psnr_all_frames']:.4f}")
     sys.stdout.flush()
     try:  # the results are printed above, so a failure here (a disk that filled up meanwhile) loses nothing shown
-        atomic_write_text(out, json.dumps(summary, indent=2))
+        atomic_write_text(out, json.dumps(json_ready(summary), indent=2, allow_nan=False))
     except OSError as exc:
         fail(f"could not write the results file {out}: {exc.strerror or exc}; the results are printed above")
+        return 1
+    if "save_images_error" in summary:  # the tools' rule for a write that fails during the work: status 1
+        print(f"results written to {out}")
+        fail(f"{summary['save_images_error']}; the results are printed above")
         return 1
     print(f"results written to {out}" + (f"; images in {args.save_images}" if args.save_images else ""))
     return 0

@@ -3,6 +3,10 @@
 A write goes to a temporary file in the target's folder, is fsync'ed and renamed over the target, so a crash
 (even kill -9) leaves either the old file or the new one, never a torn one. The file gets the mode that
 open() would give it (0666 minus the umask), not mkstemp's private 0600.
+
+The rule of every tool for a write that fails during the work (a disk that fills up, a folder that turned
+read-only): `write_output` raises OutputWriteError, one line naming the file and why, with no partial file
+left; the tools print it as their `error:` line (after any results they have) and exit with status 1.
 """
 
 from __future__ import annotations
@@ -42,6 +46,23 @@ def atomic_write(path: str | Path, write: Callable[[BinaryIO], None]) -> None:
         if os.path.exists(tmp):
             os.unlink(tmp)
         raise
+
+
+class OutputWriteError(OSError):
+    """A file of the work could not be written (a full disk, a read-only folder); the message is one line naming
+    the file and why, and no partial file is left behind. The tools exit with status 1 on it."""
+
+
+def write_output(path: str | Path, write: Callable[[BinaryIO], None]) -> None:
+    """atomic_write, with a failure to write raised as OutputWriteError naming the file."""
+    try:
+        atomic_write(path, write)
+    except OutputWriteError:
+        raise
+    except OSError as exc:
+        error = OutputWriteError(f"could not write {path}: {exc.strerror or exc} (no partial file was left)")
+        error.errno = exc.errno  # str(error) stays the message alone
+        raise error from exc
 
 
 def atomic_write_bytes(path: str | Path, data: bytes) -> None:

@@ -37,8 +37,9 @@ JPEG_EXTENSIONS = (".jpg", ".jpeg")
 TIFF_EXTENSIONS = (".tif", ".tiff")
 IMAGE_EXTENSIONS = PNG_EXTENSIONS + JPEG_EXTENSIONS + TIFF_EXTENSIONS
 _PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
-# Largest decoded image read by default: 2 GiB holds a 16-bit RGBA image of 268 MP or an 8-bit RGB one of 715 MP
-# (the float32 RGB copy that enhancement works on is 12 bytes a pixel on top).
+# The memory that reading one image may take by default (`ImageInfo.read_peak_bytes`: the decoded samples, a gray
+# image's RGB copy and the float32 RGB image that enhancement works on): 2 GiB reads an 8-bit RGB image of 143 MP
+# or a 16-bit gray one of 89 MP.
 DEFAULT_MAX_DECODED_BYTES = 2 * 2**30
 # PNG colour type -> samples per pixel as decoded (a palette is expanded to RGB or RGBA: counted as 4).
 _PNG_SAMPLES = {0: 1, 2: 3, 3: 4, 4: 2, 6: 4}
@@ -71,6 +72,14 @@ class ImageInfo:
     @property
     def decoded_bytes(self) -> int:
         return self.depth * self.height * self.width * self.samples * self.bytes_per_sample
+
+    @property
+    def read_peak_bytes(self) -> int:
+        """What `read_image` holds at its peak: the decoded samples, the RGB copy of a gray image (its channel
+        replicated, at the file's sample size) and the float32 RGB image (12 bytes a pixel)."""
+        pixels = self.height * self.width
+        replicated = 3 * self.bytes_per_sample * pixels if self.samples in (1, 2) else 0
+        return self.decoded_bytes + replicated + 12 * pixels
 
     def describe(self) -> str:
         planes = f" x {self.depth} planes" if self.depth != 1 else ""
@@ -207,7 +216,9 @@ def read_image(path: str | Path, max_decoded_bytes: int | None = DEFAULT_MAX_DEC
     max_decoded_bytes: the bound checked from the header before decoding (see `read_image_info`)."""
     path = Path(path)
     color, alpha, bit_depth, mode = read_pixels(path, max_decoded_bytes)
-    rgb = color.astype(np.float32) / np.float32(255.0 if bit_depth == 8 else 65535.0)
+    rgb = color.astype(np.float32)
+    del color  # (a gray image's replicated copy) before the float image is scaled
+    rgb /= np.float32(255.0 if bit_depth == 8 else 65535.0)  # in place: no second float copy at the peak
     return LoadedImage(path=path, rgb=rgb, bit_depth=bit_depth, alpha=None if alpha is None else alpha.copy(),
                        source_mode=mode)
 
@@ -383,6 +394,12 @@ def _check_decoded_size(path: Path, info: ImageInfo, max_decoded_bytes: int | No
         raise ImageReadError(f"{path}: empty image ({info.width}x{info.height})")
     if max_decoded_bytes is not None and info.decoded_bytes > max_decoded_bytes:
         raise ImageTooLargeError(f"{path}: {info.describe()} would decode to {_mib(info.decoded_bytes)}, more than "
+                                 f"the {_mib(max_decoded_bytes)} allowed; refused before decoding")
+    # The bound is on memory: reading also holds the RGB and float32 copies (a small 16-bit gray PNG can decode
+    # to 128 MiB and take 1.2 GiB to read).
+    if max_decoded_bytes is not None and info.read_peak_bytes > max_decoded_bytes:
+        raise ImageTooLargeError(f"{path}: {info.describe()} would decode to {_mib(info.decoded_bytes)} but take "
+                                 f"{_mib(info.read_peak_bytes)} to read (with its RGB and float32 copies), more than "
                                  f"the {_mib(max_decoded_bytes)} allowed; refused before decoding")
 
 

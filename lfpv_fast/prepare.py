@@ -38,6 +38,7 @@ from lfpv_fast.config import MAX_RESIZE_PIXELS
 from lfpv_fast.data.cache import MANIFEST, TMP_SUFFIX, manifest_doc, manifest_size, write_frame, write_manifest
 from lfpv_fast.data.errors import DataError
 from lfpv_fast.data.smid import Tree, check_npy_header, load_frame, resize_linear, scan_tree
+from lfpv_fast.files import OutputWriteError
 
 REBUILD = ".rebuild"  # a rebuild at another size is written here, beside the cache it replaces
 REPLACED = ".replaced"  # the replaced frames, for the moment of the switch
@@ -73,7 +74,7 @@ def _convert(src: Path, dst: Path, size: tuple[int, int]) -> None:
         code, why = exc.errno, exc.strerror or str(exc)
         if code is None and shutil.disk_usage(dst.parent).free < frame.nbytes:
             code, why = errno.ENOSPC, os.strerror(errno.ENOSPC)
-        raise OSError(code, why, str(dst)) from exc
+        raise OutputWriteError(code, why, str(dst)) from exc
 
 
 def _check_folders(lq: Path, gt: Path, out: Path) -> None:
@@ -192,17 +193,22 @@ def prepare(
     bar = tqdm(total=len(tasks), initial=len(tasks) - len(todo), unit="frame", desc="prepare",
                disable=not progress)
     workers = workers or min(8, os.cpu_count() or 1)
-    with ThreadPoolExecutor(max_workers=workers) as pool:  # leaving the block waits for the writes under way
+    pool = ThreadPoolExecutor(max_workers=workers)
+    try:
         futures = {pool.submit(_convert, s, d, (w, h)) for s, d in todo}
         while futures:
             done, futures = wait(futures, return_when=FIRST_EXCEPTION)
             for fut in done:
                 if fut.exception() is not None:
-                    for other in futures:
-                        other.cancel()
-                    bar.close()
                     raise fut.exception()  # type: ignore[misc]
                 bar.update(1)
+    except BaseException:
+        # A failed frame or Ctrl-C (KeyboardInterrupt): no queued frame starts; the frames being written finish
+        # (each is written atomically), so the cache holds whole frames and no temporary file.
+        pool.shutdown(wait=True, cancel_futures=True)
+        bar.close()
+        raise
+    pool.shutdown(wait=True)
     bar.close()
 
     doc = manifest_doc(tree, (w, h))
@@ -232,8 +238,14 @@ def main(argv: list[str] | None = None) -> int:
         return fail(str(exc))
     except OSError as exc:
         where = f"{exc.filename}: {exc.strerror}" if exc.filename and exc.strerror else str(exc)
-        return fail(f"{where}; the cache in {args.out} is as usable as before (frames finished so far are kept: "
-                    "run prepare again to continue)")
+        status = fail(f"{where}; the cache in {args.out} is as usable as before (frames finished so far are kept: "
+                      "run prepare again to continue)")
+        # The tools' rule (lfpv_fast.files): a write that fails during the work (a full disk) is status 1.
+        return 1 if isinstance(exc, OutputWriteError) or exc.errno in (errno.ENOSPC, errno.EDQUOT) else status
+    except KeyboardInterrupt:
+        print(f"error: interrupted; the cache in {args.out} is as usable as before (frames finished so far are "
+              "kept: run prepare again to continue)", file=sys.stderr)
+        return 130  # 128 + SIGINT, as a shell reports a command stopped by Ctrl-C
     if report.replaced_size is not None:
         old_w, old_h = report.replaced_size
         print(f"rebuilt {args.out} at {args.resize[0]}x{args.resize[1]} (it held {old_w}x{old_h} frames)")

@@ -37,11 +37,11 @@ from pathlib import Path
 import torch.distributed as dist
 
 from lfpv_fast import distributed
-from lfpv_fast.checkpoint import CheckpointWriteError
 from lfpv_fast.cli import ArgumentParser, fail
 from lfpv_fast.config import ConfigError, RunConfig, load_config
 from lfpv_fast.data.errors import DataError
 from lfpv_fast.fast_path import resolve_features
+from lfpv_fast.files import OutputWriteError
 from lfpv_fast.run_folder import RunFolder, RunLock, run_dir_of_checkpoint
 from lfpv_fast.trainer import Trainer
 
@@ -120,7 +120,7 @@ def main(argv: list[str] | None = None) -> int:
         return trainer.fit()
     except distributed.OtherRankFailed:  # that rank prints the error line
         return 2
-    except CheckpointWriteError as exc:  # a failure during the work (a full disk), not an input error
+    except OutputWriteError as exc:  # a failure during the work (a full disk), not an input error
         fail(where + str(exc))
         return 1
     except (ConfigError, DataError, OSError, ValueError) as exc:

@@ -22,12 +22,14 @@ from __future__ import annotations
 
 import contextlib
 import importlib.util
+import io
 import json
 import math
 import os
 import random
 import re
 import signal
+import sys
 import threading
 import time
 from pathlib import Path
@@ -56,6 +58,7 @@ from lfpv_fast.checkpoint import (
 from lfpv_fast.config import RunConfig, config_to_dict
 from lfpv_fast.data.errors import DataError
 from lfpv_fast.fast_path import Features, resolve_features
+from lfpv_fast.files import write_output
 from lfpv_fast.losses import PerceptualLoss, charbonnier_loss
 from lfpv_fast.metrics import psnr_batch, ssim_batch
 from lfpv_fast.models import BankDraws, LFPVNet
@@ -466,7 +469,7 @@ class Trainer:
                                      "gradient and was skipped (train.nonfinite=skip): nothing was learned, so no "
                                      "weights are exported. Lower train.lr or check the data.")
         except NonFiniteError as exc:
-            self.log(str(exc))
+            self.log(str(exc), stderr=True)  # an `error:` line: on stderr, as every tool's errors
             return 1
         finally:
             bar.close()
@@ -569,11 +572,12 @@ class Trainer:
     # -----------------------------------------------------------------------------------------
     # Logging
 
-    def log(self, message: str) -> None:
-        """Print (rank 0 only) and append to train.log; what is logged before train.log opens is written then."""
+    def log(self, message: str, stderr: bool = False) -> None:
+        """Print (rank 0 only; on stderr with `stderr`) and append to train.log; what is logged before train.log
+        opens is written then."""
         if not self.main:
             return
-        tqdm.write(message)
+        tqdm.write(message, file=sys.stderr if stderr else None)
         line = f"{time.strftime('%Y-%m-%d %H:%M:%S')} {message}\n"
         if self._log_file is None:
             self._unwritten_log.append(line)
@@ -728,7 +732,10 @@ class Trainer:
         for name, grid in grids:
             safe = re.sub(r"[^A-Za-z0-9_.-]", "_", name)
             pixels = (grid.clamp(0, 1) * 255).round().to(torch.uint8).permute(1, 2, 0).numpy()
-            Image.fromarray(pixels).save(self.folder.image(self.step, safe))
+            encoded = io.BytesIO()
+            Image.fromarray(pixels).save(encoded, format="PNG")
+            # Atomic; a full disk is an OutputWriteError naming the file (status 1, as for a checkpoint).
+            write_output(self.folder.image(self.step, safe), lambda f, data=encoded: f.write(data.getvalue()))
 
     # -----------------------------------------------------------------------------------------
     # Checkpoints

@@ -368,8 +368,9 @@ def test_bad_inputs(tmp_path: Path, tiny_checkpoint: Path, capsys: pytest.Captur
     with pytest.raises(SystemExit):
         run_cli(tmp_path / "empty", "--checkpoint", tiny_checkpoint, "-o", tmp_path / "out")
     assert "no images found" in capsys.readouterr().err
-    with pytest.raises(SystemExit):
-        run_cli(tmp_path / "empty", "--checkpoint", tiny_checkpoint, "-o", tmp_path / "out", "--tile", "40")
+    # --tile is checked against the model's alignment once the model is loaded (before any image is read).
+    Image.fromarray(np.zeros((16, 16, 3), np.uint8)).save(tmp_path / "one.png")
+    assert run_cli(tmp_path / "one.png", "--checkpoint", tiny_checkpoint, "-o", tmp_path / "out", "--tile", "40") == 2
     assert "multiple of 16" in capsys.readouterr().err
 
     # A folder with a good image and one too small (found from its header): an input error, exit status 2,
