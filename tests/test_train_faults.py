@@ -65,9 +65,11 @@ def _assert_nothing_half_written(run: Path, model_config) -> None:
 @pytest.mark.slow
 def test_kill_9_during_training_checkpoint_writes_then_resume_is_exact(tmp_path, demo_root):
     iterations = 10
+    # One CPU thread on both sides: the in-process run would otherwise take whatever thread count an earlier test
+    # in this worker process left (a sum split over other threads rounds differently), the subprocess the default.
     cfg_file = write_tiny_yaml(tmp_path / "tiny.yaml", demo_root, f"train.iterations={iterations}",
                                "train.checkpoint_every=1", "train.keep_checkpoints=2", "val.every=3",
-                               "val.max_images=1")
+                               "val.max_images=1", "train.cpu_threads=1")
     model_config = load_config(cfg_file).model
     launcher = tmp_path / "launch_train.py"
     launcher.write_text(LAUNCHER)
