@@ -167,8 +167,11 @@ class RunFolder:
         """checkpoints/ and images/, temporary files of a killed write removed, config.yaml written."""
         self.checkpoints.mkdir(parents=True, exist_ok=True)
         self.images.mkdir(exist_ok=True)
-        for stale in self.checkpoints.glob(".*.tmp"):
-            stale.unlink(missing_ok=True)
+        # A write killed mid-way (kill -9, power loss) leaves its temporary next to the file it was replacing:
+        # checkpoints, but also the exported weights, config.yaml and validation images.
+        for folder in (self.root, self.checkpoints, self.images):
+            for stale in folder.glob(".*.tmp"):
+                stale.unlink(missing_ok=True)
         atomic_write_text(self.config, config_text)
 
     def set_aside(self, path: Path, damaged: bool) -> Path:

@@ -370,7 +370,10 @@ def test_the_tile_rule_is_the_models_alignment(tmp_path, tiny_checkpoint, capsys
 
 
 SLOW_PREPARE = """
-import sys, time
+import signal, sys, time
+# A shell without job control starts background commands with SIGINT ignored, and a Python started so keeps it
+# ignored: restore Ctrl-C's default (KeyboardInterrupt), as in a terminal, so the test runs anywhere.
+signal.signal(signal.SIGINT, signal.default_int_handler)
 import lfpv_fast.prepare as prepare
 convert = prepare._convert
 def slow(*args):
@@ -381,7 +384,10 @@ sys.exit(prepare.main(sys.argv[1:]))
 """
 
 SLOW_ENHANCE = """
-import sys, time
+import signal, sys, time
+# A shell without job control starts background commands with SIGINT ignored, and a Python started so keeps it
+# ignored: restore Ctrl-C's default (KeyboardInterrupt), as in a terminal, so the test runs anywhere.
+signal.signal(signal.SIGINT, signal.default_int_handler)
 from lfpv_fast import enhance
 from lfpv_fast.enhancement import ImageEnhancer
 write = ImageEnhancer.write

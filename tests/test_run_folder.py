@@ -247,3 +247,20 @@ def test_no_module_but_run_folder_spells_a_run_file_name():
     assert not offenders, "run-folder names belong to lfpv_fast/run_folder.py:\n" + "\n".join(offenders)
     # The check itself finds a spelled name.
     assert _code_strings(ast.parse('x = f"{d}/final_weights.pth"'))[0].value == "/final_weights.pth"
+
+
+def test_preparing_a_run_removes_the_temporaries_of_killed_writes_everywhere_in_it(tmp_path):
+    """kill -9 inside an atomic write leaves `.<name>.<random>.tmp` beside the file: checkpoints, the exported
+    weights, config.yaml, validation images. Starting or resuming the run removes them; other files stay."""
+    folder = RunFolder(tmp_path / "run")
+    folder.checkpoints.mkdir(parents=True)
+    folder.images.mkdir()
+    stale = [folder.root / f".{run_folder.FINAL_WEIGHTS}.x1.tmp", folder.root / f".{run_folder.CONFIG}.x2.tmp",
+             folder.checkpoints / ".step_00000004.pth.x3.tmp", folder.images / ".step_4.png.x4.tmp"]
+    kept = [folder.root / run_folder.FINAL_WEIGHTS, folder.checkpoints / "step_00000004.pth"]
+    for path in stale + kept:
+        path.write_bytes(b"x")
+    folder.prepare("model: {}\n")
+    assert [p for p in stale if p.exists()] == []
+    assert all(p.exists() for p in kept)
+    assert folder.config.read_text() == "model: {}\n"
