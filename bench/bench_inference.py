@@ -259,21 +259,13 @@ def frame_part(pub, reps: int, device: torch.device, source: str = "photo") -> d
             "rows": results}
 
 
-def _status_bytes(key: str) -> int:
-    """A memory figure of this process from /proc/self/status (VmHWM: peak resident, VmRSS: resident)."""
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(key + ":"):
-                return int(line.split()[1]) * 1024
-    raise RuntimeError(f"no {key} in /proc/self/status")
-
 
 def _peak_rss() -> int:
-    return _status_bytes("VmHWM")
+    return common.status_bytes("VmHWM")
 
 
 def _rss() -> int:
-    return _status_bytes("VmRSS")
+    return common.status_bytes("VmRSS")
 
 
 def memory_child(spec: dict) -> dict:

@@ -33,13 +33,6 @@ SIZES_MP = {1: (864, 1152), 4: (1728, 2304), 12: (3000, 4000), 24: (4000, 6000)}
 CONFIG = {"n_feat": 40, "stage": 1, "num_blocks": [1, 2, 2]}
 
 
-def _status_bytes(key: str) -> int:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(key + ":"):
-                return int(line.split()[1]) * 1024
-    raise RuntimeError(f"no {key} in /proc/self/status")
-
 
 def child(spec: dict) -> dict:
     """In a fresh process: one forward of one path, its seconds and peak RSS above the start."""
@@ -50,12 +43,12 @@ def child(spec: dict) -> dict:
     rows = spec["rows"] if spec["path"] == "strips" else None
     estimate = estimate_retinexformer_peak_bytes(CONFIG["n_feat"], CONFIG["num_blocks"], 1, height, width, 4,
                                                  rows=rows)
-    before = _status_bytes("VmRSS")
+    before = common.status_bytes("VmRSS")
     t0 = time.perf_counter()
     with torch.no_grad():
         out = retinexformer_whole_image_forward(net, x, rows) if rows else net(x)
     seconds = time.perf_counter() - t0
-    peak = _status_bytes("VmHWM")
+    peak = common.status_bytes("VmHWM")
     torch.save(out, spec["save"])
     return {**{k: v for k, v in spec.items() if k != "save"}, "seconds": seconds,
             "peak_rss_above_start_bytes": peak - before, "estimate_bytes": estimate}

@@ -178,3 +178,12 @@ def machine_note(env: dict) -> str:
     start, end = env.get("loadavg_start"), env.get("loadavg_end")
     load = f"load average {start[0]:.1f} at start" + (f", {end[0]:.1f} at end" if end else "") if start else ""
     return f"{env['device']}; torch {env['torch']}, triton {env['triton']}, DALI {env['dali']}; {load}"
+
+
+def status_bytes(key: str) -> int:
+    """A memory figure of this process from /proc/self/status (VmHWM: peak resident, VmRSS: resident)."""
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(key + ":"):
+                return int(line.split()[1]) * 1024
+    raise RuntimeError(f"no {key} in /proc/self/status")
