@@ -6,8 +6,8 @@ Rows:
   masked_attention  train (B=12, 8 heads, L=16x16=256, D=64) and infer (B=1, 8 heads, L=32x60=1920,
                     D=64), forward and forward+backward, for
                       triton     lfpv_fast.kernels.masked_attention (flash-style, -1e9 semantics)
-                      reference  lfpv_fast.reference.masked_attention (eager, materialises L x L)
-                      cpu_ops    lfpv_fast.cpu_ops.masked_attention, backend "auto" on the CPU (SDPA over
+                      reference  lfpv_fast.ops.reference.masked_attention (eager, materialises L x L)
+                      cpu_ops    lfpv_fast.ops.cpu_ops.masked_attention, backend "auto" on the CPU (SDPA over
                                  the kept keys; the mean of v where every key is masked)
                       sdpa       torch.nn.functional.scaled_dot_product_attention with the boolean mask
                                  (the strongest peer; it gives NaN for rows that keep no key, so the
@@ -38,7 +38,7 @@ import common
 import torch
 import torch.nn.functional as F
 
-from lfpv_fast import cpu_ops, reference
+from lfpv_fast.ops import cpu_ops, reference
 
 ATTN_SHAPES = {"train": (12, 8, 256, 64), "infer": (1, 8, 1920, 64)}
 SNR_SHAPES = {"train": (12, 256, 256), "infer": (1, 512, 960)}

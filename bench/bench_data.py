@@ -293,7 +293,7 @@ def _batches_row(cfg, batches: int):
 
 def _data_wait_share(cfg, steps: int, run_dir: Path) -> tuple[float, float]:
     """(share of wall time spent waiting for batches, seconds per step) of a training loop on the CPU."""
-    from lfpv_fast.trainer import Trainer
+    from lfpv_fast.training.trainer import Trainer
 
     loader = build_loader(cfg, "train", seed=0)
     trainer = Trainer(cfg, run_dir, train_loader=loader, val_loader=loader)

@@ -5,7 +5,7 @@
 Rows, at Retinexformer's three levels (stride 1, 2, 4 of the image: C = 40, 80, 160 channels in 1, 2, 4
 heads of 40) for a training batch of 128x128 crops (B=8, N = 128*128 / stride^2) and a 1024x1920 frame
 (B=1, N = 1024*1920 / stride^2), forward and forward+backward:
-  reference  lfpv_fast.reference.ig_msa: F.normalize of q and k, (d x N) @ (N x d), softmax, A @ (v * I)
+  reference  lfpv_fast.ops.reference.ig_msa: F.normalize of q and k, (d x N) @ (N x d), softmax, A @ (v * I)
   torch_gram the kernels' formulation in eager torch: the raw Gram K Q^T and the squared row norms,
              normalised afterwards on the d x d matrix (no normalised copies of q and k), the same
              softmax and A @ (v * I); torch's autograd for the backward. The cheaper CPU formulation.
@@ -29,7 +29,7 @@ from pathlib import Path
 import common
 import torch
 
-from lfpv_fast import reference
+from lfpv_fast.ops import reference
 
 # Retinexformer's levels: (stride, channels, heads), head dim 40.
 LEVELS = ((1, 40, 1), (2, 80, 2), (4, 160, 4))

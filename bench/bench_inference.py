@@ -51,7 +51,7 @@ import torch
 import torch.nn.functional as F
 
 from lfpv_fast.enhance import enhance_image, plan_enhancement
-from lfpv_fast.inference import estimate_peak_bytes, prepare_for_inference, whole_image_forward
+from lfpv_fast.inference.whole_image import estimate_peak_bytes, prepare_for_inference, whole_image_forward
 from lfpv_fast.model import LFPVNet, ModelConfig
 
 FRAME_HW = (512, 960)
@@ -136,7 +136,7 @@ def dark_synthetic_frame(height: int, width: int) -> torch.Tensor:
 
 def image_file_frame(path: str, height: int, width: int) -> torch.Tensor:
     """(1,3,H,W) in [0,1]: an image file read as `enhance` reads it, resized bicubically, not darkened."""
-    from lfpv_fast.imageio import ImageReadError, read_image
+    from lfpv_fast.io.imageio import ImageReadError, read_image
 
     try:
         image = read_image(path)
@@ -322,9 +322,9 @@ def memory_part(sizes: list[int], source: str = "photo", model_overrides: list[s
 
 
 def precision_part(checkpoint: str, reps: int) -> dict:
-    from lfpv_fast.checkpoint import load_model
     from lfpv_fast.config import load_config
     from lfpv_fast.pipelines import build_loader
+    from lfpv_fast.training.checkpoint import load_model
 
     net = prepare_for_inference(load_model(checkpoint), torch.device("cpu"))
     cfg = load_config("demo", ["data.num_workers=0"])

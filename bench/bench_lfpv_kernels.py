@@ -32,7 +32,7 @@ from types import SimpleNamespace
 import common
 import torch
 
-from lfpv_fast import reference
+from lfpv_fast.ops import reference
 
 BANK, PATCH = 16, 4
 SHAPES = {"train": (12, 64, 64, 64), "infer": (1, 64, 128, 240)}

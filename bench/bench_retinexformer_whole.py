@@ -26,8 +26,11 @@ from pathlib import Path
 import common
 import torch
 
+from lfpv_fast.inference.retinexformer_strips import (
+    estimate_retinexformer_peak_bytes,
+    retinexformer_whole_image_forward,
+)
 from lfpv_fast.models import RetinexFormer
-from lfpv_fast.retinexformer_strips import estimate_retinexformer_peak_bytes, retinexformer_whole_image_forward
 
 SIZES_MP = {1: (864, 1152), 4: (1728, 2304), 12: (3000, 4000), 24: (4000, 6000)}  # (height, width), 3:4
 CONFIG = {"n_feat": 40, "stage": 1, "num_blocks": [1, 2, 2]}

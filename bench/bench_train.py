@@ -14,7 +14,7 @@ Rows:
   published code                  its low_light_transformer4, its mask, loss and Adam (--published), or
   reference ops (...)             lfpv_fast with backend="reference", eager, fp32: numerically the same
   lfpv_fast reference backend     (with --published) lfpv_fast's eager twin, to see the framework cost
-  lfpv_fast auto                  backend auto (CPU: lfpv_fast.cpu_ops; CUDA: Triton), eager fp32
+  lfpv_fast auto                  backend auto (CPU: lfpv_fast.ops.cpu_ops; CUDA: Triton), eager fp32
   + fused Adam, + torch.compile, + bf16, + CUDA graphs   each adding one switch (CUDA only; compile on
                                   the CPU with --cpu-compile)
 
@@ -34,11 +34,11 @@ import common
 import published as pub_mod
 import torch
 
-from lfpv_fast import reference
 from lfpv_fast.config import load_config, model_config_to_dict
-from lfpv_fast.fast_path import resolve_features
 from lfpv_fast.models import LFPVNet, ModelConfig
-from lfpv_fast.trainer import Trainer
+from lfpv_fast.ops import reference
+from lfpv_fast.training.fast_path import resolve_features
+from lfpv_fast.training.trainer import Trainer
 
 BASE = ["train.compile=off", "train.bf16=off", "train.fused_adam=off", "train.channels_last=false",
         "train.cuda_graphs=false", "train.perceptual_weight=0", "logging.progress=false",
@@ -76,7 +76,7 @@ def make_trainer(cfg, batches: list[dict], tmp: str) -> Trainer:
     features = resolve_features(cfg)
     if cfg.train.backend == "auto" and features.device.type == "cpu":
         # The trainer resolves "auto" to the reference ops on the CPU; this row shows the CPU op set
-        # (lfpv_fast.cpu_ops) that LFPVNet(backend="auto") uses there.
+        # (lfpv_fast.ops.cpu_ops) that LFPVNet(backend="auto") uses there.
         features = dataclasses.replace(features, backend="auto")
     return Trainer(cfg, tmp, train_loader=batches, val_loader=batches, features=features)
 

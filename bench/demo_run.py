@@ -179,7 +179,7 @@ def write_picture(run_dir: Path, step: int, settings: dict[str, dict], path: Pat
     import numpy as np
     from PIL import Image, ImageDraw
 
-    from lfpv_fast.metrics import psnr
+    from lfpv_fast.training.metrics import psnr
 
     rows = []
     for frame in ("0000", "0001", "0002"):

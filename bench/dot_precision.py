@@ -9,7 +9,7 @@ mantissa) or bf16 (7-bit) operands with float32 accumulation. This script models
    dot exactly as the kernels compute them, in float64, with the operands of chosen dots rounded as a
    tensor core would see them (bf16: round to nearest even, as `.to(tl.bfloat16)` does; tf32: the low 13
    bits dropped, the worst case of an MMA reading float32 registers), against the float64 reference
-   (`lfpv_fast.reference.query_fusion` and its autograd). Errors are in bf16 units of the tensor's
+   (`lfpv_fast.ops.reference.query_fusion` and its autograd). Errors are in bf16 units of the tensor's
    largest value (2^-7 * max|truth|), the measure of tests/kernels/test_kernel_autocast.py.
 
     python bench/dot_precision.py            # table on stdout, JSON in bench/results/

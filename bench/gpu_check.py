@@ -398,8 +398,8 @@ class Stopped(Exception):
 
 
 def _load_atomic_write():
-    """lfpv_fast/files.py by its path: importing the package would need the install (and torch) first."""
-    spec = importlib.util.spec_from_file_location("_lfpv_fast_files", ROOT / "lfpv_fast" / "files.py")
+    """lfpv_fast/io/files.py by its path: importing the package would need the install (and torch) first."""
+    spec = importlib.util.spec_from_file_location("_lfpv_fast_files", ROOT / "lfpv_fast" / "io" / "files.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module.atomic_write_text

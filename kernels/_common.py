@@ -130,7 +130,7 @@ def record_launches(target: Target) -> Iterator[list[LaunchRecord]]:
 
     Run the ops on fake tensors (torch._subclasses.FakeTensorMode) to record the launches of any
     shape without memory or a GPU; `backend="triton"` then accepts CPU tensors (kernels.runtime's
-    `takes_cpu_tensors`, which lfpv_fast.backends asks).
+    `takes_cpu_tensors`, which lfpv_fast.ops.backends asks).
     """
     records: list[LaunchRecord] = []
     token = RECORDING.set(records)

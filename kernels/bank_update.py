@@ -1,7 +1,7 @@
 """The bank-update glue of LFPV in Triton: sampling, the updaters' inputs, the batch-mean LayerNorm.
 
 Ops (registered under the `lfpv` namespace, each with a Triton backward), with the signatures of
-their twins in `lfpv_fast.reference`:
+their twins in `lfpv_fast.ops.reference`:
 
 - gather_samples: the sampled C-vector and p x p window of every image, one launch for both. The
   positions are device tensors read in-kernel (no host sync). Out-of-range positions read zeros

@@ -1,7 +1,7 @@
 """Retinexformer's illumination-guided channel attention (IG-MSA core): Triton forward and backward,
 registered as `lfpv::ig_msa_fwd` / `lfpv::ig_msa_bwd`.
 
-Same semantics as `lfpv_fast.reference.ig_msa`. Per batch row b and head h, with the head's d channels
+Same semantics as `lfpv_fast.ops.reference.ig_msa`. Per batch row b and head h, with the head's d channels
 as rows of (d, N) matrices Q, K and V' = V * I (N pixels):
 
     nq_j = max(|Q_j|, eps), nk_i = max(|K_i|, eps)        row norms over all N pixels (eps = 1e-12)
@@ -571,7 +571,7 @@ ig_msa_fwd.register_autograd(_backward, setup_context=_setup_context)
 
 def ig_msa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, illumination: torch.Tensor,
            rescale: torch.Tensor, heads: int) -> torch.Tensor:
-    """Retinexformer's IG-MSA core; same signature and semantics as `lfpv_fast.reference.ig_msa`.
+    """Retinexformer's IG-MSA core; same signature and semantics as `lfpv_fast.ops.reference.ig_msa`.
 
     q, k, v, illumination (B, N, C) of one float dtype (any strides), C = heads * d (d <= 64); rescale
     holds `heads` values (any shape, e.g. the published (heads, 1, 1)). Under autocast the four are cast

@@ -1,6 +1,6 @@
 """Flash-style masked multi-head attention: softmax(q k^T / sqrt(D), masked keys at -1e9) v.
 
-Same semantics as `lfpv_fast.reference.masked_attention`:
+Same semantics as `lfpv_fast.ops.reference.masked_attention`:
 
 * keys with key_keep False score -1e9 (not -inf). In a batch row that keeps at least one key they get
   exactly zero weight (exp(-1e9 - m) underflows to 0 in every float type); in a batch row that keeps

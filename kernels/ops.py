@@ -1,4 +1,4 @@
-"""The Triton backend: the same functions, with the same signatures, as lfpv_fast.reference.
+"""The Triton backend: the same functions, with the same signatures, as lfpv_fast.ops.reference.
 
 LFPVNet(backend="triton") calls these; each is a registered torch custom op with autograd, so
 torch.compile traces through them without graph breaks.

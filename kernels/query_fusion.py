@@ -1,6 +1,6 @@
 """Query-and-fusion of the LFPV banks: Triton forward and backward, registered as `lfpv::query_fusion`.
 
-The op (see `lfpv_fast.reference.query_fusion`) adds to every feature pixel the softmax-weighted sum of
+The op (see `lfpv_fast.ops.reference.query_fusion`) adds to every feature pixel the softmax-weighted sum of
 the raw vector bank (queries: LayerNorm of the pixel's C-vector, keys: LayerNorm of the bank) and to
 every p x p patch the same over the patch bank (D = C*p*p values per patch, channel-major).
 
@@ -809,7 +809,7 @@ def query_fusion(
 ) -> torch.Tensor:
     """features + vector-bank attention (per pixel) + patch-bank attention (per p x p patch).
 
-    Same signature and semantics as `lfpv_fast.reference.query_fusion`; the output has the dtype of
+    Same signature and semantics as `lfpv_fast.ops.reference.query_fusion`; the output has the dtype of
     `features`. Differentiable in every tensor argument; the bank LayerNorms (keys) are computed in
     the accumulator dtype, and each gradient is rounded once to its input's dtype.
     """

@@ -1,4 +1,4 @@
-"""Where the Triton kernels run, answered without importing Triton (so that lfpv_fast.backends can ask
+"""Where the Triton kernels run, answered without importing Triton (so that lfpv_fast.ops.backends can ask
 before, or without, importing the kernels: importing Triton fixes whether it interprets for the rest of
 the process).
 

@@ -1,4 +1,4 @@
-"""SNR map of an RGB batch in two launches, forward and backward; same as `lfpv_fast.reference.snr_mask`.
+"""SNR map of an RGB batch in two launches, forward and backward; same as `lfpv_fast.ops.reference.snr_mask`.
 
 light = lum(blur5(x)), dark = lum(x), ratio = light / (|dark - light| + 1e-4),
 out = clamp(ratio / (max_per_image(ratio) + 1e-4), 0, 1).

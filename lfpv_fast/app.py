@@ -4,7 +4,7 @@
 
 Upload one or several images (PNG, JPEG, TIFF; 8 and 16 bit; grayscale and RGBA), compare before and
 after with a slider, and download each result at full resolution in the input's format and bit depth.
-The work is `lfpv_fast.enhance`'s: the same pipeline (`lfpv_fast.enhancement.ImageEnhancer`: header
+The work is `lfpv_fast.enhance`'s: the same pipeline (`lfpv_fast.inference.enhancement.ImageEnhancer`: header
 check, reader, plan, `enhance_image`, writer; whole image when it fits, tiles otherwise; the page says which).
 
 - Offline: no analytics, no share link, no monitoring or MCP endpoints, no run history; the page's
@@ -47,19 +47,19 @@ from typing import Any
 import numpy as np
 import torch
 
-from lfpv_fast.backends import BACKENDS, resolve_backend
 from lfpv_fast.cli import ArgumentParser, cut_path, one_line, os_error_line, resolve_device
-from lfpv_fast.enhancement import DEFAULT_OVERLAP, ImageEnhancer, tile_problem
-from lfpv_fast.imageio import (
+from lfpv_fast.inference.enhancement import DEFAULT_OVERLAP, ImageEnhancer, tile_problem
+from lfpv_fast.inference.whole_image import PRECISIONS, check_precision
+from lfpv_fast.io.imageio import (
     IMAGE_EXTENSIONS,
     ImageReadError,
     read_image_size,
     to_integer,
     write_bytes_atomic,
 )
-from lfpv_fast.inference import PRECISIONS, check_precision
 from lfpv_fast.models import LFPVNet
-from lfpv_fast.run_folder import FINAL_WEIGHTS
+from lfpv_fast.ops.backends import BACKENDS, resolve_backend
+from lfpv_fast.training.run_folder import FINAL_WEIGHTS
 
 DEFAULT_HOST = "127.0.0.1"
 DEFAULT_PORT = 7860
@@ -571,7 +571,7 @@ def resolve_checkpoint(checkpoint: str | None, runs: str) -> Path:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    from lfpv_fast.checkpoint import load_model
+    from lfpv_fast.training.checkpoint import load_model
 
     parser, args = _parse_args(argv)
     try:

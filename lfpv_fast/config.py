@@ -22,9 +22,9 @@ from typing import Any, Literal
 
 import yaml
 
-from lfpv_fast.backends import BackendName
 from lfpv_fast.models import backbone_entry
 from lfpv_fast.models.config import LEGACY_LFPV_KEYS, LFPVConfig, ModelConfig
+from lfpv_fast.ops.backends import BackendName
 
 
 class ConfigError(ValueError):

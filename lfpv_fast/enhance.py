@@ -18,7 +18,7 @@ folder), in the input's format and bit depth: 16-bit PNG/TIFF stay 16-bit.
 - Whole images, exactly: the whole image goes through the model at once (the transformer attends
   over all of it, as the published model does), with the full-resolution stages run in strips so
   that peak memory stays about 350 bytes per pixel with a memory-linear attention (backend "auto";
-  see lfpv_fast/inference.py). This is chosen whenever the estimated peak fits the device's free
+  see lfpv_fast/inference/whole_image.py). This is chosen whenever the estimated peak fits the device's free
   memory (or --max-memory); otherwise, or with --tile or above --max-pixels, the image is enhanced in
   overlapping tiles (see `enhance_image`), which changes the result slightly. Each image's choice is
   printed.
@@ -30,7 +30,7 @@ folder), in the input's format and bit depth: 16-bit PNG/TIFF stay 16-bit.
   enhancing or writing failed (out of memory; a full disk stops the run with one error line, the
   outputs written before it kept), 0 otherwise.
 
-The Python API (`enhance_image`, `plan_enhancement`, `ImageEnhancer`) is in lfpv_fast.enhancement.
+The Python API (`enhance_image`, `plan_enhancement`, `ImageEnhancer`) is in lfpv_fast.inference.enhancement.
 """
 
 from __future__ import annotations
@@ -48,9 +48,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from lfpv_fast.backends import BACKENDS, require_backend
 from lfpv_fast.cli import ArgumentParser, fail, one_line, os_error_line, resolve_device
-from lfpv_fast.enhancement import (  # noqa: F401  (enhance_image, plan_enhancement, EnhancePlan: the API's old home)
+from lfpv_fast.inference.enhancement import (  # noqa: F401  (enhance_image, plan_enhancement, EnhancePlan: the API's old home)
     DEFAULT_OVERLAP,
     DEFAULT_TILE,
     MEMORY_HEADROOM,
@@ -60,7 +59,8 @@ from lfpv_fast.enhancement import (  # noqa: F401  (enhance_image, plan_enhancem
     plan_enhancement,
     tile_problem,
 )
-from lfpv_fast.imageio import (
+from lfpv_fast.inference.whole_image import PRECISIONS, check_precision
+from lfpv_fast.io.imageio import (
     DEFAULT_MAX_DECODED_BYTES,
     IMAGE_EXTENSIONS,
     ImageReadError,
@@ -69,7 +69,7 @@ from lfpv_fast.imageio import (
     to_integer,
     write_bytes_atomic,
 )
-from lfpv_fast.inference import PRECISIONS, check_precision
+from lfpv_fast.ops.backends import BACKENDS, require_backend
 
 SIDE_BY_SIDE_SUFFIX = "_side_by_side.png"
 # PNG text key of a side-by-side file: the output (relative to the output folder) it shows.
@@ -361,7 +361,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 def _main(argv: Sequence[str] | None) -> int:
     from tqdm import tqdm
 
-    from lfpv_fast.checkpoint import load_model
+    from lfpv_fast.training.checkpoint import load_model
 
     parser, args = _parse_args(argv)
     try:

@@ -6,7 +6,7 @@ published formulas. SMID-style datasets are averaged as the published test scrip
 scene, then the mean of the scene means (the headline number); the mean over all frames is reported
 too. Image datasets (pairs, lol_*) have no scenes: per-image values and their mean over images, as the
 low-light literature reports LOL. --gt-mean adds the GT-mean-corrected PSNR (see
-lfpv_fast.metrics.psnr_gt_mean), reported under that name. Accepts our checkpoints and the published
+lfpv_fast.training.metrics.psnr_gt_mean), reported under that name. Accepts our checkpoints and the published
 `SMID.pth`.
 """
 
@@ -23,21 +23,21 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from lfpv_fast.backends import BACKENDS, require_backend
-from lfpv_fast.checkpoint import (
+from lfpv_fast.cli import ArgumentParser, fail, os_error_line, resolve_device
+from lfpv_fast.config import ConfigError, RunConfig, load_config, model_config_to_dict
+from lfpv_fast.data.errors import DataError
+from lfpv_fast.inference.whole_image import PRECISIONS, autocast, check_precision, prepare_for_inference
+from lfpv_fast.io.files import write_output
+from lfpv_fast.models import LFPVNet, ModelConfig
+from lfpv_fast.ops.backends import BACKENDS, require_backend
+from lfpv_fast.training.checkpoint import (
     atomic_write_text,
     load_model,
     published_retinexformer_state_dict,
     published_state_dict,
     read_checkpoint,
 )
-from lfpv_fast.cli import ArgumentParser, fail, os_error_line, resolve_device
-from lfpv_fast.config import ConfigError, RunConfig, load_config, model_config_to_dict
-from lfpv_fast.data.errors import DataError
-from lfpv_fast.files import write_output
-from lfpv_fast.inference import PRECISIONS, autocast, check_precision, prepare_for_inference
-from lfpv_fast.metrics import psnr, psnr_gt_mean, quantize, ssim
-from lfpv_fast.models import LFPVNet, ModelConfig
+from lfpv_fast.training.metrics import psnr, psnr_gt_mean, quantize, ssim
 
 
 def to_uint8_hwc(image: torch.Tensor) -> np.ndarray:

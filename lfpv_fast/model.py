@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import torch
 
-from lfpv_fast.backends import select_ops
 from lfpv_fast.models.config import ModelConfig
 from lfpv_fast.models.lfpv import BankDraws, LFPVModule, LFPVNet
 from lfpv_fast.models.snr_aware import (
@@ -16,6 +15,7 @@ from lfpv_fast.models.snr_aware import (
     TransformerLayer,
     original_name,
 )
+from lfpv_fast.ops.backends import select_ops
 
 __all__ = ["BankDraws", "Encoder", "FeedForward", "LFPVModule", "LFPVNet", "MaskedSelfAttention", "ModelConfig",
            "ResidualBlock", "SNRDecoder", "TransformerLayer", "original_name", "snr_mask"]

@@ -38,7 +38,7 @@ from lfpv_fast.config import MAX_RESIZE_PIXELS
 from lfpv_fast.data.cache import MANIFEST, TMP_SUFFIX, manifest_doc, manifest_size, write_frame, write_manifest
 from lfpv_fast.data.errors import DataError
 from lfpv_fast.data.smid import Tree, check_npy_header, load_frame, resize_linear, scan_tree
-from lfpv_fast.files import OutputWriteError
+from lfpv_fast.io.files import OutputWriteError
 
 REBUILD = ".rebuild"  # a rebuild at another size is written here, beside the cache it replaces
 REPLACED = ".replaced"  # the replaced frames, for the moment of the switch
@@ -240,7 +240,7 @@ def main(argv: list[str] | None = None) -> int:
         where = f"{exc.filename}: {exc.strerror}" if exc.filename and exc.strerror else str(exc)
         status = fail(f"{where}; the cache in {args.out} is as usable as before (frames finished so far are kept: "
                       "run prepare again to continue)")
-        # The tools' rule (lfpv_fast.files): a write that fails during the work (a full disk) is status 1.
+        # The tools' rule (lfpv_fast.io.files): a write that fails during the work (a full disk) is status 1.
         return 1 if isinstance(exc, OutputWriteError) or exc.errno in (errno.ENOSPC, errno.EDQUOT) else status
     except KeyboardInterrupt:
         print(f"error: interrupted; the cache in {args.out} is as usable as before (frames finished so far are "

@@ -36,14 +36,14 @@ from pathlib import Path
 
 import torch.distributed as dist
 
-from lfpv_fast import distributed
 from lfpv_fast.cli import ArgumentParser, fail
 from lfpv_fast.config import ConfigError, RunConfig, load_config
 from lfpv_fast.data.errors import DataError
-from lfpv_fast.fast_path import resolve_features
-from lfpv_fast.files import OutputWriteError
-from lfpv_fast.run_folder import RunFolder, RunLock, run_dir_of_checkpoint
-from lfpv_fast.trainer import Trainer
+from lfpv_fast.io.files import OutputWriteError
+from lfpv_fast.training import distributed
+from lfpv_fast.training.fast_path import resolve_features
+from lfpv_fast.training.run_folder import RunFolder, RunLock, run_dir_of_checkpoint
+from lfpv_fast.training.trainer import Trainer
 
 DEMO_CONFIG = "demo"
 

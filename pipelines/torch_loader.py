@@ -1,7 +1,7 @@
 """The reference loader: a torch DataLoader doing the published per-sample steps.
 
 Per sample: read the LQ frame and its GT (`.npy`: np.load; image files: decoded by Pillow, or
-imagecodecs for 16-bit PNG and tifffile for TIFF, through `lfpv_fast.imageio.read_pixels`: gray to
+imagecodecs for 16-bit PNG and tifffile for TIFF, through `lfpv_fast.io.imageio.read_pixels`: gray to
 RGB, alpha dropped, EXIF orientation applied), resize each to data.resize (OpenCV INTER_LINEAR,
 rounded to the sample type; skipped where frames are stored at that size), crop both at the planned
 anchor, flip both as planned, reverse BGR to RGB (SMID), and scale to float32 CHW in [0, 1] (x / 255,
@@ -24,7 +24,7 @@ from torch.utils.data import DataLoader, Dataset
 from lfpv_fast.data.errors import DataError
 from lfpv_fast.data.smid import load_frame, resize_linear
 from lfpv_fast.data.source import SplitData
-from lfpv_fast.imageio import ImageReadError, read_pixels
+from lfpv_fast.io.imageio import ImageReadError, read_pixels
 from lfpv_fast.pipelines.loader import Batch, BatchPlan, PairLoader
 
 

@@ -35,7 +35,7 @@ def write_tiny_checkpoint(path: Path) -> Path:
     """A weights-only checkpoint of TINY (seed 0, reference backend) at `path`, with non-zero banks so that
     the LFPV fusion takes part. The same bytes on every call."""
     from lfpv_fast import LFPVNet
-    from lfpv_fast.checkpoint import atomic_save, weights_only_checkpoint
+    from lfpv_fast.training.checkpoint import atomic_save, weights_only_checkpoint
 
     torch.manual_seed(0)
     net = LFPVNet(TINY, backend="reference")

@@ -17,10 +17,10 @@ from PIL import Image
 from app_server import AppServer, app_server
 from helpers import write_png_bomb, write_tiny_checkpoint
 from lfpv_fast import app as app_mod
-from lfpv_fast.checkpoint import load_model
 from lfpv_fast.enhance import main as enhance_main
 from lfpv_fast.enhance import plan_enhancement
-from lfpv_fast.imageio import read_image, read_image_size
+from lfpv_fast.io.imageio import read_image, read_image_size
+from lfpv_fast.training.checkpoint import load_model
 
 pytest.importorskip("gradio", reason="the app needs the [app] extra (pip install -e '.[dev]' includes it)")
 
@@ -153,7 +153,7 @@ def test_read_image_size_reads_the_header(tmp_path: Path, name: str) -> None:
 def test_pillow_bomb_limit_still_applies(enhancer: app_mod.Enhancer, tmp_path: Path) -> None:
     """With --max-pixels above Pillow's limit, Pillow's decompression-bomb check is the next guard."""
     lenient = app_mod.Enhancer(enhancer.net, enhancer.checkpoint, enhancer.device, max_pixels=10**12)
-    lenient.pipeline.max_decoded_bytes = None  # and no bound on the reader's memory (lfpv_fast.imageio)
+    lenient.pipeline.max_decoded_bytes = None  # and no bound on the reader's memory (lfpv_fast.io.imageio)
     bomb = write_png_bomb(tmp_path / "bomb.png", 20_000)  # 400 MP, over twice Pillow's MAX_IMAGE_PIXELS
     with pytest.raises(app_mod.InputError, match="bomb.png: could not read image: .*decompression bomb"):
         lenient.enhance_file(bomb, "bomb.png", tmp_path)
@@ -370,7 +370,7 @@ def test_served_app_queues_one_at_a_time_and_turns_away_the_rest(server: AppServ
 
 def test_precision_is_checked_like_enhance(capsys) -> None:
     """--precision goes through enhance's check: fp16 on a CPU without native fp16 is refused, exit 2."""
-    from lfpv_fast.inference import check_precision
+    from lfpv_fast.inference.whole_image import check_precision
 
     try:
         check_precision("fp16", torch.device("cpu"))

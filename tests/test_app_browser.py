@@ -17,7 +17,7 @@ import pytest
 from PIL import Image
 
 from app_server import AppServer, app_server
-from lfpv_fast.imageio import read_image
+from lfpv_fast.io.imageio import read_image
 
 pytest.importorskip("gradio", reason="the app needs the [app] extra (pip install -e '.[dev]' includes it)")
 pytest.importorskip("selenium", reason="the browser test needs selenium (pip install -e '.[dev]' includes it)")

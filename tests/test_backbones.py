@@ -18,11 +18,11 @@ from lfpv_fast import LFPVNet, ModelConfig
 from lfpv_fast import enhance as enhance_cli
 from lfpv_fast import evaluate as evaluate_cli
 from lfpv_fast import train as train_cli
-from lfpv_fast.checkpoint import atomic_save, load_model, upgrade_first_format, weights_only_checkpoint
 from lfpv_fast.config import ConfigError, load_config
-from lfpv_fast.enhancement import enhance_image, plan_enhancement
+from lfpv_fast.inference.enhancement import enhance_image, plan_enhancement
 from lfpv_fast.models import LFPVConfig, RetinexFormer
 from lfpv_fast.models.retinexformer import save_published_checkpoint
+from lfpv_fast.training.checkpoint import atomic_save, load_model, upgrade_first_format, weights_only_checkpoint
 
 SMALL_RETINEXFORMER = {"n_feat": 8, "num_blocks": [1, 1, 1]}
 # A run of a few seconds: the model keys first (the first 8 items), then the data, train and logging keys.
@@ -205,7 +205,7 @@ def test_untiled_backbone_is_refused_when_it_does_not_fit():
 
 def test_retinexformer_whole_image_path_runs_strips_with_the_lfpv_fusion():
     """At the default site the whole-image path is the strip path, the LFPVs fused strip by strip."""
-    from lfpv_fast.inference import whole_image_forward
+    from lfpv_fast.inference.whole_image import whole_image_forward
 
     net = retinexformer_net(enabled=True).double().eval()
     x = torch.rand(1, 3, 80, 48, dtype=torch.float64)
@@ -302,7 +302,7 @@ def test_weights_only_checkpoint_records_backbone_and_lfpv(tmp_path):
 
 
 def test_init_from_takes_the_backbone_of_a_published_file_and_keeps_fresh_lfpvs(tmp_path):
-    from lfpv_fast.checkpoint import init_backbone
+    from lfpv_fast.training.checkpoint import init_backbone
 
     torch.manual_seed(3)
     source = RetinexFormer(**SMALL_RETINEXFORMER)

@@ -13,8 +13,10 @@ import pytest
 import torch
 
 from helpers import TINY
-from lfpv_fast import LFPVNet, backends, cpu_ops, reference
-from lfpv_fast.backends import (
+from lfpv_fast import LFPVNet
+from lfpv_fast.config import ConfigError, TrainConfig, load_config
+from lfpv_fast.ops import backends, cpu_ops, reference
+from lfpv_fast.ops.backends import (
     BACKENDS,
     BackendName,
     BackendUnavailable,
@@ -24,7 +26,6 @@ from lfpv_fast.backends import (
     select_ops,
     triton_interpreting,
 )
-from lfpv_fast.config import ConfigError, TrainConfig, load_config
 
 
 def test_auto_picks_the_cpu_op_set_on_cpu_tensors():
@@ -99,7 +100,7 @@ def test_resolve_backend_answers_per_device(monkeypatch):
 def test_asking_about_triton_on_the_cpu_does_not_import_it():
     """Triton decides at import whether it interprets: a question that imported it (with TRITON_INTERPRET=0,
     say) would fix the kernels' mode for the rest of the process."""
-    code = ("import sys; from lfpv_fast.backends import resolve_backend; "
+    code = ("import sys; from lfpv_fast.ops.backends import resolve_backend; "
             "resolved = resolve_backend('triton', 'cpu'); print(resolved.name, 'triton' in sys.modules)")
     env = {**os.environ, "TRITON_INTERPRET": "0"}
     result = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
@@ -151,7 +152,7 @@ def test_backend_names_are_listed_once():
 
 
 def test_kernels_do_not_import_the_module_that_selects_them():
-    """The dependency goes one way: lfpv_fast.backends imports the kernels, never the reverse."""
+    """The dependency goes one way: lfpv_fast.ops.backends imports the kernels, never the reverse."""
     import lfpv_fast.kernels
 
     kernels = Path(lfpv_fast.kernels.__path__[0])
@@ -163,13 +164,13 @@ def test_kernels_do_not_import_the_module_that_selects_them():
                 names = [alias.name for alias in node.names]
             elif isinstance(node, ast.ImportFrom) and node.module:
                 names = [node.module] + [f"{node.module}.{alias.name}" for alias in node.names]
-            if "lfpv_fast.backends" in names:
+            if "lfpv_fast.ops.backends" in names:
                 importers.append(source.name)
     assert importers == []
 
 
 def test_trainer_features_name_the_backend_actually_used(monkeypatch):
-    from lfpv_fast import fast_path
+    from lfpv_fast.training import fast_path
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     _triton_missing(monkeypatch)

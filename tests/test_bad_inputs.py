@@ -15,8 +15,8 @@ from PIL import Image
 
 from helpers import TINY, assert_one_line_error, run
 from lfpv_fast import LFPVNet
-from lfpv_fast.checkpoint import atomic_save, load_model, weights_only_checkpoint
 from lfpv_fast.config import model_config_to_dict
+from lfpv_fast.training.checkpoint import atomic_save, load_model, weights_only_checkpoint
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -72,7 +72,7 @@ def test_a_tiny_checkpoint_claiming_a_huge_network_is_refused_with_a_small_peak(
 
 
 def test_a_network_too_big_for_the_memory_here_is_refused_before_it_is_built(tmp_path, monkeypatch):
-    from lfpv_fast import inference
+    from lfpv_fast.inference import whole_image as inference
 
     checkpoint = tiny_weights(tmp_path / "tiny.pth")
     built = []
@@ -88,7 +88,7 @@ def test_a_network_too_big_for_the_memory_here_is_refused_before_it_is_built(tmp
 def test_a_published_retinexformer_file_is_checked_before_it_is_built(tmp_path, monkeypatch):
     """Published Retinexformer files (plain Retinexformer, options from the config): a wrong shape, and a network
     too big for the memory here (Retinexformer's own activation estimate), are refused on the meta device."""
-    from lfpv_fast import inference
+    from lfpv_fast.inference import whole_image as inference
     from lfpv_fast.models import ModelConfig, RetinexFormer
 
     config = ModelConfig("retinexformer", {"n_feat": 8, "num_blocks": [1, 1, 1]}, {"enabled": False})
@@ -155,9 +155,9 @@ OPTIMIZER_DAMAGE = {
 
 def test_bad_optimizer_and_scheduler_state_is_refused_before_the_run_folder_changes(tmp_path, demo_root, capsys):
     from helpers import tiny_config
-    from lfpv_fast.checkpoint import list_checkpoints, read_checkpoint
     from lfpv_fast.train import main
-    from lfpv_fast.trainer import Trainer
+    from lfpv_fast.training.checkpoint import list_checkpoints, read_checkpoint
+    from lfpv_fast.training.trainer import Trainer
 
     run_dir = tmp_path / "run"
     trainer = Trainer(tiny_config(demo_root, "train.iterations=2", "train.checkpoint_every=2"), run_dir)
@@ -332,7 +332,7 @@ def test_over_long_names_in_the_app(tmp_path, tiny_checkpoint, capsys):
 
 def test_tiling_small_images_works_and_the_overlap_shrinks_with_the_tile(tmp_path, tiny_checkpoint, capsys):
     from lfpv_fast.enhance import main as enhance_main
-    from lfpv_fast.enhancement import overlap_for, tile_starts
+    from lfpv_fast.inference.enhancement import overlap_for, tile_starts
 
     assert tile_starts(48, 48, 64) == [0]  # one tile on an axis: no neighbour to overlap
     assert overlap_for(16, None) == 8 and overlap_for(1024, None) == 64 and overlap_for(16, 3) == 3
@@ -389,7 +389,7 @@ import signal, sys, time
 # ignored: restore Ctrl-C's default (KeyboardInterrupt), as in a terminal, so the test runs anywhere.
 signal.signal(signal.SIGINT, signal.default_int_handler)
 from lfpv_fast import enhance
-from lfpv_fast.enhancement import ImageEnhancer
+from lfpv_fast.inference.enhancement import ImageEnhancer
 write = ImageEnhancer.write
 def slow(path, image, result):
     write(path, image, result)
@@ -509,7 +509,7 @@ def test_validation_images_onto_a_full_disk_stop_training_naming_the_file(tmp_pa
     import errno
 
     from helpers import TINY_RUN
-    from lfpv_fast import files
+    from lfpv_fast.io import files
     from lfpv_fast.train import main as train_main
 
     real = files.atomic_write
@@ -593,8 +593,8 @@ def test_evaluate_writes_valid_json_when_a_psnr_is_infinite(demo_images, tmp_pat
 
 def test_the_non_finite_loss_error_goes_to_stderr(tmp_path, demo_root, capsys, monkeypatch):
     from helpers import TINY_RUN
-    from lfpv_fast import trainer as trainer_module
     from lfpv_fast.train import main as train_main
+    from lfpv_fast.training import trainer as trainer_module
 
     real = trainer_module.charbonnier_loss
     monkeypatch.setattr(trainer_module, "charbonnier_loss", lambda out, gt: real(out, gt) * float("nan"))
@@ -627,7 +627,7 @@ def test_config_file_errors_are_one_line_naming_the_file(tmp_path, capsys):
 def test_the_image_bound_is_the_readers_real_peak(tmp_path):
     import imagecodecs
 
-    from lfpv_fast.imageio import ImageTooLargeError, read_image, read_image_info
+    from lfpv_fast.io.imageio import ImageTooLargeError, read_image, read_image_info
 
     path = tmp_path / "gray16.png"
     path.write_bytes(imagecodecs.png_encode(np.zeros((4000, 4000), np.uint16)))  # 32 MB decoded, 40 kB on disk
@@ -635,9 +635,9 @@ def test_the_image_bound_is_the_readers_real_peak(tmp_path):
     assert info.decoded_bytes == 32 * 10**6 and info.read_peak_bytes == (2 + 6 + 12) * 16 * 10**6
     with pytest.raises(ImageTooLargeError, match=r"would decode to 30\.5 MiB but take 305\.2 MiB to read"):
         read_image(path, max_decoded_bytes=100 * 2**20)
-    code, err, peak = run_measured("(__import__('lfpv_fast.imageio').imageio.read_image(sys.argv[1]), 0)[1]",
+    code, err, peak = run_measured("(__import__('lfpv_fast.io.imageio').io.imageio.read_image(sys.argv[1]), 0)[1]",
                                    str(path))
-    code0, _, base = run_measured("(__import__('lfpv_fast.imageio'), 0)[1]")
+    code0, _, base = run_measured("(__import__('lfpv_fast.io.imageio'), 0)[1]")
     assert code == code0 == 0, err
     assert peak - base <= info.read_peak_bytes + 16 * 2**20, (peak - base, info.read_peak_bytes)
 

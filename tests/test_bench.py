@@ -302,7 +302,7 @@ def test_synthetic_frame_is_deterministic_dark_and_keeps_few_keys_like_the_photo
 
 
 def test_bench_inference_frame_reads_an_image_file_as_input(bench_inference, tmp_path, monkeypatch, capsys):
-    from lfpv_fast.imageio import write_image
+    from lfpv_fast.io.imageio import write_image
 
     monkeypatch.delenv(published.ENV, raising=False)
     image = tmp_path / "night.png"

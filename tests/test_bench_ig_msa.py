@@ -9,7 +9,7 @@ from pathlib import Path
 
 import torch
 
-from lfpv_fast import reference
+from lfpv_fast.ops import reference
 
 BENCH = Path(__file__).resolve().parents[1] / "bench"
 sys.path.insert(0, str(BENCH))

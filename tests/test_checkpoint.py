@@ -18,7 +18,7 @@ from helpers import TINY, assert_one_line_error, run
 from lfpv_fast import LFPVNet, ModelConfig
 from lfpv_fast import enhance as enhance_cli
 from lfpv_fast import evaluate as evaluate_cli
-from lfpv_fast.checkpoint import atomic_save, load_model, read_checkpoint, weights_only_checkpoint
+from lfpv_fast.training.checkpoint import atomic_save, load_model, read_checkpoint, weights_only_checkpoint
 
 FORBIDDEN = ("weights_only=False", "file an issue", "Unsupported operand", "\n")
 
@@ -114,7 +114,7 @@ def test_a_published_format_file_of_another_architecture_points_to_final_weights
 
 
 def test_only_the_published_architecture_is_exported_in_the_published_format():
-    from lfpv_fast.checkpoint import is_published_architecture
+    from lfpv_fast.training.checkpoint import is_published_architecture
 
     assert is_published_architecture(ModelConfig())
     assert not is_published_architecture(TINY)
@@ -123,7 +123,7 @@ def test_only_the_published_architecture_is_exported_in_the_published_format():
 
 # ---------------------------------------------------------------------------------------------
 # Issue 17 items 6 and 7: readable but malformed checkpoints, NaN weights, a full disk. The checks live in
-# lfpv_fast.checkpoint, so train, evaluate, enhance and the app refuse the same files with the same line.
+# lfpv_fast.training.checkpoint, so train, evaluate, enhance and the app refuse the same files with the same line.
 
 
 def _ours(**changes) -> dict:
@@ -210,7 +210,7 @@ def test_enhance_and_evaluate_refuse_a_malformed_checkpoint_with_status_2(tmp_pa
 
 
 def _training_checkpoint() -> dict:
-    from lfpv_fast.checkpoint import training_checkpoint
+    from lfpv_fast.training.checkpoint import training_checkpoint
 
     torch.manual_seed(0)
     net = LFPVNet(TINY, backend="reference")
@@ -232,7 +232,7 @@ def _training_checkpoint() -> dict:
     ("step", -1, "'step' must be a whole number"),
 ])
 def test_a_resume_checkpoint_with_a_broken_entry_is_refused_naming_it(tmp_path, entry, value, named):
-    from lfpv_fast.checkpoint import check_training_checkpoint
+    from lfpv_fast.training.checkpoint import check_training_checkpoint
 
     good = _training_checkpoint()
     check_training_checkpoint(good, "good.pth", TINY)  # the unbroken one passes
@@ -244,7 +244,7 @@ def test_a_resume_checkpoint_with_a_broken_entry_is_refused_naming_it(tmp_path, 
 
 
 def test_vgg_weights_that_are_a_tensor_or_a_pickled_object_are_one_line_errors(tmp_path):
-    from lfpv_fast.losses import PerceptualLoss
+    from lfpv_fast.training.losses import PerceptualLoss
 
     torch.save(torch.zeros(3, 3), tmp_path / "tensor.pth")
     with pytest.raises(ValueError, match=r"VGG19 weights file .*tensor.pth: expected a dict of weights, got a tensor"):
@@ -261,7 +261,7 @@ def test_vgg_weights_that_are_a_tensor_or_a_pickled_object_are_one_line_errors(t
 
 
 def test_a_full_disk_while_saving_is_one_line_and_leaves_no_temporary_file(small_filesystem):
-    from lfpv_fast.checkpoint import CheckpointWriteError
+    from lfpv_fast.training.checkpoint import CheckpointWriteError
 
     folder = small_filesystem(256)
     atomic_save({"x": torch.ones(1000)}, folder / "old.pth")

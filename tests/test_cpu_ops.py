@@ -5,7 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from lfpv_fast import LFPVNet, ModelConfig, cpu_ops, reference
+from lfpv_fast import LFPVNet, ModelConfig
+from lfpv_fast.ops import cpu_ops, reference
 
 
 def _attention_inputs(batch: int, length: int, dtype: torch.dtype, scale: float = 1.0, seed: int = 0):

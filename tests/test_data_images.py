@@ -27,8 +27,8 @@ from lfpv_fast.config import ConfigError, config_from_dict, load_config
 from lfpv_fast.data.errors import DataError
 from lfpv_fast.data.images import PRESETS, read_header
 from lfpv_fast.data.smid import resize_linear
-from lfpv_fast.metrics import gray_opencv, psnr, psnr_gt_mean
 from lfpv_fast.pipelines import build_loader
+from lfpv_fast.training.metrics import gray_opencv, psnr, psnr_gt_mean
 
 LOADERS = ["torch", "dali"]
 ROOT = Path(__file__).resolve().parents[1]

@@ -13,7 +13,7 @@ import yaml
 
 from helpers import TINY_RUN
 from lfpv_fast.config import config_to_dict, load_config
-from lfpv_fast.trainer import configure_torch
+from lfpv_fast.training.trainer import configure_torch
 
 
 def test_the_switch_sets_every_torch_knob_and_the_default_leaves_them_off(monkeypatch):

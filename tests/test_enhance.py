@@ -13,14 +13,14 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-import lfpv_fast.enhancement as enhancement_mod
+import lfpv_fast.inference.enhancement as enhancement_mod
 from golden import original_keys
 from lfpv_fast import LFPVNet, ModelConfig
-from lfpv_fast.checkpoint import load_model
 from lfpv_fast.enhance import SIDE_BY_SIDE_SUFFIX, main
-from lfpv_fast.enhancement import _ramp, enhance_image, tile_starts
-from lfpv_fast.imageio import read_image
-from lfpv_fast.inference import prepare_for_inference
+from lfpv_fast.inference.enhancement import _ramp, enhance_image, tile_starts
+from lfpv_fast.inference.whole_image import prepare_for_inference
+from lfpv_fast.io.imageio import read_image
+from lfpv_fast.training.checkpoint import load_model
 
 
 @pytest.fixture(scope="module")
@@ -90,7 +90,7 @@ def color_of(raw: np.ndarray) -> np.ndarray:
 
 
 def read_raw(path: Path) -> np.ndarray:
-    """Decode an output file independently of lfpv_fast.imageio."""
+    """Decode an output file independently of lfpv_fast.io.imageio."""
     if path.suffix in (".tif", ".tiff"):
         return tifffile.imread(path)
     if path.suffix == ".png":
@@ -402,7 +402,7 @@ def test_bad_inputs(tmp_path: Path, tiny_checkpoint: Path, capsys: pytest.Captur
 
 def test_each_image_is_planned_once(tmp_path: Path, tiny_checkpoint: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """Batches of same-size images: one plan per image, made when it joins its batch (and used to run it)."""
-    from lfpv_fast.enhancement import ImageEnhancer
+    from lfpv_fast.inference.enhancement import ImageEnhancer
 
     calls = []
     plan = ImageEnhancer.plan

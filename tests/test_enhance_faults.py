@@ -48,7 +48,7 @@ def test_an_unreadable_image_exits_2(tmp_path, tiny_checkpoint, capsys):
 
 
 def test_a_failure_while_enhancing_exits_1(tmp_path, tiny_checkpoint, capsys, monkeypatch):
-    from lfpv_fast.enhancement import ImageEnhancer
+    from lfpv_fast.inference.enhancement import ImageEnhancer
 
     def out_of_memory(self, images, plan):
         raise RuntimeError("CUDA out of memory (simulated)")

@@ -10,9 +10,9 @@ import torch
 
 from helpers import TINY, one_error_line
 from lfpv_fast import LFPVNet
-from lfpv_fast.checkpoint import atomic_save, weights_only_checkpoint
 from lfpv_fast.evaluate import main, summarize
-from lfpv_fast.metrics import psnr
+from lfpv_fast.training.checkpoint import atomic_save, weights_only_checkpoint
+from lfpv_fast.training.metrics import psnr
 
 
 @pytest.fixture(scope="module")

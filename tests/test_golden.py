@@ -11,7 +11,7 @@ import torch
 
 from golden import fingerprint, golden_draws, golden_net, load_case, rel_err
 from lfpv_fast import snr_mask
-from lfpv_fast.reference import box_blur5
+from lfpv_fast.ops.reference import box_blur5
 
 
 @pytest.fixture(scope="module")

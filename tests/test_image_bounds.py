@@ -1,7 +1,7 @@
 """Decompression bombs: a small file that declares a huge image is refused from its header, before decoding.
 
 The bound is on the decoded bytes (height x width x samples per pixel x bytes per sample x planes), in one
-place (`lfpv_fast.imageio.read_image_info`) that the readers, enhance, the data scan and the app all use.
+place (`lfpv_fast.io.imageio.read_image_info`) that the readers, enhance, the data scan and the app all use.
 Each test makes the decoders fail loudly if they are called, and watches the memory allocated.
 """
 
@@ -19,7 +19,7 @@ import torch
 from PIL import Image, ImageFile
 
 from helpers import write_png_bomb
-from lfpv_fast.imageio import ImageReadError, ImageTooLargeError, read_image, read_image_info, read_pixels
+from lfpv_fast.io.imageio import ImageReadError, ImageTooLargeError, read_image, read_image_info, read_pixels
 
 SMALL_PEAK = 32 * 2**20  # what reading a refused file may allocate at most (its header and a few buffers)
 
@@ -198,7 +198,7 @@ _small_png = _encode_small_png()
 
 def test_the_app_refuses_a_bomb_before_decoding(tmp_path, tiny_checkpoint, no_decoding):
     from lfpv_fast import app as app_mod
-    from lfpv_fast.checkpoint import load_model
+    from lfpv_fast.training.checkpoint import load_model
 
     enhancer = app_mod.Enhancer(load_model(tiny_checkpoint, backend="reference"), tiny_checkpoint,
                                 torch.device("cpu"), max_pixels=40_000_000)

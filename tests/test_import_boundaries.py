@@ -45,7 +45,7 @@ PIPELINES_IMPORTS_TO_MOVE = {
     "pipelines/dali.py": {"lfpv_fast.data.errors", "lfpv_fast.data.source"},
     "pipelines/loader.py": {"lfpv_fast.data.errors", "lfpv_fast.data.source"},
     "pipelines/torch_loader.py": {"lfpv_fast.data.errors", "lfpv_fast.data.smid", "lfpv_fast.data.source",
-                                  "lfpv_fast.imageio"},
+                                  "lfpv_fast.io.imageio"},
 }
 
 

@@ -12,9 +12,14 @@ from PIL import Image
 
 from helpers import TINY
 from lfpv_fast import LFPVNet
-from lfpv_fast.checkpoint import atomic_save, weights_only_checkpoint
 from lfpv_fast.enhance import enhance_image, main, parse_size, plan_enhancement
-from lfpv_fast.inference import check_precision, estimate_peak_bytes, prepare_for_inference, whole_image_forward
+from lfpv_fast.inference.whole_image import (
+    check_precision,
+    estimate_peak_bytes,
+    prepare_for_inference,
+    whole_image_forward,
+)
+from lfpv_fast.training.checkpoint import atomic_save, weights_only_checkpoint
 
 
 def tiny_net(backend: str) -> LFPVNet:

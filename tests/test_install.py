@@ -54,6 +54,6 @@ def test_enhance_and_the_other_tools_work_without_triton_dali_and_scikit_image(t
     assert "blocked modules loaded: []" in done.stderr
     with Image.open(tmp_path / "out" / "dark.png") as im:
         assert im.size == (24, 20)
-    imported = run("import", "lfpv_fast.train", "lfpv_fast.trainer", "lfpv_fast.evaluate", "lfpv_fast.prepare",
+    imported = run("import", "lfpv_fast.train", "lfpv_fast.training.trainer", "lfpv_fast.evaluate", "lfpv_fast.prepare",
                    "lfpv_fast.pipelines")
     assert imported.returncode == 0 and "blocked modules loaded: []" in imported.stderr, imported.stderr

@@ -10,7 +10,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from lfpv_fast.losses import SLICE_ENDS, PerceptualLoss, VGG19Features, charbonnier_loss, vgg19_feature_shapes
+from lfpv_fast.training.losses import SLICE_ENDS, PerceptualLoss, VGG19Features, charbonnier_loss, vgg19_feature_shapes
 
 # torchvision vgg19().features: index -> (in, out) of each 3x3 conv; every other index is a ReLU or a max-pool.
 TORCHVISION_CONVS = {0: (3, 64), 2: (64, 64), 5: (64, 128), 7: (128, 128), 10: (128, 256), 12: (256, 256),

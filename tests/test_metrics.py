@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from lfpv_fast.metrics import gaussian_kernel_1d, psnr, psnr_batch, quantize, ssim, ssim_batch
+from lfpv_fast.training.metrics import gaussian_kernel_1d, psnr, psnr_batch, quantize, ssim, ssim_batch
 
 CASE = torch.load(Path(__file__).parent / "data" / "metrics_case.pt", weights_only=True)["shared"]
 

@@ -8,7 +8,7 @@ import torch
 from golden import golden_net, load_case, original_keys, recipe_state_dict, rel_err
 from helpers import TINY
 from lfpv_fast import BankDraws, LFPVNet, ModelConfig, snr_mask
-from lfpv_fast.checkpoint import atomic_save, load_model, weights_only_checkpoint
+from lfpv_fast.training.checkpoint import atomic_save, load_model, weights_only_checkpoint
 
 
 def test_default_config_is_published_smid_model():

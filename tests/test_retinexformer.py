@@ -9,8 +9,8 @@ from pathlib import Path
 import pytest
 import torch
 
-import lfpv_fast.cpu_ops
-import lfpv_fast.reference
+import lfpv_fast.ops.cpu_ops
+import lfpv_fast.ops.reference
 from lfpv_fast.models import Backbone, RetinexFormer, Site
 from lfpv_fast.models.retinexformer import (
     ig_msa_op,
@@ -212,12 +212,12 @@ def test_ig_msa_runs_through_the_op_set(monkeypatch):
 
     def counting_ig_msa(*args, **kwargs):
         calls.append(args[0].shape)
-        return lfpv_fast.reference.ig_msa(*args, **kwargs)
+        return lfpv_fast.ops.reference.ig_msa(*args, **kwargs)
 
-    monkeypatch.setattr(lfpv_fast.cpu_ops, "ig_msa", counting_ig_msa)
-    net = RetinexFormer(**SMALL, backend="auto").eval()  # auto on the CPU: lfpv_fast.cpu_ops
+    monkeypatch.setattr(lfpv_fast.ops.cpu_ops, "ig_msa", counting_ig_msa)
+    net = RetinexFormer(**SMALL, backend="auto").eval()  # auto on the CPU: lfpv_fast.ops.cpu_ops
     with torch.no_grad():
         net(torch.rand(1, 3, 8, 12))
     # level 1, level 2, bottleneck, decoder level 2, decoder level 1: one block each.
     assert calls == [(1, 96, 8), (1, 24, 16), (1, 6, 32), (1, 24, 16), (1, 96, 8)]
-    assert ig_msa_op(types.ModuleType("an_op_set_without_ig_msa")) is lfpv_fast.reference.ig_msa
+    assert ig_msa_op(types.ModuleType("an_op_set_without_ig_msa")) is lfpv_fast.ops.reference.ig_msa

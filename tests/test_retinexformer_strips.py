@@ -10,8 +10,11 @@ import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
+from lfpv_fast.inference.retinexformer_strips import (
+    estimate_retinexformer_peak_bytes,
+    retinexformer_whole_image_forward,
+)
 from lfpv_fast.models import RetinexFormer
-from lfpv_fast.retinexformer_strips import estimate_retinexformer_peak_bytes, retinexformer_whole_image_forward
 
 CASE_PATH = Path(__file__).parent / "data" / "retinexformer_case.pt"
 

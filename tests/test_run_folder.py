@@ -1,5 +1,5 @@
 """A run folder is never lost or mixed (issue 25 items 1-2), `--resume auto` inside the guard and the lock (issue 24
-item 1), and lfpv_fast.run_folder as the one home of a run's file names (issue 26 item 2).
+item 1), and lfpv_fast.training.run_folder as the one home of a run's file names (issue 26 item 2).
 
 Promises tested (README, "Promises"): a folder holding any run artefact is a run, and a new run there is refused with
 one `error:` line; a run holds an OS lock on its folder for its whole life, a second process on it stops at once
@@ -21,10 +21,10 @@ from pathlib import Path
 import pytest
 
 from helpers import assert_one_line_error, metrics, run, write_tiny_yaml
-from lfpv_fast import run_folder
-from lfpv_fast.checkpoint import list_checkpoints, read_checkpoint
-from lfpv_fast.run_folder import RunFolder, RunFolderBusy
 from lfpv_fast.train import main
+from lfpv_fast.training import run_folder
+from lfpv_fast.training.checkpoint import list_checkpoints, read_checkpoint
+from lfpv_fast.training.run_folder import RunFolder, RunFolderBusy
 
 PACKAGE = Path(run_folder.__file__).parent
 
@@ -97,7 +97,7 @@ def test_a_folder_without_run_artefacts_takes_a_new_run(finished_run, tmp_path, 
 
 HOLDER = """
 import sys, time
-from lfpv_fast.run_folder import RunFolder
+from lfpv_fast.training.run_folder import RunFolder
 lock = RunFolder(sys.argv[1]).lock()
 print("locked", flush=True)
 time.sleep(120)
@@ -244,7 +244,7 @@ def test_no_module_but_run_folder_spells_a_run_file_name():
         for node in _code_strings(ast.parse(path.read_text())):
             offenders += [f"{path.relative_to(PACKAGE)}:{node.lineno}: {name}" for name in RUN_FILE_NAMES
                           if name in node.value]
-    assert not offenders, "run-folder names belong to lfpv_fast/run_folder.py:\n" + "\n".join(offenders)
+    assert not offenders, "run-folder names belong to lfpv_fast/training/run_folder.py:\n" + "\n".join(offenders)
     # The check itself finds a spelled name.
     assert _code_strings(ast.parse('x = f"{d}/final_weights.pth"'))[0].value == "/final_weights.pth"
 

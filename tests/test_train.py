@@ -22,7 +22,9 @@ import pytest
 import torch
 
 from helpers import TINY_RUN, metrics, one_error_line, tiny_config, write_tiny_yaml
-from lfpv_fast.checkpoint import (
+from lfpv_fast.config import ConfigError, load_config
+from lfpv_fast.train import load_run_config, main, parse_args
+from lfpv_fast.training.checkpoint import (
     capture_rng,
     latest_checkpoint,
     list_checkpoints,
@@ -30,10 +32,8 @@ from lfpv_fast.checkpoint import (
     read_checkpoint,
     restore_rng,
 )
-from lfpv_fast.config import ConfigError, load_config
-from lfpv_fast.fast_path import resolve_features
-from lfpv_fast.train import load_run_config, main, parse_args
-from lfpv_fast.trainer import Trainer, cosine_restart_lambda
+from lfpv_fast.training.fast_path import resolve_features
+from lfpv_fast.training.trainer import Trainer, cosine_restart_lambda
 
 
 @pytest.fixture(scope="module")
@@ -125,7 +125,7 @@ def test_channels_last_trains_like_the_default_layout(tmp_path, demo_root):
 
 
 def test_the_loss_is_the_published_one(tmp_path, demo_root):
-    from lfpv_fast.losses import PerceptualLoss, charbonnier_loss
+    from lfpv_fast.training.losses import PerceptualLoss, charbonnier_loss
 
     torch.manual_seed(0)
     vgg = PerceptualLoss()
@@ -401,7 +401,7 @@ KILL_SCRIPT = textwrap.dedent("""
     import sys
     from pathlib import Path
     import torch
-    from lfpv_fast.checkpoint import write_checkpoint
+    from lfpv_fast.training.checkpoint import write_checkpoint
     folder = Path(sys.argv[1])
     for step in range(1, 100000):
         print("writing", step, flush=True)

@@ -22,10 +22,10 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 import yaml
 
-from lfpv_fast import distributed
-from lfpv_fast.checkpoint import latest_checkpoint, read_checkpoint
 from lfpv_fast.config import config_to_dict, load_config
-from lfpv_fast.trainer import Trainer
+from lfpv_fast.training import distributed
+from lfpv_fast.training.checkpoint import latest_checkpoint, read_checkpoint
+from lfpv_fast.training.trainer import Trainer
 
 # The test wraps optimizer.step to record gradients, which LambdaLR notices.
 pytestmark = pytest.mark.filterwarnings("ignore:Seems like `optimizer.step\\(\\)` has been overridden")

@@ -19,9 +19,14 @@ import pytest
 import torch
 
 from helpers import metrics, one_error_line, tiny_config, write_tiny_yaml
-from lfpv_fast.checkpoint import check_training_checkpoint, latest_checkpoint, list_checkpoints, read_checkpoint
 from lfpv_fast.config import load_config
 from lfpv_fast.train import main
+from lfpv_fast.training.checkpoint import (
+    check_training_checkpoint,
+    latest_checkpoint,
+    list_checkpoints,
+    read_checkpoint,
+)
 
 
 @pytest.fixture(scope="module")
@@ -34,7 +39,8 @@ def demo_root(tmp_path_factory) -> Path:
 LAUNCHER = textwrap.dedent("""
     import sys
     import torch
-    from lfpv_fast import checkpoint, train
+    from lfpv_fast import train
+    from lfpv_fast.training import checkpoint
 
     real_save = checkpoint.atomic_save
 

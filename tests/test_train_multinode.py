@@ -28,8 +28,8 @@ import pytest
 import torch
 
 from helpers import TINY_RUN, metrics
-from lfpv_fast.checkpoint import list_checkpoints, read_checkpoint
 from lfpv_fast.train import main
+from lfpv_fast.training.checkpoint import list_checkpoints, read_checkpoint
 
 ROOT = Path(__file__).resolve().parents[1]
 STEPS = 6
@@ -276,7 +276,9 @@ def test_a_two_rank_checkpoint_resumes_on_one_and_a_one_rank_checkpoint_on_two(t
 
 RANK1_CANNOT_READ = """
 import os, sys
-from lfpv_fast import checkpoint, train, trainer
+from lfpv_fast import train
+from lfpv_fast.training import checkpoint
+from lfpv_fast.training import trainer
 real = checkpoint.read_checkpoint
 def read(path, *args, **kwargs):
     if os.environ.get("RANK") == "1":

@@ -6,7 +6,7 @@
 
 The manifest is what makes a cache: it is written last, atomically, and lists exactly the frames it vouches
 for; a folder without it is unfinished and the loaders refuse it. Every file is written to a hidden temporary
-file beside its final name and renamed into place (lfpv_fast.files), so no reader ever sees a torn file.
+file beside its final name and renamed into place (lfpv_fast.io.files), so no reader ever sees a torn file.
 """
 
 from __future__ import annotations
@@ -19,12 +19,12 @@ import numpy as np
 
 from lfpv_fast.data.errors import DataError
 from lfpv_fast.data.smid import Scene, Tree
-from lfpv_fast.files import atomic_write, atomic_write_text
+from lfpv_fast.io.files import atomic_write, atomic_write_text
 
 MANIFEST = "manifest.json"
 FORMAT = "lfpv_fast.prepared"
 VERSION = 1
-TMP_SUFFIX = ".tmp"  # lfpv_fast.files' temporary files: .<name>.<random>.tmp
+TMP_SUFFIX = ".tmp"  # lfpv_fast.io.files' temporary files: .<name>.<random>.tmp
 
 
 def write_frame(path: Path, frame: np.ndarray) -> None:

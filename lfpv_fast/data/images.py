@@ -40,7 +40,7 @@ from pathlib import Path
 
 from lfpv_fast.data.errors import DataError, few
 from lfpv_fast.data.lists import read_name_list
-from lfpv_fast.imageio import (
+from lfpv_fast.io.imageio import (
     IMAGE_EXTENSIONS,
     JPEG_EXTENSIONS,
     PNG_EXTENSIONS,

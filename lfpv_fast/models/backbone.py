@@ -13,7 +13,7 @@ illumination features, the input); the plug-in never looks into it.
 One optional extension: a backbone that needs a per-pixel map computed from the WHOLE input beside x
 (SNR-Aware's SNR map, normalised by its maximum over the image) defines `guide(x) -> (B,1,H,W)` and takes
 it as `encode(x, site, guide=None)` (computing it from x when None). LFPVNet passes it through, so that the
-tools can compute it once per image and hand crops of it to tiles and strips (lfpv_fast.enhancement).
+tools can compute it once per image and hand crops of it to tiles and strips (lfpv_fast.inference.enhancement).
 Backbones without `guide` are called as `encode(x, site)`.
 """
 

@@ -14,7 +14,7 @@ training forward returns (out, None) and the trainer's loss then has one term pe
 loss on `out`, and the perceptual loss on `out` in place of the output without LFPVs): the ablation.
 
 Every op with a fast twin (query-and-fusion, bank-update glue) goes through `ops`, which is
-`lfpv_fast.reference` or the Triton kernels (`backend=`).
+`lfpv_fast.ops.reference` or the Triton kernels (`backend=`).
 
 Differences from the published code, all deliberate:
 - The banks are buffers, not parameters. The published code registers them as parameters, so after
@@ -38,8 +38,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from lfpv_fast.backends import check_backend, select_ops
 from lfpv_fast.models.config import LFPVConfig, ModelConfig
+from lfpv_fast.ops.backends import check_backend, select_ops
 
 
 @dataclass
@@ -231,7 +231,7 @@ class LFPVNet(nn.Module):
         self.draw_generator.manual_seed(seed)
 
     def ops_for(self, x: torch.Tensor) -> ModuleType:
-        """The op implementations for this input (lfpv_fast.backends.select_ops)."""
+        """The op implementations for this input (lfpv_fast.ops.backends.select_ops)."""
         return select_ops(self.backend, x)
 
     def guide(self, x: torch.Tensor) -> torch.Tensor | None:

@@ -16,7 +16,7 @@ depthwise 3x3, GELU, 1x1 back; residual added). `stage` stages run in sequence, 
 stage's output.
 
 The IG-MSA core (normalise q and k over the pixels, the d x d per-head softmax, the product with v * illumination)
-runs through the op set's `ig_msa` (lfpv_fast.reference.ig_msa is its definition), chosen by `backend` like
+runs through the op set's `ig_msa` (lfpv_fast.ops.reference.ig_msa is its definition), chosen by `backend` like
 LFPVNet's ops, so a fused kernel replaces it without touching the network.
 
 The LFPV seam (lfpv_fast.models.backbone): sites "level1" (n_feat channels, stride 1: the output of the
@@ -30,7 +30,7 @@ this module's parameters (`published_state_dict`, `load_published_state_dict`); 
 `{'params': state_dict}` (and `'params_ema'` next to it when trained with EMA), read by
 `state_dict_from_published_checkpoint` and written by `save_published_checkpoint`.
 
-Whole photos, exactly and in bounded memory: lfpv_fast.retinexformer_strips.retinexformer_whole_image_forward.
+Whole photos, exactly and in bounded memory: lfpv_fast.inference.retinexformer_strips.retinexformer_whole_image_forward.
 """
 
 from __future__ import annotations
@@ -45,10 +45,10 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from lfpv_fast import reference
-from lfpv_fast.backends import check_backend, select_ops
-from lfpv_fast.files import atomic_write
+from lfpv_fast.io.files import atomic_write
 from lfpv_fast.models.backbone import Site
+from lfpv_fast.ops import reference
+from lfpv_fast.ops.backends import check_backend, select_ops
 
 LEVELS = 2  # encoder/decoder levels; fixed by the published network (its RetinexFormer always builds two)
 ALIGN = 2 ** LEVELS  # input sides must be multiples of this: two stride-2 levels and transposed convs back up
@@ -304,7 +304,7 @@ class RetinexFormer(nn.Module):
     """Retinexformer with the published constructor: RetinexFormer(in_channels=3, out_channels=3, n_feat=40,
     stage=1, num_blocks=[1, 2, 2]) is the network of every published option file (LOL-v1, LOL-v2, SID, SMID,
     SDSD, FiveK). forward(x): x (B, in_channels, H, W), H and W multiples of 4; returns the enhanced image.
-    backend: which op set runs the IG-MSA core (lfpv_fast.backends).
+    backend: which op set runs the IG-MSA core (lfpv_fast.ops.backends).
     """
 
     default_site = "bottleneck"
@@ -354,7 +354,7 @@ class RetinexFormer(nn.Module):
                 nn.init.ones_(module.head_scale)
 
     def ops_for(self, x: torch.Tensor) -> ModuleType:
-        """The op implementations for this input (lfpv_fast.backends.select_ops)."""
+        """The op implementations for this input (lfpv_fast.ops.backends.select_ops)."""
         return select_ops(self.backend, x)
 
     def check_input(self, x: torch.Tensor) -> None:

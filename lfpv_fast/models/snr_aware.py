@@ -25,8 +25,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from lfpv_fast.backends import check_backend, select_ops
 from lfpv_fast.models.backbone import Site
+from lfpv_fast.ops.backends import check_backend, select_ops
 
 
 @dataclass
@@ -88,7 +88,7 @@ class Encoder(nn.Module):
         self.conv_quarter = nn.Conv2d(nf, nf, 3, 2, 1)
         self.blocks = _blocks(nf, cfg.front_blocks)
 
-    # The stages are separate so that lfpv_fast.inference can run the full-resolution ones in strips.
+    # The stages are separate so that lfpv_fast.inference.whole_image can run the full-resolution ones in strips.
     def full_res(self, x: torch.Tensor) -> torch.Tensor:
         return _lrelu(self.conv_full(x))
 

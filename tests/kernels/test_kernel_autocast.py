@@ -17,9 +17,9 @@ import pytest
 import torch
 
 from helpers import DEVICE
-from lfpv_fast import reference
 from lfpv_fast.kernels import ops
 from lfpv_fast.model import BankDraws, LFPVModule, LFPVNet, ModelConfig
+from lfpv_fast.ops import reference
 
 AUTOCAST_DTYPES = [torch.bfloat16, torch.float16]
 ULP = {torch.bfloat16: 2.0**-7, torch.float16: 2.0**-10}

@@ -13,9 +13,9 @@ import pytest
 import torch
 
 from helpers import DEVICE
-from lfpv_fast import reference
 from lfpv_fast.kernels import _common
 from lfpv_fast.kernels import bank_update as bu
+from lfpv_fast.ops import reference
 
 DTYPES = [torch.float64, torch.float32, torch.bfloat16, torch.float16]
 # float32 accumulation, one rounding to 16 bits: at most one unit in the last place (the CPU

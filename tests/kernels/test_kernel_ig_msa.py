@@ -1,4 +1,4 @@
-"""Triton ig_msa (Retinexformer's channel attention) vs its eager twin (lfpv_fast.reference.ig_msa), forward
+"""Triton ig_msa (Retinexformer's channel attention) vs its eager twin (lfpv_fast.ops.reference.ig_msa), forward
 and every gradient (q, k, v, illumination, rescale).
 
 On a machine without CUDA the kernels run under TRITON_INTERPRET=1 (tests/conftest.py): exact float64
@@ -29,9 +29,9 @@ import torch
 import torch.nn.functional as F
 
 from helpers import DEVICE
-from lfpv_fast import reference
 from lfpv_fast.kernels import _common
 from lfpv_fast.kernels.ig_msa import ig_msa, ig_msa_fwd
+from lfpv_fast.ops import reference
 
 
 def make_inputs(batch: int, tokens: int, channels: int, heads: int, dtype: torch.dtype, seed: int,
@@ -267,8 +267,8 @@ def test_backend_switch_gives_the_kernel():
     reference's signature (Retinexformer calls `ops.ig_msa` on whichever set the backend picks)."""
     import inspect
 
-    from lfpv_fast import cpu_ops
-    from lfpv_fast.backends import select_ops
+    from lfpv_fast.ops import cpu_ops
+    from lfpv_fast.ops.backends import select_ops
 
     x = torch.zeros(1, device=DEVICE)
     assert select_ops("triton", x).ig_msa is ig_msa

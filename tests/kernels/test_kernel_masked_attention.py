@@ -1,4 +1,4 @@
-"""Triton masked_attention vs its eager twin (lfpv_fast.reference.masked_attention), forward and backward.
+"""Triton masked_attention vs its eager twin (lfpv_fast.ops.reference.masked_attention), forward and backward.
 
 On a machine without CUDA the kernels run under TRITON_INTERPRET=1 (tests/conftest.py): exact float64
 arithmetic, so float64 results must match the reference to ~1e-10 relative.
@@ -17,9 +17,9 @@ import torch
 import torch.nn.functional as F
 
 from helpers import DEVICE
-from lfpv_fast import reference
 from lfpv_fast.kernels import _common
 from lfpv_fast.kernels.masked_attention import masked_attention, masked_attention_fwd
+from lfpv_fast.ops import reference
 
 
 def make_mask(batch: int, length: int, kind: str, gen: torch.Generator) -> torch.Tensor:

@@ -19,9 +19,9 @@ import pytest
 import torch
 
 from helpers import DEVICE
-from lfpv_fast import reference
 from lfpv_fast.kernels import _common
 from lfpv_fast.kernels import query_fusion as qf
+from lfpv_fast.ops import reference
 
 # (B, C, H, W, N, p). Odd batches, non-square maps, padded channels (8, 12 -> 16) and banks (8, 10 -> 16),
 # several patch tiles per patch row and masked patches in a tile (forward: W=24, C=64 gives 6 patches in

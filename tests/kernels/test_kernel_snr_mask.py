@@ -1,4 +1,4 @@
-"""Triton snr_mask vs its eager twin (lfpv_fast.reference.snr_mask), forward and backward.
+"""Triton snr_mask vs its eager twin (lfpv_fast.ops.reference.snr_mask), forward and backward.
 
 On a machine without CUDA the kernels run under TRITON_INTERPRET=1 (tests/conftest.py), where the
 kernels repeat the reference's float32/float64 operations in the reference's order: the forward must
@@ -16,9 +16,9 @@ import pytest
 import torch
 
 from helpers import DEVICE
-from lfpv_fast import reference
 from lfpv_fast.kernels import _common
 from lfpv_fast.kernels.snr_mask import snr_mask, snr_mask_fwd
+from lfpv_fast.ops import reference
 
 
 def make_images(batch: int, height: int, width: int, dtype: torch.dtype, seed: int,

@@ -1,6 +1,6 @@
 """The CPU op set of backend "auto": the reference ops, with a memory-linear masked attention.
 
-Same signatures as `lfpv_fast.reference`; every op but `masked_attention` is the reference one.
+Same signatures as `lfpv_fast.ops.reference`; every op but `masked_attention` is the reference one.
 
 `masked_attention` computes what the reference computes (softmax over q k^T / sqrt(D) with masked keys
 at -1e9, times v) without materialising the L x L score matrix:
@@ -21,7 +21,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from lfpv_fast.reference import (  # noqa: F401  (re-exported: the op set is this module's namespace)
+from lfpv_fast.ops.reference import (  # noqa: F401  (re-exported: the op set is this module's namespace)
     MASKED_SCORE,
     batch_mean,
     batch_mean_layer_norm,

@@ -24,8 +24,8 @@ from dataclasses import dataclass
 
 import torch
 
-from lfpv_fast.backends import resolve_backend
-from lfpv_fast.model import LFPVNet, ModelConfig
+from lfpv_fast.models import LFPVNet, ModelConfig
+from lfpv_fast.ops.backends import resolve_backend
 
 # Halo rows (at the strip function's input resolution) around each strip: at least the receptive
 # radius of the strip's conv chain, even so that stride-2 convs and pixel shuffles stay aligned.
@@ -91,9 +91,9 @@ def strip_path(net: LFPVNet) -> Callable[..., torch.Tensor] | None:
 
 
 def _retinexformer_strips(net: LFPVNet, x: torch.Tensor, guide: torch.Tensor | None, strip_rows: int) -> torch.Tensor:
-    """Retinexformer by strips (lfpv_fast.retinexformer_strips: two passes per attention layer), the LFPV fusion
-    applied to each bottleneck strip; strips of a multiple of the alignment (16 with LFPVs: whole bank patches)."""
-    from lfpv_fast.retinexformer_strips import retinexformer_whole_image_forward
+    """Retinexformer by strips (retinexformer_strips.py: two passes per attention layer), the LFPV fusion applied
+    to each bottleneck strip; strips of a multiple of the alignment (16 with LFPVs: whole bank patches)."""
+    from lfpv_fast.inference.retinexformer_strips import retinexformer_whole_image_forward
 
     height, width = x.shape[-2:]
     x, _ = net.aligned_inputs(x, None)
@@ -230,9 +230,9 @@ def estimate_peak_bytes(config: ModelConfig, batch: int, height: int, width: int
 
 def _estimate_retinexformer(config: ModelConfig, batch: int, height: int, width: int, element_size: int,
                             strip_rows: int) -> MemoryEstimate:
-    """lfpv_fast.retinexformer_strips' measured estimate: by strips where `whole_image_forward` runs strips (the
+    """retinexformer_strips.py's measured estimate: by strips where `whole_image_forward` runs strips (the
     default site or no LFPVs), else untiled; the LFPV fusion at the bottleneck adds a strip-sized map."""
-    from lfpv_fast.retinexformer_strips import estimate_retinexformer_peak_bytes
+    from lfpv_fast.inference.retinexformer_strips import estimate_retinexformer_peak_bytes
 
     o = config.options
     by_strips = not config.lfpv.enabled or config.lfpv.site in (None, "bottleneck")

@@ -59,7 +59,7 @@ def _as_uint8_array(img: np.ndarray | torch.Tensor, name: str) -> np.ndarray:
         raise TypeError(f"{name}: expected a numpy array or torch tensor, got {type(img).__name__}")
     if img.dtype != np.uint8:
         raise TypeError(f"{name}: expected a uint8 image (values 0..255), got dtype {img.dtype}; "
-                        "quantize float images in [0, 1] with lfpv_fast.metrics.quantize first")
+                        "quantize float images in [0, 1] with lfpv_fast.training.metrics.quantize first")
     if img.ndim == 3 and img.shape[2] == 1:
         img = img[:, :, 0]
     if img.ndim not in (2, 3) or (img.ndim == 3 and img.shape[2] != 3):

@@ -1,11 +1,11 @@
 """Enhancement as a Python API: the steps that `python -m lfpv_fast.enhance` and the web app share.
 
 Tensors: `enhance_image(net, image, tile=None, overlap=64)` enhances RGB image(s) in [0, 1], the whole
-image at once (exact, `lfpv_fast.inference.whole_image_forward`) when its estimated peak memory fits,
+image at once (exact, `lfpv_fast.inference.whole_image.whole_image_forward`) when its estimated peak memory fits,
 in overlapping cross-faded tiles otherwise; `plan_enhancement(...)` is that decision, with its reason.
 
 Files: `ImageEnhancer` holds a model prepared for inference and the settings of a run, and does the
-steps for image files: `check` (the header alone: the decoded-size bound of `lfpv_fast.imageio` and the
+steps for image files: `check` (the header alone: the decoded-size bound of `lfpv_fast.io.imageio` and the
 minimum size), `read`, `plan` (once per batch of same-size images), `enhance` and `write` (atomic, the
 input's format and bit depth, alpha re-attached). The CLI (`lfpv_fast.enhance`) adds file selection,
 output naming and reporting on top; the app (`lfpv_fast.app`) adds uploads and previews.
@@ -21,17 +21,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from lfpv_fast.backends import attention_is_memory_linear
-from lfpv_fast.imageio import (
-    DEFAULT_MAX_DECODED_BYTES,
-    ImageInfo,
-    ImageReadError,
-    LoadedImage,
-    read_image,
-    read_image_info,
-    write_image,
-)
-from lfpv_fast.inference import (
+from lfpv_fast.inference.whole_image import (
     PRECISIONS,
     autocast,
     available_memory,
@@ -41,7 +31,17 @@ from lfpv_fast.inference import (
     strip_path,
     whole_image_forward,
 )
+from lfpv_fast.io.imageio import (
+    DEFAULT_MAX_DECODED_BYTES,
+    ImageInfo,
+    ImageReadError,
+    LoadedImage,
+    read_image,
+    read_image_info,
+    write_image,
+)
 from lfpv_fast.models import LFPVNet
+from lfpv_fast.ops.backends import attention_is_memory_linear
 
 DEFAULT_TILE = 1024
 DEFAULT_OVERLAP = 64
@@ -314,7 +314,7 @@ class ImageEnhancer:
 
     tile, overlap, batch_size, max_pixels (tile images with more pixels), max_memory, precision: as
     `plan_enhancement` and `enhance_image` take them. max_decoded_bytes: the bound on a decoded input
-    (`lfpv_fast.imageio.read_image_info`). compile: torch.compile the model's inference stages.
+    (`lfpv_fast.io.imageio.read_image_info`). compile: torch.compile the model's inference stages.
     """
 
     def __init__(self, net: LFPVNet, device: torch.device, *, tile: int | None = None,

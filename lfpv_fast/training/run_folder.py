@@ -26,7 +26,7 @@ import re
 import socket
 from pathlib import Path
 
-from lfpv_fast.files import atomic_write_text
+from lfpv_fast.io.files import atomic_write_text
 
 CONFIG = "config.yaml"
 LOG = "train.log"

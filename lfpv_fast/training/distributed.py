@@ -30,7 +30,7 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 
-from lfpv_fast.model import LFPVNet
+from lfpv_fast.models import LFPVNet
 
 T = TypeVar("T")
 

@@ -30,7 +30,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from lfpv_fast.files import atomic_write_bytes
+from lfpv_fast.io.files import atomic_write_bytes
 
 PNG_EXTENSIONS = (".png",)
 JPEG_EXTENSIONS = (".jpg", ".jpeg")
@@ -279,7 +279,7 @@ def to_integer(rgb: np.ndarray | torch.Tensor, bit_depth: int) -> np.ndarray:
             raise ValueError(f"expected a (3,H,W) tensor, got {tuple(rgb.shape)}")
         rgb = rgb.detach().to("cpu", torch.float32).permute(1, 2, 0).numpy()
     if bit_depth == 8:
-        # Same rounding as lfpv_fast.metrics.quantize (the published tensor2img).
+        # Same rounding as lfpv_fast.training.metrics.quantize (the published tensor2img).
         return np.round(np.clip(rgb.astype(np.float32), 0, 1) * np.float32(255.0)).astype(np.uint8)
     return np.round(np.clip(rgb.astype(np.float64), 0, 1) * 65535.0).astype(np.uint16)
 
@@ -320,7 +320,7 @@ def encode_image(suffix: str, pixels: np.ndarray) -> bytes:
 
 
 def write_bytes_atomic(path: Path, data: bytes) -> None:
-    """Readers never see a half-written image; the file gets the usual mode (umask), see lfpv_fast.files."""
+    """Readers never see a half-written image; the file gets the usual mode (umask), see lfpv_fast.io.files."""
     atomic_write_bytes(path, data)
 
 

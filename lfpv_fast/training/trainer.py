@@ -10,8 +10,8 @@ Read top to bottom:
                     without the LFPV fusion)
   validate          PSNR/SSIM on the held-out scenes, image grids, best.pth
 
-The checkpoint format (writing, reading, validation) is lfpv_fast.checkpoint's; which fast-path switches are on
-is lfpv_fast.fast_path's.
+The checkpoint format (writing, reading, validation) is lfpv_fast.training.checkpoint's; which fast-path switches are on
+is lfpv_fast.training.fast_path's.
 
 The hot loop never waits for the GPU: the loss is summed on the device and read (`.item()`) only at the
 logging interval; non-finite steps are recorded on the device and checked there too (train.nonfinite=skip
@@ -41,8 +41,13 @@ import torch.distributed as dist
 import yaml
 from tqdm import tqdm
 
-from lfpv_fast import distributed
-from lfpv_fast.checkpoint import (
+from lfpv_fast.config import RunConfig, config_to_dict
+from lfpv_fast.data.errors import DataError
+from lfpv_fast.io.files import write_output
+from lfpv_fast.models import BankDraws, LFPVNet
+from lfpv_fast.models.retinexformer import published_checkpoint
+from lfpv_fast.training import distributed
+from lfpv_fast.training.checkpoint import (
     atomic_save,
     check_training_checkpoint,
     init_backbone,
@@ -55,15 +60,10 @@ from lfpv_fast.checkpoint import (
     weights_only_checkpoint,
     write_checkpoint,
 )
-from lfpv_fast.config import RunConfig, config_to_dict
-from lfpv_fast.data.errors import DataError
-from lfpv_fast.fast_path import Features, resolve_features
-from lfpv_fast.files import write_output
-from lfpv_fast.losses import PerceptualLoss, charbonnier_loss
-from lfpv_fast.metrics import psnr_batch, ssim_batch
-from lfpv_fast.models import BankDraws, LFPVNet
-from lfpv_fast.models.retinexformer import published_checkpoint
-from lfpv_fast.run_folder import CHECKPOINT_PATTERN, RunFolder, checkpoint_step
+from lfpv_fast.training.fast_path import Features, resolve_features
+from lfpv_fast.training.losses import PerceptualLoss, charbonnier_loss
+from lfpv_fast.training.metrics import psnr_batch, ssim_batch
+from lfpv_fast.training.run_folder import CHECKPOINT_PATTERN, RunFolder, checkpoint_step
 
 
 def configure_torch(cfg: RunConfig, device: torch.device) -> str | None:
@@ -210,7 +210,7 @@ class Trainer:
         """The checkpoint to continue from (None, "latest", "auto" or a path), read and checked; (None, None) for a
         new run.
 
-        None: a new run, only in a folder that holds no run artefact (lfpv_fast.run_folder's guard).
+        None: a new run, only in a folder that holds no run artefact (lfpv_fast.training.run_folder's guard).
         "latest" is the newest checkpoint that reads: a damaged newer one (a copy cut short, a full disk) is
         skipped, saying so, and set aside as <name>.damaged once the resumed run has started training.
         "auto" (what a restarting launcher passes every time): "latest" where there is a checkpoint, else a new
@@ -741,7 +741,7 @@ class Trainer:
     # Checkpoints
 
     def checkpoint_state(self) -> dict[str, Any]:
-        """Everything a bit-exact resume needs (the format is lfpv_fast.checkpoint.training_checkpoint)."""
+        """Everything a bit-exact resume needs (the format is lfpv_fast.training.checkpoint.training_checkpoint)."""
         return training_checkpoint(self.net, self.optimizer, self.scheduler, step=self.step, best_psnr=self.best_psnr,
                                    config=config_to_dict(self.cfg), loader_state=self.train_loader.state_dict(),
                                    world_size=self.dist.world_size)

@@ -158,7 +158,7 @@ class PerceptualLoss(nn.Module):
     def from_file(cls, path: str | Path, reduction: str = "sum",
                   layer_weights: Sequence[float] = LAYER_WEIGHTS) -> PerceptualLoss:
         """A PerceptualLoss with VGG19 weights from a torchvision-format file (torch.load, weights_only)."""
-        from lfpv_fast.checkpoint import read_checkpoint  # the one safe reader of torch files
+        from lfpv_fast.training.checkpoint import read_checkpoint  # the one safe reader of torch files
 
         path = Path(path)
         # Not a torch file, truncated, a pickled object, a bare tensor: a one-line ValueError naming the file.

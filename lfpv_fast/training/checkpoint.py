@@ -25,10 +25,17 @@ import numpy as np
 import torch
 
 from lfpv_fast.config import MAX_LR, ConfigError, model_config_to_dict, section_from_dict
-from lfpv_fast.files import OutputWriteError, atomic_write, atomic_write_text
-from lfpv_fast.model_bounds import build_on_meta, check_network_fits_memory, weights_mismatch
+from lfpv_fast.io.files import OutputWriteError, atomic_write, atomic_write_text
 from lfpv_fast.models import LFPVNet, ModelConfig, snr_aware
-from lfpv_fast.run_folder import CONFIG, FINAL_WEIGHTS, RunFolder, checkpoint_name, checkpoint_step, list_checkpoints
+from lfpv_fast.models.bounds import build_on_meta, check_network_fits_memory, weights_mismatch
+from lfpv_fast.training.run_folder import (
+    CONFIG,
+    FINAL_WEIGHTS,
+    RunFolder,
+    checkpoint_name,
+    checkpoint_step,
+    list_checkpoints,
+)
 
 __all__ = ["CHECKPOINT_VERSION", "FORMAT", "CheckpointWriteError", "atomic_save", "atomic_write_text",
            "capture_rng", "check_training_checkpoint", "checkpoint_step", "is_original_state_dict",
@@ -52,7 +59,7 @@ class CheckpointWriteError(OutputWriteError):
 
 
 def atomic_save(obj: Any, path: str | Path) -> None:
-    """torch.save to a temporary file in the same folder, fsync, then rename over `path` (see lfpv_fast.files).
+    """torch.save to a temporary file in the same folder, fsync, then rename over `path` (see lfpv_fast.io.files).
 
     A crash (even kill -9) at any point leaves either the old file or the new one, never a torn file. A write
     that fails (ENOSPC, EROFS, ...) removes its temporary file and raises CheckpointWriteError.
@@ -456,7 +463,7 @@ def _published_retinexformer(state: dict[str, Any], path: str | Path, config: Mo
 
 def _check_fits_memory(config: ModelConfig, backend: str, path: str | Path) -> None:
     """The network of `config` plus its activations on the smallest input fit the memory available here."""
-    from lfpv_fast.inference import available_memory, estimate_peak_bytes
+    from lfpv_fast.inference.whole_image import available_memory, estimate_peak_bytes
 
     smallest = estimate_peak_bytes(config, 1, config.align, config.align).whole_image
     check_network_fits_memory(build_on_meta(lambda: LFPVNet(config, backend=backend)), path,

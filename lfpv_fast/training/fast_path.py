@@ -12,8 +12,8 @@ from dataclasses import dataclass
 
 import torch
 
-from lfpv_fast.backends import resolve_backend, triton_takes_cpu_tensors
 from lfpv_fast.config import ConfigError, RunConfig
+from lfpv_fast.ops.backends import resolve_backend, triton_takes_cpu_tensors
 
 
 @dataclass

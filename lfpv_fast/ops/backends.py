@@ -2,11 +2,11 @@
 device, and of why a backend cannot run here.
 
 Backends (what users ask for: `LFPVNet(backend=)`, `train.backend`, `--backend`):
-  reference  the eager twins (lfpv_fast.reference) everywhere
+  reference  the eager twins (lfpv_fast.ops.reference) everywhere
   triton     the Triton kernels (lfpv_fast.kernels.ops): CUDA tensors, or CPU tensors under the Triton
              interpreter (TRITON_INTERPRET=1, tests) or while the compile gate records launches
   auto       CUDA: Triton, or the reference ops with a warning saying why Triton is unavailable;
-             CPU: lfpv_fast.cpu_ops (the reference ops with a memory-linear masked attention), except in
+             CPU: lfpv_fast.ops.cpu_ops (the reference ops with a memory-linear masked attention), except in
              training, which runs the reference ops there
 
 Op sets (what runs): "reference", "cpu_ops", "triton". The dependency goes one way: this module imports
@@ -23,8 +23,8 @@ from typing import Literal
 
 import torch
 
-from lfpv_fast import cpu_ops, reference
 from lfpv_fast.kernels import runtime
+from lfpv_fast.ops import cpu_ops, reference
 
 BackendName = Literal["auto", "reference", "triton"]
 BACKENDS: tuple[str, ...] = typing.get_args(BackendName)
@@ -70,7 +70,7 @@ class Resolved:
 
     @property
     def ops(self) -> ModuleType:
-        """The op implementations (same signatures as lfpv_fast.reference); BackendUnavailable when none."""
+        """The op implementations (same signatures as lfpv_fast.ops.reference); BackendUnavailable when none."""
         if self.name is None:
             raise BackendUnavailable(self.reason)
         if self.name == "triton":
