@@ -180,6 +180,15 @@ def machine_note(env: dict) -> str:
     return f"{env['device']}; torch {env['torch']}, triton {env['triton']}, DALI {env['dali']}; {load}"
 
 
+def status_mem_available() -> int:
+    """MemAvailable of /proc/meminfo, in bytes: what new allocations can use now without swapping."""
+    with open("/proc/meminfo") as f:
+        for line in f:
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    raise RuntimeError("no MemAvailable in /proc/meminfo")
+
+
 def status_bytes(key: str) -> int:
     """A memory figure of this process from /proc/self/status (VmHWM: peak resident, VmRSS: resident)."""
     with open("/proc/self/status") as f:

@@ -212,10 +212,37 @@ def test_retinexformer_whole_image_path_runs_strips_with_the_lfpv_fusion():
     with torch.no_grad():
         expected = net(x)
         strips = whole_image_forward(net, x, None, strip_rows=16)
+        low_memory = whole_image_forward(net, x, None, strip_rows=16, low_memory=True)
     assert (strips - expected).abs().max() < 1e-10
+    assert (low_memory - expected).abs().max() < 1e-10
     plain = retinexformer_net(enabled=False).double().eval()
     with torch.no_grad():
         assert (whole_image_forward(plain, x, None, strip_rows=32) - plain(x)).abs().max() < 1e-10
+
+
+def test_the_plan_takes_smaller_strips_then_low_memory_before_tiles():
+    """Between the estimates of the default strips and of the leanest setting, the plan stays whole-image with the
+    first strip setting that fits (fastest first), and enhance_image runs it: the same result as the network."""
+    from lfpv_fast.inference.enhancement import STRIP_SETTINGS
+    from lfpv_fast.inference.whole_image import estimate_peak_bytes
+
+    net = retinexformer_net(enabled=True).eval()
+    height, width = 96, 64
+    estimates = [estimate_peak_bytes(net.config, 1, height, width, strip_rows=rows, low_memory=low).total
+                 for rows, low in STRIP_SETTINGS]
+    assert estimates[0] > min(estimates)  # each later setting is there because it can save memory
+    for budget in sorted(set(estimates)):
+        plan = plan_enhancement(net, 1, height, width, max_memory=budget)
+        first = next(i for i, e in enumerate(estimates) if e <= budget)
+        assert not plan.tiled and (plan.strip_rows, plan.low_memory) == STRIP_SETTINGS[first], budget
+        assert plan.estimated_bytes == estimates[first]
+    assert plan_enhancement(net, 1, height, width, max_memory=min(estimates) - 1).tiled
+    lean = plan_enhancement(net, 1, height, width, max_memory=min(estimates))
+    assert lean.low_memory and "low memory" in lean.describe()
+    image = torch.rand(3, height, width)
+    with torch.no_grad():
+        expected = net(image[None]).clamp(0, 1)[0]
+    assert (enhance_image(net, image, plan=lean) - expected).abs().max() < 1e-5
 
 
 

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from torch.overrides import TorchFunctionMode
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from lfpv_fast.inference.retinexformer_strips import (
@@ -46,9 +47,40 @@ def test_strips_equal_the_untiled_forward_in_float64(config, hw, strip_rows):
     with torch.no_grad():
         expected = net(x)
     for rows in strip_rows:
-        out = retinexformer_whole_image_forward(net, x, rows)
-        assert out.shape == expected.shape and out.dtype == torch.float64
-        assert max_rel_err(out, expected) < 1e-12, rows
+        for low_memory in (False, True):
+            out = retinexformer_whole_image_forward(net, x, rows, low_memory=low_memory)
+            assert out.shape == expected.shape and out.dtype == torch.float64
+            assert max_rel_err(out, expected) < 1e-12, (rows, low_memory)
+
+
+class NewEmptyShapes(TorchFunctionMode):
+    """Records the shape of every tensor made by Tensor.new_empty: the maps the strip path keeps whole."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.shapes: list[tuple[int, ...]] = []
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        if func is torch.Tensor.new_empty:
+            self.shapes.append(tuple(out.shape))
+        return out
+
+
+def test_low_memory_keeps_no_level2_illumination_and_the_same_result():
+    """Kept whole: the level-2 map and illumination, the bottleneck map, the output; low_memory drops the level-2
+    illumination (recomputed from the image rows wherever read) and changes no value."""
+    net = small_net()
+    x = torch.rand(1, 3, 32, 16, dtype=torch.float64) * 0.3
+    level2 = (1, 2 * net.n_feat, 16, 8)
+    kept = {}
+    for low_memory in (False, True):
+        with NewEmptyShapes() as record:
+            out = retinexformer_whole_image_forward(net, x, 16, low_memory=low_memory)
+        kept[low_memory] = (record.shapes, out)
+    assert kept[False][0].count(level2) == 2 and kept[True][0].count(level2) == 1
+    assert sorted(set(kept[False][0]) - {level2}) == sorted(set(kept[True][0]) - {level2})
+    assert max_rel_err(kept[True][1], kept[False][1]) < 1e-13
 
 
 def test_independent_tiles_would_differ():
@@ -147,3 +179,6 @@ def test_peak_estimate_is_linear_in_pixels_and_far_below_untiled():
     # Linear in the height (the stored maps); the strip's working set does not grow with the image.
     assert estimate(8000, 6000, 64) - strips == estimate(12000, 6000, 64) - estimate(8000, 6000, 64)
     assert estimate(4000, 6000, 128) > strips
+    # low_memory keeps n_feat / 2 fewer elements a pixel (the level-2 illumination).
+    low = estimate_retinexformer_peak_bytes(40, [1, 2, 2], 1, 4000, 6000, 4, rows=64, low_memory=True)
+    assert strips - low == 4 * 4000 * 6000 * 20

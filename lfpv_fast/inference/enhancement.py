@@ -22,6 +22,7 @@ import torch
 import torch.nn.functional as F
 
 from lfpv_fast.inference.whole_image import (
+    DEFAULT_STRIP_ROWS,
     PRECISIONS,
     autocast,
     available_memory,
@@ -48,6 +49,9 @@ DEFAULT_OVERLAP = 64
 # Share of the free memory that the whole-image path may plan to use (the estimate is not exact, and
 # the allocator and the rest of the process need room too).
 MEMORY_HEADROOM = 0.8
+# The whole-image path's strip settings (rows per strip, recompute instead of keep), fastest first: the plan takes
+# the first whose estimated peak fits the budget before it falls back to tiles.
+STRIP_SETTINGS = ((DEFAULT_STRIP_ROWS, False), (64, False), (DEFAULT_STRIP_ROWS, True), (64, True), (32, True))
 
 
 def size_problem(height: int, width: int, align: int) -> str | None:
@@ -141,13 +145,20 @@ class EnhancePlan:
 
     tiled: bool
     tile: int | None  # tile side when tiled
-    estimated_bytes: int  # estimated peak of the whole-image path
+    estimated_bytes: int  # estimated peak of the whole-image path (with the strip settings below)
     budget_bytes: int | None  # memory it had to fit in (None: not considered)
     reason: str
+    # The whole-image path's strips (see whole_image_forward): rows per strip, and whether to recompute maps
+    # instead of keeping them. Chosen to fit the budget, fastest first.
+    strip_rows: int = DEFAULT_STRIP_ROWS
+    low_memory: bool = False
 
     def describe(self) -> str:
-        return (f"tiled {self.tile}x{self.tile} ({self.reason})" if self.tiled
-                else f"whole image, untiled ({self.reason})")
+        if self.tiled:
+            return f"tiled {self.tile}x{self.tile} ({self.reason})"
+        strips = "" if (self.strip_rows, self.low_memory) == (DEFAULT_STRIP_ROWS, False) else \
+            f"; strips of {self.strip_rows} rows{', low memory' if self.low_memory else ''}"
+        return f"whole image, untiled ({self.reason}{strips})"
 
 
 def _gib(n: int) -> str:
@@ -177,6 +188,14 @@ def plan_enhancement(net: LFPVNet, batch: int, height: int, width: int, *, tile:
     if estimate <= budget:
         return EnhancePlan(False, None, estimate, budget, f"estimated peak {_gib(estimate)} <= {_gib(budget)} "
                            f"of {source}")
+    if strip_path(net) is not None:
+        # Smaller strips and recomputing kept maps cost time, not exactness: the first setting that fits.
+        for strip_rows, low_memory in STRIP_SETTINGS[1:]:
+            smaller = estimate_peak_bytes(net.config, batch, height, width, element, linear_attention=linear,
+                                          strip_rows=strip_rows, low_memory=low_memory).total
+            if smaller <= budget:
+                return EnhancePlan(False, None, smaller, budget, f"estimated peak {_gib(smaller)} <= "
+                                   f"{_gib(budget)} of {source}", strip_rows, low_memory)
     if strip_path(net) is None:
         # Tiles would change the result (the backbone's attention spans the whole image): refuse, before any work.
         raise ValueError(f"{width}x{height}: the {net.config.backbone} backbone runs a whole image untiled and needs "
@@ -258,7 +277,8 @@ def enhance_image(net: LFPVNet, image: np.ndarray | torch.Tensor, tile: int | No
                 snr = snr.to(device, dtype)
             if tile is None:
                 out = torch.cat([whole_image_forward(net, x[i:i + batch_size],
-                                                     None if snr is None else snr[i:i + batch_size]).float()
+                                                     None if snr is None else snr[i:i + batch_size],
+                                                     strip_rows=plan.strip_rows, low_memory=plan.low_memory).float()
                                  for i in range(0, b, batch_size)])
             else:
                 out = _enhance_tiled(net, x, snr, tile, overlap, batch_size)

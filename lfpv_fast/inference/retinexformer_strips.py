@@ -15,15 +15,16 @@ summed strip by strip; convolutions may pick other kernels for other shapes).
 What is kept whole (two-level network, C = n_feat, N = H * W pixels, B the batch; element counts):
   - the input image (B * in_channels * N) and, at the end, the output (B * out_channels * N);
   - level 2: the encoder map, later the decoder map, rewritten in place layer by layer (B * C/2 * N), and the
-    illumination features at level 2 (B * C/2 * N);
+    illumination features at level 2 (B * C/2 * N; with low_memory recomputed from the image wherever read);
   - the bottleneck map (B * C/4 * N), rewritten in place, freed once the decoder has fused it.
 Level 1 (C channels at full resolution, the largest maps) is never stored: its maps (the illumination estimate,
 the lit-up image, the embedding, the level-1 encoder blocks = the skip) are recomputed from the image strip by
 strip, with halos, wherever needed (the level-1 statistics pass, the downsampling to level 2, and both passes
 of every decoder level-1 block). The bottleneck illumination is recomputed from the level-2 one.
-Peak: B * N * (in_channels + 5/4 C) elements kept (53 per pixel for C=40: ~5 GB at 24 MP in fp32) plus one
-strip's working set (see `estimate_retinexformer_peak_bytes`). A block rewritten in place keeps the old rows
-its next strip still reads as halo (a few rows), so no second copy of a map is needed.
+Peak: B * N * (in_channels + 5/4 C) elements kept (53 per pixel for C=40: ~5 GB at 24 MP in fp32; with
+low_memory in_channels + 3/4 C, 33 per pixel, ~3.2 GB) plus one strip's working set (see
+`estimate_retinexformer_peak_bytes`). A block rewritten in place keeps the old rows its next strip still reads as
+halo (a few rows), so no second copy of a map is needed.
 
 With several stages, each runs this way on the previous stage's output; the LFPV hook is in the last stage.
 """
@@ -219,7 +220,7 @@ def _transformer_in_place(transformer: IlluminationGuidedTransformer, store: tor
 
 
 def _stage_by_strips(stage: RetinexStage, x: torch.Tensor, rows: int,
-                     at_site: Callable[[torch.Tensor], torch.Tensor] | None) -> torch.Tensor:
+                     at_site: Callable[[torch.Tensor], torch.Tensor] | None, low_memory: bool) -> torch.Tensor:
     estimator, denoiser = stage.estimator, stage.denoiser
     if LEVELS != 2:
         raise AssertionError("the strip path is written for Retinexformer's two levels")
@@ -267,15 +268,21 @@ def _stage_by_strips(stage: RetinexStage, x: torch.Tensor, rows: int,
     # The stored maps, by name, so that dropping one from here frees it.
     stored: dict[str, torch.Tensor] = {}
     map2 = x.new_empty(batch, level1.downsample.out_channels, heights[1], width // 2)
-    stored["illumination2"] = x.new_empty(batch, level1.downsample_illumination.out_channels, heights[1], width // 2)
+    if not low_memory:
+        stored["illumination2"] = x.new_empty(batch, level1.downsample_illumination.out_channels, heights[1],
+                                              width // 2)
     for a in range(0, heights[1], strips[1]):
         b = min(a + strips[1], heights[1])
         map2[:, :, a:b] = _downsample_rows(level1.downsample, skip1, heights[0], a, b)
-        stored["illumination2"][:, :, a:b] = _downsample_rows(level1.downsample_illumination, illumination1,
-                                                              heights[0], a, b)
+        if not low_memory:
+            stored["illumination2"][:, :, a:b] = _downsample_rows(level1.downsample_illumination, illumination1,
+                                                                  heights[0], a, b)
 
     def illumination2(a: int, b: int) -> torch.Tensor:
-        return stored["illumination2"][:, :, a:b]
+        if not low_memory:
+            return stored["illumination2"][:, :, a:b]
+        # Recomputed from the image's rows (C/2 elements per pixel not kept; about 40% more time at n_feat 40).
+        return _downsample_rows(level1.downsample_illumination, illumination1, heights[0], a, b)
 
     _transformer_in_place(level2.transformer, map2, illumination2, strips[1])
 
@@ -304,7 +311,7 @@ def _stage_by_strips(stage: RetinexStage, x: torch.Tensor, rows: int,
         map2[:, :, a:b] = up2.fuse(torch.cat([upsampled, map2[:, :, a:b]], dim=1))
     del map3
     _transformer_in_place(up2.transformer, map2, illumination2, strips[1])
-    del stored["illumination2"]
+    stored.pop("illumination2", None)
 
     # Decoder level 1, never stored: fuse(upsampled level 2, recomputed skip), its blocks, the output projection.
     def fused1(a: int, b: int) -> torch.Tensor:
@@ -319,7 +326,8 @@ def _stage_by_strips(stage: RetinexStage, x: torch.Tensor, rows: int,
 
 
 def retinexformer_whole_image_forward(net: RetinexFormer, x: torch.Tensor, rows: int,
-                                      at_site: Callable[[torch.Tensor], torch.Tensor] | None = None) -> torch.Tensor:
+                                      at_site: Callable[[torch.Tensor], torch.Tensor] | None = None,
+                                      low_memory: bool = False) -> torch.Tensor:
     """net(x) computed over horizontal strips of `rows` image rows, in memory that grows with the strip and
     (linearly, with a small constant) with the image: see this module's docstring. No gradients.
 
@@ -330,6 +338,8 @@ def retinexformer_whole_image_forward(net: RetinexFormer, x: torch.Tensor, rows:
     are rows // 4 bottleneck rows starting at multiples of that, so with at_site, rows must be a multiple of
     4 * 4 = 16 (the site's stride times the LFPV patch size): every strip then starts on the patch grid, and
     a local per-pixel or per-4x4-patch operation gives the same result as on the whole map.
+    low_memory: recompute the level-2 illumination features from the image wherever they are read instead of
+    keeping them (C/2 fewer elements kept per pixel: 53 -> 33 at n_feat 40; the same result, more time).
     The IG-MSA layers run in this module's two-pass form (not the op set's ig_msa, which needs the whole map).
     """
     net.check_input(x)
@@ -341,7 +351,7 @@ def retinexformer_whole_image_forward(net: RetinexFormer, x: torch.Tensor, rows:
                          f"stride {site_stride} times the LFPV patch size {SITE_PATCH}), got {rows}")
     with torch.no_grad():
         for i, stage in enumerate(net.stages):
-            x = _stage_by_strips(stage, x, rows, at_site if i == len(net.stages) - 1 else None)
+            x = _stage_by_strips(stage, x, rows, at_site if i == len(net.stages) - 1 else None, low_memory)
     return x
 
 
@@ -362,9 +372,10 @@ STRIP_HALO_ROWS = 42
 
 def estimate_retinexformer_peak_bytes(n_feat: int, num_blocks: list[int] | tuple[int, ...], batch: int, height: int,
                                       width: int, element_size: int, rows: int | None = None,
-                                      in_channels: int = 3) -> int:
+                                      in_channels: int = 3, low_memory: bool = False) -> int:
     """Estimated peak bytes of the tensors of one Retinexformer forward without gradients (input and output
-    included), untiled (rows=None: net(x)) or by strips of `rows` rows (retinexformer_whole_image_forward).
+    included), untiled (rows=None: net(x)) or by strips of `rows` rows (retinexformer_whole_image_forward, with
+    its low_memory).
     num_blocks is accepted for the configuration's sake: blocks run one after another, so their count does not
     change the peak. Model weights are not included.
     """
@@ -372,7 +383,8 @@ def estimate_retinexformer_peak_bytes(n_feat: int, num_blocks: list[int] | tuple
     pixels = batch * height * width
     if rows is None:
         return int(element_size * pixels * (2 * in_channels + UNTILED_ELEMENTS_PER_PIXEL_PER_CHANNEL * n_feat))
-    kept = in_channels + n_feat / 2 + n_feat / 2 + n_feat / 4  # input, level-2 map and illumination, bottleneck
+    # The input, the level-2 map and (unless low_memory) illumination, the bottleneck map.
+    kept = in_channels + n_feat / 2 + (0 if low_memory else n_feat / 2) + n_feat / 4
     strip_pixels = batch * min(rows + STRIP_HALO_ROWS, height) * width
     working = strip_pixels * STRIP_ELEMENTS_PER_PIXEL_PER_CHANNEL * n_feat
     return int(element_size * (pixels * kept + working))

@@ -56,11 +56,13 @@ def _in_strips(fn: Callable[..., torch.Tensor], inputs: list[tuple[torch.Tensor,
 
 @torch.no_grad()
 def whole_image_forward(net: LFPVNet, x: torch.Tensor, snr: torch.Tensor | None,
-                        strip_rows: int = DEFAULT_STRIP_ROWS) -> torch.Tensor:
+                        strip_rows: int = DEFAULT_STRIP_ROWS, low_memory: bool = False) -> torch.Tensor:
     """Eval-mode `net(x, snr)` of the whole image: in strips where the backbone has an exact strip path
     (`strip_path`), else untiled (the whole image in one forward, memory as `estimate_peak_bytes` counts).
 
     x (B,3,H,W), snr (B,1,H,W) or None on the net's device. strip_rows: full-resolution rows per strip (even).
+    low_memory: a strip path that can recompute maps it would otherwise keep does so (same result, less memory,
+    more time: Retinexformer's level-2 illumination); paths without such a choice ignore it.
     """
     if net.training:
         raise RuntimeError("whole_image_forward is for inference: put the net in eval mode first")
@@ -70,11 +72,12 @@ def whole_image_forward(net: LFPVNet, x: torch.Tensor, snr: torch.Tensor | None,
     if path is None:
         forward = getattr(net, "compiled_forward", None) or net
         return forward(x, snr)
-    return path(net, x, snr, strip_rows)
+    return path(net, x, snr, strip_rows, low_memory)
 
 
-# Exact strip paths of other backbones: backbone class -> fn(net, x, guide, strip_rows) computing eval-mode
-# net(x, guide) bit-for-bit up to summation order. SNR-Aware and Retinexformer (at its default site) are built in.
+# Exact strip paths of other backbones: backbone class -> fn(net, x, guide, strip_rows, low_memory) computing
+# eval-mode net(x, guide) bit-for-bit up to summation order (low_memory: see whole_image_forward). SNR-Aware and
+# Retinexformer (at its default site) are built in.
 STRIP_PATHS: dict[type, Callable[..., torch.Tensor]] = {}
 
 
@@ -90,7 +93,8 @@ def strip_path(net: LFPVNet) -> Callable[..., torch.Tensor] | None:
     return STRIP_PATHS.get(type(net.backbone))
 
 
-def _retinexformer_strips(net: LFPVNet, x: torch.Tensor, guide: torch.Tensor | None, strip_rows: int) -> torch.Tensor:
+def _retinexformer_strips(net: LFPVNet, x: torch.Tensor, guide: torch.Tensor | None, strip_rows: int,
+                          low_memory: bool) -> torch.Tensor:
     """Retinexformer by strips (retinexformer_strips.py: two passes per attention layer), the LFPV fusion applied
     to each bottleneck strip; strips of a multiple of the alignment (16 with LFPVs: whole bank patches)."""
     from lfpv_fast.inference.retinexformer_strips import retinexformer_whole_image_forward
@@ -100,11 +104,13 @@ def _retinexformer_strips(net: LFPVNet, x: torch.Tensor, guide: torch.Tensor | N
     ops = net.ops_for(x)
     rows = max(net.align, strip_rows // net.align * net.align)
     at_site = None if net.lfpv is None else (lambda features: net.fuse(features, ops))
-    out = retinexformer_whole_image_forward(net.backbone, x, rows, at_site=at_site)
+    out = retinexformer_whole_image_forward(net.backbone, x, rows, at_site=at_site, low_memory=low_memory)
     return net._restore_size(out, height, width)
 
 
-def _snr_aware_strips(net: LFPVNet, x: torch.Tensor, snr: torch.Tensor | None, strip_rows: int) -> torch.Tensor:
+def _snr_aware_strips(net: LFPVNet, x: torch.Tensor, snr: torch.Tensor | None, strip_rows: int,
+                      low_memory: bool) -> torch.Tensor:
+    del low_memory  # every map it keeps is read after the pass that makes it: nothing to recompute
     height, width = x.shape[-2:]
     if snr is None:
         snr = net.guide(x)
@@ -192,7 +198,8 @@ class MemoryEstimate:
 
 
 def estimate_peak_bytes(config: ModelConfig, batch: int, height: int, width: int, element_size: int = 4,
-                        linear_attention: bool = True, strip_rows: int = DEFAULT_STRIP_ROWS) -> MemoryEstimate:
+                        linear_attention: bool = True, strip_rows: int = DEFAULT_STRIP_ROWS,
+                        low_memory: bool = False) -> MemoryEstimate:
     """Peak memory of `whole_image_forward` on a (batch, 3, height, width) input, in bytes.
 
     A count of the largest tensors alive at once, plus FIXED_OVERHEAD in `total`. Measured against it
@@ -204,7 +211,7 @@ def estimate_peak_bytes(config: ModelConfig, batch: int, height: int, width: int
     scores (three of them at once: scores, masked scores, softmax).
     """
     if config.backbone == "retinexformer":
-        return _estimate_retinexformer(config, batch, height, width, element_size, strip_rows)
+        return _estimate_retinexformer(config, batch, height, width, element_size, strip_rows, low_memory)
     if config.backbone != "snr_aware":
         return _estimate_untiled(config, batch, height, width, element_size)
     nf, hr = config.nf, config.hr_nf
@@ -229,7 +236,7 @@ def estimate_peak_bytes(config: ModelConfig, batch: int, height: int, width: int
 
 
 def _estimate_retinexformer(config: ModelConfig, batch: int, height: int, width: int, element_size: int,
-                            strip_rows: int) -> MemoryEstimate:
+                            strip_rows: int, low_memory: bool) -> MemoryEstimate:
     """retinexformer_strips.py's measured estimate: by strips where `whole_image_forward` runs strips (the
     default site or no LFPVs), else untiled; the LFPV fusion at the bottleneck adds a strip-sized map."""
     from lfpv_fast.inference.retinexformer_strips import estimate_retinexformer_peak_bytes
@@ -238,7 +245,7 @@ def _estimate_retinexformer(config: ModelConfig, batch: int, height: int, width:
     by_strips = not config.lfpv.enabled or config.lfpv.site in (None, "bottleneck")
     rows = max(config.align, strip_rows // config.align * config.align) if by_strips else None
     peak = estimate_retinexformer_peak_bytes(o.n_feat, o.num_blocks, batch, height, width, element_size, rows,
-                                             o.in_channels)
+                                             o.in_channels, low_memory=low_memory and by_strips)
     return MemoryEstimate(whole_image=peak, attention=0, weights=_parameter_count(config) * 4)
 
 
