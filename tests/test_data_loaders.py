@@ -11,7 +11,7 @@ import torch
 
 from helpers import make_cfg, write_list, write_png, write_tree
 from lfpv_fast.config import ConfigError
-from lfpv_fast.pipelines import build_loader
+from lfpv_fast.data.loaders import build_loader
 from lfpv_fast.pipelines.sampling import epoch_draws, per_rank_batch, train_batches
 
 LOADERS = ["torch", "dali"]
