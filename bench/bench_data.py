@@ -39,7 +39,7 @@ import published as pub_mod
 import torch
 
 from lfpv_fast.config import config_from_dict
-from lfpv_fast.pipelines import build_loader
+from lfpv_fast.data.loaders import build_loader
 from lfpv_fast.prepare import prepare
 
 RAW_HW = (1424, 2128)

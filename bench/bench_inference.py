@@ -323,7 +323,7 @@ def memory_part(sizes: list[int], source: str = "photo", model_overrides: list[s
 
 def precision_part(checkpoint: str, reps: int) -> dict:
     from lfpv_fast.config import load_config
-    from lfpv_fast.pipelines import build_loader
+    from lfpv_fast.data.loaders import build_loader
     from lfpv_fast.training.checkpoint import load_model
 
     net = prepare_for_inference(load_model(checkpoint), torch.device("cpu"))

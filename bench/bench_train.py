@@ -54,7 +54,7 @@ FAST_ROWS: list[tuple[str, list[str], bool]] = [
 
 def demo_batches(count: int, batch: int, crop: int, overrides: list[str]) -> list[dict]:
     """`count` training batches of the demo dataset (RGB in [0,1]), with the published `nf` (5x5 blur)."""
-    from lfpv_fast.pipelines import build_loader
+    from lfpv_fast.data.loaders import build_loader
 
     data = [o for o in overrides if o.startswith("data.")]
     cfg = load_config("demo", [f"data.batch_size={batch}", f"data.crop={crop}", "data.num_workers=0",

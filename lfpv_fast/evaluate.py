@@ -102,7 +102,7 @@ def evaluate(net: LFPVNet, cfg: RunConfig, device: torch.device, save_images: Pa
     precision: "fp32" or "bf16"/"fp16" autocast (metrics are computed on the float32 result).
     compile: run the model through torch.compile (the first frames pay the compilation).
     """
-    from lfpv_fast.pipelines import build_loader
+    from lfpv_fast.data.loaders import build_loader
 
     net = prepare_for_inference(net.to(device), device)
     model = torch.compile(net, dynamic=True) if compile else net

@@ -28,14 +28,11 @@ from __future__ import annotations
 
 import re
 from collections.abc import Iterator
-from pathlib import Path
 
 import numpy as np
 import torch
 
-from lfpv_fast.data.errors import DataError
-from lfpv_fast.data.source import SplitData
-from lfpv_fast.pipelines.loader import Batch, BatchPlan, PairLoader
+from lfpv_fast.pipelines.loader import Batch, BatchPlan, PairList, PairLoader
 
 try:
     import nvidia.dali.fn as fn
@@ -139,22 +136,23 @@ def _to_torch(tl, device: torch.device) -> torch.Tensor:
 
 
 class DaliPairLoader(PairLoader):
-    """`PairLoader` running the DALI pipelines with `num_threads` CPU threads on `device`."""
+    """`PairLoader` running the DALI pipelines with `num_threads` CPU threads on `device`: they read the pair list's
+    files. A file DALI cannot decode raises the loader's `error` with one line naming it."""
 
-    def __init__(self, data: SplitData, *args, device: str = "cpu", num_threads: int = 2, **kwargs) -> None:
+    def __init__(self, pairs: PairList, *args, device: str = "cpu", num_threads: int = 2, **kwargs) -> None:
         if not HAVE_DALI:
             raise ImportError(f"nvidia.dali cannot be imported ({DALI_IMPORT_ERROR}); install it with "
                               "pip install nvidia-dali-cuda120 (Linux only)")
-        super().__init__(data, *args, **kwargs)
+        super().__init__(pairs, *args, **kwargs)
         if device not in ("cpu", "gpu"):
             raise ValueError(f"device must be 'cpu' or 'gpu', got {device!r}")
         self.device, self.num_threads = device, num_threads
 
     def _build(self, plans: list[BatchPlan]):
-        pairs = self.data.pairs
+        pairs = self.pairs
         order = [i for p in plans for i in p.indices]
-        lq_files = [str(Path(pairs[i].lq)) for i in order]
-        gt_files = [str(Path(pairs[i].gt)) for i in order]
+        lq_files = [pairs.lq[i] for i in order]
+        gt_files = [pairs.gt[i] for i in order]
         if self.device == "gpu":
             device_id = torch.cuda.current_device()
         else:
@@ -168,10 +166,10 @@ class DaliPairLoader(PairLoader):
             lq_files=lq_files,
             gt_files=gt_files,
             device=self.device,
-            bgr=self.data.bgr,
-            resize=self.data.resize,
-            encoded=self.data.format == "image",
-            bits=self.data.bits,
+            bgr=pairs.bgr,
+            resize=pairs.resize,
+            encoded=pairs.encoded,
+            bits=pairs.bits,
         )
         if plans[0].x is None:
             pipe = eval_pipeline(**common)
@@ -197,7 +195,7 @@ class DaliPairLoader(PairLoader):
                         scheduled += pipe.prefetch_queue_depth if scheduled == 0 else 1
                     lq, gt = pipe.outputs()
                 except RuntimeError as exc:  # a file that passed the header scan but does not decode
-                    raise DataError(_dali_error(exc)) from exc
+                    raise self.error(_dali_error(exc)) from exc
                 scene, frame = self.names(plan)
                 yield {"lq": _to_torch(lq, device), "gt": _to_torch(gt, device), "scene": scene, "frame": frame}
         finally:

@@ -1,4 +1,5 @@
-"""What both loaders share: the epoch/batch position, the plan of each epoch, resume."""
+"""What both loaders share: the pairs they read (`PairList`), the epoch/batch position, the plan of each epoch,
+resume."""
 
 from __future__ import annotations
 
@@ -8,11 +9,41 @@ from typing import Any
 
 import numpy as np
 
-from lfpv_fast.data.errors import DataError
-from lfpv_fast.data.source import SplitData
 from lfpv_fast.pipelines.sampling import epoch_draws, per_rank_batch, test_indices, train_batches
 
 Batch = dict[str, Any]
+
+
+class LoaderError(ValueError):
+    """A split or a frame the loaders cannot use (the default of the loaders' `error` argument)."""
+
+
+@dataclass(frozen=True)
+class PairList:
+    """The (LQ, GT) pairs of one split in plain values: what a loader reads, in this order.
+
+    lfpv_fast.data.loaders makes one from a config. The DALI loader reads the files itself; the torch loader
+    asks its `read` callable for pair i and uses only the names and sizes here.
+    """
+
+    lq: list[str]  # each pair's LQ file
+    gt: list[str]  # each pair's GT file (several pairs may share one)
+    scene: list[str]  # each pair's "scene" and "frame" name in the batches
+    frame: list[str]
+    sizes: list[tuple[int, int]]  # each pair's (width, height) as read, after `resize`
+    resize: tuple[int, int] | None = None  # (width, height) DALI resizes to when reading; None: the stored size
+    bgr: bool = False  # frames stored BGR (raw SMID, demo): reversed to RGB
+    encoded: bool = False  # image files (PNG, JPEG, TIFF) rather than .npy arrays
+    bits: tuple[int, int] = (8, 8)  # sample depth of the LQ and of the GT files (8 or 16)
+
+    def __post_init__(self) -> None:
+        counts = {len(v) for v in (self.lq, self.gt, self.scene, self.frame, self.sizes)}
+        if len(counts) != 1:
+            raise ValueError(f"PairList: lq, gt, scene, frame and sizes must have one entry per pair, got lengths "
+                             f"{[len(v) for v in (self.lq, self.gt, self.scene, self.frame, self.sizes)]}")
+
+    def __len__(self) -> int:
+        return len(self.lq)
 
 
 @dataclass(frozen=True)
@@ -32,11 +63,14 @@ class PairLoader:
     `iter(loader)` yields the batches left in the current epoch, then moves to the next epoch at
     batch 0. `state_dict()` is {"epoch", "batch"} with batch = batches already yielded in the epoch;
     `load_state_dict` restores it and the next iteration continues with the identical batches.
+
+    `error` is the exception type the loader raises for a split or a frame it cannot use (fewer pairs than one
+    global batch, a file DALI cannot decode); lfpv_fast.data.loaders passes the data layer's `DataError`.
     """
 
     def __init__(
         self,
-        data: SplitData,
+        pairs: PairList,
         split: str,
         crop: int,
         global_batch: int,
@@ -44,6 +78,7 @@ class PairLoader:
         rank: int = 0,
         world_size: int = 1,
         seed: int = 0,
+        error: type[Exception] = LoaderError,
     ) -> None:
         if split not in ("train", "test"):
             raise ValueError(f"split must be 'train' or 'test', got {split!r}")
@@ -51,15 +86,18 @@ class PairLoader:
             raise ValueError(f"seed must be >= 0, got {seed}")
         if not 0 <= rank < world_size:
             raise ValueError(f"rank must be in [0, world_size={world_size}), got {rank}")
-        self.data, self.split, self.crop, self.flips = data, split, crop, flips
-        self.rank, self.world_size, self.seed = rank, world_size, seed
+        self.pairs, self.split, self.crop, self.flips = pairs, split, crop, flips
+        self.rank, self.world_size, self.seed, self.error = rank, world_size, seed, error
         self.global_batch = global_batch
-        n = len(data.pairs)
+        n = len(pairs)
+        # The draws take the sizes as two arrays (they collapse to one size where all are alike).
+        self._widths = np.array([w for w, _ in pairs.sizes], dtype=np.int64)
+        self._heights = np.array([h for _, h in pairs.sizes], dtype=np.int64)
         if split == "train":
             self.batch_size = per_rank_batch(global_batch, world_size)
             self._len = n // global_batch
             if self._len == 0:
-                raise DataError(
+                raise error(
                     f"the training split has {n} pairs, fewer than one global batch (data.batch_size={global_batch})"
                 )
         else:
@@ -97,21 +135,17 @@ class PairLoader:
     # --- plan ------------------------------------------------------------------------------------
     def plan(self, epoch: int) -> list[BatchPlan]:
         """This rank's batches of `epoch` (a pure function of seed, epoch, rank and world size)."""
-        n = len(self.data.pairs)
+        n = len(self.pairs)
         if self.split == "test":
             return [BatchPlan(np.array([i])) for i in test_indices(n, self.world_size, self.rank)]
-        size = self.data.size
-        if size is None:  # images kept at their own, differing sizes: one (w, h) per pair
-            size = tuple(np.array(v) for v in zip(*self.data.sizes, strict=True))
-        d = epoch_draws(n, self.seed, epoch, size, self.crop, self.flips)
+        d = epoch_draws(n, self.seed, epoch, (self._widths, self._heights), self.crop, self.flips)
         return [
             BatchPlan(idx, d.x[idx], d.y[idx], d.hflip[idx], d.vflip[idx])
             for idx in train_batches(d.order, self.global_batch, self.world_size, self.rank)
         ]
 
     def names(self, plan: BatchPlan) -> tuple[list[str], list[str]]:
-        pairs = [self.data.pairs[i] for i in plan.indices]
-        return [p.scene for p in pairs], [p.frame for p in pairs]
+        return [self.pairs.scene[i] for i in plan.indices], [self.pairs.frame[i] for i in plan.indices]
 
     # --- iteration -------------------------------------------------------------------------------
     def __iter__(self) -> Iterator[Batch]:

@@ -1,12 +1,11 @@
 """The reference loader: a torch DataLoader doing the published per-sample steps.
 
-Per sample: read the LQ frame and its GT (`.npy`: np.load; image files: decoded by Pillow, or
-imagecodecs for 16-bit PNG and tifffile for TIFF, through `lfpv_fast.io.imageio.read_pixels`: gray to
-RGB, alpha dropped, EXIF orientation applied), resize each to data.resize (OpenCV INTER_LINEAR,
-rounded to the sample type; skipped where frames are stored at that size), crop both at the planned
-anchor, flip both as planned, reverse BGR to RGB (SMID), and scale to float32 CHW in [0, 1] (x / 255,
-or x / 65535 for 16-bit files). The choices come from `pipelines.sampling` through a batch sampler, so
-worker processes hold no random state and the batches do not depend on num_workers.
+Per sample: `read(i)` (given by the caller; lfpv_fast.data.loaders reads `.npy` frames with np.load and image
+files with Pillow, imagecodecs or tifffile, and resizes to data.resize with OpenCV's INTER_LINEAR formula) returns
+pair i's LQ and GT frames, H x W x 3 uint8 or uint16 in their stored channel order, at the size the pair list
+says. Then both are cropped at the planned anchor, flipped as planned, reversed BGR to RGB (SMID), and scaled to
+float32 CHW in [0, 1] (x / 255, or x / 65535 for 16-bit frames). The choices come from `pipelines.sampling`
+through a batch sampler, so worker processes hold no random state and the batches do not depend on num_workers.
 """
 
 from __future__ import annotations
@@ -14,64 +13,38 @@ from __future__ import annotations
 import os
 import signal
 import sys
-from collections.abc import Iterator
-from pathlib import Path
+from collections.abc import Callable, Iterator
 
 import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from lfpv_fast.data.errors import DataError
-from lfpv_fast.data.smid import load_frame, resize_linear
-from lfpv_fast.data.source import SplitData
-from lfpv_fast.io.imageio import ImageReadError, read_pixels
-from lfpv_fast.pipelines.loader import Batch, BatchPlan, PairLoader
+from lfpv_fast.pipelines.loader import Batch, BatchPlan, PairList, PairLoader
 
-
-def read_image_frame(path: Path, bits: int, size: tuple[int, int]) -> np.ndarray:
-    """An image file's H x W x 3 samples (uint8 or uint16), checked against what the header scan found."""
-    try:
-        color, _alpha, depth, _mode = read_pixels(path)
-    except (ImageReadError, OSError) as exc:
-        raise DataError(str(exc) if str(path) in str(exc) else f"{path}: {exc}") from exc
-    if depth != bits or (color.shape[1], color.shape[0]) != size:
-        raise DataError(f"{path}: decoded as {color.shape[1]}x{color.shape[0]}, {depth} bit, but the scan before "
-                        f"training found {size[0]}x{size[1]}, {bits} bit; was the file changed?")
-    return color
-
+# pair index -> (LQ, GT) frames; called in the loader's worker processes, so it must pickle where they spawn
+Reader = Callable[[int], tuple[np.ndarray, np.ndarray]]
 
 # A sample key: (index, x, y, hflip, vflip); x is -1 for "no crop" (test).
 Key = tuple[int, int, int, bool, bool]
 
 
 class PairDataset(Dataset):
-    """Map-style dataset over `SplitData.pairs`, indexed by sample keys from the plan."""
+    """Map-style dataset over the pairs of a `PairList`, indexed by sample keys from the plan."""
 
-    def __init__(self, data: SplitData, crop: int) -> None:
-        self.data, self.crop = data, crop
-        self._stored_shape = None
-        if data.resize is None and data.size is not None:
-            self._stored_shape = (data.size[1], data.size[0], 3)
+    def __init__(self, pairs: PairList, read: Reader, crop: int) -> None:
+        self.pairs, self.read, self.crop = pairs, read, crop
 
     def __len__(self) -> int:
-        return len(self.data.pairs)
+        return len(self.pairs)
 
-    def _read(self, index: int, side: int, x: int, y: int, hflip: bool, vflip: bool) -> torch.Tensor:
-        pair, data = self.data.pairs[index], self.data
-        path = (pair.lq, pair.gt)[side]
-        if data.format == "image":
-            img = read_image_frame(path, data.bits[side], data.sizes[index])
-        else:
-            img = load_frame(path, self._stored_shape)
-        if self.data.resize is not None:
-            img = resize_linear(img, *self.data.resize)
+    def _augment(self, img: np.ndarray, x: int, y: int, hflip: bool, vflip: bool) -> torch.Tensor:
         if x >= 0:
             img = img[y : y + self.crop, x : x + self.crop]
         if hflip:
             img = img[:, ::-1]
         if vflip:
             img = img[::-1]
-        if self.data.bgr:
+        if self.pairs.bgr:
             img = img[:, :, ::-1]
         # x * float32(1/255) (or 1/65535), as DALI's crop_mirror_normalize computes it: both loaders agree bit
         # for bit. In numpy, which is single-threaded: torch's intra-op threads only add overhead here.
@@ -81,12 +54,12 @@ class PairDataset(Dataset):
 
     def __getitem__(self, key: Key) -> tuple[torch.Tensor, torch.Tensor, str, str]:
         index, x, y, hflip, vflip = key
-        pair = self.data.pairs[index]
+        lq, gt = self.read(index)
         return (
-            self._read(index, 0, x, y, hflip, vflip),
-            self._read(index, 1, x, y, hflip, vflip),
-            pair.scene,
-            pair.frame,
+            self._augment(lq, x, y, hflip, vflip),
+            self._augment(gt, x, y, hflip, vflip),
+            self.pairs.scene[index],
+            self.pairs.frame[index],
         )
 
 
@@ -137,11 +110,16 @@ def cap_workers(asked: int) -> int:
 
 class TorchPairLoader(PairLoader):
     """`PairLoader` on a torch DataLoader with `num_workers` processes (capped at the available cores; pinned
-    memory on "gpu")."""
+    memory on "gpu"), reading pair i with `read(i)`.
 
-    def __init__(self, data: SplitData, *args, num_workers: int = 0, pin_memory: bool = False, **kwargs) -> None:
-        super().__init__(data, *args, **kwargs)
-        self.dataset = PairDataset(data, self.crop)
+    An exception of type `error` raised by `read` reaches the caller as it was raised: in a worker process torch
+    re-raises it with the worker's traceback in its message, which is cut back to the reader's one line.
+    """
+
+    def __init__(self, pairs: PairList, read: Reader, *args, num_workers: int = 0, pin_memory: bool = False,
+                 **kwargs) -> None:
+        super().__init__(pairs, *args, **kwargs)
+        self.dataset = PairDataset(pairs, read, self.crop)
         self.num_workers, self.pin_memory = cap_workers(num_workers), pin_memory
 
     def _produce(self, plans: list[BatchPlan]) -> Iterator[Batch]:
@@ -157,8 +135,8 @@ class TorchPairLoader(PairLoader):
         )
         try:
             yield from loader
-        except DataError as exc:  # from a worker, torch adds the worker's traceback: keep the one-line message
+        except self.error as exc:  # from a worker, torch adds the worker's traceback: keep the one-line message
             lines = [line for line in str(exc).splitlines() if line.strip()]
             if len(lines) > 1:
-                raise DataError(lines[-1].split("DataError: ", 1)[-1]) from exc
+                raise type(exc)(lines[-1].split(f"{type(exc).__name__}: ", 1)[-1]) from exc
             raise

@@ -12,8 +12,8 @@ import pytest
 from lfpv_fast.config import config_from_dict
 from lfpv_fast.data.cache import MANIFEST, read_manifest
 from lfpv_fast.data.errors import DataError
+from lfpv_fast.data.loaders import build_loader
 from lfpv_fast.data.smid import check_npy_header
-from lfpv_fast.pipelines import build_loader
 from lfpv_fast.prepare import main as prepare_main
 from lfpv_fast.prepare import prepare
 

@@ -15,8 +15,8 @@ import torch
 from lfpv_fast.config import config_from_dict
 from lfpv_fast.data import demo
 from lfpv_fast.data.errors import DataError
+from lfpv_fast.data.loaders import build_loader
 from lfpv_fast.data.smid import scan_tree
-from lfpv_fast.pipelines import build_loader
 
 
 @pytest.fixture(scope="module")

@@ -26,8 +26,8 @@ except ImportError:  # a bare GPU machine has no imagecodecs: the 16-bit PNG cas
 from lfpv_fast.config import ConfigError, config_from_dict, load_config
 from lfpv_fast.data.errors import DataError
 from lfpv_fast.data.images import PRESETS, read_header
+from lfpv_fast.data.loaders import build_loader
 from lfpv_fast.data.smid import resize_linear
-from lfpv_fast.pipelines import build_loader
 from lfpv_fast.training.metrics import gray_opencv, psnr, psnr_gt_mean
 
 LOADERS = ["torch", "dali"]

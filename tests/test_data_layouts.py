@@ -15,7 +15,7 @@ from helpers import TINY_MODEL_RUN, write_png
 from lfpv_fast.config import config_from_dict, load_config
 from lfpv_fast.data.errors import DataError
 from lfpv_fast.data.images import LAYOUTS
-from lfpv_fast.pipelines import build_loader
+from lfpv_fast.data.loaders import build_loader
 
 H, W = 24, 32
 TRAIN_KEYS = ["00001", "00002", "00003", "00004"]

@@ -1,7 +1,7 @@
-"""The loaders (torch and DALI on the CPU): alignment, coverage and sharding, determinism, resume,
-and DALI against the torch reference on the same choices. Each contract runs on SMID-style .npy
-frames and on the same frames as image pairs (8-bit and 16-bit PNG, decoded by Pillow/imagecodecs
-and by DALI)."""
+"""The loaders (torch and DALI on the CPU): alignment, coverage and sharding, determinism, resume, and DALI
+against the torch reference on the same choices. Each contract runs on SMID-style .npy frames and on the same
+frames as image pairs (8-bit and 16-bit PNG, decoded by Pillow/imagecodecs and by DALI). Last, pipelines/ on its
+own, on plain inputs."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ import torch
 
 from helpers import make_cfg, write_list, write_png, write_tree
 from lfpv_fast.config import ConfigError
-from lfpv_fast.pipelines import build_loader
+from lfpv_fast.data.loaders import build_loader
 from lfpv_fast.pipelines.sampling import epoch_draws, per_rank_batch, train_batches
 
 LOADERS = ["torch", "dali"]
@@ -232,3 +232,64 @@ def test_dali_gpu_matches_cpu(aligned):
     for x, y in zip(cpu, gpu, strict=True):
         assert y["lq"].is_cuda and x["scene"] == y["scene"]
         assert torch.equal(x["lq"], y["lq"].cpu()) and torch.equal(x["gt"], y["gt"].cpu())
+
+
+# ---------------------------------------------------------------------------------------------
+# pipelines/ on its own: plain inputs, no config, no data layer
+
+
+class BrokenFrame(ValueError):
+    """A reader's own error type."""
+
+
+class NpyReader:
+    """Reads pair i of a PairList with np.load; pair `broken` raises BrokenFrame (module level: workers pickle it
+    where they spawn)."""
+
+    def __init__(self, pairs, broken: int = -1) -> None:
+        self.pairs, self.broken = pairs, broken
+
+    def __call__(self, i: int) -> tuple[np.ndarray, np.ndarray]:
+        if i == self.broken:
+            raise BrokenFrame(f"{self.pairs.lq[i]}: broken frame")
+        return np.load(self.pairs.lq[i]), np.load(self.pairs.gt[i])
+
+
+def test_the_loaders_take_plain_inputs_and_the_readers_error_passes_through(tmp_path):
+    from lfpv_fast.pipelines import LoaderError, PairList, dali
+    from lfpv_fast.pipelines.torch_loader import TorchPairLoader
+
+    rng = np.random.default_rng(3)
+    lq, gt = [], []
+    for k in range(6):  # BGR on disk, as SMID stores it
+        for side, names in (("lq", lq), ("gt", gt)):
+            names.append(str(tmp_path / f"{side}{k}.npy"))
+            np.save(names[-1], rng.integers(0, 256, (H, W, 3), dtype=np.uint8))
+    pairs = PairList(lq, gt, scene=["s"] * 6, frame=[str(k) for k in range(6)], sizes=[(W, H)] * 6, bgr=True)
+    common = dict(split="train", crop=16, global_batch=2, flips=True, seed=1)
+    loader = TorchPairLoader(pairs, NpyReader(pairs), **common)
+    plans = loader.plan(0)
+    torch_batches = run_epoch(loader)
+    assert len(torch_batches) == 3
+    for batch, plan in zip(torch_batches, plans, strict=True):
+        for j, i in enumerate(plan.indices):
+            x, y = int(plan.x[j]), int(plan.y[j])
+            ref = np.load(lq[i])[y : y + 16, x : x + 16, ::-1]  # the crop, in RGB
+            ref = ref[:, ::-1] if plan.hflip[j] else ref
+            ref = ref[::-1] if plan.vflip[j] else ref
+            assert batch["frame"][j] == str(i) and (u8(batch["lq"])[j] == ref.transpose(2, 0, 1)).all()
+    if dali.HAVE_DALI:  # the DALI loader reads the same files itself: the same batches
+        assert _same(torch_batches, run_epoch(dali.DaliPairLoader(pairs, num_threads=1, **common)))
+    # The reader's error reaches the caller as its own type and one line, from a worker process too.
+    first = int(plans[0].indices[0])  # the first pair the epoch reads
+    for workers in (0, 1):
+        loader = TorchPairLoader(pairs, NpyReader(pairs, broken=first), error=BrokenFrame, num_workers=workers,
+                                 **common)
+        with pytest.raises(BrokenFrame) as info:
+            run_epoch(loader)
+        assert str(info.value) == f"{lq[first]}: broken frame"
+    with pytest.raises(LoaderError, match="fewer than one global batch"):
+        TorchPairLoader(pairs, NpyReader(pairs), **{**common, "global_batch": 8})
+    with pytest.raises(ValueError, match="one entry per pair"):
+        PairList(lq, gt[:5], scene=["s"] * 6, frame=[str(k) for k in range(6)], sizes=[(W, H)] * 6)
+

@@ -14,8 +14,8 @@ from helpers import make_cfg, opencv_linear, write_list, write_tree
 from lfpv_fast.config import config_from_dict
 from lfpv_fast.data.cache import read_manifest
 from lfpv_fast.data.errors import DataError
+from lfpv_fast.data.loaders import build_loader
 from lfpv_fast.data.smid import load_frame, resize_linear, scan_tree, split_pairs
-from lfpv_fast.pipelines import build_loader
 from lfpv_fast.prepare import main as prepare_main
 from lfpv_fast.prepare import prepare
 

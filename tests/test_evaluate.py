@@ -62,7 +62,7 @@ def test_evaluate_our_checkpoint_writes_json_table_and_images(demo_root, tmp_pat
     from PIL import Image
 
     from lfpv_fast.config import load_config
-    from lfpv_fast.pipelines import build_loader
+    from lfpv_fast.data.loaders import build_loader
 
     cfg = load_config("smid", demo_overrides(demo_root))
     first = next(iter(build_loader(cfg, "test")))

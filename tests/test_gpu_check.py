@@ -311,7 +311,7 @@ def test_the_synthetic_dataset_and_the_training_overrides_make_a_valid_run_confi
     """Where scikit-image is missing, the training step reads a synthetic SMID-style tree; every --set of the
     planned command is a valid key and value, and the loaders read the tree."""
     from lfpv_fast.config import load_config
-    from lfpv_fast.pipelines import build_loader
+    from lfpv_fast.data.loaders import build_loader
 
     found = fake_probe()
     found.packages["skimage"].error = "No module named 'skimage'"

@@ -55,5 +55,5 @@ def test_enhance_and_the_other_tools_work_without_triton_dali_and_scikit_image(t
     with Image.open(tmp_path / "out" / "dark.png") as im:
         assert im.size == (24, 20)
     imported = run("import", "lfpv_fast.train", "lfpv_fast.training.trainer", "lfpv_fast.evaluate", "lfpv_fast.prepare",
-                   "lfpv_fast.pipelines")
+                   "lfpv_fast.pipelines", "lfpv_fast.data.loaders")
     assert imported.returncode == 0 and "blocked modules loaded: []" in imported.stderr, imported.stderr

@@ -185,7 +185,7 @@ class PoisonedLoader:
 
 
 def poisoned_loaders(cfg, bad: set[int]):
-    from lfpv_fast.pipelines import build_loader
+    from lfpv_fast.data.loaders import build_loader
 
     return PoisonedLoader(build_loader(cfg, "train"), bad), build_loader(cfg, "test")
 
@@ -304,7 +304,8 @@ def test_resume_falls_back_to_the_newest_intact_checkpoint_and_says_so(tmp_path,
 def test_loader_workers_are_capped_at_the_available_cores_saying_so_once(monkeypatch, capsys, demo_root):
     import warnings
 
-    from lfpv_fast.pipelines import build_loader, torch_loader
+    from lfpv_fast.data.loaders import build_loader
+    from lfpv_fast.pipelines import torch_loader
 
     monkeypatch.setattr(torch_loader.os, "sched_getaffinity", lambda pid: {0}, raising=False)
     monkeypatch.setattr(torch_loader, "_reported_worker_caps", set())

@@ -142,7 +142,7 @@ class NonFiniteError(RuntimeError):
 
 
 class Trainer:
-    """One training run in `run_dir`. `train_loader`/`val_loader` default to lfpv_fast.pipelines.build_loader.
+    """One training run in `run_dir`. `train_loader`/`val_loader` default to lfpv_fast.data.loaders.build_loader.
 
     Two names for the network: `net` is the bare LFPVNet (its weights, banks and draws generator; what
     checkpoints, validation and the exports use); `wrapped_net` is what the training step calls: `net` inside
@@ -283,7 +283,7 @@ class Trainer:
         """
         if train_loader is not None and val_loader is not None:
             return train_loader, val_loader
-        from lfpv_fast.pipelines import build_loader
+        from lfpv_fast.data.loaders import build_loader
 
         if self.cfg.data.dataset == "demo":
             self._make_demo_dataset()
