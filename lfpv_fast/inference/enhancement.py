@@ -49,8 +49,9 @@ DEFAULT_OVERLAP = 64
 # Share of the free memory that the whole-image path may plan to use (the estimate is not exact, and
 # the allocator and the rest of the process need room too).
 MEMORY_HEADROOM = 0.8
-# The whole-image path's strip settings (rows per strip, recompute instead of keep), fastest first: the plan takes
-# the first whose estimated peak fits the budget before it falls back to tiles.
+# The whole-image path's strip settings (rows per strip, recompute instead of keep): each later one needs less
+# memory on a large photo (smaller strips hold less working set, low_memory keeps fewer maps) and more time
+# (more halo rows recomputed, the recomputed maps). The plan takes the first whose estimate fits, then tiles.
 STRIP_SETTINGS = ((DEFAULT_STRIP_ROWS, False), (64, False), (DEFAULT_STRIP_ROWS, True), (64, True), (32, True))
 
 
