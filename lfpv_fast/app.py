@@ -77,10 +77,10 @@ DEFAULT_HOST = "127.0.0.1"
 DEFAULT_PORT = 7860
 DEFAULT_RUNS = "runs"
 WEIGHTS_NAME = FINAL_WEIGHTS  # what a training run exports
-# Largest image accepted by default (--max-image-size: the memory reading it takes, ImageInfo.read_peak_bytes): 768 MiB
-# takes every 8- or 16-bit image of 40 MP (an 8000x5000 photo; at most 20 bytes a pixel: 16-bit RGBA or gray), as the
-# app's old refusal above 40 MP did, and 8-bit RGB up to 53 MP; far below Pillow's decompression-bomb limit.
-DEFAULT_MAX_IMAGE_SIZE = 768 * 2**20
+# Largest image accepted by default (--max-image-size: the memory reading it takes, ImageInfo.read_peak_bytes): 840 MiB
+# takes every 8- or 16-bit image of 40 MP (an 8000x5000 photo; at most 22 bytes a pixel, 16-bit gray with alpha), as
+# the app's old refusal above 40 MP did, and 8-bit RGB up to 58 MP; far below Pillow's decompression-bomb limit.
+DEFAULT_MAX_IMAGE_SIZE = 840 * 2**20
 DEFAULT_MAX_FILES = 16
 DEFAULT_MAX_QUEUE = 8
 DEFAULT_MAX_UPLOAD_MB = 200
@@ -191,7 +191,7 @@ class Enhancer:
                   if self.pipeline.note is None else "whole image, untiled (refused when it would not fit memory)")
         limit = ("no size limit" if self.max_decoded_bytes is None else
                  f"images taking up to {self.max_decoded_bytes / 2**20:.0f} MiB to read, --max-image-size "
-                 f"(about {self.max_decoded_bytes / 20e6:.0f} MP of any 8- or 16-bit image)")
+                 f"(about {self.max_decoded_bytes / 22e6:.0f} MP of any 8- or 16-bit image)")
         return (f"**Model** `{_escape(self.model_name)}` ({params / 1e6:.2f} M parameters, {_describe_network(cfg)})"
                 f" · **Device** {_escape(describe_device(self.device))} · "
                 f"**Precision** {self.precision} · **Backend** {self.backend_description} · **Inference** {tiling} · "

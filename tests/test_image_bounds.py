@@ -201,7 +201,7 @@ def test_the_app_refuses_a_bomb_before_decoding(tmp_path, tiny_checkpoint, no_de
     from lfpv_fast.training.checkpoint import load_model
 
     enhancer = app_mod.Enhancer(load_model(tiny_checkpoint, backend="reference"), tiny_checkpoint,
-                                torch.device("cpu"), max_pixels=40_000_000)
+                                torch.device("cpu"))  # the app's default --max-image-size
     bomb = write_tiff_bomb(tmp_path / "upload.tif", "volumetric")
     peak, error = traced(lambda: enhancer.enhance_file(bomb, "photo.tif", tmp_path))
     assert isinstance(error, app_mod.InputError) and peak < SMALL_PEAK
