@@ -30,6 +30,7 @@ from lfpv_fast.inference.whole_image import PRECISIONS, check_precision
 from lfpv_fast.io.imageio import DEFAULT_MAX_DECODED_BYTES
 from lfpv_fast.models import LFPVNet, ModelConfig
 from lfpv_fast.ops.backends import BACKENDS, require_backend
+from lfpv_fast.training.checkpoint import load_model
 
 # The longest error line printed: what a message quotes is cut where it is made (lfpv_fast.config.quote); this
 # is the last guard, for a message that quotes something long that nobody cut (a path, a library's text).
@@ -198,8 +199,6 @@ def load_inference_model(parser: argparse.ArgumentParser, args: argparse.Namespa
     against the loaded model's alignment (`enhancement.tile_problem`, the one tile rule).
 
     ValueError or FileNotFoundError (OSError for a file that cannot be read) saying what is wrong."""
-    from lfpv_fast.training.checkpoint import load_model
-
     net = load_model(args.checkpoint if checkpoint is None else checkpoint, backend=args.backend, config=config)
     if hasattr(args, "tile"):
         problem = tile_problem(args.tile, args.tile_overlap, net.align, alignment_rule(net))

@@ -281,8 +281,9 @@ def main(argv: list[str] | None = None) -> int:
         return fail(os_error_line(exc))
     try:
         device = inference_device(args)
-    except ValueError as exc:
-        parser.error(str(exc))  # exits with status 2, as enhance and the app
+    except ValueError as exc:  # enhance's line for it (a usage error), and its status
+        print(parser.usage_error_line(str(exc)), file=sys.stderr)
+        return 2
     try:
         raw = read_checkpoint(args.checkpoint)
         published_lfpv = published_state_dict(raw) is not None
