@@ -12,8 +12,11 @@ check, reader, plan, `enhance_image`, writer; whole image when it fits, tiles ot
 - Binds to 127.0.0.1 unless --host says otherwise (then a warning: the page has no login).
 - One enhancement at a time per process (a queue of --max-queue waiting requests; the page shows the
   position), so that two users do not run the device out of memory.
-- Bad input (not an image, truncated, over --max-pixels, too many files at once) gets a message on
+- Bad input (not an image, truncated, over --max-image-size, too many files at once) gets a message on
   the page and a one-line note in the log; the server goes on serving.
+- The model flags (--checkpoint, --device, --backend, --precision, --compile, --tile, --tile-overlap,
+  --max-pixels, --max-memory, --max-image-size) are `enhance`'s, with its meanings
+  (lfpv_fast.cli.add_inference_args); only the default of --max-image-size differs.
 - Results live in a work folder inside Gradio's upload folder (so Gradio serves them from there rather than
   copying them into its cache): a session's results are deleted when its next request succeeds and when
   its page is closed, and the folder is kept within --max-work-mb and --max-work-files (oldest first).
@@ -47,26 +50,37 @@ from typing import Any
 import numpy as np
 import torch
 
-from lfpv_fast.cli import ArgumentParser, cut_path, one_line, os_error_line, resolve_device
-from lfpv_fast.inference.enhancement import DEFAULT_OVERLAP, ImageEnhancer, tile_problem
-from lfpv_fast.inference.whole_image import PRECISIONS, check_precision
+from lfpv_fast.cli import (
+    ArgumentParser,
+    add_inference_args,
+    check_inference_flags,
+    cut_path,
+    image_settings,
+    inference_device,
+    load_inference_model,
+    one_line,
+    os_error_line,
+)
+from lfpv_fast.inference.enhancement import ImageEnhancer
 from lfpv_fast.io.imageio import (
     IMAGE_EXTENSIONS,
     ImageReadError,
-    read_image_size,
+    ImageTooLargeError,
     to_integer,
     write_bytes_atomic,
 )
 from lfpv_fast.models import LFPVNet
-from lfpv_fast.ops.backends import BACKENDS, resolve_backend
+from lfpv_fast.ops.backends import resolve_backend
 from lfpv_fast.training.run_folder import FINAL_WEIGHTS
 
 DEFAULT_HOST = "127.0.0.1"
 DEFAULT_PORT = 7860
 DEFAULT_RUNS = "runs"
 WEIGHTS_NAME = FINAL_WEIGHTS  # what a training run exports
-# Largest image accepted by default: 40 MP covers an 8000x5000 photo; far below Pillow's decompression-bomb limit.
-DEFAULT_MAX_UPLOAD_PIXELS = 40_000_000
+# Largest image accepted by default (--max-image-size: the memory reading it takes, ImageInfo.read_peak_bytes): 840 MiB
+# takes every 8- or 16-bit image of 40 MP (an 8000x5000 photo; at most 22 bytes a pixel, 16-bit gray with alpha), as
+# the app's old refusal above 40 MP did, and 8-bit RGB up to 58 MP; far below Pillow's decompression-bomb limit.
+DEFAULT_MAX_IMAGE_SIZE = 840 * 2**20
 DEFAULT_MAX_FILES = 16
 DEFAULT_MAX_QUEUE = 8
 DEFAULT_MAX_UPLOAD_MB = 200
@@ -129,13 +143,19 @@ def _describe_network(cfg) -> str:
 class Enhancer:
     """A loaded model and the rules of this server; `enhance_file` turns one upload into an EnhancedFile."""
 
-    def __init__(self, net: LFPVNet, checkpoint: Path, device: torch.device, *, max_pixels: int,
-                 tile: int | None = None, overlap: int | None = None, precision: str = "fp32") -> None:
+    def __init__(self, net: LFPVNet, checkpoint: Path, device: torch.device, *, tile: int | None = None,
+                 overlap: int | None = None, precision: str = "fp32", max_pixels: int | None = None,
+                 max_memory: int | None = None, compile: bool = False,
+                 max_decoded_bytes: int | None = DEFAULT_MAX_IMAGE_SIZE) -> None:
+        """The settings are `ImageEnhancer`'s (lfpv_fast.cli.image_settings maps the flags to them): max_pixels
+        tiles larger images, max_decoded_bytes (--max-image-size) refuses them."""
         # batch_size=1 as the enhance CLI's default: one tile at a time keeps the peak memory lowest.
-        self.pipeline = ImageEnhancer(net, device, tile=tile, overlap=overlap, batch_size=1, precision=precision)
+        self.pipeline = ImageEnhancer(net, device, tile=tile, overlap=overlap, batch_size=1, precision=precision,
+                                      max_pixels=max_pixels, max_memory=max_memory, compile=compile,
+                                      max_decoded_bytes=max_decoded_bytes)
         self.checkpoint = checkpoint
         self.device = device
-        self.max_pixels = max_pixels
+        self.max_decoded_bytes = max_decoded_bytes
         self.tile = tile
         self.overlap = overlap
         self.autocast = precision  # "fp32", or "bf16"/"fp16" autocast as enhance --precision
@@ -169,10 +189,13 @@ class Enhancer:
         tiling = (_processed_as(self.tile) if self.tile is not None else
                   "whole image when its estimated peak memory fits the device's free memory, tiles otherwise"
                   if self.pipeline.note is None else "whole image, untiled (refused when it would not fit memory)")
+        limit = ("no size limit" if self.max_decoded_bytes is None else
+                 f"images taking up to {self.max_decoded_bytes / 2**20:.0f} MiB to read, --max-image-size "
+                 f"(about {self.max_decoded_bytes / 22e6:.0f} MP of any 8- or 16-bit image)")
         return (f"**Model** `{_escape(self.model_name)}` ({params / 1e6:.2f} M parameters, {_describe_network(cfg)})"
                 f" · **Device** {_escape(describe_device(self.device))} · "
                 f"**Precision** {self.precision} · **Backend** {self.backend_description} · **Inference** {tiling} · "
-                f"**Limits** {self.max_pixels / 1e6:.1f} MP per image")
+                f"**Limits** {limit}")
 
     def enhance_file(self, path: Path, name: str, out_dir: Path,
                      on_start: Callable[[str], None] | None = None) -> EnhancedFile:
@@ -186,14 +209,12 @@ class Enhancer:
             raise InputError(f"{name}: not a supported image type {suffix or '(no extension)'!r} "
                              f"(expected PNG, JPEG or TIFF: {', '.join(IMAGE_EXTENSIONS)})")
         try:
-            # The header first (nothing decoded): this server's limit, then the reader's memory bound and the
-            # model's minimum size.
-            height, width = read_image_size(path)
-            if height * width > self.max_pixels:
-                raise InputError(f"{name}: {width}x{height} pixels ({height * width / 1e6:.1f} MP) is more than "
-                                 f"this server accepts ({self.max_pixels / 1e6:.1f} MP, --max-pixels)")
+            # The header first (nothing decoded): this server's --max-image-size and the model's minimum size.
             self.pipeline.check(path)
             image = self.pipeline.read(path)
+        except ImageTooLargeError as exc:
+            message = str(exc).replace(str(path), name)
+            raise InputError(f"{message} (this server's --max-image-size)") from exc
         except (ImageReadError, FileNotFoundError) as exc:
             # The readers name the server's temporary path; the user knows the file by its own name.
             raise InputError(str(exc).replace(str(path), name)) from exc
@@ -470,25 +491,17 @@ def build_parser() -> argparse.ArgumentParser:
                "trains one (the built-in demo). The page works offline and has no login: keep the default host "
                "unless every machine that can reach the port may use it.",
     )
-    parser.add_argument("--checkpoint", default=None,
-                        help=f"lfpv_fast checkpoint or published state dict (default: newest {WEIGHTS_NAME} "
-                             "under --runs)")
+    # The flags shared with enhance and evaluate (lfpv_fast.cli), with enhance's meanings.
+    add_inference_args(parser, images=True, checkpoint_required=False,
+                       checkpoint_default_help=f" (default: the newest {WEIGHTS_NAME} under --runs)",
+                       max_image_size=DEFAULT_MAX_IMAGE_SIZE,
+                       max_image_size_help=": every 8- or 16-bit image up to 40 MP, as the app accepted before; "
+                                           "enhance's default is 2G")
     parser.add_argument("--runs", default=DEFAULT_RUNS, help=f"where to look for {WEIGHTS_NAME} without "
                         f"--checkpoint (default: {DEFAULT_RUNS})")
     parser.add_argument("--host", default=DEFAULT_HOST, help=f"address to bind (default {DEFAULT_HOST}: this "
                         "machine only; 0.0.0.0 serves every network interface, with no login)")
     parser.add_argument("--port", type=int, default=DEFAULT_PORT, help=f"port (default {DEFAULT_PORT})")
-    parser.add_argument("--device", default="auto", help="auto (GPU if present), cpu, cuda, cuda:N")
-    parser.add_argument("--backend", default="auto", choices=BACKENDS)
-    parser.add_argument("--precision", default="fp32", choices=PRECISIONS,
-                        help="bf16/fp16 autocast: on CUDA; on a CPU only where faster than fp32 (else refused)")
-    parser.add_argument("--tile", type=int, default=None, help="always enhance in tiles of this side (a multiple "
-                        "of the model's alignment, 16 for the published model); default: the whole image when its "
-                        "estimated peak memory fits the device's free memory, tiles otherwise (as `enhance` decides)")
-    parser.add_argument("--tile-overlap", type=int, default=None, help="minimum tile overlap in pixels (default: "
-                        f"{DEFAULT_OVERLAP}, at most half a tile)")
-    parser.add_argument("--max-pixels", type=int, default=DEFAULT_MAX_UPLOAD_PIXELS,
-                        help=f"largest image accepted, in pixels (default {DEFAULT_MAX_UPLOAD_PIXELS})")
     parser.add_argument("--max-files", type=int, default=DEFAULT_MAX_FILES,
                         help=f"most images in one request (default {DEFAULT_MAX_FILES})")
     parser.add_argument("--max-queue", type=int, default=DEFAULT_MAX_QUEUE,
@@ -510,12 +523,8 @@ def _parse_args(argv: Sequence[str] | None) -> tuple[argparse.ArgumentParser, ar
     args = parser.parse_args(argv)
     if not 1 <= args.port <= 65535:
         parser.error(f"--port must be in [1, 65535], got {args.port}")
-    # --tile against the model's alignment once the model is loaded (enhancement.tile_problem)
-    if args.tile is not None and args.tile < 1:
-        parser.error(f"--tile must be a positive multiple of the model's alignment, got {args.tile}")
-    if args.tile_overlap is not None and args.tile_overlap < 0:
-        parser.error(f"--tile-overlap must be >= 0, got {args.tile_overlap}")
-    for flag in ("max_pixels", "max_files", "max_queue", "max_upload_mb", "max_work_mb", "max_work_files"):
+    check_inference_flags(parser, args)
+    for flag in ("max_files", "max_queue", "max_upload_mb", "max_work_mb", "max_work_files"):
         if getattr(args, flag) < 1:
             parser.error(f"--{flag.replace('_', '-')} must be >= 1, got {getattr(args, flag)}")
     return parser, args
@@ -571,8 +580,6 @@ def resolve_checkpoint(checkpoint: str | None, runs: str) -> Path:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    from lfpv_fast.training.checkpoint import load_model
-
     parser, args = _parse_args(argv)
     try:
         gr = import_gradio()
@@ -584,14 +591,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     if problem is not None:
         print(f"error: cannot serve on {args.host}:{args.port}: {problem}", file=sys.stderr)
         return 2
+    try:  # --device, --precision and --backend as enhance checks them, with its one-line error
+        device = inference_device(args)
+    except ValueError as exc:
+        print(parser.usage_error_line(str(exc)), file=sys.stderr)
+        return 2
     try:
-        device = resolve_device(args.device)
-        check_precision(args.precision, device)
         checkpoint = resolve_checkpoint(args.checkpoint, args.runs)
-        net = load_model(checkpoint, backend=args.backend)
-        problem = tile_problem(args.tile, args.tile_overlap, net.config.align)
-        if problem is not None:
-            raise ValueError(f"{problem} (see python -m lfpv_fast.app --help)")
+        net = load_inference_model(parser, args, checkpoint)
     except (ValueError, FileNotFoundError) as exc:
         print(f"error: {one_line(str(exc))}", file=sys.stderr)
         return 2
@@ -603,8 +610,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
     log.addHandler(handler)
     log.setLevel(logging.INFO)
-    enhancer = Enhancer(net, checkpoint, device, max_pixels=args.max_pixels, tile=args.tile,
-                        overlap=args.tile_overlap, precision=args.precision)
+    enhancer = Enhancer(net, checkpoint, device, **image_settings(args))
     warning = exposure_warning(args.host, args.port)
     if warning is not None:
         print(warning, file=sys.stderr)

@@ -9,7 +9,8 @@ folder), in the input's format and bit depth: 16-bit PNG/TIFF stay 16-bit.
 - Grayscale images are enhanced as RGB (the gray channel replicated) and written as RGB.
 - An alpha channel is set aside, the colour is enhanced, and the alpha is written back unchanged.
 - The SNR map is computed from each input image, as the published test does.
-- Sizes down to 16x16; the model aligns sizes internally; the output has the input's size.
+- Sizes down to the model's alignment (16x16 for the published model); the model aligns sizes
+  internally; the output has the input's size.
 - Never overwrites an input: an output path that is an input file is an error (nothing is written).
 - An output folder inside an input folder is refused unless --allow-output-inside-input (files under
   it are then never taken as inputs). Existing outputs are skipped unless --overwrite.
@@ -25,10 +26,12 @@ folder), in the input's format and bit depth: 16-bit PNG/TIFF stay 16-bit.
 - --precision bf16/fp16 (autocast; on the CPU only where it is faster than fp32) and --compile.
 - Checked before anything is written: the flags, the checkpoint (even when every output exists already)
   and the header of every image to enhance (supported, within --max-image-size once decoded, at least
-  16x16). Exit status (the tools' convention, lfpv_fast.cli): 2 for an input error (a bad flag, checkpoint
-  or image, also an image found damaged only while decoding: the others are still enhanced), 1 when
-  enhancing or writing failed (out of memory; a full disk stops the run with one error line, the
-  outputs written before it kept), 0 otherwise.
+  the model's alignment on each side). Exit status (the tools' convention, lfpv_fast.cli): 2 for an input
+  error (a bad flag, checkpoint or image, also an image found damaged only while decoding: the others are
+  still enhanced), 1 when enhancing or writing failed (out of memory; a full disk stops the run with one
+  error line, the outputs written before it kept), 0 otherwise.
+- The model flags (--checkpoint, --device, --backend, --precision, --compile, the tile and size flags) are
+  the app's and, for the first five, evaluate's: one definition, lfpv_fast.cli.add_inference_args.
 
 The Python API (`enhance_image`, `plan_enhancement`, `ImageEnhancer`) is in lfpv_fast.inference.enhancement.
 """
@@ -39,7 +42,6 @@ import argparse
 import errno
 import io
 import os
-import re
 import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -48,7 +50,18 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from lfpv_fast.cli import ArgumentParser, fail, one_line, os_error_line, resolve_device
+from lfpv_fast.cli import (  # noqa: F401  (parse_size: its old home)
+    ArgumentParser,
+    add_inference_args,
+    check_inference_flags,
+    fail,
+    image_settings,
+    inference_device,
+    load_inference_model,
+    one_line,
+    os_error_line,
+    parse_size,
+)
 from lfpv_fast.inference.enhancement import (  # noqa: F401  (enhance_image, plan_enhancement, EnhancePlan: the API's old home)
     DEFAULT_OVERLAP,
     DEFAULT_TILE,
@@ -57,11 +70,8 @@ from lfpv_fast.inference.enhancement import (  # noqa: F401  (enhance_image, pla
     ImageEnhancer,
     enhance_image,
     plan_enhancement,
-    tile_problem,
 )
-from lfpv_fast.inference.whole_image import PRECISIONS, check_precision
 from lfpv_fast.io.imageio import (
-    DEFAULT_MAX_DECODED_BYTES,
     IMAGE_EXTENSIONS,
     ImageReadError,
     LoadedImage,
@@ -69,7 +79,6 @@ from lfpv_fast.io.imageio import (
     to_integer,
     write_bytes_atomic,
 )
-from lfpv_fast.ops.backends import BACKENDS, require_backend
 
 SIDE_BY_SIDE_SUFFIX = "_side_by_side.png"
 # PNG text key of a side-by-side file: the output (relative to the output folder) it shows.
@@ -91,29 +100,10 @@ def build_parser() -> ArgumentParser:
                + ", ".join(IMAGE_EXTENSIONS),
     )
     parser.add_argument("inputs", nargs="+", metavar="INPUT", help="image files or folders")
-    parser.add_argument("--checkpoint", required=True, help="lfpv_fast checkpoint or published state dict")
     parser.add_argument("-o", "--output", required=True, help="output folder")
     parser.add_argument("--recursive", action="store_true", help="also enhance images in subfolders of folder inputs")
-    parser.add_argument("--device", default="auto", help="auto (GPU if present), cpu, cuda, cuda:N")
-    parser.add_argument("--backend", default="auto", choices=BACKENDS)
     parser.add_argument("--batch-size", type=int, default=1, help="images of the same size run together (and tiles)")
-    parser.add_argument("--tile", type=int, default=None, help="always enhance in tiles of this side in pixels "
-                        "(a multiple of the model's alignment, 16 for the published model); default: the whole image "
-                        "when it fits in memory, tiles otherwise")
-    parser.add_argument("--tile-overlap", type=int, default=None, help="minimum tile overlap in pixels (default: "
-                        f"{DEFAULT_OVERLAP}, at most half a tile)")
-    parser.add_argument("--max-pixels", type=int, default=None, help="tile images with more pixels than this")
-    parser.add_argument("--max-memory", type=parse_size, default=None, metavar="SIZE",
-                        help="memory the whole-image path may use, e.g. 6G or 512M (default: "
-                        f"{MEMORY_HEADROOM:.0%}% of the device's free memory); larger images are tiled")
-    parser.add_argument("--max-image-size", type=parse_size, default=DEFAULT_MAX_DECODED_BYTES, metavar="SIZE",
-                        help="largest image accepted, as the memory reading it takes (its decoded samples, width x "
-                        "height x samples x bytes per sample, plus its float32 RGB copy, 12 bytes a pixel, and the "
-                        "RGB copy of a gray image), checked from the file's header before decoding (default: "
-                        f"{DEFAULT_MAX_DECODED_BYTES // 2**30}G)")
-    parser.add_argument("--precision", default="fp32", choices=tuple(PRECISIONS),
-                        help="bf16/fp16 autocast: on CUDA; on a CPU only where faster than fp32 (else refused)")
-    parser.add_argument("--compile", action="store_true", help="torch.compile the model (first images are slow)")
+    add_inference_args(parser, images=True)  # the flags shared with evaluate and the app (lfpv_fast.cli)
     parser.add_argument("--overwrite", action="store_true", help="replace existing outputs (default: skip them)")
     parser.add_argument("--side-by-side", action="store_true",
                         help=f"also write an 8-bit PNG 'input | output' as NAME{SIDE_BY_SIDE_SUFFIX}")
@@ -128,22 +118,8 @@ def _parse_args(argv: Sequence[str] | None) -> tuple[argparse.ArgumentParser, ar
     args = parser.parse_args(argv)
     if args.batch_size < 1:
         parser.error(f"--batch-size must be >= 1, got {args.batch_size}")
-    # --tile against the model's alignment once the model is loaded (enhancement.tile_problem)
-    if args.tile is not None and args.tile < 1:
-        parser.error(f"--tile must be a positive multiple of the model's alignment, got {args.tile}")
-    if args.tile_overlap is not None and args.tile_overlap < 0:
-        parser.error(f"--tile-overlap must be >= 0, got {args.tile_overlap}")
-    if args.max_pixels is not None and args.max_pixels < 1:
-        parser.error(f"--max-pixels must be >= 1, got {args.max_pixels}")
+    check_inference_flags(parser, args)
     return parser, args
-
-
-def parse_size(text: str) -> int:
-    """'6G', '512M', '1.5GiB', '2000000' -> bytes (binary units)."""
-    match = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([KMGT]?)(i?B)?\s*", text, flags=re.IGNORECASE)
-    if not match or float(match.group(1)) <= 0:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a memory size (e.g. 6G, 512M or a number of bytes)")
-    return int(float(match.group(1)) * 1024 ** " KMGT".index(match.group(2).upper() or " "))
 
 
 @dataclass
@@ -361,13 +337,9 @@ def main(argv: Sequence[str] | None = None) -> int:
 def _main(argv: Sequence[str] | None) -> int:
     from tqdm import tqdm
 
-    from lfpv_fast.training.checkpoint import load_model
-
     parser, args = _parse_args(argv)
     try:
-        device = resolve_device(args.device)
-        check_precision(args.precision, device)
-        require_backend(args.backend, device)
+        device = inference_device(args)
         jobs = plan_outputs(args)
     except (ValueError, FileNotFoundError) as exc:
         parser.error(str(exc))  # exits with status 2
@@ -380,17 +352,12 @@ def _main(argv: Sequence[str] | None) -> int:
 
     # The checkpoint before anything else: a bad one is an error even when every output exists already.
     try:
-        net = load_model(args.checkpoint, backend=args.backend)
-        problem = tile_problem(args.tile, args.tile_overlap, net.config.align)
-        if problem is not None:
-            raise ValueError(f"{problem} (see {parser.prog} --help)")
+        net = load_inference_model(parser, args)
     except (ValueError, FileNotFoundError) as exc:
         return fail(str(exc))
     except OSError as exc:
         return fail(os_error_line(exc, "checkpoint"))
-    enhancer = ImageEnhancer(net, device, tile=args.tile, overlap=args.tile_overlap, batch_size=args.batch_size,
-                             max_pixels=args.max_pixels, max_memory=args.max_memory, precision=args.precision,
-                             compile=args.compile, max_decoded_bytes=args.max_image_size)
+    enhancer = ImageEnhancer(net, device, batch_size=args.batch_size, **image_settings(args))
     if enhancer.note is not None:
         note(enhancer.note)
 

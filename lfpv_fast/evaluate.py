@@ -23,16 +23,21 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from lfpv_fast.cli import ArgumentParser, fail, os_error_line, resolve_device
+from lfpv_fast.cli import (
+    ArgumentParser,
+    add_inference_args,
+    fail,
+    inference_device,
+    load_inference_model,
+    os_error_line,
+)
 from lfpv_fast.config import ConfigError, RunConfig, load_config, model_config_to_dict
 from lfpv_fast.data.errors import DataError
-from lfpv_fast.inference.whole_image import PRECISIONS, autocast, check_precision, prepare_for_inference
+from lfpv_fast.inference.whole_image import autocast, prepare_for_inference
 from lfpv_fast.io.files import write_output
 from lfpv_fast.models import LFPVNet, ModelConfig
-from lfpv_fast.ops.backends import BACKENDS, require_backend
 from lfpv_fast.training.checkpoint import (
     atomic_write_text,
-    load_model,
     published_retinexformer_state_dict,
     published_state_dict,
     read_checkpoint,
@@ -244,21 +249,16 @@ def check_writable(target: Path, flag: str, folder: bool = False) -> None:
 def build_parser() -> ArgumentParser:
     p = ArgumentParser(prog="python -m lfpv_fast.evaluate", description=__doc__.split("\n\n")[1])
     p.add_argument("-c", "--config", required=True, help="run config (path, or a packaged name: smid, demo)")
-    p.add_argument("--checkpoint", required=True, help="our checkpoint or the published SMID.pth")
+    add_inference_args(p, images=False)  # the flags shared with enhance and the app (lfpv_fast.cli)
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="config override, e.g. data.lq_root=/data/SMID_LQ_np (repeatable)")
     p.add_argument("--save-images", type=Path, default=None, help="write the enhanced frames as PNG here")
     p.add_argument("--out", type=Path, default=None,
                    help="JSON results file (default: eval_<checkpoint name>.json next to the checkpoint)")
-    p.add_argument("--device", default="auto", help="auto (GPU if there is one), cpu, cuda, cuda:1 ...")
-    p.add_argument("--backend", default="auto", choices=BACKENDS)
     p.add_argument("--max-images", type=int, default=None, help="stop after this many frames")
     p.add_argument("--gt-mean", action="store_true",
                    help="also report the GT-mean-corrected PSNR (the output scaled so that its mean gray level is the "
                         "ground truth's, as several LOL papers report it; not comparable with the plain PSNR)")
-    p.add_argument("--precision", default="fp32", choices=tuple(PRECISIONS),
-                   help="bf16/fp16 autocast: on CUDA; on a CPU only where faster than fp32 (else refused)")
-    p.add_argument("--compile", action="store_true", help="torch.compile the model (the first frames are slow)")
     p.add_argument("--no-progress", action="store_true")
     return p
 
@@ -275,15 +275,22 @@ def main(argv: list[str] | None = None) -> int:
         if args.save_images is not None:
             check_writable(args.save_images, "--save-images", folder=True)
         cfg = load_config(args.config, args.overrides)
-        device = resolve_device(args.device)
-        check_precision(args.precision, device)
-        require_backend(args.backend, device)
+    except (ConfigError, FileNotFoundError, ValueError) as exc:
+        return fail(str(exc))
+    except OSError as exc:  # a name too long for the file system, a file that cannot be read
+        return fail(os_error_line(exc))
+    try:
+        device = inference_device(args)
+    except ValueError as exc:  # enhance's line for it (a usage error), and its status
+        print(parser.usage_error_line(str(exc)), file=sys.stderr)
+        return 2
+    try:
         raw = read_checkpoint(args.checkpoint)
         published_lfpv = published_state_dict(raw) is not None
         published_retinexformer = not published_lfpv and published_retinexformer_state_dict(raw) is not None
         published = published_lfpv or published_retinexformer
         # A published checkpoint carries no config: the config file's model section describes it.
-        net = load_model(args.checkpoint, backend=args.backend, config=cfg.model if published else None)
+        net = load_inference_model(parser, args, config=cfg.model if published else None)
     except (ConfigError, FileNotFoundError, ValueError) as exc:
         return fail(str(exc))
     except OSError as exc:  # a name too long for the file system, a file that cannot be read

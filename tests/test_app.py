@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import os
+import re
 import socket
 import time
+from dataclasses import replace as dataclass_replace
 from pathlib import Path
 
 import imagecodecs
@@ -14,17 +16,22 @@ import tifffile
 import torch
 from PIL import Image
 
-from app_server import AppServer, app_server
-from helpers import write_png_bomb, write_tiny_checkpoint
+from app_server import AppServer, app_server, free_port
+from helpers import TINY, assert_one_line_error, run, write_png_bomb, write_tiny_checkpoint
+from lfpv_fast import LFPVNet
 from lfpv_fast import app as app_mod
+from lfpv_fast.cli import image_settings
 from lfpv_fast.enhance import main as enhance_main
 from lfpv_fast.enhance import plan_enhancement
+from lfpv_fast.inference.enhancement import DEFAULT_TILE
 from lfpv_fast.io.imageio import read_image, read_image_size
-from lfpv_fast.training.checkpoint import load_model
+from lfpv_fast.training.checkpoint import atomic_save, load_model, weights_only_checkpoint
 
 pytest.importorskip("gradio", reason="the app needs the [app] extra (pip install -e '.[dev]' includes it)")
 
-MAX_PIXELS = 200_000  # the served app's --max-pixels: 500x500 is over it
+# The served app's --max-image-size (the memory reading an image takes): a 500x500 8-bit RGB image (3.6 MiB) is over
+# it, the 384x448 ones of the queue test (2.5 MiB) are within.
+MAX_IMAGE_SIZE = 3 * 2**20
 
 
 def dark_rgb(h: int, w: int, seed: int = 0) -> np.ndarray:
@@ -63,7 +70,7 @@ def write_truncated_png(path: Path) -> Path:
 def enhancer(tmp_path_factory: pytest.TempPathFactory) -> app_mod.Enhancer:
     checkpoint = write_tiny_checkpoint(tmp_path_factory.mktemp("ckpt") / "final_weights.pth")
     net = load_model(checkpoint, backend="reference")
-    return app_mod.Enhancer(net, checkpoint, torch.device("cpu"), max_pixels=MAX_PIXELS)
+    return app_mod.Enhancer(net, checkpoint, torch.device("cpu"), max_decoded_bytes=MAX_IMAGE_SIZE)
 
 
 def test_enhance_file_matches_the_enhance_cli(enhancer: app_mod.Enhancer, tmp_path: Path) -> None:
@@ -103,8 +110,8 @@ def test_the_page_plans_as_enhance_does(enhancer: app_mod.Enhancer, height: int,
 
 
 def test_enhance_file_reports_tiles(enhancer: app_mod.Enhancer, tmp_path: Path) -> None:
-    tiled = app_mod.Enhancer(enhancer.net, enhancer.checkpoint, enhancer.device, max_pixels=MAX_PIXELS, tile=32,
-                             overlap=8)
+    tiled = app_mod.Enhancer(enhancer.net, enhancer.checkpoint, enhancer.device, max_decoded_bytes=MAX_IMAGE_SIZE,
+                             tile=32, overlap=8)
     result = tiled.enhance_file(write_png8(tmp_path / "wide.png", 40, 72), "wide.png", tmp_path)
     assert result.tile == 32 and "tiles of 32x32" in app_mod.report_markdown([result], [], tiled)
     assert read_image(result.output).size == (40, 72)
@@ -114,8 +121,8 @@ def test_enhance_file_reports_tiles(enhancer: app_mod.Enhancer, tmp_path: Path) 
     ("not_image", "could not read image"),
     ("truncated", "could not read image"),
     ("text", "not a supported image type '.txt'"),
-    ("too_large", "more than this server accepts"),
-    ("bomb", "more than this server accepts"),
+    ("too_large", "more than the 3.0 MiB allowed; refused before decoding (this server's --max-image-size)"),
+    ("bomb", "more than the 3.0 MiB allowed; refused before decoding (this server's --max-image-size)"),
     ("tiny", "smaller than the model's minimum 16x16"),
 ])
 def test_enhance_file_bad_inputs(enhancer: app_mod.Enhancer, tmp_path: Path, kind: str, expected: str) -> None:
@@ -151,12 +158,72 @@ def test_read_image_size_reads_the_header(tmp_path: Path, name: str) -> None:
 
 
 def test_pillow_bomb_limit_still_applies(enhancer: app_mod.Enhancer, tmp_path: Path) -> None:
-    """With --max-pixels above Pillow's limit, Pillow's decompression-bomb check is the next guard."""
-    lenient = app_mod.Enhancer(enhancer.net, enhancer.checkpoint, enhancer.device, max_pixels=10**12)
-    lenient.pipeline.max_decoded_bytes = None  # and no bound on the reader's memory (lfpv_fast.io.imageio)
+    """Without a --max-image-size bound, Pillow's decompression-bomb check is the next guard."""
+    lenient = app_mod.Enhancer(enhancer.net, enhancer.checkpoint, enhancer.device, max_decoded_bytes=None)
     bomb = write_png_bomb(tmp_path / "bomb.png", 20_000)  # 400 MP, over twice Pillow's MAX_IMAGE_PIXELS
     with pytest.raises(app_mod.InputError, match="bomb.png: could not read image: .*decompression bomb"):
         lenient.enhance_file(bomb, "bomb.png", tmp_path)
+
+
+def test_max_pixels_tiles_as_in_enhance(enhancer: app_mod.Enhancer, tmp_path: Path) -> None:
+    """--max-pixels means what it means for enhance: images with more pixels are tiled, not refused; the result is
+    enhance's own file. --max-image-size is the refusal, with the app's default."""
+    args = app_mod.build_parser().parse_args(["--max-pixels", "1000", "--tile-overlap", "8"])
+    settings = image_settings(args)
+    assert settings["max_pixels"] == 1000 and settings["max_decoded_bytes"] == app_mod.DEFAULT_MAX_IMAGE_SIZE
+    source = write_png8(tmp_path / "wide.png", 40, 72)  # 2880 pixels > 1000
+    app = app_mod.Enhancer(enhancer.net, enhancer.checkpoint, enhancer.device, **settings)
+    (tmp_path / "app").mkdir()
+    result = app.enhance_file(source, source.name, tmp_path / "app")
+    assert result.tile == DEFAULT_TILE  # tiled, as enhance plans it (plan_enhancement: "pixels > --max-pixels")
+    assert enhance_main([str(source), "--checkpoint", str(enhancer.checkpoint), "-o", str(tmp_path / "cli"), "-q",
+                         "--device", "cpu", "--backend", enhancer.net.backend, "--max-pixels", "1000",
+                         "--tile-overlap", "8"]) == 0
+    assert np.array_equal(read_image(result.output).rgb, read_image(tmp_path / "cli" / source.name).rgb)
+
+
+def test_default_max_image_size_takes_every_image_the_old_limit_took(enhancer: app_mod.Enhancer,
+                                                                     tmp_path: Path) -> None:
+    """The app's old refusal was 40 MP of any kind; --max-image-size's default takes every 8- or 16-bit image of
+    40 MP (checked from the header: the files below declare their size and hold almost nothing)."""
+    from lfpv_fast.io.imageio import ImageInfo
+
+    for samples in (1, 2, 3, 4):
+        for bytes_per_sample in (1, 2):
+            assert ImageInfo(5000, 8000, samples, bytes_per_sample).read_peak_bytes <= app_mod.DEFAULT_MAX_IMAGE_SIZE
+    default = app_mod.Enhancer(enhancer.net, enhancer.checkpoint, enhancer.device)
+    assert default.pipeline.max_decoded_bytes == app_mod.DEFAULT_MAX_IMAGE_SIZE
+    assert default.pipeline.check(write_png_bomb(tmp_path / "40mp.png", 6324, 16, 4)).size == (6324, 6324)
+    with pytest.raises(app_mod.InputError, match=r"^50mp\.png: 7072x7072 pixels .*--max-image-size"):
+        default.enhance_file(write_png_bomb(tmp_path / "50mp.png", 7072, 16, 4), "50mp.png", tmp_path)
+    assert "about 40 MP of any 8- or 16-bit image" in default.summary_markdown()
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the messages of a machine without CUDA")
+def test_the_app_refuses_an_unusable_backend_as_enhance_does(monkeypatch: pytest.MonkeyPatch, tmp_path: Path,
+                                                             capsys: pytest.CaptureFixture[str]) -> None:
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    checkpoint = write_tiny_checkpoint(tmp_path / "final_weights.pth")
+    write_png8(tmp_path / "a.png")
+    code, enhance_err = run(enhance_main, [tmp_path / "a.png", "--checkpoint", checkpoint, "-o", tmp_path / "out",
+                                           "--device", "cpu", "--backend", "triton"], capsys)
+    enhance_line = assert_one_line_error(code, enhance_err, "--backend triton cannot run on cpu")
+    code, err = run(app_mod.main, ["--checkpoint", checkpoint, "--device", "cpu", "--backend", "triton",
+                                   "--port", free_port()], capsys)
+    line = assert_one_line_error(code, err, "--backend triton cannot run on cpu", "TRITON_INTERPRET=1")
+    assert line == enhance_line.replace("lfpv_fast.enhance", "lfpv_fast.app")
+
+
+def test_the_app_checks_tile_against_the_loaded_model(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """SNR-Aware with token_size 8 aligns to 32: --tile 16 is refused once the model is loaded, naming the rule."""
+    torch.manual_seed(0)
+    checkpoint = tmp_path / "token8.pth"
+    atomic_save(weights_only_checkpoint(LFPVNet(dataclass_replace(TINY, token_size=8), backend="reference")),
+                checkpoint)
+    code, err = run(app_mod.main, ["--checkpoint", checkpoint, "--device", "cpu", "--port", free_port(),
+                                   "--tile", "16"], capsys)
+    assert_one_line_error(code, err, "--tile must be a positive multiple of 32", "snr_aware backbone aligns to 32",
+                          "got 16", "python -m lfpv_fast.app --help")
 
 
 def test_newest_weights_and_missing_checkpoint(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
@@ -257,7 +324,7 @@ def test_one_enhancement_at_a_time(enhancer: app_mod.Enhancer, tmp_path: Path) -
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory: pytest.TempPathFactory) -> AppServer:
-    with app_server(tmp_path_factory.mktemp("app"), "--max-pixels", str(MAX_PIXELS), "--max-files", "3",
+    with app_server(tmp_path_factory.mktemp("app"), "--max-image-size", str(MAX_IMAGE_SIZE), "--max-files", "3",
                     "--max-queue", "1", "--max-upload-mb", "1") as running:
         yield running
 
@@ -291,12 +358,13 @@ def test_served_app_bad_inputs_get_messages_and_it_keeps_serving(client, server:
     from gradio_client import handle_file
     from gradio_client.exceptions import AppError
 
+    over = re.escape("allowed; refused before decoding (this server's --max-image-size)")
     bad = {
-        "notes.txt": "notes.txt: not a supported image type '.txt'",
+        "notes.txt": re.escape("notes.txt: not a supported image type '.txt'"),
         "garbage.png": "garbage.png: could not read image",
         "cut.png": "cut.png: could not read image",
-        "big.png": "big.png: 500x500 pixels (0.2 MP) is more than this server accepts",
-        "bomb.png": "bomb.png: 30000x30000 pixels (900.0 MP) is more than this server accepts",
+        "big.png": "big.png: 500x500 pixels .*" + over,
+        "bomb.png": "bomb.png: 30000x30000 pixels .*" + over,
     }
     (tmp_path / "notes.txt").write_text("hello")
     (tmp_path / "garbage.png").write_bytes(b"\x89PNG but not really")
@@ -304,7 +372,7 @@ def test_served_app_bad_inputs_get_messages_and_it_keeps_serving(client, server:
     write_png8(tmp_path / "big.png", 500, 500)
     write_png_bomb(tmp_path / "bomb.png", 30_000)
     for name, expected in bad.items():
-        with pytest.raises(AppError, match="^" + expected.replace("(", r"\(").replace(")", r"\)")):
+        with pytest.raises(AppError, match="^" + expected):
             client.predict([handle_file(tmp_path / name)], api_name="/enhance")
     good = write_png8(tmp_path / "good.png")
     with pytest.raises(AppError, match=r"4 files at once is more than this server takes \(3, --max-files\)"):

@@ -320,7 +320,7 @@ def test_over_long_names_in_the_app(tmp_path, tiny_checkpoint, capsys):
     name = "c" * 250 + ".png"
     upload = png(tmp_path / "upload.png", 16, 16)
     enhancer = app_mod.Enhancer(load_model(tiny_checkpoint, backend="reference"), tiny_checkpoint,
-                                torch.device("cpu"), max_pixels=10**6)
+                                torch.device("cpu"))
     (tmp_path / "work").mkdir()
     done = enhancer.enhance_file(upload, name, tmp_path / "work")
     assert done.output.is_file() and done.output.name.startswith("c" * 100) and len(done.output.name) < 255

@@ -156,3 +156,86 @@ def test_every_tool_prints_its_help(tool):
     assert result.returncode == 0, result.stderr
     assert result.stdout.startswith(f"usage: python -m lfpv_fast.{tool}"), result.stdout[:200]
     assert "--help" in result.stdout and not result.stderr.strip(), result.stderr
+
+
+# ---------------------------------------------------------------------------------------------
+# The inference tools' start-up (lfpv_fast.cli.add_inference_args): one flag set, one meaning
+
+INFERENCE_FLAGS = {"--checkpoint", "--device", "--backend", "--precision", "--compile"}
+IMAGE_FLAGS = {"--tile", "--tile-overlap", "--max-pixels", "--max-memory", "--max-image-size"}
+# What may differ for a flag two tools share: the app finds a checkpoint itself (not required, says where it
+# looks), and its --max-image-size has its own default (its old 40 MP acceptance, said in the help).
+MAY_DIFFER = {"--checkpoint": {"required", "help"}, "--max-image-size": {"default", "help"}}
+
+
+def _flags(tool: str) -> dict[str, object]:
+    import importlib
+
+    parser = importlib.import_module(f"lfpv_fast.{tool}").build_parser()
+    return {flag: action for action in parser._actions for flag in action.option_strings}
+
+
+def test_the_inference_tools_share_one_flag_set():
+    from itertools import combinations
+
+    tools = {tool: _flags(tool) for tool in ("enhance", "evaluate", "app")}
+    for tool, flags in tools.items():
+        assert INFERENCE_FLAGS <= flags.keys(), (tool, INFERENCE_FLAGS - flags.keys())
+    assert IMAGE_FLAGS <= tools["enhance"].keys() and IMAGE_FLAGS <= tools["app"].keys()
+    assert not IMAGE_FLAGS & tools["evaluate"].keys()  # evaluate runs whole frames of a test split
+    # Every flag that two tools share is the same flag: same destination, type, choices, default and help.
+    shared = 0
+    for a, b in combinations(tools, 2):
+        for flag in sorted(tools[a].keys() & tools[b].keys() - {"-h", "--help"}):
+            shared += 1
+            ours, theirs = tools[a][flag], tools[b][flag]
+            assert type(ours) is type(theirs), (flag, a, b)
+            for field in ("dest", "type", "choices", "default", "nargs", "const", "metavar", "required", "help"):
+                if field not in MAY_DIFFER.get(flag, ()):
+                    assert getattr(ours, field) == getattr(theirs, field), (flag, field, a, b)
+    assert shared == 2 * len(INFERENCE_FLAGS) + len(INFERENCE_FLAGS | IMAGE_FLAGS)
+    # --max-pixels tiles (no default: images are tiled only when they do not fit) in both tools that take it.
+    assert tools["enhance"]["--max-pixels"].default is tools["app"]["--max-pixels"].default is None
+    assert "tile images with more pixels" in tools["app"]["--max-pixels"].help
+
+
+def _checkpoint_of(config, path: Path) -> Path:
+    from lfpv_fast.models import LFPVNet
+    from lfpv_fast.training.checkpoint import atomic_save, weights_only_checkpoint
+
+    torch.manual_seed(0)
+    atomic_save(weights_only_checkpoint(LFPVNet(config, backend="reference")), path)
+    return path
+
+
+@pytest.mark.parametrize("model, align, rule", [
+    ("snr_aware token_size 8", 32, "the snr_aware backbone aligns to 32, and 4x4 LFPV patches at its 1/4 site need 16"),
+    ("retinexformer with LFPVs", 16,
+     "the retinexformer backbone aligns to 4, and 4x4 LFPV patches at its 1/4 site need 16"),
+])
+def test_the_tile_minimum_is_the_loaded_models_alignment(model, align, rule, tmp_path, capsys):
+    """--tile is checked once the model is loaded, against its alignment (one line naming --tile, the value and the
+    model's rule; nothing written); a multiple of it is taken."""
+    from dataclasses import replace
+
+    from PIL import Image
+
+    from helpers import TINY
+    from lfpv_fast.models import ModelConfig
+
+    config = (replace(TINY, token_size=8) if model.startswith("snr_aware") else
+              ModelConfig("retinexformer", {"n_feat": 8, "num_blocks": [1, 1, 1]}, {"bank_size": 4,
+                                                                                     "updater_width": 16}))
+    checkpoint = _checkpoint_of(config, tmp_path / "model.pth")
+    image = tmp_path / "a.png"
+    Image.fromarray(np.full((40, 56, 3), 30, np.uint8)).save(image)
+    for tile in (align // 2, align + align // 2):
+        code, err = run(enhance_cli.main, [image, "--checkpoint", checkpoint, "-o", tmp_path / "out", "--device",
+                                           "cpu", "--tile", tile], capsys)
+        assert_one_line_error(code, err, f"--tile must be a positive multiple of {align}", rule, f"got {tile}")
+        assert not (tmp_path / "out").exists()
+    code, err = run(enhance_cli.main, [image, "--checkpoint", checkpoint, "-o", tmp_path / "out", "--device", "cpu",
+                                       "--tile", align, "--tile-overlap", align // 4, "-q"], capsys)
+    assert code == 0, err
+    with Image.open(tmp_path / "out" / "a.png") as result:
+        assert result.size == (56, 40)

@@ -65,13 +65,25 @@ def size_problem(height: int, width: int, align: int) -> str | None:
     return None
 
 
-def tile_problem(tile: int | None, overlap: int | None, align: int) -> str | None:
-    """Why --tile / --tile-overlap cannot be used with a model of this alignment (`ModelConfig.align`), or None.
+def alignment_rule(net: LFPVNet) -> str:
+    """Where the model's alignment (`net.align`) comes from, for messages: the backbone's own alignment and, with
+    LFPVs, whole bank patches at the site (e.g. SNR-Aware with token_size 8 aligns to 32)."""
+    rule = f"the {net.config.backbone} backbone aligns to {net.backbone.align}"
+    if net.lfpv is None:
+        return rule
+    patch, stride = net.config.lfpv.patch_size, net.site.stride
+    return f"{rule}, and {patch}x{patch} LFPV patches at its 1/{stride} site need {patch * stride}"
+
+
+def tile_problem(tile: int | None, overlap: int | None, align: int, rule: str = "") -> str | None:
+    """Why --tile / --tile-overlap cannot be used with a model of this alignment (`LFPVNet.align`), or None.
 
     The one home of the tile rules of the tools: a tile is a positive multiple of the alignment (the model's
-    smallest input side, as `size_problem`), an overlap given is in [0, tile)."""
+    smallest input side, as `size_problem`), an overlap given is in [0, tile). rule: where the alignment comes
+    from (`alignment_rule`), quoted in the message."""
     if tile is not None and (tile < align or tile % align):
-        return f"--tile must be a positive multiple of {align} (the model's alignment), got {tile}"
+        why = f"the model's alignment: {rule}" if rule else "the model's alignment"
+        return f"--tile must be a positive multiple of {align} ({why}), got {tile}"
     if overlap is not None and not 0 <= overlap < (tile or DEFAULT_TILE):
         return f"--tile-overlap must be in [0, {tile or DEFAULT_TILE}) (below the tile side), got {overlap}"
     return None
@@ -220,14 +232,14 @@ def enhance_image(net: LFPVNet, image: np.ndarray | torch.Tensor, tile: int | No
                   plan: EnhancePlan | None = None) -> np.ndarray | torch.Tensor:
     """Enhance RGB image(s) in [0, 1]; returns the result clamped to [0, 1] in the input's layout.
 
-    image: (3,H,W) or (B,3,H,W) tensor, or an (H,W,3) numpy array; H, W >= 16. The model runs on its
-    own device and dtype (the net is put in eval mode for the call); a tensor result is returned on the
-    input's device.
+    image: (3,H,W) or (B,3,H,W) tensor, or an (H,W,3) numpy array; H, W >= net.align (16 for the published
+    model). The model runs on its own device and dtype (the net is put in eval mode for the call); a tensor
+    result is returned on the input's device.
     snr: the SNR map (B,1,H,W); default `net.snr_mask(image)`, computed from the whole image (None for a backbone
     without a guide map, e.g. Retinexformer).
     Whole image or tiles: as `plan_enhancement(net, ..., tile, max_pixels, max_memory)` decides (or
     `plan`): the whole image, exactly `net(x, snr)` in bounded memory (`whole_image_forward`), when it
-    fits; else tiles of tile x tile pixels (a multiple of the model's alignment, 16), overlapping
+    fits; else tiles of tile x tile pixels (a multiple of the model's alignment `net.align`), overlapping
       by at least `overlap` pixels (default: DEFAULT_OVERLAP, at most half a tile) and cross-faded with
       linear ramps, run `batch_size` at a time.
     precision: "fp32", or "bf16"/"fp16" autocast (the result is float32 either way).
@@ -237,8 +249,8 @@ def enhance_image(net: LFPVNet, image: np.ndarray | torch.Tensor, tile: int | No
     the whole image and cropped per tile (identical to the untiled one), and the remaining difference
     from untiled output comes from the transformer's attention seeing only its own tile (plus the
     convolutions' zero padding within a receptive field of a tile edge, which the cross-fade hides).
-    Images whose sides are not multiples of 16 are reflect-padded to a multiple for tiling instead of
-    being resized as the untiled model does, so every tile is processed at native resolution.
+    Images whose sides are not multiples of the alignment are reflect-padded to a multiple for tiling instead
+    of being resized as the untiled model does, so every tile is processed at native resolution.
     """
     x, layout = _as_batch(image)
     if not x.is_floating_point():
