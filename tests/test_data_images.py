@@ -476,6 +476,45 @@ def test_a_file_damaged_after_its_header_is_a_data_error_naming_it(tmp_path):
             list(build_loader(_pairs_cfg(tmp_path, loader=loader), "test"))
 
 
+def test_the_data_scan_and_the_tools_read_headers_with_one_reader(tmp_path):
+    """lfpv_fast.io.imageio.read_image_info is the one header reader: the data scan (read_header) asks it also
+    whether the file is whole; a layout that no reader supports is one check, with one message naming the file."""
+    from lfpv_fast.io.imageio import ImageReadError, read_image_info
+
+    cmyk = tmp_path / "cmyk.tif"
+    tifffile.imwrite(cmyk, np.zeros((8, 8, 4), np.uint8), photometric="separated")
+    with pytest.raises(ImageReadError) as tools:
+        read_image_info(cmyk)
+    with pytest.raises(DataError) as scan:
+        read_header(cmyk)
+    assert str(scan.value) == str(tools.value) == (f"{cmyk}: unsupported TIFF photometric interpretation SEPARATED "
+                                                   "(expected MINISBLACK grayscale or RGB)")
+    # A PNG cut after its header: the tools' reader reads its header (decoding will name it); the scan refuses it.
+    png = write_image(tmp_path / "cut.png", np.zeros((20, 24, 3), np.uint16))
+    png.write_bytes(png.read_bytes()[:-20])
+    info = read_image_info(png)
+    assert (info.size, info.bits) == ((20, 24), 16)
+    with pytest.raises(DataError, match=re.escape(f"{png}: truncated PNG file (it does not end with the IEND chunk)")):
+        read_header(png)
+    with pytest.raises(ImageReadError, match=re.escape(f"{png}: truncated PNG file")):
+        read_image_info(png, complete=True)
+    # EXIF orientation 6 (a JPEG shot sideways): the reader reports it, the scan gives the size as decoded.
+    jpeg = tmp_path / "side.jpg"
+    tags = Image.new("RGB", (1, 1)).getexif()
+    tags[0x0112] = 6
+    Image.fromarray(np.zeros((20, 24, 3), np.uint8)).save(jpeg, exif=tags)
+    info = read_image_info(jpeg)
+    assert (info.size, info.orientation, info.oriented_size) == ((20, 24), 6, (24, 20))
+    header = read_header(jpeg)
+    assert (header.width, header.height, header.bits) == (20, 24, 8)
+    # A PNG under a .jpg name: the tools read it (Pillow), the scan wants the format its extension names.
+    misnamed = tmp_path / "png.jpg"
+    Image.fromarray(np.zeros((20, 24, 3), np.uint8)).save(misnamed, format="PNG")
+    assert read_image_info(misnamed).size == (20, 24)
+    with pytest.raises(DataError, match=re.escape(f"{misnamed}: not a JPEG file (no start-of-image marker)")):
+        read_header(misnamed)
+
+
 def test_bad_input_through_the_train_command_is_one_line_and_exit_2(tmp_path):
     _good_pairs(tmp_path)
     path, _ = _truncated_png(tmp_path)
