@@ -24,8 +24,9 @@ except ImportError:  # a bare GPU machine has no imagecodecs: the 16-bit PNG cas
     imagecodecs = None
 
 from lfpv_fast.config import ConfigError, config_from_dict, load_config
+from lfpv_fast.data.config import DATASETS, preset_names
 from lfpv_fast.data.errors import DataError
-from lfpv_fast.data.images import PRESETS, read_header
+from lfpv_fast.data.images import read_header
 from lfpv_fast.data.smid import resize_linear
 from lfpv_fast.pipelines import build_loader
 from lfpv_fast.training.metrics import gray_opencv, psnr, psnr_gt_mean
@@ -76,8 +77,8 @@ H, W = 24, 32
 
 def build_preset_tree(root: Path, preset: str, bits: int = 8, test_names=("t1", "t2")) -> dict[str, np.ndarray]:
     """A small tree in `preset`'s layout. Returns {stem of the LQ file: GT}; LQ = GT // 4 + index in ODD."""
-    rng = np.random.default_rng(list(PRESETS).index(preset))
-    layout = PRESETS[preset]
+    rng = np.random.default_rng(preset_names().index(preset))
+    layout = DATASETS[preset].layouts[0]  # as distributed
     n = layout.naming
     gts = {}
     for (lq_dir, gt_dir), names in ((layout.train, ODD), (layout.test, test_names)):
@@ -113,17 +114,18 @@ def test_presets_pair_their_files_and_split(tmp_path, preset, bits, loader):
     cfg = preset_cfg(tmp_path, preset, loader)
     train = build_loader(cfg, "train", seed=3)
     assert len(train) == len(ODD) // 2
+    prefix = DATASETS[preset].layouts[0].naming.lq_prefix  # the layout as distributed
     seen = []
     for batch in train:
         for j, frame in enumerate(batch["frame"]):
-            k = [f"{PRESETS[preset].naming.lq_prefix}{n}" for n in ODD].index(frame)
+            k = [f"{prefix}{n}" for n in ODD].index(frame)
             lq = np.round(batch["lq"][j].numpy() * top).astype(np.int64)
             gt = np.round(batch["gt"][j].numpy() * top).astype(np.int64)
             assert (lq == gt // 4 + k).all(), frame  # each LQ with its own GT
             seen.append(frame)
-    assert sorted(seen) == sorted(f"{PRESETS[preset].naming.lq_prefix}{n}" for n in ODD)
+    assert sorted(seen) == sorted(f"{prefix}{n}" for n in ODD)
     test = list(build_loader(cfg, "test"))
-    assert [b["frame"][0] for b in test] == [f"{PRESETS[preset].naming.lq_prefix}t{i}" for i in (1, 2)]
+    assert [b["frame"][0] for b in test] == [f"{prefix}t{i}" for i in (1, 2)]
     for b in test:
         got = np.round(b["gt"][0].permute(1, 2, 0).numpy() * top)
         assert b["scene"] == [""] and np.array_equal(got, gts[b["frame"][0]])  # whole image, own size, RGB

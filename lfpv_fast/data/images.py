@@ -15,7 +15,8 @@ split have the same bit depth (8 or 16; a PNG with a palette or 1/2/4-bit gray d
 fails is an error naming it, or with `skip_bad` a warning, and its pair is left out.
 
 Presets (`data.root` is the folder of the dataset; folder names match in any case). Each accepts the layouts
-that the well-known low-light codebases use, finds which one is on disk and says so (LAYOUTS):
+that the well-known low-light codebases use (its entry's `layouts` in `lfpv_fast.data.config.DATASETS`, from the
+tuples below), finds which one is on disk and says so:
 
     lol_v1            our485/low, our485/high (train); eval15/low, eval15/high (test); same names
                       (LOL as distributed; SNR-Aware's LOLv1)
@@ -80,24 +81,20 @@ class Layout:
 
 _LOL_V2 = (("Train/Low", "Train/Normal"), ("Test/Low", "Test/Normal"))
 
-# Every layout each preset accepts, the dataset as distributed first (on a tie it is the one taken).
-LAYOUTS: dict[str, tuple[Layout, ...]] = {
-    "lol_v1": (
-        Layout(("our485/low", "our485/high"), ("eval15/low", "eval15/high"),
-               name="LOL as distributed, SNR-Aware's LOLv1"),
-        Layout(("Train/input", "Train/target"), ("Test/input", "Test/target"), name="Retinexformer's LOL_v1"),
-    ),
-    "lol_v2_real": (
-        Layout(*_LOL_V2, Naming(lq_prefix="low", gt_prefix="normal"),
-               name="LOL-v2 Real_captured as distributed, SNR-Aware's"),
-        Layout(*_LOL_V2, name="Retinexformer's LOLv2 Real_captured, renamed to the same name on both sides"),
-    ),
-    "lol_v2_synthetic": (
-        Layout(*_LOL_V2, name="LOL-v2 Synthetic as distributed, SNR-Aware's and Retinexformer's"),
-    ),
-}
-# The layout of each preset as distributed.
-PRESETS: dict[str, Layout] = {name: layouts[0] for name, layouts in LAYOUTS.items()}
+# Every layout of a dataset that the presets accept, the dataset as distributed first (on a tie it is the one
+# taken). Which preset reads which: its entry in lfpv_fast.data.config.DATASETS.
+LOL_V1_LAYOUTS = (
+    Layout(("our485/low", "our485/high"), ("eval15/low", "eval15/high"), name="LOL as distributed, SNR-Aware's LOLv1"),
+    Layout(("Train/input", "Train/target"), ("Test/input", "Test/target"), name="Retinexformer's LOL_v1"),
+)
+LOL_V2_REAL_LAYOUTS = (
+    Layout(*_LOL_V2, Naming(lq_prefix="low", gt_prefix="normal"),
+           name="LOL-v2 Real_captured as distributed, SNR-Aware's"),
+    Layout(*_LOL_V2, name="Retinexformer's LOLv2 Real_captured, renamed to the same name on both sides"),
+)
+LOL_V2_SYNTHETIC_LAYOUTS = (
+    Layout(*_LOL_V2, name="LOL-v2 Synthetic as distributed, SNR-Aware's and Retinexformer's"),
+)
 
 
 @dataclass(frozen=True)
@@ -358,21 +355,20 @@ def _pair_count(found: FoundLayout) -> int:
     return len(_pairing_keys(found.lq, n.lq_prefix, n.lq_suffix) & _pairing_keys(found.gt, n.gt_prefix, n.gt_suffix))
 
 
-def find_layout(name: str, root: str | Path, split: str) -> FoundLayout:
-    """Which of the preset `name`'s layouts (LAYOUTS) is under `root`, with the folders of `split`.
+def find_layout(name: str, layouts: tuple[Layout, ...], root: str | Path, split: str) -> FoundLayout:
+    """Which of the preset `name`'s `layouts` is under `root`, with the folders of `split`.
 
     Layouts whose folders are there are told apart by their file names: the one that pairs the most files wins
     (the first listed on a tie). A DataError names what was expected when no layout fits."""
     root = Path(root).expanduser()
     _check_folder(root, f"data.root of dataset {name!r}:")
-    layouts = LAYOUTS[name]
     candidates = []
     for layout in layouts:
         lq, gt = (_find_folder(root, rel) for rel in layout.folders(split))
         if lq is not None and gt is not None:
             candidates.append(FoundLayout(name, root, layout, lq, gt))
     if not candidates:
-        raise _no_layout(name, root)
+        raise _no_layout(name, layouts, root)
     if len(candidates) == 1:
         return candidates[0]
     counts = [_pair_count(c) for c in candidates]
@@ -388,9 +384,8 @@ def find_layout(name: str, root: str | Path, split: str) -> FoundLayout:
     return candidates[best]
 
 
-def _no_layout(name: str, root: Path) -> DataError:
+def _no_layout(name: str, layouts: tuple[Layout, ...], root: Path) -> DataError:
     """The error for a data.root that holds none of the preset's layouts: what was expected, what is there."""
-    layouts = LAYOUTS[name]
     shapes = []
     folder_sets = list(dict.fromkeys((lay.train, lay.test) for lay in layouts))  # layouts that share folders once
     for folders in folder_sets:
