@@ -56,6 +56,15 @@ def test_pipelines_import_nothing_new_above_them():
         assert not extra, f"{path} imports {sorted(extra)} from lfpv_fast: pipelines/ must not import above it"
 
 
+def test_the_data_layer_imports_only_the_io_room_above_it():
+    """lfpv_fast/data/ reads files through lfpv_fast.io and imports nothing else of the package: the run config
+    (lfpv_fast/config.py) imports the data section (lfpv_fast/data/config.py), never the reverse, so that the table
+    of dataset kinds can hold the data layer's resolvers without an import loop."""
+    found = imports_above("lfpv_fast/data", "lfpv_fast.data")
+    for path, names in found.items():
+        assert all(n.startswith("lfpv_fast.io.") for n in names), f"{path} imports {sorted(names)}"
+
+
 @pytest.mark.parametrize("source, expected", [
     ("import lfpv_fast.model", {"lfpv_fast.model"}),
     ("def f():\n    from lfpv_fast import reference", {"lfpv_fast", "lfpv_fast.reference"}),
