@@ -21,9 +21,10 @@ from lfpv_fast.data.images import LOL_V1_LAYOUTS, LOL_V2_REAL_LAYOUTS, LOL_V2_SY
 from lfpv_fast.data.source import (
     SplitData,
     resolve_demo_png_split,
-    resolve_npy_split,
+    resolve_demo_split,
     resolve_pairs_split,
     resolve_preset_split,
+    resolve_smid_split,
 )
 
 # The largest frame that data.resize and `prepare --resize` accept (2**25 pixels, e.g. 8192 x 4096): a bound on
@@ -137,13 +138,19 @@ def _set_keys(d: DataConfig, keys: tuple[str, ...]) -> list[str]:
 
 
 def check_npy_dataset(d: DataConfig) -> None:
-    """smid and demo: SMID-style .npy trees, resized to one size; smid reads lq_root/gt_root, demo demo_root."""
+    """smid: SMID-style .npy trees (lq_root/gt_root or the prepared cache), resized to one size."""
     if d.resize is None:
         raise ValueError(f"data.resize=null (each image at its own size) is for image datasets; dataset "
                          f"{d.dataset!r} needs data.resize: [width, height]")
     if keys := _set_keys(d, IMAGE_KEYS):
-        raise ValueError(f"data.{keys[0]} is read by image datasets (pairs, lol_*), not by dataset {d.dataset!r}")
-    if d.dataset == "demo" and (keys := _set_keys(d, ("lq_root", "gt_root"))):
+        images = ", ".join(name for name, kind in DATASETS.items() if kind.images)
+        raise ValueError(f"data.{keys[0]} is read by image datasets ({images}), not by dataset {d.dataset!r}")
+
+
+def check_demo(d: DataConfig) -> None:
+    """demo: an SMID-style tree that the package writes to data.demo_root (and reads from there)."""
+    check_npy_dataset(d)
+    if keys := _set_keys(d, ("lq_root", "gt_root")):
         raise ValueError(f"data.{keys[0]} is not read by dataset 'demo', which is written to and read from "
                          "data.demo_root")
 
@@ -183,8 +190,8 @@ def check_demo_png(d: DataConfig) -> None:
 
 # The dataset kinds a config can name, in the order the messages list them.
 DATASETS: dict[str, DatasetKind] = {
-    "smid": DatasetKind(check_npy_dataset, resolve_npy_split, images=False),
-    "demo": DatasetKind(check_npy_dataset, resolve_npy_split, images=False),
+    "smid": DatasetKind(check_npy_dataset, resolve_smid_split, images=False),
+    "demo": DatasetKind(check_demo, resolve_demo_split, images=False),
     "pairs": DatasetKind(check_pairs, resolve_pairs_split, images=True),
     "lol_v1": DatasetKind(check_preset, resolve_preset_split, images=True, layouts=LOL_V1_LAYOUTS),
     "lol_v2_real": DatasetKind(check_preset, resolve_preset_split, images=True, layouts=LOL_V2_REAL_LAYOUTS),

@@ -14,7 +14,7 @@ from lfpv_fast.data.cache import read_manifest
 from lfpv_fast.data.errors import ConfigError, DataError
 from lfpv_fast.data.images import LOL_V1_LAYOUTS, Layout, Naming, find_layout, scan_pairs, split_by_list
 from lfpv_fast.data.lists import resolve_data_file
-from lfpv_fast.data.smid import Pair, Tree, check_pairs, read_scene_list, scan_tree, split_pairs
+from lfpv_fast.data.smid import Pair, check_pairs, read_scene_list, scan_tree, split_pairs
 
 if TYPE_CHECKING:  # (annotations only: lfpv_fast.data.config imports this module for its table's resolvers)
     from lfpv_fast.data.config import DataConfig
@@ -33,25 +33,6 @@ class SplitData:
     found: str = ""  # what was found where (the layout, the folders, the naming): one line for the log
 
 
-def _tree_and_list(d: DataConfig) -> tuple[Tree | None, Path, Path | None, Path | None]:
-    """(prepared tree or None, test list, raw lq_root, raw gt_root)."""
-    if d.dataset == "demo":
-        from lfpv_fast.data.demo import make_demo_dataset
-
-        demo = make_demo_dataset(d.demo_root)  # creates it on first use
-        default_list: Path | str = demo.test_scenes
-        lq, gt = demo.lq_root, demo.gt_root
-    else:
-        default_list = "smid_test_scenes.txt"
-        lq = Path(d.lq_root).expanduser() if d.lq_root else None
-        gt = Path(d.gt_root).expanduser() if d.gt_root else None
-    test_list = resolve_data_file(str(d.test_scenes or default_list))
-    prepared = None
-    if d.prepared_root:
-        prepared = read_manifest(d.prepared_root)
-    return prepared, test_list, lq, gt
-
-
 def resolve_split(d: DataConfig, split: str) -> SplitData:
     """The pairs of `split` ("train" | "test") with every file header-checked, by the dataset's entry in the table
     of dataset kinds (`d.kind.resolve`)."""
@@ -60,10 +41,27 @@ def resolve_split(d: DataConfig, split: str) -> SplitData:
     return d.kind.resolve(d, split)
 
 
-def resolve_npy_split(d: DataConfig, split: str) -> SplitData:
-    """smid, demo: SMID-style .npy trees (raw, resized when read, or the prepared cache)."""
+def resolve_smid_split(d: DataConfig, split: str) -> SplitData:
+    """smid: SMID as published, data.lq_root/gt_root (resized when read) or the prepared cache."""
+    lq = Path(d.lq_root).expanduser() if d.lq_root else None
+    gt = Path(d.gt_root).expanduser() if d.gt_root else None
+    return _npy_split(d, split, lq, gt, d.test_scenes or "smid_test_scenes.txt")
+
+
+def resolve_demo_split(d: DataConfig, split: str) -> SplitData:
+    """demo: the built-in demo dataset, SMID-style, written to data.demo_root on first use."""
+    from lfpv_fast.data.demo import make_demo_dataset
+
+    demo = make_demo_dataset(d.demo_root)  # creates it on first use
+    return _npy_split(d, split, demo.lq_root, demo.gt_root, d.test_scenes or demo.test_scenes)
+
+
+def _npy_split(d: DataConfig, split: str, lq: Path | None, gt: Path | None, test_scenes: str | Path) -> SplitData:
+    """A SMID-style .npy tree: the raw frames in lq/gt, resized when read, or the prepared cache of data.prepared_root;
+    `test_scenes`: the list of held-out scenes (a path, or a file shipped in configs/)."""
     assert d.resize is not None  # config.validate: only image datasets may keep their own sizes
-    prepared, test_list, lq, gt = _tree_and_list(d)
+    test_list = resolve_data_file(str(test_scenes))
+    prepared = read_manifest(d.prepared_root) if d.prepared_root else None
     size = (int(d.resize[0]), int(d.resize[1]))
     if prepared is not None:
         if prepared.stored_size != size:
