@@ -169,6 +169,9 @@ def test_the_smallest_crop_and_resize_are_the_models(overrides, align):
     message = str(info.value)
     assert f"data.crop must be in [{align}, min(data.resize)]" in message and f"got {align - 1}" in message
     assert f"its alignment model.align = {align}" in message and "backbone '" in message
+    if align > 16:  # a crop of 16, the published model's alignment, fails at the first step of this model
+        with pytest.raises(ConfigError, match=rf"data.crop must be in \[{align}, min\(data.resize\)\].* got 16"):
+            load_config(None, [*base, "data.crop=16"])
     with pytest.raises(ConfigError, match=rf"data.resize must be \[width, height\], each >= {align} .*model.align = "
                                           rf"{align}\), or null, got \[64, {align - 1}\]"):
         load_config(None, [*overrides, f"data.resize=[64, {align - 1}]", f"data.crop={align - 1}"])
