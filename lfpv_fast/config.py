@@ -5,6 +5,10 @@ the file, the key and the closest valid key; a value of the wrong type names the
 that was expected. `--set a.b=value` on the command line goes through the same checks
 (`load_config(path, overrides=["a.b=value"])`), and an error about an override names the override, not
 the file (which may not contain the key at all).
+
+The sections live with what they configure: the model in `lfpv_fast.models.config`, the data (and the table of
+dataset kinds) in `lfpv_fast.data.config`; this module reads the YAML into them and checks across sections (the
+sizes the data must reach are the model's: `validate`).
 """
 
 from __future__ import annotations
@@ -16,32 +20,20 @@ import os
 import types
 import typing
 from dataclasses import dataclass, field
-from importlib import resources
 from pathlib import Path
 from typing import Any, Literal
 
 import yaml
 
+# ConfigError (defined below the data layer, which raises it too), DataConfig, MAX_RESIZE_PIXELS and
+# resolve_data_file are also importable from here, their first home.
+from lfpv_fast.data.config import MAX_RESIZE_PIXELS, DataConfig, check_data  # noqa: F401
+from lfpv_fast.data.errors import ConfigError
+from lfpv_fast.data.lists import configs_dir, resolve_data_file  # noqa: F401
 from lfpv_fast.models import backbone_entry
 from lfpv_fast.models.config import LEGACY_LFPV_KEYS, LFPVConfig, ModelConfig
 from lfpv_fast.ops.backends import BackendName
 
-
-class ConfigError(ValueError):
-    """A run configuration that cannot be used; the message names the file and the key."""
-
-
-# ---------------------------------------------------------------------------------------------
-# The data section. Users write one flat section (data.<key>); which keys a dataset reads and the checks
-# across them are kept per kind of dataset, below the dataclass (DATASET_CHECKS).
-
-# Datasets of encoded image pairs (PNG, JPEG, TIFF): `pairs` (any two folders) and the presets with a known
-# layout under data.root. `demo_png` is the demo dataset written as PNG pairs in the lol_v1 layout.
-IMAGE_PRESETS = ("lol_v1", "lol_v2_real", "lol_v2_synthetic")
-IMAGE_DATASETS = ("pairs", "demo_png", *IMAGE_PRESETS)
-# The largest frame that data.resize and `prepare --resize` accept (2**25 pixels, e.g. 8192 x 4096): a bound on
-# what one decoded and resized frame may take in memory, far above the datasets' sizes.
-MAX_RESIZE_PIXELS = 1 << 25
 # The largest train.lr accepted: Adam moves each weight by about lr per step.
 MAX_LR = 1.0
 # The most values a config (or one --set value) may hold once its YAML aliases are expanded: a run config holds
@@ -110,152 +102,6 @@ def load_yaml(text: str, where: str) -> Any:
         raise ConfigError(f"{where}: the YAML holds more than {MAX_YAML_VALUES} values once its aliases (*name) "
                           "are expanded; a run config holds about 80 (aliases that repeat aliases: a YAML bomb?)")
     return value
-
-
-@dataclass
-class DataConfig:
-    dataset: Literal["smid", "demo", "pairs", "lol_v1", "lol_v2_real", "lol_v2_synthetic", "demo_png"] = "smid"
-    # --- smid (and pairs): the two folders. smid: <root>/<scene>/<frame>.npy (uint8 HWC, BGR); pairs: folders of
-    # images paired by relative path and stem.
-    lq_root: str | None = None
-    gt_root: str | None = None
-    # --- smid, demo: the output of `python -m lfpv_fast.prepare`; null reads (and resizes) the raw frames.
-    prepared_root: str | None = None
-    # --- demo, demo_png: where `lfpv_fast.data.demo` writes the demo dataset.
-    demo_root: str = "~/.cache/lfpv_fast/demo"
-    # --- smid, demo: scenes held out for testing; a bare file name is looked up in the packaged configs/.
-    # null: the dataset's own list (smid_test_scenes.txt for smid, <demo_root>/test_scenes.txt for demo).
-    test_scenes: str | None = None
-    test_frames: int = 30
-    # --- every dataset.
-    # Every frame is resized to this [width, height]; null keeps each image's own size (image datasets only).
-    resize: list[int] | None = field(default_factory=lambda: [960, 512])
-    crop: int = 256
-    batch_size: int = 12  # global: split evenly over the DDP ranks
-    flips: bool = True
-    loader: Literal["dali", "torch"] = "torch"
-    device: Literal["cpu", "gpu"] = "cpu"
-    num_workers: int = 3  # torch loader: DataLoader worker processes (0: load in the main process)
-    num_threads: int = 2  # DALI loader: pipeline CPU threads
-    # --- image datasets. A preset (lol_v1, lol_v2_real, lol_v2_synthetic) needs only `root` (the loader finds which
-    # known layout is there); `pairs` reads lq_root/gt_root, with the test split in test_lq_root/test_gt_root or
-    # listed in test_list (paths of LQ files relative to lq_root, held out of training). A file
-    # <prefix><key><suffix>.<ext> pairs with the other side's file of the same relative folder and key.
-    root: str | None = None
-    test_lq_root: str | None = None
-    test_gt_root: str | None = None
-    test_list: str | None = None
-    lq_prefix: str = ""
-    lq_suffix: str = ""
-    gt_prefix: str = ""
-    gt_suffix: str = ""
-    # Bad files (unreadable, truncated, unpaired, mismatched size or bit depth, not an image): an error naming
-    # the file before training starts, or skipped with a warning when true.
-    skip_bad: bool = False
-
-    def __post_init__(self) -> None:
-        # Checked here (not in validate()) so that a DataConfig built in code is checked too.
-        if self.num_workers < 0:
-            raise ValueError(f"data.num_workers must be >= 0, got {self.num_workers}")
-        if self.num_threads < 1:
-            raise ValueError(f"data.num_threads must be >= 1, got {self.num_threads}")
-
-    @property
-    def is_images(self) -> bool:
-        """Encoded image pairs (decoded by Pillow or DALI), not SMID-style .npy arrays."""
-        return self.dataset in IMAGE_DATASETS
-
-
-# The keys that name a dataset's files or how they pair. Each kind of dataset reads some of them; one that the
-# dataset would not read, set away from its default, is an error rather than a silent surprise. (test_frames,
-# demo_root and skip_bad name no data and are left alone where they are not read.)
-IMAGE_KEYS = ("root", "test_lq_root", "test_gt_root", "test_list", "lq_prefix", "lq_suffix", "gt_prefix", "gt_suffix")
-NAMING_KEYS = ("lq_prefix", "lq_suffix", "gt_prefix", "gt_suffix")
-
-
-def _set_keys(d: DataConfig, keys: tuple[str, ...]) -> list[str]:
-    """The keys among `keys` whose values differ from their defaults."""
-    defaults = DataConfig()
-    return [k for k in keys if getattr(d, k) != getattr(defaults, k)]
-
-
-def _check_npy_dataset(d: DataConfig) -> None:
-    """smid and demo: SMID-style .npy trees, resized to one size; smid reads lq_root/gt_root, demo demo_root."""
-    if d.resize is None:
-        raise ValueError(f"data.resize=null (each image at its own size) is for image datasets; dataset "
-                         f"{d.dataset!r} needs data.resize: [width, height]")
-    if keys := _set_keys(d, IMAGE_KEYS):
-        raise ValueError(f"data.{keys[0]} is read by image datasets (pairs, lol_*), not by dataset {d.dataset!r}")
-    if d.dataset == "demo" and (keys := _set_keys(d, ("lq_root", "gt_root"))):
-        raise ValueError(f"data.{keys[0]} is not read by dataset 'demo', which is written to and read from "
-                         "data.demo_root")
-
-
-def _refuse_smid_keys(d: DataConfig) -> None:
-    if keys := _set_keys(d, ("prepared_root", "test_scenes")):
-        hint = "; list held-out images in data.test_list" if keys[0] == "test_scenes" else ""
-        raise ValueError(f"data.{keys[0]} is for SMID-style datasets, not for dataset {d.dataset!r}{hint}")
-
-
-def _check_pairs(d: DataConfig) -> None:
-    """pairs: lq_root/gt_root, a test split in test_lq_root/test_gt_root or test_list, the naming keys."""
-    _refuse_smid_keys(d)
-    if d.root is not None:
-        raise ValueError(f"data.root is read by the presets ({', '.join(IMAGE_PRESETS)}); dataset 'pairs' reads "
-                         "data.lq_root and data.gt_root")
-    if (d.test_lq_root is None) != (d.test_gt_root is None):
-        raise ValueError("set both data.test_lq_root and data.test_gt_root, or neither")
-    if d.test_lq_root is not None and d.test_list is not None:
-        raise ValueError("the test split comes from data.test_lq_root/test_gt_root or from data.test_list, not both")
-
-
-def _check_preset(d: DataConfig) -> None:
-    """lol_*: data.root only; the folders and file names come from the layout found there."""
-    _refuse_smid_keys(d)
-    if keys := _set_keys(d, ("lq_root", "gt_root", *IMAGE_KEYS[1:])):
-        raise ValueError(f"dataset {d.dataset!r} takes its folders and file names from its layout; data.{keys[0]} "
-                         "cannot be set (use dataset 'pairs' for another layout)")
-
-
-def _check_demo_png(d: DataConfig) -> None:
-    """demo_png: the demo as PNG pairs in data.demo_root; no folder or naming key."""
-    if d.root is not None:
-        raise ValueError("dataset 'demo_png' is written to data.demo_root; data.root cannot be set")
-    _check_preset(d)
-
-
-DATASET_CHECKS = {
-    "smid": _check_npy_dataset,
-    "demo": _check_npy_dataset,
-    "pairs": _check_pairs,
-    "demo_png": _check_demo_png,
-    **{name: _check_preset for name in IMAGE_PRESETS},
-}
-
-
-def validate_data(d: DataConfig, src: str, min_side: int = ModelConfig().align) -> None:
-    """The data section's checks across keys: the common ones, then the dataset's own (DATASET_CHECKS).
-
-    min_side: the model's smallest input side (`ModelConfig.align`), which frames and crops must reach."""
-    rule = f"the model's smallest input side, its alignment model.align = {min_side}"
-    if d.resize is not None:
-        if len(d.resize) != 2 or min(d.resize) < min_side:
-            raise ConfigError(f"{src}: data.resize must be [width, height], each >= {min_side} ({rule}), or null, "
-                              f"got {quote(d.resize)}")
-        if d.resize[0] * d.resize[1] > MAX_RESIZE_PIXELS:
-            raise ConfigError(f"{src}: data.resize {d.resize} is {d.resize[0] * d.resize[1]} pixels a frame; at most "
-                              f"{MAX_RESIZE_PIXELS} are supported")
-    if d.crop < min_side or (d.resize is not None and d.crop > min(d.resize)):
-        raise ConfigError(f"{src}: data.crop must be in [{min_side}, min(data.resize)] ({min_side}: {rule}), "
-                          f"got {d.crop}")
-    if d.batch_size < 1:
-        raise ConfigError(f"{src}: data.batch_size must be >= 1, got {d.batch_size}")
-    if d.test_frames < 1:
-        raise ConfigError(f"{src}: data.test_frames must be >= 1, got {d.test_frames}")
-    try:
-        DATASET_CHECKS[d.dataset](d)
-    except ValueError as exc:
-        raise ConfigError(f"{src}: {exc}") from exc
 
 
 @dataclass
@@ -333,11 +179,6 @@ SECTIONS: dict[str, type] = {
 }
 
 
-def configs_dir() -> Path:
-    """The folder of the packaged configs (the repository's `configs/`)."""
-    return Path(str(resources.files("lfpv_fast.configs")))
-
-
 def resolve_config_path(path: str | Path) -> Path:
     """A config path as given, or a packaged config by name (`demo`, `smid.yaml`)."""
     p = Path(path).expanduser()
@@ -347,17 +188,6 @@ def resolve_config_path(path: str | Path) -> Path:
         if candidate.is_file():
             return candidate
     raise ConfigError(f"config file {str(path)!r} not found (also looked in {configs_dir()})")
-
-
-def resolve_data_file(name: str) -> Path:
-    """A data file named in the config: a path, or a file shipped in configs/."""
-    p = Path(name).expanduser()
-    if p.is_file():
-        return p
-    packaged = configs_dir() / p.name
-    if packaged.is_file():
-        return packaged
-    raise ConfigError(f"file {name!r} named in the config does not exist")
 
 
 def _type_name(tp: Any) -> str:
@@ -620,7 +450,11 @@ def validate(cfg: RunConfig, where: str | None = None) -> None:
     """Checks across keys, done before any work starts; errors start with `where` (default: cfg.source)."""
     src = where or cfg.source
     t = cfg.train
-    validate_data(cfg.data, src, cfg.model.align)
+    validate_data_sizes(cfg.data, cfg.model, src)
+    try:
+        check_data(cfg.data)
+    except ValueError as exc:
+        raise ConfigError(f"{src}: {exc}") from exc
     if t.iterations < 1:
         raise ConfigError(f"{src}: train.iterations must be >= 1, got {t.iterations}")
     if not 0 <= t.seed <= MAX_SEED:
@@ -665,3 +499,17 @@ def validate(cfg: RunConfig, where: str | None = None) -> None:
         raise ConfigError(f"{src}: val.max_images must be >= 1 or null, got {cfg.val.max_images}")
     if cfg.val.save_images < 0:
         raise ConfigError(f"{src}: val.save_images must be >= 0, got {cfg.val.save_images}")
+
+
+def validate_data_sizes(d: DataConfig, model: ModelConfig, src: str) -> None:
+    """data.resize and data.crop against the model's smallest input side, its alignment (`ModelConfig.align`: e.g.
+    lcm(4 x token_size, 4 x patch_size) for SNR-Aware with LFPVs): a crop under it would fail at the first step."""
+    min_side = model.align
+    lfpv = " with LFPVs" if model.lfpv.enabled else ""
+    rule = f"the smallest input side of backbone {model.backbone!r}{lfpv}, its alignment model.align = {min_side}"
+    if d.resize is not None and (len(d.resize) != 2 or min(d.resize) < min_side):
+        raise ConfigError(f"{src}: data.resize must be [width, height], each >= {min_side} ({rule}), or null, "
+                          f"got {quote(d.resize)}")
+    if d.crop < min_side or (d.resize is not None and d.crop > min(d.resize)):
+        raise ConfigError(f"{src}: data.crop must be in [{min_side}, min(data.resize)] ({min_side}: {rule}), "
+                          f"got {d.crop}")

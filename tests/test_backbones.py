@@ -222,7 +222,7 @@ def test_retinexformer_whole_image_path_runs_strips_with_the_lfpv_fusion():
 
 def test_the_plan_takes_smaller_strips_then_low_memory_before_tiles():
     """Between the estimates of the default strips and of the leanest setting, the plan stays whole-image with the
-    first strip setting that fits (the leaner ones cost time), and enhance_image runs it: the same result as the network."""
+    first strip setting that fits (the leaner ones cost time), and enhance_image runs it: the network's result."""
     from lfpv_fast.inference.enhancement import STRIP_SETTINGS
     from lfpv_fast.inference.whole_image import estimate_peak_bytes
 

@@ -95,13 +95,16 @@ def test_errors_from_a_set_override_name_the_override_not_the_file(tmp_path):
 # The data section: each kind of dataset's keys and checks
 
 
-def test_every_dataset_kind_has_its_checks_in_one_place():
-    import typing
+def test_every_dataset_kind_is_one_entry_of_the_table():
+    from lfpv_fast.data.config import DATASETS
 
-    from lfpv_fast.config import DATASET_CHECKS, DataConfig
-
-    kinds = typing.get_args(typing.get_type_hints(DataConfig)["dataset"])
-    assert set(DATASET_CHECKS) == set(kinds)
+    # The names a config accepts are the table's: an unknown one lists them and suggests the closest.
+    with pytest.raises(ConfigError) as info:
+        load_config(None, ["data.dataset=lol_v3"])
+    message = str(info.value)
+    assert message.startswith("--set data.dataset=lol_v3: ") and "unknown data.dataset 'lol_v3'" in message
+    assert "did you mean 'lol_v1'?" in message and f"(the datasets: {', '.join(DATASETS)})" in message
+    assert set(DATASETS) == {"smid", "demo", "pairs", "lol_v1", "lol_v2_real", "lol_v2_synthetic", "demo_png"}
     # A key that the dataset would not read is an error naming it, whichever kind refuses it.
     refused = {
         "smid": ("data.root=/x", "data.root is read by image datasets"),
@@ -113,6 +116,65 @@ def test_every_dataset_kind_has_its_checks_in_one_place():
     for kind, (override, named) in refused.items():
         with pytest.raises(ConfigError, match=named):
             load_config(None, [f"data.dataset={kind}", "data.resize=[64, 64]", "data.crop=64", override])
+    presets = r"data.root is read by the presets \(lol_v1, lol_v2_real, lol_v2_synthetic\)"
+    with pytest.raises(ConfigError, match=presets):
+        load_config(None, ["data.dataset=pairs", "data.root=/x"])
+
+
+def test_a_new_dataset_kind_is_one_entry(tmp_path, monkeypatch):
+    """A preset of our own: one entry in DATASETS (its check, its layout, its resolver) and a config can name it,
+    the data checks apply to it and its splits resolve; nothing else is edited."""
+    import numpy as np
+
+    from helpers import write_png
+    from lfpv_fast.data import config as data_config
+    from lfpv_fast.data.images import Layout, Naming
+    from lfpv_fast.data.source import resolve_preset_split, resolve_split
+
+    layout = Layout(("train/dark", "train/lit"), ("val/dark", "val/lit"), Naming(lq_suffix="_d"), name="ours")
+    entry = data_config.DatasetKind(data_config.check_preset, resolve_preset_split, images=True, layouts=(layout,))
+    monkeypatch.setitem(data_config.DATASETS, "ours_v1", entry)
+    for split, keys in (("train", ["a", "b"]), ("val", ["c"])):
+        for k in keys:
+            image = np.full((20, 24, 3), ord(k), np.uint8)
+            write_png(tmp_path / split / "dark" / f"{k}_d.png", image // 4)
+            write_png(tmp_path / split / "lit" / f"{k}.png", image)
+    cfg = load_config(None, ["data.dataset=ours_v1", f"data.root={tmp_path}", "data.resize=null", "data.crop=16"])
+    assert cfg.data.kind is entry and cfg.data.is_images
+    train, test = resolve_split(cfg.data, "train"), resolve_split(cfg.data, "test")
+    assert [p.lq.name for p in train.pairs] == ["a_d.png", "b_d.png"] and [p.gt.name for p in test.pairs] == ["c.png"]
+    assert train.format == "image" and train.size == (24, 20) and "ours_v1 in" in train.found and "ours" in test.found
+    # The preset's check and the names of the presets come from the entry too.
+    with pytest.raises(ConfigError, match="dataset 'ours_v1' takes its folders and file names from its layout"):
+        load_config(None, ["data.dataset=ours_v1", "data.lq_root=/x"])
+    with pytest.raises(ConfigError, match=r"read by the presets \(lol_v1, lol_v2_real, lol_v2_synthetic, ours_v1\)"):
+        load_config(None, ["data.dataset=pairs", "data.root=/x"])
+    with pytest.raises(ConfigError, match=r"did you mean 'ours_v1'\? \(the datasets: .*, demo_png, ours_v1\)"):
+        load_config(None, ["data.dataset=ours_v2"])
+
+
+@pytest.mark.parametrize("overrides, align", [
+    (["model.options.token_size=8"], 32),  # SNR-Aware: 4 x token_size
+    (["model.options.token_size=8", "model.lfpv.enabled=false"], 32),
+    (["model.backbone=retinexformer"], 16),  # two stride-2 levels (4) and whole 4 x 4 bank patches at stride 4
+    (["model.backbone=retinexformer", "model.lfpv.enabled=false"], 4),
+])
+def test_the_smallest_crop_and_resize_are_the_models(overrides, align):
+    """data.crop and data.resize are checked against the model's alignment when the config loads: a crop the model
+    cannot take is refused naming the key, the value and the model's requirement, not at the first step."""
+    base = [*overrides, "data.resize=[64, 64]"]
+    assert load_config(None, [*base, f"data.crop={align}"]).model.align == align
+    with pytest.raises(ConfigError) as info:
+        load_config(None, [*base, f"data.crop={align - 1}"])
+    message = str(info.value)
+    assert f"data.crop must be in [{align}, min(data.resize)]" in message and f"got {align - 1}" in message
+    assert f"its alignment model.align = {align}" in message and "backbone '" in message
+    if align > 16:  # a crop of 16, the published model's alignment, fails at the first step of this model
+        with pytest.raises(ConfigError, match=rf"data.crop must be in \[{align}, min\(data.resize\)\].* got 16"):
+            load_config(None, [*base, "data.crop=16"])
+    with pytest.raises(ConfigError, match=rf"data.resize must be \[width, height\], each >= {align} .*model.align = "
+                                          rf"{align}\), or null, got \[64, {align - 1}\]"):
+        load_config(None, [*overrides, f"data.resize=[64, {align - 1}]", f"data.crop={align - 1}"])
 
 
 def test_an_empty_set_value_clears_a_text_key_and_nulls_a_nullable_one(tmp_path):

@@ -24,8 +24,9 @@ except ImportError:  # a bare GPU machine has no imagecodecs: the 16-bit PNG cas
     imagecodecs = None
 
 from lfpv_fast.config import ConfigError, config_from_dict, load_config
+from lfpv_fast.data.config import DATASETS, preset_names
 from lfpv_fast.data.errors import DataError
-from lfpv_fast.data.images import PRESETS, read_header
+from lfpv_fast.data.images import read_header
 from lfpv_fast.data.loaders import build_loader
 from lfpv_fast.data.smid import resize_linear
 from lfpv_fast.training.metrics import gray_opencv, psnr, psnr_gt_mean
@@ -76,8 +77,8 @@ H, W = 24, 32
 
 def build_preset_tree(root: Path, preset: str, bits: int = 8, test_names=("t1", "t2")) -> dict[str, np.ndarray]:
     """A small tree in `preset`'s layout. Returns {stem of the LQ file: GT}; LQ = GT // 4 + index in ODD."""
-    rng = np.random.default_rng(list(PRESETS).index(preset))
-    layout = PRESETS[preset]
+    rng = np.random.default_rng(preset_names().index(preset))
+    layout = DATASETS[preset].layouts[0]  # as distributed
     n = layout.naming
     gts = {}
     for (lq_dir, gt_dir), names in ((layout.train, ODD), (layout.test, test_names)):
@@ -113,17 +114,18 @@ def test_presets_pair_their_files_and_split(tmp_path, preset, bits, loader):
     cfg = preset_cfg(tmp_path, preset, loader)
     train = build_loader(cfg, "train", seed=3)
     assert len(train) == len(ODD) // 2
+    prefix = DATASETS[preset].layouts[0].naming.lq_prefix  # the layout as distributed
     seen = []
     for batch in train:
         for j, frame in enumerate(batch["frame"]):
-            k = [f"{PRESETS[preset].naming.lq_prefix}{n}" for n in ODD].index(frame)
+            k = [f"{prefix}{n}" for n in ODD].index(frame)
             lq = np.round(batch["lq"][j].numpy() * top).astype(np.int64)
             gt = np.round(batch["gt"][j].numpy() * top).astype(np.int64)
             assert (lq == gt // 4 + k).all(), frame  # each LQ with its own GT
             seen.append(frame)
-    assert sorted(seen) == sorted(f"{PRESETS[preset].naming.lq_prefix}{n}" for n in ODD)
+    assert sorted(seen) == sorted(f"{prefix}{n}" for n in ODD)
     test = list(build_loader(cfg, "test"))
-    assert [b["frame"][0] for b in test] == [f"{PRESETS[preset].naming.lq_prefix}t{i}" for i in (1, 2)]
+    assert [b["frame"][0] for b in test] == [f"{prefix}t{i}" for i in (1, 2)]
     for b in test:
         got = np.round(b["gt"][0].permute(1, 2, 0).numpy() * top)
         assert b["scene"] == [""] and np.array_equal(got, gts[b["frame"][0]])  # whole image, own size, RGB
@@ -474,6 +476,45 @@ def test_a_file_damaged_after_its_header_is_a_data_error_naming_it(tmp_path):
     for loader in LOADERS:
         with pytest.raises(DataError, match=re.escape(str(path))):
             list(build_loader(_pairs_cfg(tmp_path, loader=loader), "test"))
+
+
+def test_the_data_scan_and_the_tools_read_headers_with_one_reader(tmp_path):
+    """lfpv_fast.io.imageio.read_image_info is the one header reader: the data scan (read_header) asks it also
+    whether the file is whole; a layout that no reader supports is one check, with one message naming the file."""
+    from lfpv_fast.io.imageio import ImageReadError, read_image_info
+
+    cmyk = tmp_path / "cmyk.tif"
+    tifffile.imwrite(cmyk, np.zeros((8, 8, 4), np.uint8), photometric="separated")
+    with pytest.raises(ImageReadError) as tools:
+        read_image_info(cmyk)
+    with pytest.raises(DataError) as scan:
+        read_header(cmyk)
+    assert str(scan.value) == str(tools.value) == (f"{cmyk}: unsupported TIFF photometric interpretation SEPARATED "
+                                                   "(expected MINISBLACK grayscale or RGB)")
+    # A PNG cut after its header: the tools' reader reads its header (decoding will name it); the scan refuses it.
+    png = write_image(tmp_path / "cut.png", np.zeros((20, 24, 3), np.uint16))
+    png.write_bytes(png.read_bytes()[:-20])
+    info = read_image_info(png)
+    assert (info.size, info.bits) == ((20, 24), 16)
+    with pytest.raises(DataError, match=re.escape(f"{png}: truncated PNG file (it does not end with the IEND chunk)")):
+        read_header(png)
+    with pytest.raises(ImageReadError, match=re.escape(f"{png}: truncated PNG file")):
+        read_image_info(png, complete=True)
+    # EXIF orientation 6 (a JPEG shot sideways): the reader reports it, the scan gives the size as decoded.
+    jpeg = tmp_path / "side.jpg"
+    tags = Image.new("RGB", (1, 1)).getexif()
+    tags[0x0112] = 6
+    Image.fromarray(np.zeros((20, 24, 3), np.uint8)).save(jpeg, exif=tags)
+    info = read_image_info(jpeg)
+    assert (info.size, info.orientation, info.oriented_size) == ((20, 24), 6, (24, 20))
+    header = read_header(jpeg)
+    assert (header.width, header.height, header.bits) == (20, 24, 8)
+    # A PNG under a .jpg name: the tools read it (Pillow), the scan wants the format its extension names.
+    misnamed = tmp_path / "png.jpg"
+    Image.fromarray(np.zeros((20, 24, 3), np.uint8)).save(misnamed, format="PNG")
+    assert read_image_info(misnamed).size == (20, 24)
+    with pytest.raises(DataError, match=re.escape(f"{misnamed}: not a JPEG file (no start-of-image marker)")):
+        read_header(misnamed)
 
 
 def test_bad_input_through_the_train_command_is_one_line_and_exit_2(tmp_path):

@@ -13,8 +13,8 @@ import pytest
 
 from helpers import TINY_MODEL_RUN, write_png
 from lfpv_fast.config import config_from_dict, load_config
+from lfpv_fast.data.config import DATASETS
 from lfpv_fast.data.errors import DataError
-from lfpv_fast.data.images import LAYOUTS
 from lfpv_fast.data.loaders import build_loader
 
 H, W = 24, 32
@@ -65,7 +65,7 @@ def preset_cfg(root: Path, preset: str, **data):
 def layout_name(tree: str) -> str:
     preset = TREES[tree][0]
     owner = "Retinexformer" if tree.startswith("retinexformer") else "as distributed"
-    (layout,) = [lay for lay in LAYOUTS[preset] if owner in lay.name]
+    (layout,) = [lay for lay in DATASETS[preset].layouts if owner in lay.name]
     return layout.name
 
 

@@ -20,7 +20,11 @@ def imports_above(folder: str, own_package: str) -> dict[str, set[str]]:
     found: dict[str, set[str]] = {}
     for path in sorted((ROOT / folder).rglob("*.py")):
         names = set()
-        for node in ast.walk(ast.parse(path.read_text(), filename=str(path))):
+        tree = ast.parse(path.read_text(), filename=str(path))
+        for guard in ast.walk(tree):  # imports under `if TYPE_CHECKING:` are for annotations: never run
+            if isinstance(guard, ast.If) and ast.unparse(guard.test) in ("TYPE_CHECKING", "typing.TYPE_CHECKING"):
+                guard.body = []
+        for node in ast.walk(tree):
             if isinstance(node, ast.Import):
                 names |= {alias.name for alias in node.names}
             elif isinstance(node, ast.ImportFrom):
@@ -45,11 +49,23 @@ def test_pipelines_import_nothing_above_them():
     assert imports_above("pipelines", "lfpv_fast.pipelines") == {}
 
 
+def test_the_data_layer_imports_only_the_io_room_and_the_loaders_above_it():
+    """lfpv_fast/data/ reads files through lfpv_fast.io, builds loaders from pipelines/ (which imports nothing of the
+    package) and imports nothing else of the package: the run config (lfpv_fast/config.py) imports the data section
+    (lfpv_fast/data/config.py), never the reverse, so that the table of dataset kinds can hold the data layer's
+    resolvers without an import loop."""
+    found = imports_above("lfpv_fast/data", "lfpv_fast.data")
+    for path, names in found.items():
+        allowed = [n == "lfpv_fast.pipelines" or n.startswith(("lfpv_fast.io.", "lfpv_fast.pipelines.")) for n in names]
+        assert all(allowed), f"{path} imports {sorted(names)}"
+
+
 @pytest.mark.parametrize("source, expected", [
     ("import lfpv_fast.model", {"lfpv_fast.model"}),
     ("def f():\n    from lfpv_fast import reference", {"lfpv_fast", "lfpv_fast.reference"}),
     ("from lfpv_fast.kernels._common import launch", set()),
     ("import torch", set()),
+    ("from typing import TYPE_CHECKING\nif TYPE_CHECKING:\n    from lfpv_fast.config import RunConfig", set()),
 ])
 def test_the_check_sees_every_form_of_import(tmp_path, monkeypatch, source, expected):
     folder = tmp_path / "kernels"

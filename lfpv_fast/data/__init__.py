@@ -1,6 +1,7 @@
 """Datasets: SMID as published (`smid`), image-pair folders and the LOL presets (`images`), the offline demo
-dataset (`demo`, also as PNG pairs), the prepared cache's format (`cache`), config -> pairs (`source`), and the
-data layer's error (`errors.DataError`)."""
+dataset (`demo`, also as PNG pairs), the prepared cache's format (`cache`), the data section of a run config and
+the table of dataset kinds (`config.DataConfig`, `config.DATASETS`), config -> pairs (`source`), and the data
+layer's errors (`errors.DataError`, `errors.ConfigError`)."""
 
 from lfpv_fast.data.demo import DemoPaths, make_demo_dataset
 from lfpv_fast.data.errors import DataError

@@ -6,16 +6,17 @@ of the same relative folder `<dir>` and the same key; the extensions may differ 
 `.tiff`, any case). Names starting with "." (`.DS_Store`, macOS `._12.png` resource files, `.thumbnails/`)
 are ignored; every other file must be an image of one pair.
 
-Header scan. Before any training, every file of a split is checked from its header and its last bytes,
-without decoding the pixels (about a millisecond a file): the format matches the extension, the file is
-not truncated (a PNG ends with its IEND chunk, a JPEG with its end-of-image marker, a TIFF holds every
-strip it lists), the size (after EXIF orientation) and the bit depth. Then: each LQ file has a GT partner
-and the reverse, the two have the same size, and all files of one side of a split have the same bit depth
-(8 or 16; a PNG with a palette or 1/2/4-bit gray decodes to 8 bit). A file that fails is an error naming
-it, or with `skip_bad` a warning, and its pair is left out.
+Header scan. Before any training, every file of a split is checked from its header and its last bytes by the
+one header reader (`lfpv_fast.io.imageio.read_image_info`), without decoding the pixels (about a millisecond a
+file): the format matches the extension, the file is not truncated (a PNG ends with its IEND chunk, a JPEG with
+its end-of-image marker, a TIFF holds every strip it lists), the size (after EXIF orientation) and the bit depth.
+Then: each LQ file has a GT partner and the reverse, the two have the same size, and all files of one side of a
+split have the same bit depth (8 or 16; a PNG with a palette or 1/2/4-bit gray decodes to 8 bit). A file that
+fails is an error naming it, or with `skip_bad` a warning, and its pair is left out.
 
 Presets (`data.root` is the folder of the dataset; folder names match in any case). Each accepts the layouts
-that the well-known low-light codebases use, finds which one is on disk and says so (LAYOUTS):
+that the well-known low-light codebases use (its entry's `layouts` in `lfpv_fast.data.config.DATASETS`, from the
+tuples below), finds which one is on disk and says so:
 
     lol_v1            our485/low, our485/high (train); eval15/low, eval15/high (test); same names
                       (LOL as distributed; SNR-Aware's LOLv1)
@@ -32,7 +33,6 @@ BasicSR-style paired folders (any two folders, the same name on both sides, e.g.
 from __future__ import annotations
 
 import os
-import struct
 import warnings
 from collections import Counter
 from dataclasses import dataclass
@@ -40,19 +40,7 @@ from pathlib import Path
 
 from lfpv_fast.data.errors import DataError, few
 from lfpv_fast.data.lists import read_name_list
-from lfpv_fast.io.imageio import (
-    IMAGE_EXTENSIONS,
-    JPEG_EXTENSIONS,
-    PNG_EXTENSIONS,
-    TIFF_EXTENSIONS,
-    ImageReadError,
-    read_image_info,
-)
-
-_PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
-_PNG_IEND = b"\x00\x00\x00\x00IEND\xaeB`\x82"
-_JPEG_TAIL = 4096  # bytes searched for the end-of-image marker (some writers pad after it)
-_ORIENTATION = 0x0112  # EXIF/TIFF orientation tag; 5-8 swap width and height
+from lfpv_fast.io.imageio import IMAGE_EXTENSIONS, ImageReadError, read_image_info
 
 
 @dataclass(frozen=True)
@@ -93,24 +81,20 @@ class Layout:
 
 _LOL_V2 = (("Train/Low", "Train/Normal"), ("Test/Low", "Test/Normal"))
 
-# Every layout each preset accepts, the dataset as distributed first (on a tie it is the one taken).
-LAYOUTS: dict[str, tuple[Layout, ...]] = {
-    "lol_v1": (
-        Layout(("our485/low", "our485/high"), ("eval15/low", "eval15/high"),
-               name="LOL as distributed, SNR-Aware's LOLv1"),
-        Layout(("Train/input", "Train/target"), ("Test/input", "Test/target"), name="Retinexformer's LOL_v1"),
-    ),
-    "lol_v2_real": (
-        Layout(*_LOL_V2, Naming(lq_prefix="low", gt_prefix="normal"),
-               name="LOL-v2 Real_captured as distributed, SNR-Aware's"),
-        Layout(*_LOL_V2, name="Retinexformer's LOLv2 Real_captured, renamed to the same name on both sides"),
-    ),
-    "lol_v2_synthetic": (
-        Layout(*_LOL_V2, name="LOL-v2 Synthetic as distributed, SNR-Aware's and Retinexformer's"),
-    ),
-}
-# The layout of each preset as distributed.
-PRESETS: dict[str, Layout] = {name: layouts[0] for name, layouts in LAYOUTS.items()}
+# Every layout of a dataset that the presets accept, the dataset as distributed first (on a tie it is the one
+# taken). Which preset reads which: its entry in lfpv_fast.data.config.DATASETS.
+LOL_V1_LAYOUTS = (
+    Layout(("our485/low", "our485/high"), ("eval15/low", "eval15/high"), name="LOL as distributed, SNR-Aware's LOLv1"),
+    Layout(("Train/input", "Train/target"), ("Test/input", "Test/target"), name="Retinexformer's LOL_v1"),
+)
+LOL_V2_REAL_LAYOUTS = (
+    Layout(*_LOL_V2, Naming(lq_prefix="low", gt_prefix="normal"),
+           name="LOL-v2 Real_captured as distributed, SNR-Aware's"),
+    Layout(*_LOL_V2, name="Retinexformer's LOLv2 Real_captured, renamed to the same name on both sides"),
+)
+LOL_V2_SYNTHETIC_LAYOUTS = (
+    Layout(*_LOL_V2, name="LOL-v2 Synthetic as distributed, SNR-Aware's and Retinexformer's"),
+)
 
 
 @dataclass(frozen=True)
@@ -131,129 +115,19 @@ class ImagePair:
 
 
 def read_header(path: str | Path) -> ImageHeader:
-    """Size and bit depth of an image file from its header, and a check that it is complete; DataError if not."""
+    """Size (as decoded) and bit depth of an image file from its header, and a check that it is complete, by the
+    one header reader (`lfpv_fast.io.imageio.read_image_info`, with its decoded-size bound); DataError if not."""
     path = Path(path)
-    suffix = path.suffix.lower()
+    if path.suffix.lower() not in IMAGE_EXTENSIONS:
+        raise DataError(f"{path}: not an image file (expected one of {', '.join(IMAGE_EXTENSIONS)})")
     try:
-        if suffix in PNG_EXTENSIONS:
-            header = _png_header(path)
-        elif suffix in JPEG_EXTENSIONS:
-            header = _jpeg_header(path)
-        elif suffix in TIFF_EXTENSIONS:
-            header = _tiff_header(path)
-        else:
-            header = None
-        if header is not None:
-            read_image_info(path)  # the decoded-size bound that every reader shares (a decompression bomb)
-            return header
-    except DataError:
-        raise
-    except ImageReadError as exc:
+        info = read_image_info(path, complete=True)
+    except ImageReadError as exc:  # the message names the file
         raise DataError(str(exc)) from None
     except FileNotFoundError as exc:
         raise DataError(f"{path}: file not found") from exc
-    except PermissionError as exc:
-        raise DataError(f"{path}: cannot be read ({exc.strerror})") from exc
-    except Exception as exc:  # whatever the parsers raise on garbage
-        raise DataError(f"{path}: not a readable {suffix[1:].upper()} file ({exc})") from exc
-    raise DataError(f"{path}: not an image file (expected one of {', '.join(IMAGE_EXTENSIONS)})")
-
-
-def _png_header(path: Path) -> ImageHeader:
-    with open(path, "rb") as f:
-        head = f.read(33)
-        if len(head) < 33 or head[:8] != _PNG_SIGNATURE or head[12:16] != b"IHDR":
-            raise DataError(f"{path}: not a PNG file (no PNG signature and IHDR chunk)")
-        width, height, depth, color_type = struct.unpack(">IIBB", head[16:26])
-        if color_type not in (0, 2, 3, 4, 6) or depth not in (1, 2, 4, 8, 16):
-            raise DataError(f"{path}: invalid PNG header (bit depth {depth}, colour type {color_type})")
-        orientation = _png_orientation(f)
-        f.seek(0, os.SEEK_END)
-        if f.tell() < 45:
-            raise DataError(f"{path}: truncated PNG file ({f.tell()} bytes)")
-        f.seek(-12, os.SEEK_END)
-        if f.read(12) != _PNG_IEND:
-            raise DataError(f"{path}: truncated PNG file (it does not end with the IEND chunk)")
-    bits = 16 if depth == 16 else 8  # palette and 1/2/4-bit gray decode to 8 bit
-    return _oriented(path, width, height, bits, orientation)
-
-
-def _png_orientation(f) -> int:
-    """The EXIF orientation of an eXIf chunk before the image data (1 if none); `f` is just past IHDR."""
-    f.seek(33)
-    while True:
-        head = f.read(8)
-        if len(head) < 8:
-            return 1
-        length, kind = struct.unpack(">I4s", head)
-        if kind in (b"IDAT", b"IEND"):
-            return 1
-        if kind == b"eXIf":
-            return _exif_orientation(f.read(length))
-        f.seek(length + 4, os.SEEK_CUR)
-
-
-def _exif_orientation(data: bytes) -> int:
-    from PIL import Image
-
-    exif = Image.Exif()
-    exif.load(data)
-    return int(exif.get(_ORIENTATION, 1) or 1)
-
-
-def _jpeg_header(path: Path) -> ImageHeader:
-    from PIL import Image
-
-    with open(path, "rb") as f:
-        if f.read(2) != b"\xff\xd8":
-            raise DataError(f"{path}: not a JPEG file (no start-of-image marker)")
-        f.seek(0, os.SEEK_END)
-        size = f.tell()
-        f.seek(max(0, size - _JPEG_TAIL))
-        if b"\xff\xd9" not in f.read():
-            raise DataError(f"{path}: truncated JPEG file (no end-of-image marker at the end)")
-    with Image.open(path) as im:  # reads the markers up to the first scan, decodes nothing
-        if im.format != "JPEG":
-            raise DataError(f"{path}: not a JPEG file (Pillow reads it as {im.format})")
-        if im.mode not in ("L", "RGB", "CMYK"):
-            raise DataError(f"{path}: unsupported JPEG colour mode {im.mode!r} (expected grayscale, RGB or CMYK)")
-        width, height = im.size
-        orientation = int(im.getexif().get(_ORIENTATION, 1) or 1)
-    return _oriented(path, width, height, 8, orientation)
-
-
-def _tiff_header(path: Path) -> ImageHeader:
-    import numpy as np
-    import tifffile
-
-    size = path.stat().st_size
-    with tifffile.TiffFile(path) as tif:
-        if not tif.pages:
-            raise DataError(f"{path}: TIFF file holds no image")
-        page = tif.pages[0]
-        photometric = page.photometric.name if page.photometric is not None else "?"
-        if photometric not in ("MINISBLACK", "RGB"):
-            raise DataError(f"{path}: unsupported TIFF photometric interpretation {photometric} "
-                            "(expected MINISBLACK grayscale or RGB)")
-        if page.dtype not in (np.uint8, np.uint16):
-            raise DataError(f"{path}: unsupported TIFF sample type {page.dtype} (expected 8- or 16-bit unsigned)")
-        tag = page.tags.get(_ORIENTATION)
-        if tag is not None and int(tag.value) != 1:
-            # DALI's decoder applies it, tifffile (the torch loader) does not: refuse rather than differ.
-            raise DataError(f"{path}: TIFF orientation tag {int(tag.value)} is not supported (expected 1, "
-                            "top-left); save the image upright without the tag")
-        end = max((o + n for o, n in zip(page.dataoffsets, page.databytecounts, strict=True)), default=0)
-        if end > size:
-            raise DataError(f"{path}: truncated TIFF file ({size} bytes, its image data ends at byte {end})")
-        return ImageHeader(int(page.imagewidth), int(page.imagelength), 8 * page.dtype.itemsize)
-
-
-def _oriented(path: Path, width: int, height: int, bits: int, orientation: int) -> ImageHeader:
-    if width < 1 or height < 1:
-        raise DataError(f"{path}: empty image ({width}x{height})")
-    if orientation in (5, 6, 7, 8):  # transposed: the decoders rotate it
-        width, height = height, width
-    return ImageHeader(width, height, bits)
+    height, width = info.oriented_size
+    return ImageHeader(width, height, info.bits)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -481,21 +355,20 @@ def _pair_count(found: FoundLayout) -> int:
     return len(_pairing_keys(found.lq, n.lq_prefix, n.lq_suffix) & _pairing_keys(found.gt, n.gt_prefix, n.gt_suffix))
 
 
-def find_layout(name: str, root: str | Path, split: str) -> FoundLayout:
-    """Which of the preset `name`'s layouts (LAYOUTS) is under `root`, with the folders of `split`.
+def find_layout(name: str, layouts: tuple[Layout, ...], root: str | Path, split: str) -> FoundLayout:
+    """Which of the preset `name`'s `layouts` is under `root`, with the folders of `split`.
 
     Layouts whose folders are there are told apart by their file names: the one that pairs the most files wins
     (the first listed on a tie). A DataError names what was expected when no layout fits."""
     root = Path(root).expanduser()
     _check_folder(root, f"data.root of dataset {name!r}:")
-    layouts = LAYOUTS[name]
     candidates = []
     for layout in layouts:
         lq, gt = (_find_folder(root, rel) for rel in layout.folders(split))
         if lq is not None and gt is not None:
             candidates.append(FoundLayout(name, root, layout, lq, gt))
     if not candidates:
-        raise _no_layout(name, root)
+        raise _no_layout(name, layouts, root)
     if len(candidates) == 1:
         return candidates[0]
     counts = [_pair_count(c) for c in candidates]
@@ -511,9 +384,8 @@ def find_layout(name: str, root: str | Path, split: str) -> FoundLayout:
     return candidates[best]
 
 
-def _no_layout(name: str, root: Path) -> DataError:
+def _no_layout(name: str, layouts: tuple[Layout, ...], root: Path) -> DataError:
     """The error for a data.root that holds none of the preset's layouts: what was expected, what is there."""
-    layouts = LAYOUTS[name]
     shapes = []
     folder_sets = list(dict.fromkeys((lay.train, lay.test) for lay in layouts))  # layouts that share folders once
     for folders in folder_sets:

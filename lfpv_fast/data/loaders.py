@@ -11,17 +11,20 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 
-from lfpv_fast.config import ConfigError, RunConfig
-from lfpv_fast.data.errors import DataError
+from lfpv_fast.data.errors import ConfigError, DataError
 from lfpv_fast.data.smid import load_frame, resize_linear
 from lfpv_fast.data.source import SplitData, resolve_split
 from lfpv_fast.io.imageio import ImageReadError, read_pixels
 from lfpv_fast.pipelines.loader import PairList, PairLoader
 from lfpv_fast.pipelines.sampling import per_rank_batch
+
+if TYPE_CHECKING:  # for the annotation only: lfpv_fast.config imports the data layer, never the reverse
+    from lfpv_fast.config import RunConfig
 
 
 def read_image_frame(path: Path, bits: int, size: tuple[int, int]) -> np.ndarray:

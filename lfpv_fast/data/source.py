@@ -1,16 +1,23 @@
-"""From `cfg.data` to the list of (LQ, GT) pairs of a split and how their frames are to be read."""
+"""From `cfg.data` to the list of (LQ, GT) pairs of a split and how their frames are to be read.
+
+`resolve_split` asks the dataset's entry in the table of dataset kinds (`lfpv_fast.data.config.DATASETS`, reached
+as `DataConfig.kind`) for its resolver; the resolvers of the built-in kinds are below.
+"""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
-from lfpv_fast.config import ConfigError, DataConfig, resolve_data_file
 from lfpv_fast.data.cache import read_manifest
-from lfpv_fast.data.errors import DataError
-from lfpv_fast.data.images import LAYOUTS, Naming, find_layout, scan_pairs, split_by_list
-from lfpv_fast.data.smid import Pair, Tree, check_pairs, read_scene_list, scan_tree, split_pairs
+from lfpv_fast.data.errors import ConfigError, DataError
+from lfpv_fast.data.images import LOL_V1_LAYOUTS, Layout, Naming, find_layout, scan_pairs, split_by_list
+from lfpv_fast.data.lists import resolve_data_file
+from lfpv_fast.data.smid import Pair, check_pairs, read_scene_list, scan_tree, split_pairs
+
+if TYPE_CHECKING:  # (annotations only: lfpv_fast.data.config imports this module for its table's resolvers)
+    from lfpv_fast.data.config import DataConfig
 
 
 @dataclass(frozen=True)
@@ -26,33 +33,35 @@ class SplitData:
     found: str = ""  # what was found where (the layout, the folders, the naming): one line for the log
 
 
-def _tree_and_list(d: DataConfig) -> tuple[Tree | None, Path, Path | None, Path | None]:
-    """(prepared tree or None, test list, raw lq_root, raw gt_root)."""
-    if d.dataset == "demo":
-        from lfpv_fast.data.demo import make_demo_dataset
-
-        demo = make_demo_dataset(d.demo_root)  # creates it on first use
-        default_list: Path | str = demo.test_scenes
-        lq, gt = demo.lq_root, demo.gt_root
-    else:
-        default_list = "smid_test_scenes.txt"
-        lq = Path(d.lq_root).expanduser() if d.lq_root else None
-        gt = Path(d.gt_root).expanduser() if d.gt_root else None
-    test_list = resolve_data_file(str(d.test_scenes or default_list))
-    prepared = None
-    if d.prepared_root:
-        prepared = read_manifest(d.prepared_root)
-    return prepared, test_list, lq, gt
-
-
 def resolve_split(d: DataConfig, split: str) -> SplitData:
-    """The pairs of `split` ("train" | "test") with every file header-checked."""
+    """The pairs of `split` ("train" | "test") with every file header-checked, by the dataset's entry in the table
+    of dataset kinds (`d.kind.resolve`)."""
     if split not in ("train", "test"):
         raise ValueError(f"split must be 'train' or 'test', got {split!r}")
-    if d.is_images:
-        return resolve_image_split(d, split)
+    return d.kind.resolve(d, split)
+
+
+def resolve_smid_split(d: DataConfig, split: str) -> SplitData:
+    """smid: SMID as published, data.lq_root/gt_root (resized when read) or the prepared cache."""
+    lq = Path(d.lq_root).expanduser() if d.lq_root else None
+    gt = Path(d.gt_root).expanduser() if d.gt_root else None
+    return _npy_split(d, split, lq, gt, d.test_scenes or "smid_test_scenes.txt")
+
+
+def resolve_demo_split(d: DataConfig, split: str) -> SplitData:
+    """demo: the built-in demo dataset, SMID-style, written to data.demo_root on first use."""
+    from lfpv_fast.data.demo import make_demo_dataset
+
+    demo = make_demo_dataset(d.demo_root)  # creates it on first use
+    return _npy_split(d, split, demo.lq_root, demo.gt_root, d.test_scenes or demo.test_scenes)
+
+
+def _npy_split(d: DataConfig, split: str, lq: Path | None, gt: Path | None, test_scenes: str | Path) -> SplitData:
+    """A SMID-style .npy tree: the raw frames in lq/gt, resized when read, or the prepared cache of data.prepared_root;
+    `test_scenes`: the list of held-out scenes (a path, or a file shipped in configs/)."""
     assert d.resize is not None  # config.validate: only image datasets may keep their own sizes
-    prepared, test_list, lq, gt = _tree_and_list(d)
+    test_list = resolve_data_file(str(test_scenes))
+    prepared = read_manifest(d.prepared_root) if d.prepared_root else None
     size = (int(d.resize[0]), int(d.resize[1]))
     if prepared is not None:
         if prepared.stored_size != size:
@@ -93,19 +102,29 @@ class ImageFolders:
     found: str = ""  # the layout found (presets)
 
 
-def _image_folders(d: DataConfig, split: str) -> ImageFolders:
-    if d.dataset in LAYOUTS or d.dataset == "demo_png":
-        if d.dataset == "demo_png":
-            from lfpv_fast.data.demo import make_demo_png
+def resolve_preset_split(d: DataConfig, split: str) -> SplitData:
+    """A preset (lol_v1, ...): the layout of its entry's `layouts` found under data.root."""
+    if not d.root:
+        raise ConfigError(f"dataset {d.dataset!r} needs data.root, the folder of the dataset in one of the layouts it "
+                          "accepts (set it with --set data.root=/path/to/it)")
+    return _image_split(d, split, _found_layout(d.dataset, d.kind.layouts, Path(d.root), split))
 
-            root, preset = make_demo_png(d.demo_root), "lol_v1"  # written on first use
-        else:
-            if not d.root:
-                raise ConfigError(f"dataset {d.dataset!r} needs data.root, the folder of the dataset in one of the "
-                                  "layouts it accepts (set it with --set data.root=/path/to/it)")
-            root, preset = Path(d.root), d.dataset
-        layout = find_layout(preset, root, split)
-        return ImageFolders(layout.lq, layout.gt, layout.naming, None, layout.rule, layout.describe())
+
+def resolve_demo_png_split(d: DataConfig, split: str) -> SplitData:
+    """demo_png: the demo dataset written as PNG pairs in the LOL-v1 layout under data.demo_root."""
+    from lfpv_fast.data.demo import make_demo_png
+
+    root = make_demo_png(d.demo_root)  # written on first use
+    return _image_split(d, split, _found_layout("lol_v1", LOL_V1_LAYOUTS, root, split))
+
+
+def _found_layout(name: str, layouts: tuple[Layout, ...], root: Path, split: str) -> ImageFolders:
+    layout = find_layout(name, layouts, root, split)
+    return ImageFolders(layout.lq, layout.gt, layout.naming, None, layout.rule, layout.describe())
+
+
+def resolve_pairs_split(d: DataConfig, split: str) -> SplitData:
+    """pairs: lq_root/gt_root, the test split in test_lq_root/test_gt_root or listed in test_list."""
     if not d.lq_root or not d.gt_root:
         raise ConfigError("dataset 'pairs' needs data.lq_root and data.gt_root (the folders of low-light and of "
                           "ground-truth images)")
@@ -120,12 +139,12 @@ def _image_folders(d: DataConfig, split: str) -> ImageFolders:
     else:
         lq, gt, test_list = Path(d.lq_root).expanduser(), Path(d.gt_root).expanduser(), None
     held = f", held out by {test_list}" if test_list is not None else ""
-    return ImageFolders(lq, gt, naming, test_list, found=f"pairs: {lq} with {gt}, {naming.describe()}{held}")
+    found = f"pairs: {lq} with {gt}, {naming.describe()}{held}"
+    return _image_split(d, split, ImageFolders(lq, gt, naming, test_list, found=found))
 
 
-def resolve_image_split(d: DataConfig, split: str) -> SplitData:
-    """The image pairs of `split`, header-scanned (see lfpv_fast.data.images)."""
-    folders = _image_folders(d, split)
+def _image_split(d: DataConfig, split: str, folders: ImageFolders) -> SplitData:
+    """The image pairs of `split` in `folders`, header-scanned (see lfpv_fast.data.images)."""
     lq_root, test_list = folders.lq, folders.test_list
     what = f"{split}ing split" if split == "train" else "test split"
     found = scan_pairs(lq_root, folders.gt, folders.naming, d.skip_bad, what, folders.rule)

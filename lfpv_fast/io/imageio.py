@@ -12,8 +12,9 @@ Choices (documented for users in `python -m lfpv_fast.enhance --help`):
 Decoded size. Every read first parses the file's header and bounds the bytes that decoding would allocate
 (height x width x samples per pixel x bytes per sample x depth of a volumetric TIFF), so that a small file
 declaring a huge image (a decompression bomb: a 1 MB zlib TIFF can declare 1000x1000 pixels of 1000
-samples) is refused before any pixel is decoded: `read_image_info` is that one check, and `read_pixels`,
-`read_image`, the data readers' header scan and the app all go through it. Only the first page of a
+samples) is refused before any pixel is decoded: `read_image_info` is that one check and the one header reader,
+and `read_pixels`, `read_image`, the data readers' header scan (which also asks it whether each file is whole,
+`complete=True`) and the app all go through it. Only the first page of a
 multi-page TIFF (and the first frame of an APNG or MPO) is decoded, so later pages cost nothing.
 
 Backends: Pillow for 8-bit PNG and JPEG; tifffile for TIFF; imagecodecs for 16-bit PNG, which
@@ -23,6 +24,7 @@ Pillow reads only as 8-bit RGB (it truncates "RGB;16" to 8 bits) and cannot writ
 from __future__ import annotations
 
 import io
+import os
 import struct
 from dataclasses import dataclass
 from pathlib import Path
@@ -37,6 +39,9 @@ JPEG_EXTENSIONS = (".jpg", ".jpeg")
 TIFF_EXTENSIONS = (".tif", ".tiff")
 IMAGE_EXTENSIONS = PNG_EXTENSIONS + JPEG_EXTENSIONS + TIFF_EXTENSIONS
 _PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+_PNG_IEND = b"\x00\x00\x00\x00IEND\xaeB`\x82"  # the last 12 bytes of a whole PNG file
+_JPEG_TAIL = 4096  # bytes searched for a JPEG's end-of-image marker (some writers pad after it)
+_ORIENTATION = 0x0112  # the EXIF/TIFF orientation tag; 5-8 swap width and height
 # The memory that reading one image may take by default (`ImageInfo.read_peak_bytes`: the decoded samples, a gray
 # image's RGB copy and the float32 RGB image that enhancement works on): 2 GiB reads an 8-bit RGB image of 143 MP
 # or a 16-bit gray one of 89 MP.
@@ -55,19 +60,31 @@ class ImageTooLargeError(ImageReadError):
 
 @dataclass(frozen=True)
 class ImageInfo:
-    """What decoding a file would produce, read from its header: the size after EXIF orientation, and the
-    samples per pixel and bytes per sample that the decoder allocates (depth: planes of a volumetric TIFF)."""
+    """What decoding a file would produce, read from its header: the size as stored, the samples per pixel and
+    bytes per sample that the decoder allocates (depth: planes of a volumetric TIFF) and the EXIF orientation
+    (PNG eXIf chunk, JPEG; 1 for TIFF, whose orientation tag the readers do not apply)."""
 
     height: int
     width: int
     samples: int
     bytes_per_sample: int
     depth: int = 1
+    orientation: int = 1
 
     @property
     def size(self) -> tuple[int, int]:
-        """(height, width)."""
+        """(height, width) as stored."""
         return self.height, self.width
+
+    @property
+    def oriented_size(self) -> tuple[int, int]:
+        """(height, width) once the EXIF orientation is applied: orientations 5-8 transpose the image."""
+        return (self.width, self.height) if self.orientation in (5, 6, 7, 8) else (self.height, self.width)
+
+    @property
+    def bits(self) -> int:
+        """The sample depth the readers give: 8 or 16 (a palette or 1/2/4-bit gray PNG decodes to 8 bit)."""
+        return 8 * self.bytes_per_sample
 
     @property
     def decoded_bytes(self) -> int:
@@ -144,14 +161,6 @@ def list_images(inputs: list[str | Path], recursive: bool = False, exclude: list
         else:
             raise FileNotFoundError(f"input {path} does not exist")
     return found
-
-
-def _png_header(data: bytes) -> tuple[int, int]:
-    """(bit depth, colour type) from a PNG's IHDR chunk."""
-    if data[:8] != _PNG_SIGNATURE or data[12:16] != b"IHDR":
-        raise ValueError("not a PNG file (bad signature or missing IHDR)")
-    bit_depth, color_type = struct.unpack(">BB", data[24:26])
-    return bit_depth, color_type
 
 
 def _split_channels(array: np.ndarray, path: Path) -> tuple[np.ndarray, np.ndarray | None, str]:
@@ -241,16 +250,14 @@ def read_pixels(path: str | Path, max_decoded_bytes: int | None = DEFAULT_MAX_DE
     source mode), uint8 or uint16, gray replicated to RGB, EXIF orientation applied (see the module docstring).
 
     The header is checked first (`read_image_info`): an image over `max_decoded_bytes` is refused undecoded."""
-    read_image_info(path, max_decoded_bytes)
+    info = read_image_info(path, max_decoded_bytes)
     path = Path(path)
     suffix = path.suffix.lower()
     try:
         if suffix in TIFF_EXTENSIONS:
             array = _read_tiff(path)
         elif suffix in PNG_EXTENSIONS:
-            data = path.read_bytes()
-            bit_depth, _ = _png_header(data)
-            array = _read_png16(path, data) if bit_depth == 16 else _read_pillow(path)
+            array = _read_png16(path, path.read_bytes()) if info.bits == 16 else _read_pillow(path)
         else:
             array = _read_pillow(path)
     except (ImageReadError, FileNotFoundError):
@@ -359,34 +366,75 @@ def read_image_size(path: str | Path) -> tuple[int, int]:
     return read_image_info(path, max_decoded_bytes=None).size
 
 
-def read_image_info(path: str | Path, max_decoded_bytes: int | None = DEFAULT_MAX_DECODED_BYTES) -> ImageInfo:
-    """What decoding the file would allocate, from its header alone; the one check before any decoding.
+def read_image_info(path: str | Path, max_decoded_bytes: int | None = DEFAULT_MAX_DECODED_BYTES, *,
+                    complete: bool = False) -> ImageInfo:
+    """What decoding the file would allocate, from its header alone: the one header reader (the readers here,
+    enhance, the app and the data scan all call it) and the one check before any decoding.
 
     ImageTooLargeError when `ImageInfo.decoded_bytes` exceeds `max_decoded_bytes` (None: no bound);
-    ImageReadError for a header that cannot be read or a layout that the readers do not support (TIFF:
-    photometric, samples per pixel, sample type, volumetric depth), so that such a file is never decoded.
-    Pillow's own decompression-bomb limit applies to the JPEG header (and to decoding 8-bit PNG) as well.
+    ImageReadError naming the file for a header that cannot be read or a layout that the readers do not support
+    (PNG colour type and bit depth; TIFF: photometric, samples per pixel, sample type, volumetric depth), so that
+    such a file is never decoded. Pillow's own decompression-bomb limit applies to the JPEG header (and to
+    decoding 8-bit PNG) as well.
+
+    complete: also check, from the file's first and last bytes, that it is whole and in the format its extension
+    names (a PNG ends with its IEND chunk; a JPEG starts with its start-of-image marker and ends with its
+    end-of-image marker; a TIFF holds every strip it lists), and refuse what the two data loaders would decode
+    differently (a JPEG colour mode other than gray, RGB or CMYK; a TIFF orientation tag other than 1): the data
+    scan before training (lfpv_fast.data.images.read_header), which must find a bad file before the first step.
     """
     path, suffix = _checked_image_path(path)
     try:
         if suffix in TIFF_EXTENSIONS:
-            return _tiff_info(path, max_decoded_bytes)
-        if suffix in PNG_EXTENSIONS:
-            with open(path, "rb") as f:
-                header = f.read(26)
-            _png_header(header)  # checks the signature and the IHDR chunk
-            width, height, bit_depth, color_type = struct.unpack(">IIBB", header[16:26])
-            if color_type not in _PNG_SAMPLES:
-                raise ImageReadError(f"{path}: invalid PNG colour type {color_type}")
-            info = ImageInfo(height, width, _PNG_SAMPLES[color_type], 2 if bit_depth == 16 else 1)
-        else:
-            info = _pillow_info(path)
+            return _tiff_info(path, max_decoded_bytes, complete)
+        info = _png_info(path, complete) if suffix in PNG_EXTENSIONS else _pillow_info(path, complete)
     except (ImageReadError, FileNotFoundError):
         raise
+    except PermissionError as exc:
+        raise ImageReadError(f"{path}: cannot be read ({exc.strerror})") from None
     except Exception as exc:  # not an image, a truncated header, or over Pillow's decompression-bomb limit
         raise ImageReadError(f"{path}: could not read image: {exc}") from exc
     _check_decoded_size(path, info, max_decoded_bytes)
     return info
+
+
+def _png_info(path: Path, complete: bool) -> ImageInfo:
+    with open(path, "rb") as f:
+        head = f.read(33)  # signature, IHDR chunk
+        if len(head) < 33 or head[:8] != _PNG_SIGNATURE or head[12:16] != b"IHDR":
+            raise ImageReadError(f"{path}: could not read image: not a PNG file (no PNG signature and IHDR chunk)")
+        width, height, depth, color_type = struct.unpack(">IIBB", head[16:26])
+        if color_type not in _PNG_SAMPLES or depth not in (1, 2, 4, 8, 16):
+            raise ImageReadError(f"{path}: invalid PNG header (bit depth {depth}, colour type {color_type})")
+        orientation = _png_orientation(f)
+        if complete:
+            f.seek(0, os.SEEK_END)
+            if f.tell() < 45:  # signature, IHDR, IEND
+                raise ImageReadError(f"{path}: truncated PNG file ({f.tell()} bytes)")
+            f.seek(-12, os.SEEK_END)
+            if f.read(12) != _PNG_IEND:
+                raise ImageReadError(f"{path}: truncated PNG file (it does not end with the IEND chunk)")
+    # Palette and 1/2/4-bit gray decode to 8 bit.
+    return ImageInfo(height, width, _PNG_SAMPLES[color_type], 2 if depth == 16 else 1, orientation=orientation)
+
+
+def _png_orientation(f: io.BufferedReader) -> int:
+    """The EXIF orientation of an eXIf chunk before the image data (1 if none); read from just past IHDR."""
+    f.seek(33)
+    while True:
+        head = f.read(8)
+        if len(head) < 8:
+            return 1
+        length, kind = struct.unpack(">I4s", head)
+        if kind in (b"IDAT", b"IEND"):
+            return 1
+        if kind == b"eXIf":
+            from PIL import Image
+
+            exif = Image.Exif()
+            exif.load(f.read(length))
+            return int(exif.get(_ORIENTATION, 1) or 1)
+        f.seek(length + 4, os.SEEK_CUR)  # the chunk's data and CRC
 
 
 def _check_decoded_size(path: Path, info: ImageInfo, max_decoded_bytes: int | None) -> None:
@@ -407,11 +455,24 @@ def _mib(n: int) -> str:
     return f"{n / 2**30:.2f} GiB" if n >= 2**30 else f"{n / 2**20:.1f} MiB"
 
 
-def _pillow_info(path: Path) -> ImageInfo:
+def _pillow_info(path: Path, complete: bool) -> ImageInfo:
+    """A JPEG file's header (or whatever Pillow reads under a .jpg name, unless `complete`)."""
     from PIL import Image
 
-    with Image.open(path) as im:  # reads the header only
+    if complete:
+        with open(path, "rb") as f:
+            if f.read(2) != b"\xff\xd8":
+                raise ImageReadError(f"{path}: not a JPEG file (no start-of-image marker)")
+            f.seek(0, os.SEEK_END)
+            f.seek(max(0, f.tell() - _JPEG_TAIL))
+            if b"\xff\xd9" not in f.read():
+                raise ImageReadError(f"{path}: truncated JPEG file (no end-of-image marker at the end)")
+    with Image.open(path) as im:  # reads the markers up to the first scan, decodes nothing
         mode = im.mode
+        if complete and im.format != "JPEG":
+            raise ImageReadError(f"{path}: not a JPEG file (Pillow reads it as {im.format})")
+        if complete and mode not in ("L", "RGB", "CMYK"):
+            raise ImageReadError(f"{path}: unsupported JPEG colour mode {mode!r} (expected grayscale, RGB or CMYK)")
         if mode.startswith("I;16"):
             bytes_per_sample = 2
         elif mode in ("I", "F"):
@@ -420,11 +481,13 @@ def _pillow_info(path: Path) -> ImageInfo:
             bytes_per_sample = 1
         # "1" decodes to L, "P"/"PA" are expanded to RGB(A) and CMYK/YCbCr are converted to RGB: count the larger.
         samples = 4 if mode in ("P", "PA", "CMYK") else len(im.getbands())
-        return ImageInfo(im.height, im.width, samples, bytes_per_sample)
+        orientation = int(im.getexif().get(_ORIENTATION, 1) or 1)
+        return ImageInfo(im.height, im.width, samples, bytes_per_sample, orientation=orientation)
 
 
-def _tiff_info(path: Path, max_decoded_bytes: int | None) -> ImageInfo:
-    """The first page's decoded size, bounded, then its layout checked (so an unsupported one is never decoded)."""
+def _tiff_info(path: Path, max_decoded_bytes: int | None, complete: bool) -> ImageInfo:
+    """The first page's decoded size, bounded, then its layout checked (so an unsupported one is never decoded);
+    `complete`: its orientation tag and that the file holds every strip it lists."""
     import tifffile
 
     with tifffile.TiffFile(path) as tif:
@@ -447,4 +510,14 @@ def _tiff_info(path: Path, max_decoded_bytes: int | None) -> ImageInfo:
         if page.dtype not in (np.uint8, np.uint16):
             raise ImageReadError(f"{path}: unsupported sample type {page.dtype} (expected 8- or 16-bit unsigned "
                                  "integers)")
+        if complete:
+            tag = page.tags.get(_ORIENTATION)
+            if tag is not None and int(tag.value) != 1:
+                # DALI's decoder applies it, tifffile (the torch loader) does not: refuse rather than differ.
+                raise ImageReadError(f"{path}: TIFF orientation tag {int(tag.value)} is not supported (expected 1, "
+                                     "top-left); save the image upright without the tag")
+            size = path.stat().st_size
+            end = max((o + n for o, n in zip(page.dataoffsets, page.databytecounts, strict=True)), default=0)
+            if end > size:
+                raise ImageReadError(f"{path}: truncated TIFF file ({size} bytes, its image data ends at byte {end})")
     return info
