@@ -12,8 +12,8 @@ alone (model.lfpv.enabled=false) and Retinexformer + LFPVs (at its bottleneck, 1
 batch on CUDA; on the CPU batch 2 (--batch, --crop to change them). The same initial weights in every row of a
 model, the same batches (crops of the built-in demo dataset, darkened photos) in every row, fp32 unless a row
 says otherwise. A step is forward, loss, backward and the Adam step; the pixel (Charbonnier) loss on both
-outputs (on the one output without LFPVs), the VGG term off on both sides (it needs downloaded weights). Data
-loading is not timed here (bench/bench_data.py measures it).
+outputs (on its one output for a model without LFPVs), the VGG term off on both sides (it needs downloaded
+weights). Data loading is not timed here (bench/bench_data.py measures it).
 
 Rows (per model):
   published code                  its low_light_transformer4, its mask, loss and Adam (--published, SMID only), or
