@@ -9,9 +9,14 @@ there and skips, with the reason printed, what needs a missing one. Steps:
   2. kernel-tests  the Triton kernel tests on the GPU against their reference twins (pytest-xdist where present)
   3. dali-gpu      the DALI GPU tests (pytest -m gpu in the data test modules); skipped without DALI
   4. golden        the golden case through the Triton backend on the GPU (tests/test_golden.py)
-  5. train         40 training steps: train.backend=triton, torch.compile, bf16, fused Adam, the torch loader, on
+  5. ig-msa        Retinexformer's IG-MSA kernels against the reference twin (bench/bench_ig_msa.py --quick): forward
+                   and forward+backward at its three levels (40, 80, 160 channels), 128x128 crops and a 1024x1920 frame
+  6. train         40 training steps: train.backend=triton, torch.compile, bf16, fused Adam, the torch loader, on
                    the demo dataset (a synthetic SMID-style dataset where scikit-image is missing)
-  6. inference     the 512x960 frame benchmark on the GPU against the reference backend (bench/bench_inference.py):
+  7. train-retinexformer  40 training steps of Retinexformer + LFPVs (configs/demo_retinexformer.yaml):
+                   train.backend=triton (the IG-MSA and LFPV kernels), bf16, fused Adam, eager (the SNR-Aware step
+                   covers torch.compile), on the same data as step 6
+  8. inference     the 512x960 frame benchmark on the GPU against the reference backend (bench/bench_inference.py):
                    the demo's darkened photo, or a synthetic dark frame made with numpy where scikit-image is missing
 
 --budget SECONDS (default 480) is divided across the steps that run, in proportion to WEIGHTS; a step may use
@@ -51,7 +56,8 @@ ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_BUDGET_S = 480  # with the probe and the install, a run fits a 10-minute command limit with room to spare
 DEFAULT_OUT = ROOT / "bench" / "results"
 # Share of the budget of each step (of those that run). The kernel tests compile every kernel for the card.
-WEIGHTS = {"install": 5, "kernel-tests": 35, "dali-gpu": 5, "golden": 12, "train": 28, "inference": 15}
+WEIGHTS = {"install": 5, "kernel-tests": 32, "dali-gpu": 4, "golden": 10, "ig-msa": 10, "train": 18,
+           "train-retinexformer": 11, "inference": 10}
 KILL_GRACE_S = 5  # after SIGTERM to a step's process group, SIGKILL follows this much later
 MIN_STEP_S = 5  # a step left with less than this is skipped as "budget spent"
 PROGRESS_EVERY_S = 30  # a running step prints its latest log line this often
@@ -247,6 +253,22 @@ def inference_figure(json_path: Path) -> Callable[[str], str]:
     return figure
 
 
+def ig_msa_figure(json_path: Path) -> Callable[[str], str]:
+    """The fused kernels' median speed-up over the reference twin, forward+backward, per shape and level."""
+    def figure(_log: str) -> str:
+        rows = [r for r in json.loads(json_path.read_text())["rows"]
+                if r["impl"] == "triton" and r["pass"] == "fwd+bwd" and "speedup" in r]
+        parts = []
+        for shape in dict.fromkeys(r["shape"] for r in rows):
+            levels = [r for r in rows if r["shape"] == shape]
+            channels = "/".join(str(r["channels"]) for r in levels)
+            speedups = "/".join(f"{r['speedup']['median']:.2f}" for r in levels)
+            parts.append(f"{shape} C={channels}: {speedups}x")
+        return ("triton fwd+bwd vs reference: " + "; ".join(parts)) if parts else ""
+
+    return figure
+
+
 def write_synthetic_smid(root: Path, scenes: int = 8, frames: int = 3, width: int = 256, height: int = 192) -> Path:
     """A small SMID-layout dataset made with numpy alone (for a Python without scikit-image): smooth colour
     fields as ground truths, each frame a dark, noisy copy. Returns the test-scene list; scenes t0 and t1 are
@@ -320,27 +342,45 @@ def plan_steps(found: Probe, work: Path, out_dir: Path, stem: str) -> list[Step]
                       pytest_command(py, "tests/test_golden.py"), skip_reason=no_pytest or no_triton,
                       figure=pytest_figure))
 
-    run_dir = work / "train-run"
-    sets = [f"train.iterations={TRAIN_STEPS}", "train.device=cuda", "train.backend=triton", "train.compile=on",
-            "train.bf16=on", "train.fused_adam=on", "data.loader=torch", "data.device=cpu", "data.num_workers=2",
-            f"val.every={TRAIN_STEPS}", f"train.checkpoint_every={TRAIN_STEPS}", "logging.every=10",
-            "logging.progress=false", "logging.tensorboard=false"]
-    prepare, notes = None, []
+    ig_msa_json = out_dir / f"{stem}-ig_msa.json"
+    steps.append(Step("ig-msa", "IG-MSA kernels against the reference twin: 3 levels, 128x128 crops and a 1024x1920 "
+                      "frame", [py, str(ROOT / "bench" / "bench_ig_msa.py"), "--quick", "--device", "cuda", "--out",
+                                str(ig_msa_json)],
+                      skip_reason=no_triton, figure=ig_msa_figure(ig_msa_json)))
+
+    common_sets = [f"train.iterations={TRAIN_STEPS}", "train.device=cuda", "train.backend=triton", "train.bf16=on",
+                   "train.fused_adam=on", "data.loader=torch", "data.device=cpu", "data.num_workers=2",
+                   f"val.every={TRAIN_STEPS}", f"train.checkpoint_every={TRAIN_STEPS}", "logging.every=10",
+                   "logging.progress=false", "logging.tensorboard=false"]
+    prepare, data_notes = None, []
     if found.has("skimage"):
-        notes.append("data: the built-in demo dataset (written once from scikit-image's bundled photos into "
-                     "data.demo_root, ~/.cache/lfpv_fast/demo)")
+        data_notes.append("data: the built-in demo dataset (written once from scikit-image's bundled photos into "
+                          "data.demo_root, ~/.cache/lfpv_fast/demo)")
     else:
         data = work / "synthetic-smid"
-        sets += ["data.dataset=smid", f"data.lq_root={data / 'lq'}", f"data.gt_root={data / 'gt'}",
-                 f"data.test_scenes={data / 'test_scenes.txt'}"]
-        prepare = lambda: write_synthetic_smid(data)  # noqa: E731
-        notes.append(f"data: a synthetic SMID-style dataset written with numpy into {data} "
-                     f"({found.why_missing('skimage')})")
-    command = [py, "-m", "lfpv_fast.train", "-c", "demo", "--out", str(run_dir)]
-    for s in sets:
-        command += ["--set", s]
+        common_sets += ["data.dataset=smid", f"data.lq_root={data / 'lq'}", f"data.gt_root={data / 'gt'}",
+                        f"data.test_scenes={data / 'test_scenes.txt'}"]
+        prepare = lambda: write_synthetic_smid(data)  # noqa: E731  (each training step writes it: either may run alone)
+        data_notes.append(f"data: a synthetic SMID-style dataset written with numpy into {data} "
+                          f"({found.why_missing('skimage')})")
+
+    def train_command(config: str, run_dir: Path, sets: list[str]) -> list[str]:
+        command = [py, "-m", "lfpv_fast.train", "-c", config, "--out", str(run_dir)]
+        for s in sets:
+            command += ["--set", s]
+        return command
+
+    run_dir = work / "train-run"
     steps.append(Step("train", f"{TRAIN_STEPS} training steps: triton, compile, bf16, fused Adam, torch loader",
-                      command, skip_reason=no_triton, notes=notes, prepare=prepare, figure=train_figure(run_dir)))
+                      train_command("demo", run_dir, [*common_sets, "train.compile=on"]), skip_reason=no_triton,
+                      notes=list(data_notes), prepare=prepare, figure=train_figure(run_dir)))
+
+    run_dir = work / "train-retinexformer-run"
+    notes = [*data_notes, "eager (train.compile=off): the IG-MSA and LFPV kernels as launched; the SNR-Aware step "
+             "covers torch.compile"]
+    steps.append(Step("train-retinexformer", f"{TRAIN_STEPS} training steps of Retinexformer + LFPVs: triton, bf16, "
+                      "fused Adam", train_command("demo_retinexformer", run_dir, [*common_sets, "train.compile=off"]),
+                      skip_reason=no_triton, notes=notes, prepare=prepare, figure=train_figure(run_dir)))
 
     inference_json = out_dir / f"{stem}-inference.json"
     command = [py, str(ROOT / "bench" / "bench_inference.py"), "--parts", "frame", "--device", "cuda",
@@ -598,6 +638,11 @@ def run_meta(found: Probe, date: str, command: str) -> dict:
             "command": command}
 
 
+def key_width(steps: list[Step]) -> int:
+    """The step column's width: the longest key (13 at least, as before the longer keys)."""
+    return max([13, *(len(s.key) for s in steps)])
+
+
 def print_plan(report: Report) -> None:
     found = report.probe
     print(f"gpu-check: {report.meta['device']}; Python {report.meta['python_version']} ({found.python}); "
@@ -609,11 +654,12 @@ def print_plan(report: Report) -> None:
         state = f"{f.version}" if f.available else f"missing ({f.error})"
         print(f"  {f.dist:<20} {state:<48} {f.needed_for}")
     print(f"budget {report.budget_s} s:")
+    width = key_width(report.steps)
     for i, s in enumerate(report.steps, start=1):
         if s.skip_reason:
-            print(f"  [{i}] {s.key:<13} skipped: {s.skip_reason}")
+            print(f"  [{i}] {s.key:<{width}} skipped: {s.skip_reason}")
         else:
-            print(f"  [{i}] {s.key:<13} {s.share_s:>4} s  $ {shlex.join(s.command)}")
+            print(f"  [{i}] {s.key:<{width}} {s.share_s:>4} s  $ {shlex.join(s.command)}")
         for n in s.notes:
             print(f"      note: {n}")
     sys.stdout.flush()
@@ -622,13 +668,15 @@ def print_plan(report: Report) -> None:
 def print_summary(report: Report, used_s: float) -> None:
     print(f"\ngpu-check {'plan' if report.dry_run else 'summary'}: {report.meta['device']}, {report.meta['date']}; "
           f"budget {report.budget_s} s, used {used_s:.0f} s")
-    print(f"{'#':>2} {'step':<13} {'status':<24} {'s':>6}  key figure / log")
+    width = key_width(report.steps)
+    print(f"{'#':>2} {'step':<{width}} {'status':<24} {'s':>6}  key figure / log")
     for i, s in enumerate(report.steps, start=1):
         seconds = "" if s.seconds is None else f"{s.seconds:.1f}"
         what = s.key_figure or s.skip_reason or ""
-        print(f"{i:>2} {s.key:<13} {s.status[:24]:<24} {seconds:>6}  {what[:90] + ('...' if len(what) > 90 else '')}")
+        print(f"{i:>2} {s.key:<{width}} {s.status[:24]:<24} {seconds:>6}  "
+              f"{what[:90] + ('...' if len(what) > 90 else '')}")
         if s.log:
-            print(f"{'':>48}{report.out_dir / s.log}")
+            print(f"{'':>{width + 35}}{report.out_dir / s.log}")
     print(f"written: {report.md_path}\n         {report.json_path}")
 
 

@@ -318,3 +318,41 @@ def test_bench_inference_frame_reads_an_image_file_as_input(bench_inference, tmp
     err = capsys.readouterr().err.strip()
     assert err.startswith(f"error: --input {missing}: ") and "does not exist" in err and len(err.splitlines()) == 1
     assert not (tmp_path / "x.json").exists()
+
+
+def test_bench_train_retinexformer_rows(tmp_path, demo_root):
+    """--backbone retinexformer: Retinexformer alone and with LFPVs (the LOL-v1 preset's models, shrunk here),
+    the reference backend against auto in each, every row with min/median/max over >= 5 steps and its ratio to
+    its own model's reference row."""
+    bench_train = importlib.import_module("bench_train")
+    out = tmp_path / "train-retinexformer.json"
+    args = ["--backbone", "retinexformer", "--crop", "16", "--batch", "1", "--warmup", "1", "--out", str(out),
+            "--set", f"data.demo_root={demo_root}", "--set", "model.options.n_feat=4",
+            "--set", "model.options.num_blocks=[1, 1, 1]", "--set", "model.lfpv.bank_size=4",
+            "--set", "model.lfpv.updater_width=8"]
+    assert bench_train.main(args) == 0
+    doc = json.loads(out.read_text())
+    assert doc["backbone"] == "retinexformer" and doc["preset"] == bench_train.RETINEXFORMER_PRESET
+    assert (doc["batch"], doc["crop"]) == (1, 16)
+    assert doc["model"]["Retinexformer"]["lfpv"]["enabled"] is False
+    assert doc["model"]["Retinexformer + LFPVs"]["lfpv"]["enabled"] is True
+    assert all(m["backbone"] == "retinexformer" and m["options"]["n_feat"] == 4 for m in doc["model"].values())
+    timed = [r for r in doc["rows"] if "skipped" not in r]
+    auto = "triton" if torch.cuda.is_available() else "cpu_ops"  # the op set "auto" runs in these rows
+    first_rows = [(r["model"], r["name"], r["backend"]) for r in timed if r["name"].endswith(("reference ops", "auto"))]
+    assert first_rows == [("Retinexformer", "Retinexformer: reference ops", "reference"),
+                          ("Retinexformer", "Retinexformer: lfpv_fast auto", auto),
+                          ("Retinexformer + LFPVs", "Retinexformer + LFPVs: reference ops", "reference"),
+                          ("Retinexformer + LFPVs", "Retinexformer + LFPVs: lfpv_fast auto", auto)]
+    assert doc["baselines"] == {"Retinexformer": "Retinexformer: reference ops",
+                                "Retinexformer + LFPVs": "Retinexformer + LFPVs: reference ops"}
+    for r in timed:
+        assert r["step_s"]["reps"] >= common.MIN_REPS
+        assert r["step_s"]["min"] <= r["step_s"]["median"] <= r["step_s"]["max"]
+        if r["name"] in doc["baselines"].values():
+            assert r["speedup_vs_first_row"]["min"] == r["speedup_vs_first_row"]["max"] == 1.0
+    if not torch.cuda.is_available():
+        assert len(timed) == 4
+        assert {r["name"] for r in doc["rows"] if "skipped" in r} == {
+            f"{m}: {row}" for m in ("Retinexformer", "Retinexformer + LFPVs")
+            for row in ("+ fused Adam", "+ torch.compile", "+ bf16", "+ CUDA graphs")}

@@ -59,7 +59,8 @@ def test_dry_run_without_dali_and_imagecodecs_plans_every_step(tmp_path):
         assert probe[module]["available"] is True, probe[module]
     assert doc["dry_run"] is True and doc["budget_s"] == 480
     steps = {s["key"]: s for s in doc["steps"]}
-    assert list(steps) == ["install", "kernel-tests", "dali-gpu", "golden", "train", "inference"]
+    assert list(steps) == ["install", "kernel-tests", "dali-gpu", "golden", "ig-msa", "train", "train-retinexformer",
+                           "inference"]
 
     # Without DALI its rows are skipped, with the reason; every other step is planned with a share of the budget.
     assert steps["dali-gpu"]["status"] == "skipped" and steps["dali-gpu"]["share_s"] == 0
@@ -67,7 +68,8 @@ def test_dry_run_without_dali_and_imagecodecs_plans_every_step(tmp_path):
     assert "nvidia.dali" in steps["dali-gpu"]["skip_reason"]
     assert any("16-bit PNG cases skip" in n for n in steps["dali-gpu"]["notes"])
     planned = [s for s in doc["steps"] if s["status"] == "planned"]
-    assert [s["key"] for s in planned] == ["install", "kernel-tests", "golden", "train", "inference"]
+    assert [s["key"] for s in planned] == ["install", "kernel-tests", "golden", "ig-msa", "train",
+                                           "train-retinexformer", "inference"]
     assert sum(s["share_s"] for s in planned) == 480 and all(s["share_s"] > 0 for s in planned)
     assert all(s["seconds"] is None and s["log"] == "" for s in doc["steps"])  # nothing ran
 
@@ -78,7 +80,8 @@ def test_dry_run_without_dali_and_imagecodecs_plans_every_step(tmp_path):
     assert "-m pytest" in kernel and "--continue-on-collection-errors" in kernel and "-o addopts=-ra" in kernel
     assert " -n " not in kernel and any("serial" in n for n in steps["kernel-tests"]["notes"])
     for name in ("test_kernel_query_fusion.py", "test_kernel_masked_attention.py", "test_kernel_snr_mask.py",
-                 "test_kernel_bank_update.py", "test_kernel_autocast.py"):
+                 "test_kernel_bank_update.py", "test_kernel_autocast.py", "test_kernel_ig_msa.py",
+                 "test_kernel_training_retinexformer.py"):
         assert f"tests/kernels/{name}" in kernel
     assert steps["golden"]["command"].endswith("tests/test_golden.py")
     train = steps["train"]["command"]
@@ -86,6 +89,15 @@ def test_dry_run_without_dali_and_imagecodecs_plans_every_step(tmp_path):
     assert {"train.iterations=40", "train.backend=triton", "train.compile=on", "train.bf16=on",
             "train.fused_adam=on", "data.loader=torch", "train.device=cuda"} <= set(sets_of(train))
     assert "data.dataset=smid" not in train  # scikit-image is there: the demo dataset
+    # IG-MSA: the benchmark's three levels at both shapes (its defaults), on the GPU, JSON next to the report.
+    ig_msa = shlex.split(steps["ig-msa"]["command"])
+    assert ig_msa[1:] == [str(BENCH / "bench_ig_msa.py"), "--quick", "--device", "cuda", "--out",
+                          str(tmp_path / "out" / (md.stem + "-ig_msa.json"))]
+    retinexformer = steps["train-retinexformer"]["command"]
+    assert " -m lfpv_fast.train -c demo_retinexformer " in retinexformer
+    assert {"train.iterations=40", "train.backend=triton", "train.compile=off", "train.bf16=on",
+            "train.fused_adam=on", "data.loader=torch", "train.device=cuda"} <= set(sets_of(retinexformer))
+    assert "data.dataset=smid" not in retinexformer
     inference = steps["inference"]
     assert "bench_inference.py --parts frame --device cuda --out" in inference["command"]
     assert "--input" not in inference["command"]  # scikit-image is there: the default input, the demo's photo
@@ -121,8 +133,11 @@ def test_dry_run_without_scikit_image_trains_and_benchmarks_on_synthetic_data(tm
                for n in inference["notes"]), inference["notes"]
     assert "note: input: a synthetic photo-like frame" in proc.stdout
     assert sum(s["share_s"] for s in doc["steps"]) == 300
-    assert [s["key"] for s in doc["steps"] if s["share_s"] > 0] == ["install", "kernel-tests", "golden", "train",
-                                                                    "inference"]
+    assert [s["key"] for s in doc["steps"] if s["share_s"] > 0] == ["install", "kernel-tests", "golden", "ig-msa",
+                                                                    "train", "train-retinexformer", "inference"]
+    retinexformer = steps["train-retinexformer"]
+    assert retinexformer["status"] == "planned" and "data.dataset=smid" in sets_of(retinexformer["command"])
+    assert any("synthetic SMID-style dataset" in n for n in retinexformer["notes"])
 
 
 def test_without_cuda_a_real_run_is_refused_and_bad_arguments_are_usage_errors(tmp_path):
@@ -149,8 +164,9 @@ def test_without_cuda_a_real_run_is_refused_and_bad_arguments_are_usage_errors(t
 
 
 def test_budget_split_sums_to_the_budget_in_proportion():
-    assert gpu_check.split_budget(480, gpu_check.WEIGHTS) == {"install": 24, "kernel-tests": 168, "dali-gpu": 24,
-                                                              "golden": 58, "train": 134, "inference": 72}
+    assert gpu_check.split_budget(480, gpu_check.WEIGHTS) == {"install": 24, "kernel-tests": 154, "dali-gpu": 19,
+                                                              "golden": 48, "ig-msa": 48, "train": 86,
+                                                              "train-retinexformer": 53, "inference": 48}
     for budget in (5, 7, 100, 479, 481, 1000):
         for weights in ({"a": 1, "b": 1, "c": 1}, {"a": 5, "b": 0, "c": 35, "d": 12}, dict(gpu_check.WEIGHTS)):
             shares = gpu_check.split_budget(budget, weights)
@@ -327,10 +343,25 @@ def test_the_synthetic_dataset_and_the_training_overrides_make_a_valid_run_confi
     assert len(test) == cfg.data.test_frames == 6  # the two held-out scenes, three frames each
     assert float(test[0]["lq"].mean()) < 0.2 * float(test[0]["gt"].mean())  # dark inputs
 
+    # The Retinexformer + LFPVs run: its own config, the same tree, valid overrides.
+    retinexformer = steps["train-retinexformer"]
+    assert retinexformer.prepare is not None and retinexformer.command[retinexformer.command.index("-c") + 1] == \
+        "demo_retinexformer"
+    overrides = [s for s in sets_of(shlex.join(retinexformer.command)) if not s.startswith("data.num_workers")]
+    cfg = load_config("demo_retinexformer", [*overrides, "data.num_workers=0"])
+    assert cfg.model.backbone == "retinexformer" and cfg.model.lfpv.enabled
+    assert cfg.data.dataset == "smid" and cfg.train.iterations == 40 and cfg.train.backend == "triton"
+    assert cfg.train.compile == "off" and cfg.train.bf16 == "on"
+    batch = next(iter(build_loader(cfg, "train")))
+    assert tuple(batch["lq"].shape) == (cfg.data.batch_size, 3, cfg.data.crop, cfg.data.crop)
+    assert len(list(build_loader(cfg, "test"))) == cfg.data.test_frames == 6
+
     found.packages["skimage"].error = None  # with scikit-image: the demo dataset, the overrides valid as well
-    train = {s.key: s for s in gpu_check.plan_steps(found, tmp_path, tmp_path / "out", "stem")}["train"]
-    assert train.prepare is None
+    steps = {s.key: s for s in gpu_check.plan_steps(found, tmp_path, tmp_path / "out", "stem")}
+    train, retinexformer = steps["train"], steps["train-retinexformer"]
+    assert train.prepare is None and retinexformer.prepare is None
     assert load_config("demo", sets_of(shlex.join(train.command))).data.dataset == "demo"
+    assert load_config("demo_retinexformer", sets_of(shlex.join(retinexformer.command))).data.dataset == "demo"
 
 
 def test_pytest_summary_is_the_key_figure():
@@ -377,6 +408,25 @@ def test_train_and_inference_key_figures_read_what_the_steps_write(tmp_path):
             f"reference ops: 12.3 ms/frame; auto 3.07x, max |diff| 2.0e-06 ({dark})"
 
 
+def test_ig_msa_key_figure_reads_the_benchmark_json(tmp_path):
+    """The fused kernels' forward+backward speed-up per shape and level, from bench_ig_msa.py's rows."""
+    def row(shape, channels, pass_name, impl, speedup=None):
+        r = {"shape": shape, "channels": channels, "pass": pass_name, "impl": impl}
+        if speedup is not None:
+            r["speedup"] = {"median": speedup, "min": speedup, "max": speedup}
+        return r
+
+    rows = [row("train", 40, "fwd", "triton", 9.0), row("train", 40, "fwd+bwd", "reference", 1.0),
+            row("train", 40, "fwd+bwd", "triton", 3.14159), row("train", 80, "fwd+bwd", "triton", 2.5),
+            row("frame", 40, "fwd+bwd", "torch_gram", 1.9), row("frame", 40, "fwd+bwd", "triton", 4.0)]
+    path = tmp_path / "ig_msa.json"
+    path.write_text(json.dumps({"rows": rows}))
+    assert gpu_check.ig_msa_figure(path)("") == \
+        "triton fwd+bwd vs reference: train C=40/80: 3.14/2.50x; frame C=40: 4.00x"
+    path.write_text(json.dumps({"rows": [row("train", 40, "fwd+bwd", "triton")]}))  # skipped rows: no figure
+    assert gpu_check.ig_msa_figure(path)("") == ""
+
+
 def test_make_gpu_check_runs_the_gpu_python_with_the_arguments_given():
     if not shutil.which("make"):
         pytest.skip("make is not installed")
@@ -390,7 +440,7 @@ def test_make_gpu_check_runs_the_gpu_python_with_the_arguments_given():
 
 @pytest.mark.parametrize("missing,skipped", [
     ("pip", {"install"}),
-    ("triton", {"kernel-tests", "golden", "train"}),
+    ("triton", {"kernel-tests", "golden", "ig-msa", "train", "train-retinexformer"}),
     ("pytest", {"kernel-tests", "dali-gpu", "golden"}),
     ("nvidia.dali", {"dali-gpu"}),
     ("skimage", set()),  # the training step writes synthetic data, the frame benchmark makes a synthetic frame
