@@ -25,6 +25,7 @@ import os
 import re
 import socket
 from pathlib import Path
+from typing import TextIO
 
 from lfpv_fast.io.files import atomic_write_text
 
@@ -99,7 +100,7 @@ class RunFolder:
         return self.checkpoints / checkpoint_name(step)
 
     def image(self, step: int, name: str) -> Path:
-        return self.images / f"step_{step:08d}_{name}.png"
+        return self.images / f"{Path(checkpoint_name(step)).stem}_{name}.png"
 
     def list_checkpoints(self) -> list[Path]:
         return list_checkpoints(self.checkpoints)
@@ -179,6 +180,19 @@ class RunFolder:
         target = path.with_name(path.name + (DAMAGED if damaged else ABANDONED))
         path.rename(target)
         return target
+
+    def open_log(self) -> TextIO:
+        """train.log, opened for appending (a resumed run adds to it); the caller closes it."""
+        return open(self.log, "a")  # noqa: SIM115 - the trainer holds it for the run and closes it
+
+    def append_row(self, path: Path, row: dict) -> None:
+        """One JSON row appended to metrics.jsonl or val.jsonl."""
+        with open(path, "a") as fh:
+            fh.write(json.dumps(row) + "\n")
+
+    def last_row(self, path: Path) -> dict:
+        """The last row of metrics.jsonl or val.jsonl."""
+        return json.loads(path.read_text().splitlines()[-1])
 
     def truncate_jsonl(self, path: Path, last_step: int) -> None:
         """Drop rows past `last_step` (and lines cut short by a kill): a resumed run logs those steps again."""
