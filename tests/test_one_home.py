@@ -100,8 +100,9 @@ def private_kernel_lookups(tree: ast.AST) -> Iterator[tuple[int, str]]:
             looked_up = node.value
         elif isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute):
             looked_up = node.func.value
-        if (isinstance(looked_up, ast.Attribute) and looked_up.attr == "modules"
-                and isinstance(looked_up.value, ast.Name) and looked_up.value.id == "sys" and "kernels" in ast.unparse(node)):
+        is_sys_modules = (isinstance(looked_up, ast.Attribute) and looked_up.attr == "modules"
+                          and isinstance(looked_up.value, ast.Name) and looked_up.value.id == "sys")
+        if is_sys_modules and "kernels" in ast.unparse(node):
             yield node.lineno, f"looks a kernels module up in sys.modules: {ast.unparse(node)}"
 
 
@@ -244,7 +245,8 @@ def test_tests_define_each_helper_once():
 
 
 @pytest.mark.parametrize("files, expected", [
-    ({"tests/helpers.py": "def write_png(path):\n    pass\n", "tests/test_a.py": "import os\n\ndef write_png(p):\n    pass\n"},
+    ({"tests/helpers.py": "def write_png(path):\n    pass\n",
+      "tests/test_a.py": "import os\n\ndef write_png(p):\n    pass\n"},
      "tests/helpers.py:1: write_png is defined again in tests/test_a.py:3"),
     ({"tests/test_a.py": "def free_port():\n    return 0\n", "tests/test_b.py": "\n\ndef free_port():\n    return 0\n"},
      "tests/test_a.py:1: free_port is defined again in tests/test_b.py:3"),
@@ -253,7 +255,8 @@ def test_tests_define_each_helper_once():
     ({"tests/conftest.py": "import pytest\n\n@pytest.fixture\ndef demo_root():\n    pass\n",
       "tests/test_a.py": "import pytest\n\n@pytest.fixture\ndef demo_root():\n    pass\n"},
      "tests/conftest.py:4: demo_root is defined again in tests/test_a.py:4"),
-    ({"tests/test_a.py": "def test_x():\n    pass\nLOCAL = 1\n", "tests/test_b.py": "def test_x():\n    pass\nLOCAL = 2\n"},
+    ({"tests/test_a.py": "def test_x():\n    pass\nLOCAL = 1\n",
+      "tests/test_b.py": "def test_x():\n    pass\nLOCAL = 2\n"},
      None),
 ])
 def test_the_helper_check_catches_a_planted_copy(tmp_path: Path, files: dict[str, str], expected: str | None):
