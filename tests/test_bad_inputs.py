@@ -13,7 +13,7 @@ import pytest
 import torch
 from PIL import Image
 
-from helpers import TINY, assert_one_line_error, run
+from helpers import TINY, assert_one_line_error, folder_snapshot, run
 from lfpv_fast import LFPVNet
 from lfpv_fast.config import model_config_to_dict
 from lfpv_fast.training.checkpoint import atomic_save, load_model, weights_only_checkpoint
@@ -125,15 +125,6 @@ def _recording_init(built: list[str]):
 
 # ---------------------------------------------------------------------------------------------
 # 4. Bad values inside a training checkpoint's optimizer and scheduler state
-
-
-@pytest.fixture(scope="module")
-def demo_root(tmp_path_factory) -> Path:
-    return tmp_path_factory.getbasetemp() / "lfpv-demo-data"
-
-
-def folder_snapshot(folder: Path) -> dict[str, bytes]:
-    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
 
 
 def _set_first_moment(obj: dict, shape: tuple[int, ...]) -> None:

@@ -15,15 +15,6 @@ from lfpv_fast.training.checkpoint import atomic_save, weights_only_checkpoint
 from lfpv_fast.training.metrics import psnr
 
 
-@pytest.fixture(scope="module")
-def demo_root(tmp_path_factory):
-    from lfpv_fast.data.demo import make_demo_dataset
-
-    root = tmp_path_factory.mktemp("demo")
-    make_demo_dataset(root)
-    return root
-
-
 def demo_overrides(root) -> list[str]:
     return ["data.dataset=demo", f"data.demo_root={root}", "data.resize=[256, 192]", "data.crop=128",
             "data.num_workers=0"]

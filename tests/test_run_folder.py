@@ -20,18 +20,13 @@ from pathlib import Path
 
 import pytest
 
-from helpers import assert_one_line_error, metrics, run, write_tiny_yaml
+from helpers import assert_one_line_error, folder_snapshot, metrics, run, write_tiny_yaml
 from lfpv_fast.train import main
 from lfpv_fast.training import run_folder
 from lfpv_fast.training.checkpoint import list_checkpoints, read_checkpoint
 from lfpv_fast.training.run_folder import RunFolder, RunFolderBusy
 
 PACKAGE = Path(run_folder.__file__).parent
-
-
-@pytest.fixture(scope="module")
-def demo_root(tmp_path_factory) -> Path:
-    return tmp_path_factory.getbasetemp() / "lfpv-demo-data"  # shared with test_train.py
 
 
 @pytest.fixture(scope="module")
@@ -42,10 +37,6 @@ def finished_run(tmp_path_factory, demo_root) -> tuple[Path, Path]:
                                "data.batch_size=8", "val.every=2", "val.max_images=1")
     assert main(["-c", str(cfg_file), "--out", str(base / "run")]) == 0
     return base / "run", cfg_file
-
-
-def snapshot(folder: Path) -> dict[str, bytes]:
-    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -59,12 +50,12 @@ def test_a_finished_run_without_its_step_checkpoints_is_not_overwritten(finished
     shutil.copytree(source, copy)
     for path in list_checkpoints(copy / "checkpoints"):
         path.unlink()
-    before = snapshot(copy)
+    before = folder_snapshot(copy)
     assert len(metrics(copy)) == 4
     code, err = run(main, ["-c", cfg_file, "--out", copy, "--set", "train.iterations=2"], capsys)
     line = assert_one_line_error(code, err, str(copy), "--resume", "--out")
     assert "final_weights.pth" in line or "config.yaml" in line  # names what it holds
-    assert snapshot(copy) == before
+    assert folder_snapshot(copy) == before
 
 
 @pytest.mark.parametrize("artefact", ["config.yaml", "train.log", "metrics.jsonl", "val.jsonl",
@@ -75,10 +66,10 @@ def test_any_single_run_artefact_makes_a_folder_a_run(finished_run, tmp_path, ca
     folder = tmp_path / "run"
     (folder / artefact).parent.mkdir(parents=True, exist_ok=True)
     (folder / artefact).write_bytes(b"x")  # the guard goes by names: what the file holds does not matter
-    before = snapshot(folder)
+    before = folder_snapshot(folder)
     code, err = run(main, ["-c", cfg_file, "--out", folder], capsys)
     assert artefact in assert_one_line_error(code, err, "already holds a run", "--resume")
-    assert snapshot(folder) == before
+    assert folder_snapshot(folder) == before
 
 
 def test_a_folder_without_run_artefacts_takes_a_new_run(finished_run, tmp_path, demo_root):
