@@ -1,5 +1,5 @@
 """A run folder is never lost or mixed (issue 25 items 1-2), `--resume auto` inside the guard and the lock (issue 24
-item 1), and lfpv_fast.training.run_folder as the one home of a run's file names (issue 26 item 2).
+item 1). That lfpv_fast/training/run_folder.py is the one home of a run's file names: tests/test_one_home.py.
 
 Promises tested (README, "Promises"): a folder holding any run artefact is a run, and a new run there is refused with
 one `error:` line; a run holds an OS lock on its folder for its whole life, a second process on it stops at once
@@ -9,7 +9,6 @@ a new run, saying which.
 
 from __future__ import annotations
 
-import ast
 import os
 import shutil
 import signal
@@ -25,8 +24,6 @@ from lfpv_fast.train import main
 from lfpv_fast.training import run_folder
 from lfpv_fast.training.checkpoint import list_checkpoints, read_checkpoint
 from lfpv_fast.training.run_folder import RunFolder, RunFolderBusy
-
-PACKAGE = Path(run_folder.__file__).parent
 
 
 @pytest.fixture(scope="module")
@@ -209,35 +206,6 @@ def test_resume_auto_restarts_a_run_that_never_reached_a_checkpoint_only_if_it_i
 
 # ---------------------------------------------------------------------------------------------
 # 26.2 one home for the run folder's names
-
-
-RUN_FILE_NAMES = ("final_weights.pth", "final_original_format.pth", "best.pth", "metrics.jsonl", "val.jsonl",
-                  "train.log", "config.yaml", ".abandoned", ".damaged", "step_{", "step_(")
-
-
-def _code_strings(tree: ast.AST) -> list[ast.Constant]:
-    """String constants in code (f-string parts included), docstrings left out."""
-    docstrings = set()
-    for node in ast.walk(tree):
-        if isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)) and node.body:
-            first = node.body[0]
-            if isinstance(first, ast.Expr) and isinstance(first.value, ast.Constant):
-                docstrings.add(id(first.value))
-    return [n for n in ast.walk(tree) if isinstance(n, ast.Constant) and isinstance(n.value, str)
-            and id(n) not in docstrings]
-
-
-def test_no_module_but_run_folder_spells_a_run_file_name():
-    offenders = []
-    for path in sorted(PACKAGE.rglob("*.py")):
-        if path.name == "run_folder.py":
-            continue
-        for node in _code_strings(ast.parse(path.read_text())):
-            offenders += [f"{path.relative_to(PACKAGE)}:{node.lineno}: {name}" for name in RUN_FILE_NAMES
-                          if name in node.value]
-    assert not offenders, "run-folder names belong to lfpv_fast/training/run_folder.py:\n" + "\n".join(offenders)
-    # The check itself finds a spelled name.
-    assert _code_strings(ast.parse('x = f"{d}/final_weights.pth"'))[0].value == "/final_weights.pth"
 
 
 def test_preparing_a_run_removes_the_temporaries_of_killed_writes_everywhere_in_it(tmp_path):
