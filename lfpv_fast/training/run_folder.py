@@ -3,7 +3,8 @@ a run, the lock a run holds on it, and the bookkeeping a resume does in it.
 
     DIR/config.yaml            the resolved config          DIR/train.log       the log (appended)
     DIR/metrics.jsonl          one row per logging step     DIR/val.jsonl       one row per validation
-    DIR/images/                validation grids             DIR/tensorboard/    TensorBoard scalars
+    DIR/tensorboard/           TensorBoard scalars
+    DIR/images/step_<8 digits>_<image>.png   validation grids (input | output | ground truth)
     DIR/checkpoints/step_<8 digits>.pth   training checkpoints (newest train.keep_checkpoints kept)
     DIR/checkpoints/best.pth   the checkpoint of the best validation PSNR
     DIR/final_weights.pth      the exported weights (what enhance, evaluate and the app read)
@@ -13,7 +14,8 @@ a run, the lock a run holds on it, and the bookkeeping a resume does in it.
 A checkpoint that a resume found unreadable is renamed <name>.damaged, one newer than the resumed step (an
 abandoned continuation) <name>.abandoned: set aside, never deleted.
 
-Nothing here imports torch: the names are plain data, and checkpoint.py builds on them.
+The logs and rows are written through RunFolder too (open_log, append_row, last_row, truncate_logs). Nothing here
+imports torch: the names are plain data, and checkpoint.py builds on them (it writes the checkpoints and exports).
 """
 
 from __future__ import annotations
@@ -46,8 +48,13 @@ CHECKPOINT_RE = re.compile(r"^step_(\d+)\.pth$")
 CHECKPOINT_PATTERN = "step_*.pth"  # how a message names them
 
 
+def step_name(step: int) -> str:
+    """How a step is named in the run's files: step_<8 digits> (checkpoints, validation images)."""
+    return f"step_{step:08d}"
+
+
 def checkpoint_name(step: int) -> str:
-    return f"step_{step:08d}.pth"
+    return f"{step_name(step)}.pth"
 
 
 def checkpoint_step(path: Path) -> int | None:
@@ -100,7 +107,7 @@ class RunFolder:
         return self.checkpoints / checkpoint_name(step)
 
     def image(self, step: int, name: str) -> Path:
-        return self.images / f"{Path(checkpoint_name(step)).stem}_{name}.png"
+        return self.images / f"{step_name(step)}_{name}.png"
 
     def list_checkpoints(self) -> list[Path]:
         return list_checkpoints(self.checkpoints)
