@@ -223,3 +223,17 @@ def test_preparing_a_run_removes_the_temporaries_of_killed_writes_everywhere_in_
     assert [p for p in stale if p.exists()] == []
     assert all(p.exists() for p in kept)
     assert folder.config.read_text() == "model: {}\n"
+
+
+def test_a_resumed_run_sets_aside_the_newer_and_the_unreadable_checkpoints_and_cuts_its_rows_back(tmp_path):
+    folder = RunFolder(tmp_path / "run")
+    folder.checkpoints.mkdir(parents=True)
+    for step in (2, 4, 6):
+        folder.checkpoint(step).write_bytes(b"x")
+    folder.metrics.write_text("".join(f'{{"step": {step}}}\n' for step in (1, 2, 3, 4)) + '{"step": 5, "lo')
+    moved = folder.set_aside_after_resume(2, [folder.checkpoint(6)])
+    assert [(p.name, q.name, damaged) for p, q, damaged in moved] == [
+        ("step_00000004.pth", "step_00000004.pth.abandoned", False),
+        ("step_00000006.pth", "step_00000006.pth.damaged", True)]
+    assert [p.name for p in folder.list_checkpoints()] == ["step_00000002.pth"]
+    assert folder.metrics.read_text() == '{"step": 1}\n{"step": 2}\n'

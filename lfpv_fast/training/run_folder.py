@@ -188,6 +188,19 @@ class RunFolder:
         path.rename(target)
         return target
 
+    def set_aside_after_resume(self, resumed_step: int, unreadable: list[Path]) -> list[tuple[Path, Path, bool]]:
+        """Once a resumed run trains: every checkpoint newer than `resumed_step` (an abandoned continuation, which
+        would otherwise count for retention and be picked by a later --resume) renamed .abandoned, and the
+        `unreadable` ones .damaged; the metrics rows past the resumed step dropped. Returns (path, new path,
+        damaged) for each checkpoint set aside."""
+        moved = []
+        for path in self.list_checkpoints():
+            if path in unreadable or checkpoint_step(path) > resumed_step:
+                damaged = path in unreadable
+                moved.append((path, self.set_aside(path, damaged), damaged))
+        self.truncate_logs(resumed_step)
+        return moved
+
     def open_log(self) -> TextIO:
         """train.log, opened for appending (a resumed run adds to it); the caller closes it."""
         return open(self.log, "a")  # noqa: SIM115 - the trainer holds it for the run and closes it

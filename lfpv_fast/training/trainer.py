@@ -59,7 +59,7 @@ from lfpv_fast.training.checkpoint import (
 from lfpv_fast.training.fast_path import Features, resolve_features
 from lfpv_fast.training.losses import PerceptualLoss, charbonnier_loss
 from lfpv_fast.training.metrics import psnr_batch, ssim_batch
-from lfpv_fast.training.run_folder import CHECKPOINT_PATTERN, RunFolder, checkpoint_step
+from lfpv_fast.training.run_folder import CHECKPOINT_PATTERN, RunFolder
 
 
 def configure_torch(cfg: RunConfig, device: torch.device) -> str | None:
@@ -334,15 +334,12 @@ class Trainer:
         self._started = True
         if not self.main:
             return
-        for path in self.folder.list_checkpoints():
-            if path in self._damaged:
-                target = self.folder.set_aside(path, damaged=True)
+        for path, target, damaged in self.folder.set_aside_after_resume(self.resumed_step, self._damaged):
+            if damaged:
                 self.log(f"{path} cannot be read: renamed to {target.name}")
-            elif checkpoint_step(path) > self.resumed_step:
-                target = self.folder.set_aside(path, damaged=False)
+            else:
                 self.log(f"{path} is newer than the resumed step {self.resumed_step}, and training has resumed "
                          f"from there: renamed to {target.name} (kept, not deleted)")
-        self.folder.truncate_logs(self.resumed_step)
 
     def _build_net(self, checkpoint: dict[str, Any] | None, path: Path | None) -> LFPVNet:
         """The bare LFPVNet. One seed everywhere: every rank builds the same weights and draws the same bank
