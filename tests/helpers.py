@@ -143,6 +143,12 @@ def write_png(path: Path, rgb: np.ndarray, bits: int = 8) -> Path:
     return path
 
 
+def write_noise_png(path: Path, height: int, width: int, seed: int = 0) -> Path:
+    """An 8-bit RGB PNG of uniform noise: incompressible, so an enhanced copy is about as large as it."""
+    write_png(path, np.random.default_rng(seed).integers(0, 256, (height, width, 3), dtype=np.uint8))
+    return path
+
+
 def png_chunk(kind: bytes, data: bytes) -> bytes:
     return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
 
