@@ -193,13 +193,16 @@ def inference_device(args: argparse.Namespace) -> torch.device:
 
 
 def load_inference_model(parser: argparse.ArgumentParser, args: argparse.Namespace,
-                         checkpoint: str | Path | None = None, config: ModelConfig | None = None) -> LFPVNet:
+                         checkpoint: str | Path | None = None, config: ModelConfig | None = None,
+                         loaded: dict | None = None) -> LFPVNet:
     """The model of `checkpoint` (default --checkpoint) for --backend; `config` describes a published checkpoint
-    (it carries none; default: the SMID model). With the image flags, --tile and --tile-overlap are checked
-    against the loaded model's alignment (`enhancement.tile_problem`, the one tile rule).
+    (it carries none; default: the SMID model); `loaded`: the file's contents where the caller has read it
+    already (read once). With the image flags, --tile and --tile-overlap are checked against the loaded model's
+    alignment (`enhancement.tile_problem`, the one tile rule).
 
     ValueError or FileNotFoundError (OSError for a file that cannot be read) saying what is wrong."""
-    net = load_model(args.checkpoint if checkpoint is None else checkpoint, backend=args.backend, config=config)
+    net = load_model(args.checkpoint if checkpoint is None else checkpoint, backend=args.backend, config=config,
+                     loaded=loaded)
     if hasattr(args, "tile"):
         problem = tile_problem(args.tile, args.tile_overlap, net.align, alignment_rule(net))
         if problem is not None:

@@ -290,7 +290,7 @@ def main(argv: list[str] | None = None) -> int:
         published_retinexformer = not published_lfpv and published_retinexformer_state_dict(raw) is not None
         published = published_lfpv or published_retinexformer
         # A published checkpoint carries no config: the config file's model section describes it.
-        net = load_inference_model(parser, args, config=cfg.model if published else None)
+        net = load_inference_model(parser, args, config=cfg.model if published else None, loaded=raw)
     except (ConfigError, FileNotFoundError, ValueError) as exc:
         return fail(str(exc))
     except OSError as exc:  # a name too long for the file system, a file that cannot be read

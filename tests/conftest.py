@@ -15,16 +15,6 @@ import pytest  # noqa: E402
 
 
 @pytest.fixture
-def poisoned_outputs(monkeypatch):
-    """Every Triton kernel output starts as NaN, so an element a kernel fails to write shows up; the
-    launch counter starts at zero. Kernel test modules use it with pytest.mark.usefixtures."""
-    from lfpv_fast.kernels import _common
-
-    monkeypatch.setattr(_common, "POISON_OUTPUTS", True)
-    _common.reset_launches()
-
-
-@pytest.fixture
 def small_filesystem(tmp_path):
     """A factory for real, small filesystems: ``small_filesystem(size_kib)`` mounts a tmpfs of that size
     and returns its folder, so a test sees a genuine ENOSPC ("No space left on device") when it fills
@@ -60,3 +50,16 @@ def tiny_checkpoint(tmp_path_factory):
 
     return write_tiny_checkpoint(tmp_path_factory.mktemp("ckpt") / "tiny.pth")
 
+
+
+@pytest.fixture(scope="module")
+def demo_root(tmp_path_factory):
+    """The demo dataset (data.demo_root) of the tests of this process, built once: the training, evaluation and
+    benchmark tests read it, none writes to it. Built here, not by the loaders, so that two torchrun ranks never
+    build it at once."""
+    from lfpv_fast.data.demo import dataset_is_current, make_demo_dataset
+
+    root = tmp_path_factory.getbasetemp() / "lfpv-demo-data"
+    if not dataset_is_current(root):
+        make_demo_dataset(root)
+    return root

@@ -1,10 +1,13 @@
 """Helpers shared by the test modules (a plain module: test modules import from here, never from each
 other). The tests' small model and its checkpoint, the CLI-error assertions, image files (PNGs, PNG bombs),
-an import blocker for subprocesses, SMID trees on disk, an OpenCV resize twin."""
+an import blocker for subprocesses, SMID trees on disk and preset configs, an OpenCV resize twin, the kernel
+tests' tolerance check, a folder's snapshot, a free TCP port, a requirement's name."""
 
 from __future__ import annotations
 
 import dataclasses
+import re
+import socket
 import struct
 import sys
 import textwrap
@@ -140,6 +143,12 @@ def write_png(path: Path, rgb: np.ndarray, bits: int = 8) -> Path:
     return path
 
 
+def write_noise_png(path: Path, height: int, width: int, seed: int = 0) -> Path:
+    """An 8-bit RGB PNG of uniform noise: incompressible, so an enhanced copy is about as large as it."""
+    write_png(path, np.random.default_rng(seed).integers(0, 256, (height, width, 3), dtype=np.uint8))
+    return path
+
+
 def png_chunk(kind: bytes, data: bytes) -> bytes:
     return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
 
@@ -230,6 +239,45 @@ def make_cfg(root: Path, lq_root=None, gt_root=None, **data):
     }
     d.update(data)
     return config_from_dict({"data": d})
+
+
+def preset_cfg(root: Path, preset: str, **data):
+    """A config reading the image-pair preset `preset` (a LOL layout) from `root`, small and single-process."""
+    d = dict(dataset=preset, root=str(root), resize=None, crop=16, batch_size=2, num_workers=0, num_threads=1)
+    d.update(data)
+    return config_from_dict({"data": d})
+
+
+def assert_close(actual: torch.Tensor, truth: torch.Tensor, rel: float, ulp: float = 0.0,
+                 scale: float | torch.Tensor | None = None, what: str = "") -> None:
+    """|actual - truth| <= rel * scale + ulp * |truth| elementwise (scale: max |truth| unless given), finite and of
+    the same shape: the kernel tests' comparison with their twin. An unwritten (NaN-poisoned) output fails."""
+    assert actual.shape == truth.shape, f"{what}: shape {tuple(actual.shape)}, expected {tuple(truth.shape)}"
+    actual, truth = actual.double(), truth.double()
+    assert torch.isfinite(actual).all(), f"{what}: non-finite values (an unwritten poisoned output?)"
+    scale = truth.abs().max() if scale is None else scale
+    err = (actual - truth).abs()
+    bound = rel * scale + ulp * truth.abs()
+    worst = (err - bound).argmax()
+    assert (err <= bound).all(), (f"{what}: error {err.flatten()[worst]:.3e} > bound {bound.flatten()[worst]:.3e} "
+                                  f"(max error {err.max():.3e}, scale {float(scale):.3e})")
+
+
+def folder_snapshot(folder: Path) -> dict[str, bytes]:
+    """Every file under `folder` (relative name) and its bytes: to show that something changed nothing."""
+    return {p.relative_to(folder).as_posix(): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def free_port() -> int:
+    """A TCP port free on 127.0.0.1 now."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def requirement_name(requirement: str) -> str:
+    """The package name of a requirement line ('torch>=2.4; ...' -> 'torch'), lower case."""
+    return re.split(r"[\s\[<>=!~;]", requirement.strip(), maxsplit=1)[0].lower()
 
 
 def opencv_linear(src: np.ndarray, out_w: int, out_h: int) -> np.ndarray:

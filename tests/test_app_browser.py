@@ -76,19 +76,19 @@ def write_photo(path: Path, h: int = 96, w: int = 128) -> Path:
 
 
 @pytest.fixture(scope="module")
-def server(tmp_path_factory: pytest.TempPathFactory) -> AppServer:
+def browser_server(tmp_path_factory: pytest.TempPathFactory) -> AppServer:
     with app_server(tmp_path_factory.mktemp("app")) as running:
         yield running
 
 
-def test_page_enhances_an_upload_and_offers_the_download(server: AppServer, tmp_path: Path) -> None:
+def test_page_enhances_an_upload_and_offers_the_download(browser_server: AppServer, tmp_path: Path) -> None:
     from selenium.webdriver.common.by import By
     from selenium.webdriver.support.ui import WebDriverWait
 
     photo = write_photo(tmp_path / "dark.png")
     driver = open_browser()
     try:
-        images = upload_and_enhance(driver, server.url, photo)
+        images = upload_and_enhance(driver, browser_server.url, photo)
         sizes = [driver.execute_script("return [arguments[0].naturalWidth, arguments[0].naturalHeight]", img)
                  for img in images]
         assert sizes == [[128, 96], [128, 96]]
@@ -118,7 +118,7 @@ def test_page_enhances_an_upload_and_offers_the_download(server: AppServer, tmp_
         # A bad file: a message on the page, and the page still works afterwards.
         garbage = tmp_path / "garbage.png"
         garbage.write_bytes(b"not an image at all")
-        driver.get(server.url)
+        driver.get(browser_server.url)
         wait = WebDriverWait(driver, WAIT_S)
         wait.until(lambda d: d.find_elements(By.CSS_SELECTOR, "#uploads input[type=file]"))
         driver.find_element(By.CSS_SELECTOR, "#uploads input[type=file]").send_keys(str(garbage))
@@ -126,10 +126,10 @@ def test_page_enhances_an_upload_and_offers_the_download(server: AppServer, tmp_
         driver.find_element(By.ID, "enhance-button").click()
         wait.until(lambda d: "garbage.png: could not read image" in d.find_element(By.TAG_NAME, "body").text)
         driver.save_screenshot(str(tmp_path / "app_error.png"))
-        assert len(upload_and_enhance(driver, server.url, photo)) == 2
+        assert len(upload_and_enhance(driver, browser_server.url, photo)) == 2
 
         # Offline: every request of the page went to the app itself (fonts and scripts included).
-        origin = server.url.rstrip("/")
+        origin = browser_server.url.rstrip("/")
         requested = [json.loads(entry["message"])["message"]["params"]["request"]["url"]
                      for entry in driver.get_log("performance")
                      if json.loads(entry["message"])["message"]["method"] == "Network.requestWillBeSent"]
@@ -138,4 +138,4 @@ def test_page_enhances_an_upload_and_offers_the_download(server: AppServer, tmp_
         assert outside == []
     finally:
         driver.quit()
-    assert "Traceback" not in server.log_text(), server.log_text()
+    assert "Traceback" not in browser_server.log_text(), browser_server.log_text()

@@ -177,7 +177,36 @@ def test_trainer_features_name_the_backend_actually_used(monkeypatch):
     cfg = load_config("demo", ["train.bf16=off", "train.compile=off", "train.fused_adam=off"])
     with pytest.warns(RuntimeWarning, match="train.backend=auto runs the reference ops.*ModuleNotFoundError"):
         features = fast_path.resolve_features(cfg)
-    assert features.backend == "reference"
+    assert (features.backend, features.ops) == ("reference", "reference")
     assert "backend reference (Triton unavailable: " in features.describe()
     with pytest.raises(ConfigError, match="train.backend=triton: .*ModuleNotFoundError"):
         fast_path.resolve_features(load_config("demo", ["train.backend=triton", "train.bf16=off"]))
+
+
+def test_a_resolved_backend_says_whether_cuda_would_help_and_which_name_pins_its_op_set(monkeypatch):
+    """`needs_cuda`: the CPU is the obstacle (not a missing Triton); `pinned_backend`: the backend name that runs
+    the chosen op set on every call (what a training run builds its network with), never an op-set name."""
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    on_cpu = resolve_backend("triton", "cpu")
+    assert on_cpu.name is None and on_cpu.needs_cuda
+    with pytest.raises(BackendUnavailable, match="need a CUDA device"):
+        on_cpu.pinned_backend  # noqa: B018 - the property raises
+    assert resolve_backend("auto", "cpu").pinned_backend == "auto"  # the CPU op set: only "auto" selects it
+    assert resolve_backend("auto", "cpu", training=True).pinned_backend == "reference"
+    monkeypatch.setattr(backends, "triton_unavailable_reason", lambda: None)
+    assert resolve_backend("auto", "cuda").pinned_backend == "triton"
+    _triton_missing(monkeypatch)
+    missing = resolve_backend("triton", "cuda")
+    assert missing.name is None and not missing.needs_cuda  # Triton is not installed: a GPU would not help
+    assert resolve_backend("auto", "cuda").pinned_backend == "reference"
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks a machine without CUDA")
+def test_training_triton_on_the_cpu_without_the_interpreter_is_a_gpu_only_feature(monkeypatch):
+    from lfpv_fast.training import fast_path
+
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    with pytest.raises(ConfigError, match=r"GPU-only features; change train.backend=triton -> 'reference' or 'auto'"):
+        fast_path.resolve_features(load_config("demo", ["train.backend=triton", "train.compile=off"]))
+    features = fast_path.resolve_features(load_config("demo", ["train.device=cpu"]))
+    assert (features.backend, features.ops) == ("reference", "reference")  # "auto" trains on the reference ops

@@ -13,17 +13,12 @@ import pytest
 import torch
 from PIL import Image
 
-from helpers import TINY, assert_one_line_error, run
+from helpers import TINY, assert_one_line_error, folder_snapshot, run, write_noise_png
 from lfpv_fast import LFPVNet
 from lfpv_fast.config import model_config_to_dict
 from lfpv_fast.training.checkpoint import atomic_save, load_model, weights_only_checkpoint
 
 REPO = Path(__file__).resolve().parents[1]
-
-
-def png(path: Path, height: int, width: int, seed: int = 0) -> Path:
-    Image.fromarray(np.random.default_rng(seed).integers(0, 256, (height, width, 3), dtype=np.uint8)).save(path)
-    return path
 
 
 def tiny_weights(path: Path, **model_config) -> Path:
@@ -59,7 +54,7 @@ def run_measured(code: str, *args: str) -> tuple[int, str, int]:
 
 def test_a_tiny_checkpoint_claiming_a_huge_network_is_refused_with_a_small_peak(tmp_path):
     checkpoint = tiny_weights(tmp_path / "forged.pth", nf=512)  # building nf=512 takes about 2 GB
-    image = png(tmp_path / "a.png", 16, 16)
+    image = write_noise_png(tmp_path / "a.png", 16, 16)
     enhance = "__import__('lfpv_fast.enhance').enhance.main(sys.argv[1:])"
     code, err, peak = run_measured(enhance, str(image), "--checkpoint", str(checkpoint), "-o", str(tmp_path / "out"))
     assert_one_line_error(code, err, "forged.pth", "nf=512", "differ in shape")
@@ -125,15 +120,6 @@ def _recording_init(built: list[str]):
 
 # ---------------------------------------------------------------------------------------------
 # 4. Bad values inside a training checkpoint's optimizer and scheduler state
-
-
-@pytest.fixture(scope="module")
-def demo_root(tmp_path_factory) -> Path:
-    return tmp_path_factory.getbasetemp() / "lfpv-demo-data"
-
-
-def folder_snapshot(folder: Path) -> dict[str, bytes]:
-    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
 
 
 def _set_first_moment(obj: dict, shape: tuple[int, ...]) -> None:
@@ -273,7 +259,7 @@ LONG_NAME = "a" * 300  # over the 255 bytes of a file name
 def test_over_long_names_in_enhance_are_one_line_naming_the_file(tmp_path, tiny_checkpoint, capsys):
     from lfpv_fast.enhance import main as enhance_main
 
-    image = png(tmp_path / "a.png", 16, 16)
+    image = write_noise_png(tmp_path / "a.png", 16, 16)
     long_path = tmp_path.joinpath(*["b" * 100] * 45)  # 4.5 kB: over the 4096 bytes of a path
     cases = {
         "input": [tmp_path / f"{LONG_NAME}.png", "-o", tmp_path / "out", "--checkpoint", tiny_checkpoint],
@@ -318,7 +304,7 @@ def test_over_long_names_in_the_app(tmp_path, tiny_checkpoint, capsys):
     assert_one_line_error(code, err, "checkpoint", "too long", "aaaa")
     # An upload whose name fits the file system, but not with "_enhanced" added: its outputs get a cut name.
     name = "c" * 250 + ".png"
-    upload = png(tmp_path / "upload.png", 16, 16)
+    upload = write_noise_png(tmp_path / "upload.png", 16, 16)
     enhancer = app_mod.Enhancer(load_model(tiny_checkpoint, backend="reference"), tiny_checkpoint,
                                 torch.device("cpu"))
     (tmp_path / "work").mkdir()
@@ -341,7 +327,7 @@ def test_tiling_small_images_works_and_the_overlap_shrinks_with_the_tile(tmp_pat
              "40x56 --tile 16": ((40, 56), ["--tile", "16"])}
     for case, ((height, width), flags) in cases.items():
         out = tmp_path / case.replace(" ", "_")
-        image = png(tmp_path / f"{height}x{width}.png", height, width)
+        image = write_noise_png(tmp_path / f"{height}x{width}.png", height, width)
         code, err = run(enhance_main, [image, "-o", out, "--checkpoint", tiny_checkpoint, "-q", *flags], capsys)
         assert code == 0, (case, err)
         with Image.open(out / image.name) as result:
@@ -351,7 +337,7 @@ def test_tiling_small_images_works_and_the_overlap_shrinks_with_the_tile(tmp_pat
 def test_the_tile_rule_is_the_models_alignment(tmp_path, tiny_checkpoint, capsys):
     from lfpv_fast.enhance import main as enhance_main
 
-    image = png(tmp_path / "a.png", 40, 56)
+    image = write_noise_png(tmp_path / "a.png", 40, 56)
     code, err = run(enhance_main, [image, "-o", tmp_path / "out", "--checkpoint", tiny_checkpoint, "--tile", "24"],
                     capsys)
     assert_one_line_error(code, err, "--tile must be a positive multiple of 16", "got 24")
@@ -442,7 +428,7 @@ def test_ctrl_c_in_enhance_is_one_line_and_leaves_whole_outputs(tmp_path, tiny_c
     inputs = tmp_path / "in"
     inputs.mkdir()
     for k in range(30):
-        png(inputs / f"{k:02d}.png", 16, 16, seed=k)
+        write_noise_png(inputs / f"{k:02d}.png", 16, 16, seed=k)
     out = tmp_path / "out"
     process = subprocess.Popen([sys.executable, "-c", SLOW_ENHANCE, str(inputs), "-o", str(out), "--checkpoint",
                                 str(tiny_checkpoint), "-q"], cwd=REPO, stdout=subprocess.PIPE,
@@ -545,7 +531,7 @@ def test_side_by_side_with_a_name_that_is_not_utf8(tmp_path, tiny_checkpoint, ca
     inputs = tmp_path / "in"
     inputs.mkdir()
     name = os.fsdecode(b"caf\xe9.png")  # Latin-1 bytes: Python sees a surrogate
-    png(inputs / name, 16, 16)
+    write_noise_png(inputs / name, 16, 16)
     out = tmp_path / "out"
     for extra in ([], ["--overwrite"]):  # the second call reads the owner recorded by the first
         code, err = run(enhance_main, [inputs, "-o", out, "--checkpoint", tiny_checkpoint, "-q", "--side-by-side",

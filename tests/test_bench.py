@@ -117,15 +117,6 @@ TINY_MODEL = ["model.nf=8", "model.hr_nf=8", "model.layers=1", "model.light_bloc
               "model.head_dim=8", "model.ffn_dim=16", "model.bank_size=4", "model.updater_width=1"]
 
 
-@pytest.fixture(scope="module")
-def demo_root(tmp_path_factory) -> Path:
-    from lfpv_fast.data.demo import make_demo_dataset
-
-    root = tmp_path_factory.mktemp("demo")
-    make_demo_dataset(root)
-    return root
-
-
 def bench_train_args(tmp_path: Path, demo_root: Path) -> list[str]:
     args = ["--quick", "--crop", "32", "--batch", "1", "--warmup", "1", "--out", str(tmp_path / "train.json"),
             "--set", f"data.demo_root={demo_root}"]

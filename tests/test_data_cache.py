@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from helpers import folder_snapshot
 from lfpv_fast.config import config_from_dict
 from lfpv_fast.data.cache import MANIFEST, read_manifest
 from lfpv_fast.data.errors import DataError
@@ -37,11 +38,6 @@ def raw_dataset(root: Path) -> Path:
     return root
 
 
-def snapshot(cache: Path) -> dict[str, bytes]:
-    """Every file of the cache and its bytes."""
-    return {p.relative_to(cache).as_posix(): p.read_bytes() for p in sorted(cache.rglob("*")) if p.is_file()}
-
-
 def assert_usable(cache: Path, raw: Path, size: tuple[int, int] = SIZE) -> None:
     """The manifest reads, every frame it lists is complete, and the loader trains on it."""
     tree = read_manifest(cache)
@@ -67,7 +63,7 @@ def test_a_bad_new_frame_leaves_the_finished_cache_as_it_was(tmp_path, capsys):
     raw = raw_dataset(tmp_path / "raw")
     cache = tmp_path / "cache"
     prepare(raw / "lq", raw / "gt", cache, SIZE, workers=2, progress=False)
-    before = snapshot(cache)
+    before = folder_snapshot(cache)
     # New frames arrive, one of them cut short; one scene's frames sort before it so they would be written first.
     write_scene(raw, "s0", 3, seed=7)
     bad = raw / "lq" / "s2" / "0009.npy"
@@ -77,7 +73,7 @@ def test_a_bad_new_frame_leaves_the_finished_cache_as_it_was(tmp_path, capsys):
                          "32", "--no-progress", "--workers", "1"])
     err = capsys.readouterr().err
     assert code == 2 and err.startswith(f"error: {bad}: truncated .npy file") and err.count("\n") == 1
-    assert snapshot(cache) == before  # nothing written, nothing removed: the manifest and its frames as they were
+    assert folder_snapshot(cache) == before  # nothing written or removed: the manifest and its frames as they were
     assert_usable(cache, raw)
 
 
@@ -106,11 +102,11 @@ def test_a_rebuild_that_fills_the_disk_keeps_the_old_cache(tmp_path, small_files
     disk = small_filesystem(120)
     cache = disk / "cache"
     prepare(raw / "lq", raw / "gt", cache, SIZE, workers=2, progress=False)
-    before = snapshot(cache)
+    before = folder_snapshot(cache)
     # --overwrite at 64x64 (12 KiB a frame): the new cache does not fit beside the old one.
     code = prepare_main(["--lq", str(raw / "lq"), "--gt", str(raw / "gt"), "--out", str(cache), "--resize", "64",
                          "64", "--no-progress", "--overwrite"])
-    assert {k: v for k, v in snapshot(cache).items() if not k.startswith(".rebuild/")} == before
+    assert {k: v for k, v in folder_snapshot(cache).items() if not k.startswith(".rebuild/")} == before
     assert_nothing_half_written(cache)
     assert_usable(cache, raw)
     err = capsys.readouterr().err

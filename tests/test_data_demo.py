@@ -20,7 +20,7 @@ from lfpv_fast.data.smid import scan_tree
 
 
 @pytest.fixture(scope="module")
-def demo_root(tmp_path_factory):
+def offline_demo_root(tmp_path_factory):
     """Built once with the network cut off: any download attempt fails the build."""
     root = tmp_path_factory.mktemp("demo") / "ds"
 
@@ -35,11 +35,11 @@ def demo_root(tmp_path_factory):
     return root
 
 
-def test_layout_and_low_light_model(demo_root):
-    tree = scan_tree(demo_root / "lq", demo_root / "gt")
+def test_layout_and_low_light_model(offline_demo_root):
+    tree = scan_tree(offline_demo_root / "lq", offline_demo_root / "gt")
     names = [s.name for s in tree.scenes]
     assert sorted(names) == sorted(demo.scene_names()) and len(names) == 15
-    test = (demo_root / "test_scenes.txt").read_text().split()
+    test = (offline_demo_root / "test_scenes.txt").read_text().split()
     assert test == ["coffee", "coffee_zoom1", "coffee_zoom2"]
     for scene in tree.scenes:
         assert len(scene.frames) == demo.FRAMES and scene.gt == "long.npy"
@@ -53,9 +53,9 @@ def test_layout_and_low_light_model(demo_root):
         g = gt.astype(float).ravel()
         assert np.corrcoef(g, np.mean(frames, axis=0).ravel())[0, 1] > 0.8
     # Stored BGR like SMID: the orange cat of `chelsea` has more red than blue.
-    cat = np.load(demo_root / "gt" / "chelsea" / "long.npy")
+    cat = np.load(offline_demo_root / "gt" / "chelsea" / "long.npy")
     assert cat[..., 2].mean() > cat[..., 0].mean()  # index 2 is red in BGR
-    doc = json.loads((demo_root / "manifest.json").read_text())
+    doc = json.loads((offline_demo_root / "manifest.json").read_text())
     assert doc["test_scenes"] == test and doc["low_light"]["photons"] == list(demo.PHOTONS)
 
 
@@ -70,16 +70,16 @@ def test_exposure_and_noise_ranges_are_the_documented_ones():
     assert "exposures 0.01-0.3" in readme and "two frames of each held-out scene in each band" in readme
 
 
-def test_every_scene_is_stratified_over_the_bands_and_frames_are_as_recorded(demo_root):
-    doc = json.loads((demo_root / "manifest.json").read_text())
+def test_every_scene_is_stratified_over_the_bands_and_frames_are_as_recorded(offline_demo_root):
+    doc = json.loads((offline_demo_root / "manifest.json").read_text())
     assert doc["low_light"]["bands"] == {k: list(v) for k, v in demo.BANDS.items()}
-    bands = demo.frame_bands(demo_root)
+    bands = demo.frame_bands(offline_demo_root)
     assert len(bands) == 15 * demo.FRAMES and list(dict.fromkeys(bands.values())) == list(demo.BANDS)
     for scene, frames in doc["frames"].items():
         assert [f["frame"] for f in frames] == [f"{k:04d}" for k in range(demo.FRAMES)]
         # Two frames of every scene (held-out ones included) in each band: frame k in band k % 3.
         assert [f["band"] for f in frames] == [list(demo.BANDS)[k % 3] for k in range(demo.FRAMES)]
-        gt = (np.load(demo_root / "gt" / scene / "long.npy") / 255.0) ** demo.GAMMA
+        gt = (np.load(offline_demo_root / "gt" / scene / "long.npy") / 255.0) ** demo.GAMMA
         for f in frames:
             low, high = demo.BANDS[f["band"]]
             assert low <= f["exposure"] <= high and bands[f"{scene}_{f['frame']}"] == f["band"]
@@ -87,7 +87,7 @@ def test_every_scene_is_stratified_over_the_bands_and_frames_are_as_recorded(dem
             assert demo.READ_NOISE[0] <= f["read_noise"] <= demo.READ_NOISE[1]
             # The frame was made with the recorded exposure: its mean linear light is the GT's times it (clipping
             # the read noise at 0 lifts the darkest frames a little).
-            lq = (np.load(demo_root / "lq" / scene / f"{f['frame']}.npy") / 255.0) ** demo.GAMMA
+            lq = (np.load(offline_demo_root / "lq" / scene / f"{f['frame']}.npy") / 255.0) ** demo.GAMMA
             assert 0.9 < lq.mean() / (gt.mean() * f["exposure"]) < 1.5, (scene, f)
     # The draws cover the range: each band's exposures spread over it, noise levels vary.
     for name, (low, high) in demo.BANDS.items():
@@ -97,26 +97,26 @@ def test_every_scene_is_stratified_over_the_bands_and_frames_are_as_recorded(dem
     assert min(photons) < 2000 and max(photons) > 4000
 
 
-def test_an_earlier_version_is_replaced(demo_root, tmp_path):
+def test_an_earlier_version_is_replaced(offline_demo_root, tmp_path):
     old = tmp_path / "old"
-    shutil.copytree(demo_root, old)
+    shutil.copytree(offline_demo_root, old)
     manifest = json.loads((old / "manifest.json").read_text())
     (old / "manifest.json").write_text(json.dumps({**manifest, "version": 1}))
     assert not demo.dataset_is_current(old)
     demo.make_demo_dataset(old)
     assert demo.dataset_is_current(old) and not list(tmp_path.glob(".old*"))
-    assert filecmp.cmp(old / "manifest.json", demo_root / "manifest.json", shallow=False)
+    assert filecmp.cmp(old / "manifest.json", offline_demo_root / "manifest.json", shallow=False)
 
 
-def test_idempotent_and_deterministic(demo_root, tmp_path):
-    mtime = (demo_root / "manifest.json").stat().st_mtime_ns
-    demo.make_demo_dataset(demo_root)  # already there: nothing is done
-    assert (demo_root / "manifest.json").stat().st_mtime_ns == mtime
+def test_idempotent_and_deterministic(offline_demo_root, tmp_path):
+    mtime = (offline_demo_root / "manifest.json").stat().st_mtime_ns
+    demo.make_demo_dataset(offline_demo_root)  # already there: nothing is done
+    assert (offline_demo_root / "manifest.json").stat().st_mtime_ns == mtime
     demo.make_demo_dataset(tmp_path / "again")
-    cmp = filecmp.dircmp(demo_root / "lq" / "rocket_zoom2", tmp_path / "again" / "lq" / "rocket_zoom2")
+    cmp = filecmp.dircmp(offline_demo_root / "lq" / "rocket_zoom2", tmp_path / "again" / "lq" / "rocket_zoom2")
     assert cmp.left_list == cmp.right_list and len(cmp.left_list) == demo.FRAMES
     match, mismatch, errors = filecmp.cmpfiles(
-        demo_root,
+        offline_demo_root,
         tmp_path / "again",
         ["lq/rocket_zoom2/0003.npy", "gt/astronaut/long.npy", "test_scenes.txt"],
         shallow=False,
@@ -131,10 +131,10 @@ def test_refuses_a_foreign_folder(tmp_path):
 
 
 @pytest.mark.parametrize("loader", ["torch", "dali"])
-def test_loaders_read_the_demo(demo_root, loader):
+def test_loaders_read_the_demo(offline_demo_root, loader):
     data = dict(
         dataset="demo",
-        demo_root=str(demo_root),
+        demo_root=str(offline_demo_root),
         resize=[256, 192],
         crop=128,
         batch_size=8,
@@ -155,7 +155,7 @@ def test_loaders_read_the_demo(demo_root, loader):
     assert first["scene"] == ["coffee"] and first["frame"] == ["0000"] and first["lq"].shape == (1, 3, 192, 256)
 
 
-def test_a_short_training_validates_per_exposure_band(demo_root, tmp_path, capsys):
+def test_a_short_training_validates_per_exposure_band(offline_demo_root, tmp_path, capsys):
     """A tiny model, a few steps: validation over every held-out frame, reported overall and per band."""
     from lfpv_fast.config import load_config
     from lfpv_fast.training.trainer import Trainer
@@ -164,7 +164,7 @@ def test_a_short_training_validates_per_exposure_band(demo_root, tmp_path, capsy
             "model.head_dim=16", "model.ffn_dim=32", "model.bank_size=8", "model.updater_width=2",
             "data.resize=[64, 48]", "data.crop=32", "data.batch_size=8", "data.num_workers=0",
             "train.iterations=3", "train.checkpoint_every=3", "val.every=3", "logging.every=1",
-            "logging.progress=false", "logging.tensorboard=false", f"data.demo_root={demo_root}"]
+            "logging.progress=false", "logging.tensorboard=false", f"data.demo_root={offline_demo_root}"]
     trainer = Trainer(load_config("demo", tiny), tmp_path / "run")
     try:
         trainer.fit()
@@ -193,14 +193,14 @@ def test_a_short_training_validates_per_exposure_band(demo_root, tmp_path, capsy
     assert list(result["bands"]) == ["0.01-0.03"] and result["bands"]["0.01-0.03"]["images"] == 3
 
 
-def test_the_png_copy_has_the_same_bands(demo_root):
-    png = demo.make_demo_png(demo_root)
-    bands = demo.frame_bands(demo_root)
+def test_the_png_copy_has_the_same_bands(offline_demo_root):
+    png = demo.make_demo_png(offline_demo_root)
+    bands = demo.frame_bands(offline_demo_root)
     stems = {p.stem for split in ("our485", "eval15") for p in (png / split / "low").glob("*.png")}
     assert stems == set(bands)
 
 
-def test_a_brief_training_improves_psnr_in_every_exposure_band(demo_root, tmp_path):
+def test_a_brief_training_improves_psnr_in_every_exposure_band(offline_demo_root, tmp_path):
     """60 steps of a tiny model at 64x48 gain 3.7-5.0 dB on every band (seeds 0-3 tried when this was written);
     the test asks for 2 dB. The demo's own run (600 steps, the README's figures) is in bench/results."""
     from lfpv_fast.config import load_config
@@ -211,7 +211,7 @@ def test_a_brief_training_improves_psnr_in_every_exposure_band(demo_root, tmp_pa
             "data.resize=[64, 48]", "data.crop=32", "data.batch_size=8", "data.num_workers=0",
             "train.iterations=60", "train.checkpoint_every=60", "train.restart_period=60", "train.lr=1e-3",
             "train.cpu_threads=1", "val.every=60", "logging.every=60", "logging.progress=false",
-            "logging.tensorboard=false", f"data.demo_root={demo_root}"]
+            "logging.tensorboard=false", f"data.demo_root={offline_demo_root}"]
     threads = torch.get_num_threads()  # train.cpu_threads sets it for the whole process
     trainer = Trainer(load_config("demo", tiny), tmp_path / "run")
     try:
@@ -225,7 +225,7 @@ def test_a_brief_training_improves_psnr_in_every_exposure_band(demo_root, tmp_pa
         assert band["psnr"] > band["input_psnr"] + 2.0, (name, band)
 
 
-def test_the_png_demo_is_validated_per_band_too(demo_root, tmp_path):
+def test_the_png_demo_is_validated_per_band_too(offline_demo_root, tmp_path):
     """demo_png's pairs have no scene, only the file stem `<scene>_<frame>`: the same bands are found."""
     from lfpv_fast.config import load_config
     from lfpv_fast.training.trainer import Trainer
@@ -234,7 +234,7 @@ def test_the_png_demo_is_validated_per_band_too(demo_root, tmp_path):
             "model.head_dim=16", "model.ffn_dim=32", "model.bank_size=8", "model.updater_width=2",
             "data.crop=32", "data.batch_size=8", "data.num_workers=0", "data.loader=torch",
             "train.iterations=1", "logging.progress=false", "logging.tensorboard=false",
-            f"data.demo_root={demo_root}"]
+            f"data.demo_root={offline_demo_root}"]
     trainer = Trainer(load_config("demo_png", tiny), tmp_path / "run")
     try:
         result = trainer.validate()

@@ -16,7 +16,7 @@ import tifffile
 import torch
 from PIL import Image
 
-from helpers import opencv_linear
+from helpers import opencv_linear, preset_cfg
 
 try:
     import imagecodecs
@@ -99,19 +99,12 @@ def build_preset_tree(root: Path, preset: str, bits: int = 8, test_names=("t1", 
     return gts
 
 
-def preset_cfg(root: Path, preset: str, loader: str = "torch", **data) -> object:
-    d = dict(dataset=preset, root=str(root), resize=None, crop=16, batch_size=2, loader=loader, num_workers=0,
-             num_threads=1)
-    d.update(data)
-    return config_from_dict({"data": d})
-
-
 @pytest.mark.parametrize("loader", LOADERS)
 @pytest.mark.parametrize("preset,bits", [("lol_v1", 8), ("lol_v2_real", 8), ("lol_v2_synthetic", 16)])
 def test_presets_pair_their_files_and_split(tmp_path, preset, bits, loader):
     gts = build_preset_tree(tmp_path, preset, bits)
     top = 65535.0 if bits == 16 else 255.0
-    cfg = preset_cfg(tmp_path, preset, loader)
+    cfg = preset_cfg(tmp_path, preset, loader=loader)
     train = build_loader(cfg, "train", seed=3)
     assert len(train) == len(ODD) // 2
     prefix = DATASETS[preset].layouts[0].naming.lq_prefix  # the layout as distributed
@@ -297,7 +290,7 @@ def _good_pairs(root: Path, n: int = 4, bits: int = 8) -> None:
         write_image(root / "high" / f"{k}.png", gt)
 
 
-def _no_gt(root):
+def _png_without_gt(root):
     write_image(root / "low" / "9.png", np.zeros((20, 24, 3), np.uint8))
     return root / "low" / "9.png", r"no ground truth: expected .*high/9\.<png"
 
@@ -363,8 +356,8 @@ def _two_files_one_name(root):
     return root / "low" / "1.png", r"a second file for the image .*1\.jpg"  # names in sorted order
 
 
-BAD = [_no_gt, _no_lq, _sizes_differ, _truncated_png, _truncated_jpeg, _truncated_tiff, _not_a_png, _empty_file,
-       _unreadable, _depth16_among_8, _non_image, _two_files_one_name]
+BAD = [_png_without_gt, _no_lq, _sizes_differ, _truncated_png, _truncated_jpeg, _truncated_tiff, _not_a_png,
+       _empty_file, _unreadable, _depth16_among_8, _non_image, _two_files_one_name]
 
 
 def _pairs_cfg(root: Path, **data):
@@ -401,7 +394,7 @@ def _readable_anyway(path: Path) -> bool:
 
 def test_skip_bad_warns_for_each_file_and_keeps_the_good_pairs(tmp_path):
     _good_pairs(tmp_path, n=6)
-    bad = [_no_gt(tmp_path)[0], _truncated_png(tmp_path)[0], _non_image(tmp_path)[0]]
+    bad = [_png_without_gt(tmp_path)[0], _truncated_png(tmp_path)[0], _non_image(tmp_path)[0]]
     bad.append(write_image(tmp_path / "high" / "3.png", np.zeros((20, 24, 3), np.uint16)))  # 16-bit among 8-bit
     with pytest.raises(DataError, match="3 more bad file"):
         build_loader(_pairs_cfg(tmp_path), "train")
@@ -612,7 +605,7 @@ def test_lol_configs_hold_the_published_optimizer_and_fit_lol_images():
 
 
 @pytest.fixture(scope="module")
-def demo_root(tmp_path_factory) -> Path:
+def demo_png_root(tmp_path_factory) -> Path:
     from lfpv_fast.data.demo import make_demo_png
 
     root = tmp_path_factory.mktemp("demo") / "ds"
@@ -622,10 +615,10 @@ def demo_root(tmp_path_factory) -> Path:
 
 
 @pytest.mark.parametrize("loader", LOADERS)
-def test_demo_png_gives_the_demo_frames_through_both_loaders(demo_root, loader):
+def test_demo_png_gives_the_demo_frames_through_both_loaders(demo_png_root, loader):
     from lfpv_fast.data import demo
 
-    base = dict(demo_root=str(demo_root), crop=128, batch_size=8, loader=loader, num_workers=0, num_threads=1)
+    base = dict(demo_root=str(demo_png_root), crop=128, batch_size=8, loader=loader, num_workers=0, num_threads=1)
     png = config_from_dict({"data": {**base, "dataset": "demo_png", "resize": None}})
     npy = config_from_dict({"data": {**base, "dataset": "demo", "resize": [256, 192], "test_frames": 6}})
     train = build_loader(png, "train", seed=1)
@@ -638,9 +631,9 @@ def test_demo_png_gives_the_demo_frames_through_both_loaders(demo_root, loader):
         assert torch.equal(a["lq"], b["lq"]) and torch.equal(a["gt"], b["gt"])
 
 
-def test_demo_png_config_is_the_demo_read_from_png_in_the_lol_v1_layout(demo_root):
+def test_demo_png_config_is_the_demo_read_from_png_in_the_lol_v1_layout(demo_png_root):
     png, npy = load_config("demo_png"), load_config("demo")
     assert png.data.dataset == "demo_png" and png.data.loader == "dali" and png.model == npy.model
     assert png.train == npy.train
-    as_lol = preset_cfg(demo_root / "png", "lol_v1", batch_size=8)
+    as_lol = preset_cfg(demo_png_root / "png", "lol_v1", batch_size=8)
     assert len(build_loader(as_lol, "train")) == 9 and len(build_loader(as_lol, "test")) == 18

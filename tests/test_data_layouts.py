@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from helpers import TINY_MODEL_RUN, write_png
+from helpers import TINY_MODEL_RUN, preset_cfg, write_png
 from lfpv_fast.config import config_from_dict, load_config
 from lfpv_fast.data.config import DATASETS
 from lfpv_fast.data.errors import DataError
@@ -54,12 +54,6 @@ def build_tree(root: Path, tree: str) -> dict[str, np.ndarray]:
             write_png(root / gt_dir / gt_name, gt)
             gts[Path(lq_name).stem] = gt
     return gts
-
-
-def preset_cfg(root: Path, preset: str, **data):
-    d = dict(dataset=preset, root=str(root), resize=None, crop=16, batch_size=2, num_workers=0, num_threads=1)
-    d.update(data)
-    return config_from_dict({"data": d})
 
 
 def layout_name(tree: str) -> str:

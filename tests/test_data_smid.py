@@ -104,7 +104,7 @@ def _rank2(root):
     return p, "expected an H x W x 3 frame"
 
 
-def _no_gt(root):
+def _scene_without_gt(root):
     (root / "gt" / "s1" / "long.npy").unlink()
     return root / "gt" / "s1", "no ground truth"
 
@@ -135,7 +135,7 @@ def _missing_root(root):
     return root / "lq", "does not exist"
 
 
-BAD = [_garbage, _truncated, _float, _rank2, _no_gt, _empty_scene, _empty_root, _mismatch, _missing_root]
+BAD = [_garbage, _truncated, _float, _rank2, _scene_without_gt, _empty_scene, _empty_root, _mismatch, _missing_root]
 
 
 @pytest.mark.parametrize("via", ["loader", "prepare"])

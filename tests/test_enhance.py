@@ -48,7 +48,7 @@ def run_cli(*args: str | Path) -> int:
     return main([str(a) for a in args] + ["-q"])
 
 
-def make_inputs(folder: Path, h: int = 32, w: int = 48) -> dict[str, tuple[np.ndarray, int]]:
+def write_every_kind(folder: Path, h: int = 32, w: int = 48) -> dict[str, tuple[np.ndarray, int]]:
     """Every supported kind of input; returns name -> (raw pixels as stored, bit depth)."""
     folder.mkdir(parents=True, exist_ok=True)
     img8 = np.round(low_light(h, w, 1) * 255).astype(np.uint8)
@@ -99,7 +99,7 @@ def read_raw(path: Path) -> np.ndarray:
 
 
 def test_every_input_kind_through_a_folder(tmp_path: Path, tiny_checkpoint: Path, tiny_net: LFPVNet) -> None:
-    kinds = make_inputs(tmp_path / "in")
+    kinds = write_every_kind(tmp_path / "in")
     (tmp_path / "in" / "notes.txt").write_text("not an image: ignored in a folder")
     assert run_cli(tmp_path / "in", "--checkpoint", tiny_checkpoint, "-o", tmp_path / "out") == 0
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == sorted(kinds)
@@ -140,7 +140,7 @@ def test_odd_sizes_are_preserved(tmp_path: Path, tiny_checkpoint: Path, tiny_net
 
 
 def test_never_overwrites_inputs(tmp_path: Path, tiny_checkpoint: Path, capsys: pytest.CaptureFixture) -> None:
-    make_inputs(tmp_path / "in")
+    write_every_kind(tmp_path / "in")
     before = {p.name: p.read_bytes() for p in (tmp_path / "in").iterdir()}
     with pytest.raises(SystemExit) as exc:
         run_cli(tmp_path / "in", "--checkpoint", tiny_checkpoint, "-o", tmp_path / "in",
@@ -164,7 +164,7 @@ def test_never_overwrites_inputs(tmp_path: Path, tiny_checkpoint: Path, capsys: 
 
 
 def test_output_inside_input_folder(tmp_path: Path, tiny_checkpoint: Path, capsys: pytest.CaptureFixture) -> None:
-    kinds = make_inputs(tmp_path / "in")
+    kinds = write_every_kind(tmp_path / "in")
     out = tmp_path / "in" / "enhanced"
     with pytest.raises(SystemExit) as exc:
         run_cli(tmp_path / "in", "--checkpoint", tiny_checkpoint, "-o", out)

@@ -5,23 +5,15 @@ outputs intact."""
 from __future__ import annotations
 
 import os
-from pathlib import Path
 
-import numpy as np
 from PIL import Image
 
-from helpers import assert_one_line_error, one_error_line, run
+from helpers import assert_one_line_error, one_error_line, run, write_noise_png
 from lfpv_fast import enhance as enhance_cli
 
 
-def noise_png(path: Path, h: int, w: int, seed: int) -> Path:
-    """Incompressible pixels: the enhanced output of noise is about as large as its input."""
-    Image.fromarray(np.random.default_rng(seed).integers(0, 256, (h, w, 3), dtype=np.uint8)).save(path)
-    return path
-
-
 def test_a_missing_checkpoint_is_an_error_even_when_every_output_exists(tmp_path, tiny_checkpoint, capsys):
-    src = noise_png(tmp_path / "a.png", 16, 16, 0)
+    src = write_noise_png(tmp_path / "a.png", 16, 16, 0)
     out = tmp_path / "out"
     assert enhance_cli.main([str(src), "--checkpoint", str(tiny_checkpoint), "-o", str(out), "-q"]) == 0
     before = (out / "a.png").read_bytes()
@@ -31,7 +23,7 @@ def test_a_missing_checkpoint_is_an_error_even_when_every_output_exists(tmp_path
 
 
 def test_a_folder_as_checkpoint_is_named_as_a_folder(tmp_path, capsys):
-    src = noise_png(tmp_path / "a.png", 16, 16, 0)
+    src = write_noise_png(tmp_path / "a.png", 16, 16, 0)
     (tmp_path / "run").mkdir()
     code, err = run(enhance_cli.main, [src, "--checkpoint", tmp_path / "run", "-o", tmp_path / "out"], capsys)
     line = assert_one_line_error(code, err, str(tmp_path / "run"), "is a folder", ".pth")
@@ -54,7 +46,7 @@ def test_a_failure_while_enhancing_exits_1(tmp_path, tiny_checkpoint, capsys, mo
         raise RuntimeError("CUDA out of memory (simulated)")
 
     monkeypatch.setattr(ImageEnhancer, "enhance", out_of_memory)
-    src = noise_png(tmp_path / "a.png", 16, 16, 0)
+    src = write_noise_png(tmp_path / "a.png", 16, 16, 0)
     code, err = run(enhance_cli.main, [src, "--checkpoint", tiny_checkpoint, "-o", tmp_path / "out", "-q"], capsys)
     assert code == 1 and "error: " in err and "out of memory" in err
     assert not (tmp_path / "out").exists()
@@ -67,15 +59,15 @@ def test_a_full_disk_stops_with_one_error_line_and_leaves_nothing_half_written(t
     inputs.mkdir()
     # An earlier run's output, and a filler that leaves too little room for the new ones.
     earlier = out / "earlier.png"
-    noise_png(earlier, 32, 32, 9)
+    write_noise_png(earlier, 32, 32, 9)
     earlier_bytes = earlier.read_bytes()
     stat = os.statvfs(out)
     free = stat.f_bavail * stat.f_frsize
     (out / "filler").write_bytes(b"\0" * (free - 40 * 1024))
     # The first output (about 12 KiB) fits, the second (about 48 KiB) does not; the third is never tried.
-    noise_png(inputs / "a.png", 64, 64, 1)
-    noise_png(inputs / "b.png", 128, 128, 2)
-    noise_png(inputs / "c.png", 128, 128, 3)
+    write_noise_png(inputs / "a.png", 64, 64, 1)
+    write_noise_png(inputs / "b.png", 128, 128, 2)
+    write_noise_png(inputs / "c.png", 128, 128, 3)
     code, err = run(enhance_cli.main, [inputs, "--checkpoint", tiny_checkpoint, "-o", out, "-q"], capsys)
     assert code == 1, err
     one_error_line(err, "No space left on device", str(out / "b.png"))

@@ -14,7 +14,7 @@ from helpers import assert_one_line_error, run
 from lfpv_fast import enhance as enhance_cli
 
 
-def dark_image(path: Path, seed: int) -> Path:
+def write_dark_image(path: Path, seed: int) -> Path:
     pixels = np.random.default_rng(seed).integers(0, 60, (16, 24, 3), dtype=np.uint8)
     Image.fromarray(pixels).save(path)
     return path
@@ -28,7 +28,7 @@ def umask_022():
 
 
 def test_outputs_follow_the_umask(tmp_path, tiny_checkpoint, umask_022):
-    src = dark_image(tmp_path / "a.png", 0)
+    src = write_dark_image(tmp_path / "a.png", 0)
     out = tmp_path / "out"
     assert enhance_cli.main([str(src), "--checkpoint", str(tiny_checkpoint), "-o", str(out), "--side-by-side",
                              "-q"]) == 0
@@ -39,8 +39,8 @@ def test_outputs_follow_the_umask(tmp_path, tiny_checkpoint, umask_022):
 def test_a_side_by_side_collision_across_calls_is_reported(tmp_path, tiny_checkpoint, capsys):
     (tmp_path / "in1").mkdir()
     (tmp_path / "in2").mkdir()
-    first = dark_image(tmp_path / "in1" / "a.png", 0)
-    second = dark_image(tmp_path / "in2" / "a.jpg", 1)
+    first = write_dark_image(tmp_path / "in1" / "a.png", 0)
+    second = write_dark_image(tmp_path / "in2" / "a.jpg", 1)
     out = tmp_path / "out"
     assert enhance_cli.main([str(first), "--checkpoint", str(tiny_checkpoint), "-o", str(out), "--side-by-side",
                              "-q"]) == 0

@@ -15,15 +15,6 @@ from lfpv_fast.training.checkpoint import atomic_save, weights_only_checkpoint
 from lfpv_fast.training.metrics import psnr
 
 
-@pytest.fixture(scope="module")
-def demo_root(tmp_path_factory):
-    from lfpv_fast.data.demo import make_demo_dataset
-
-    root = tmp_path_factory.mktemp("demo")
-    make_demo_dataset(root)
-    return root
-
-
 def demo_overrides(root) -> list[str]:
     return ["data.dataset=demo", f"data.demo_root={root}", "data.resize=[256, 192]", "data.crop=128",
             "data.num_workers=0"]
@@ -160,3 +151,23 @@ def test_evaluate_prints_its_results_before_a_late_write_error(demo_root, tmp_pa
     assert f"could not write the results file {out}" in line and "No space left on device" in line
     assert "printed above" in line
     assert sorted(p.name for p in folder.iterdir()) == ["filler"]  # no temporary file left
+
+
+def test_evaluate_reads_the_checkpoint_file_once(demo_root, tmp_path, monkeypatch):
+    """Which format a file is in (ours or published) is learned from the one read that loads it."""
+    ours, published = tmp_path / "ours.pth", tmp_path / "SMID.pth"
+    atomic_save(weights_only_checkpoint(LFPVNet(TINY)), ours)
+    torch.save(LFPVNet().to_original_state_dict(), published)
+    reads: list[str] = []
+    real_load = torch.load
+
+    def counting_load(f, *args, **kwargs):
+        reads.append(str(f))
+        return real_load(f, *args, **kwargs)
+
+    monkeypatch.setattr(torch, "load", counting_load)
+    for checkpoint in (ours, published):
+        reads.clear()
+        assert main(demo_args(demo_root) + ["--checkpoint", str(checkpoint), "--max-images", "1",
+                                            "--out", str(tmp_path / f"{checkpoint.stem}.json")]) == 0
+        assert reads.count(str(checkpoint)) == 1, reads

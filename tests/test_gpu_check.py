@@ -36,7 +36,8 @@ def run_blocked(blocked: list[str], *args: str, timeout: float = 300) -> subproc
                           timeout=timeout)
 
 
-def dry_run(tmp_path: Path, blocked: list[str], budget: int = 480) -> tuple[subprocess.CompletedProcess, dict, Path]:
+def gpu_check_dry_run(tmp_path: Path, blocked: list[str],
+                      budget: int = 480) -> tuple[subprocess.CompletedProcess, dict, Path]:
     out = tmp_path / "out"
     proc = run_blocked(blocked, str(BENCH / "gpu_check.py"), "--dry-run", "--budget", str(budget), "--out", str(out))
     assert proc.returncode == 0, proc.stdout + proc.stderr
@@ -51,7 +52,7 @@ def sets_of(command: str) -> list[str]:
 
 
 def test_dry_run_without_dali_and_imagecodecs_plans_every_step(tmp_path):
-    proc, doc, md = dry_run(tmp_path, ["nvidia.dali", "imagecodecs", "xdist"], budget=480)
+    proc, doc, md = gpu_check_dry_run(tmp_path, ["nvidia.dali", "imagecodecs", "xdist"], budget=480)
     probe = doc["probe"]
     for module in ("nvidia.dali", "imagecodecs", "xdist"):
         assert probe[module]["available"] is False and "blocked by the test" in probe[module]["error"], probe[module]
@@ -118,7 +119,7 @@ def test_dry_run_without_dali_and_imagecodecs_plans_every_step(tmp_path):
 
 
 def test_dry_run_without_scikit_image_trains_and_benchmarks_on_synthetic_data(tmp_path):
-    proc, doc, _ = dry_run(tmp_path, ["nvidia.dali", "imagecodecs", "skimage"], budget=300)
+    proc, doc, _ = gpu_check_dry_run(tmp_path, ["nvidia.dali", "imagecodecs", "skimage"], budget=300)
     steps = {s["key"]: s for s in doc["steps"]}
     assert doc["probe"]["skimage"]["available"] is False
     assert steps["train"]["status"] == "planned"

@@ -22,7 +22,7 @@ from lfpv_fast.inference.whole_image import (
 from lfpv_fast.training.checkpoint import atomic_save, weights_only_checkpoint
 
 
-def tiny_net(backend: str) -> LFPVNet:
+def random_bank_net(backend: str) -> LFPVNet:
     torch.manual_seed(0)
     net = LFPVNet(TINY, backend=backend).eval()
     with torch.no_grad():  # non-zero banks, so that the LFPV fusion takes part
@@ -31,7 +31,7 @@ def tiny_net(backend: str) -> LFPVNet:
     return net
 
 
-def dark_image(h: int, w: int, seed: int = 0) -> torch.Tensor:
+def dark_input(h: int, w: int, seed: int = 0) -> torch.Tensor:
     g = torch.Generator().manual_seed(seed)
     x = 0.2 * torch.rand(1, 3, h, w, generator=g)
     x[:, :, : h // 2, : w // 3] = 0.1  # flat: a high SNR there, so the attention keeps some keys
@@ -42,8 +42,8 @@ def dark_image(h: int, w: int, seed: int = 0) -> torch.Tensor:
 @pytest.mark.parametrize("size", [(96, 160), (70, 99)])
 def test_whole_image_forward_is_the_forward(backend, size):
     """Strips with real-data halos give the whole-image convs' rows: the same output as net(x, snr)."""
-    net = tiny_net(backend)
-    x = torch.cat([dark_image(*size, seed=1), dark_image(*size, seed=2)])
+    net = random_bank_net(backend)
+    x = torch.cat([dark_input(*size, seed=1), dark_input(*size, seed=2)])
     snr = net.snr_mask(x)
     with torch.no_grad():
         expected = net(x, snr)
@@ -56,11 +56,11 @@ def test_whole_image_forward_is_the_forward(backend, size):
 def test_untiled_enhance_equals_the_reference_forward_of_the_whole_image(prepared):
     """backend auto (memory-linear attention, strips; channels_last as the CLI prepares it) against the
     plain reference forward of the whole image."""
-    reference_net, auto_net = tiny_net("reference"), tiny_net("auto")
+    reference_net, auto_net = random_bank_net("reference"), random_bank_net("auto")
     if prepared:
         prepare_for_inference(auto_net, torch.device("cpu"))
         assert auto_net.backbone.encoder.conv_full.weight.is_contiguous(memory_format=torch.channels_last)
-    x = dark_image(208, 320)
+    x = dark_input(208, 320)
     snr = reference_net.snr_mask(x)
     with torch.no_grad():
         expected = reference_net(x, snr).clamp(0, 1)
@@ -71,7 +71,7 @@ def test_untiled_enhance_equals_the_reference_forward_of_the_whole_image(prepare
 
 
 def test_plan_tiles_only_when_the_whole_image_does_not_fit():
-    net = tiny_net("auto")
+    net = random_bank_net("auto")
     need = estimate_peak_bytes(TINY, 1, 600, 800).total
     assert not plan_enhancement(net, 1, 600, 800, max_memory=need).tiled
     tight = plan_enhancement(net, 1, 600, 800, max_memory=need - 1)
@@ -85,7 +85,7 @@ def test_plan_tiles_only_when_the_whole_image_does_not_fit():
     quadratic = (estimate_peak_bytes(TINY, 1, 1024 * k, 1024, linear_attention=False).attention for k in (1, 2, 3))
     q1, q2, q3 = quadratic
     assert q3 - q2 > 1.5 * (q2 - q1)
-    assert "reference" in plan_enhancement(tiny_net("reference"), 1, 4000, 3000, max_memory=2**31).reason
+    assert "reference" in plan_enhancement(random_bank_net("reference"), 1, 4000, 3000, max_memory=2**31).reason
 
 
 def test_parse_size():
@@ -99,12 +99,12 @@ def test_parse_size():
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory) -> Path:
     path = tmp_path_factory.mktemp("ckpt") / "tiny.pth"
-    atomic_save(weights_only_checkpoint(tiny_net("auto")), path)
+    atomic_save(weights_only_checkpoint(random_bank_net("auto")), path)
     return path
 
 
 def test_cli_says_whole_or_tiled(tmp_path, checkpoint, capsys):
-    pixels = (dark_image(120, 200)[0].permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)
+    pixels = (dark_input(120, 200)[0].permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)
     Image.fromarray(pixels).save(tmp_path / "a.png")
     assert main([str(tmp_path / "a.png"), "--checkpoint", str(checkpoint), "-o", str(tmp_path / "w")]) == 0
     assert "whole image, untiled" in capsys.readouterr().err
@@ -114,7 +114,7 @@ def test_cli_says_whole_or_tiled(tmp_path, checkpoint, capsys):
     assert "tiled" in err and "--max-memory" in err
     whole = np.asarray(Image.open(tmp_path / "w" / "a.png"))
     x = torch.from_numpy(pixels).permute(2, 0, 1).float() / 255
-    net = prepare_for_inference(tiny_net("auto"), torch.device("cpu"))  # as the CLI runs it
+    net = prepare_for_inference(random_bank_net("auto"), torch.device("cpu"))  # as the CLI runs it
     expected = np.round(enhance_image(net, x, max_memory=2**30).permute(1, 2, 0).numpy() * 255)
     np.testing.assert_array_equal(whole, expected)
 
@@ -136,8 +136,8 @@ def test_cpu_precision_refused_where_slower(tmp_path, checkpoint, capsys, monkey
 
 
 def test_bf16_enhance_is_close_to_fp32():
-    net = tiny_net("auto")
-    x = dark_image(64, 96)
+    net = random_bank_net("auto")
+    x = dark_input(64, 96)
     fp32 = enhance_image(net, x)
     bf16 = enhance_image(net, x, precision="bf16")
     assert bf16.dtype == torch.float32
@@ -155,7 +155,7 @@ def test_enhance_compile_gives_the_eager_result(tmp_path, checkpoint, monkeypatc
         return real_compile(fn, **{**kwargs, "backend": "aot_eager"})
 
     monkeypatch.setattr(torch, "compile", aot_eager_compile)
-    pixels = (dark_image(48, 64)[0].permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)
+    pixels = (dark_input(48, 64)[0].permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)
     Image.fromarray(pixels).save(tmp_path / "a.png")
     for name, extra in (("eager", []), ("compiled", ["--compile"])):
         assert main([str(tmp_path / "a.png"), "--checkpoint", str(checkpoint), "-o", str(tmp_path / name), "-q",

@@ -12,16 +12,12 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from helpers import blocked_python, write_tiny_checkpoint
+from helpers import blocked_python, requirement_name, write_tiny_checkpoint
 
 tomllib = pytest.importorskip("tomllib")  # Python >= 3.11
 ROOT = Path(__file__).resolve().parents[1]
 PYPROJECT = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
 HEAVY = {"triton", "nvidia-dali-cuda120", "scikit-image"}
-
-
-def requirement_name(requirement: str) -> str:
-    return re.split(r"[\s\[<>=!~;]", requirement.strip(), maxsplit=1)[0].lower()
 
 
 def test_core_dependencies_are_light_and_the_extras_hold_the_rest():

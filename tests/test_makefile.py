@@ -20,6 +20,8 @@ from pathlib import Path
 
 import pytest
 
+from helpers import requirement_name
+
 tomllib = pytest.importorskip("tomllib")  # Python >= 3.11
 ROOT = Path(__file__).resolve().parents[1]
 PROJECT = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
@@ -27,10 +29,6 @@ HEAVY = {"triton", "nvidia-dali-cuda120", "gradio", "gradio_client", "selenium"}
 CPU_INDEX = "https://download.pytorch.org/whl/cpu"
 
 pytestmark = pytest.mark.skipif(shutil.which("make") is None, reason="needs GNU make")
-
-
-def requirement_name(requirement: str) -> str:
-    return re.split(r"[\s\[<>=!~;]", requirement.strip(), maxsplit=1)[0].lower()
 
 
 def project_packages(extras: list[str]) -> set[str]:
@@ -59,7 +57,7 @@ def make_dry_run(target: str, *variables: str) -> subprocess.CompletedProcess:
                           capture_output=True, text=True, check=True, timeout=60)
 
 
-def dry_run(target: str, *variables: str) -> list[list[str]]:
+def dry_run_commands(target: str, *variables: str) -> list[list[str]]:
     """The commands `make TARGET` runs on a fresh clone (-B: every target out of date), split into words."""
     done = make_dry_run(target, *variables)
     return [shlex.split(line) for line in done.stdout.splitlines() if line.strip() and not line.startswith("make")]
@@ -129,7 +127,7 @@ def test_make_demo_installs_the_core_and_demo_only_in_its_own_venv(reachable_ind
                               "print-index"], env=MAKE_ENV, capture_output=True, text=True, check=True, timeout=60)
     assert printed.stdout.strip() == CPU_INDEX
     # ... which this machine may not reach: a local server stands for it.
-    commands = dry_run("demo", f"DEMO_TORCH_INDEX={reachable_index}")
+    commands = dry_run_commands("demo", f"DEMO_TORCH_INDEX={reachable_index}")
     installs = pip_installs(commands)
     assert {venv for venv, _ in installs} == {".venv-demo"}, installs  # not the test venv
     editable = [args for _, args in installs if "-e" in args]
@@ -143,7 +141,7 @@ def test_make_demo_installs_the_core_and_demo_only_in_its_own_venv(reachable_ind
 
 
 def test_make_test_installs_dev_everything():
-    installs = pip_installs(dry_run("test"))
+    installs = pip_installs(dry_run_commands("test"))
     assert {venv for venv, _ in installs} == {".venv"}
     assert [args for _, args in installs if "-e" in args] == [["-e", ".[dev]"]]
     assert HEAVY <= installed_packages(installs)

@@ -11,6 +11,7 @@ import torch
 
 import lfpv_fast.ops.cpu_ops
 import lfpv_fast.ops.reference
+from golden import rel_err
 from lfpv_fast.models import Backbone, RetinexFormer, Site
 from lfpv_fast.models.retinexformer import (
     ig_msa_op,
@@ -24,95 +25,92 @@ SMALL = {"n_feat": 8, "num_blocks": [1, 1, 1]}  # fast nets for the structural t
 
 
 @pytest.fixture(scope="module")
-def case() -> dict:
+def retinexformer_case() -> dict:
     return torch.load(CASE_PATH, weights_only=True)
 
 
-def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
-    return ((a - b).norm() / b.norm()).item()
-
-
-def golden_net(case: dict) -> RetinexFormer:
-    net = RetinexFormer(**case["config"], backend="reference").double()
-    net.load_published_state_dict(case["state_dict"])
+def golden_retinexformer(retinexformer_case: dict) -> RetinexFormer:
+    net = RetinexFormer(**retinexformer_case["config"], backend="reference").double()
+    net.load_published_state_dict(retinexformer_case["state_dict"])
     return net
 
 
-def test_float64_parity_with_the_published_network(case):
-    net = golden_net(case)
-    x = case["x"].clone().requires_grad_(True)
+def test_float64_parity_with_the_published_network(retinexformer_case):
+    net = golden_retinexformer(retinexformer_case)
+    x = retinexformer_case["x"].clone().requires_grad_(True)
     y = net(x)
-    (y * case["grad_weight"]).sum().backward()
-    assert y.dtype == torch.float64 and y.shape == case["y"].shape
-    assert rel_err(y.detach(), case["y"]) < 1e-10
-    assert rel_err(x.grad, case["dx"]) < 1e-10
+    (y * retinexformer_case["grad_weight"]).sum().backward()
+    assert y.dtype == torch.float64 and y.shape == retinexformer_case["y"].shape
+    assert rel_err(y.detach(), retinexformer_case["y"]) < 1e-10
+    assert rel_err(x.grad, retinexformer_case["dx"]) < 1e-10
 
 
-def test_default_constructor_is_the_published_configuration(case):
+def test_default_constructor_is_the_published_configuration(retinexformer_case):
     net = RetinexFormer()
-    assert case["config"] == {"in_channels": 3, "out_channels": 3, "n_feat": 40, "stage": 1, "num_blocks": [1, 2, 2]}
+    assert retinexformer_case["config"] == {"in_channels": 3, "out_channels": 3, "n_feat": 40, "stage": 1,
+                                            "num_blocks": [1, 2, 2]}
     shapes = {k: tuple(v.shape) for k, v in net.published_state_dict().items()}
-    assert shapes == {k: tuple(v.shape) for k, v in case["state_dict"].items()}
+    assert shapes == {k: tuple(v.shape) for k, v in retinexformer_case["state_dict"].items()}
     assert sum(p.numel() for p in net.parameters()) == 1_605_701  # the golden README's count
 
 
-def test_published_state_dict_round_trip(case):
-    net = golden_net(case)
+def test_published_state_dict_round_trip(retinexformer_case):
+    net = golden_retinexformer(retinexformer_case)
     exported = net.published_state_dict()
-    assert list(exported) == list(case["state_dict"])  # same keys, same order
-    for key, value in case["state_dict"].items():
+    assert list(exported) == list(retinexformer_case["state_dict"])  # same keys, same order
+    for key, value in retinexformer_case["state_dict"].items():
         assert torch.equal(exported[key], value), key
-    again = RetinexFormer(**case["config"]).double()
+    again = RetinexFormer(**retinexformer_case["config"]).double()
     again.load_published_state_dict(exported)
     assert all(torch.equal(a, b) for a, b in zip(again.state_dict().values(), net.state_dict().values(), strict=True))
 
 
-def test_module_prefix_is_stripped(case):
-    net = RetinexFormer(**case["config"]).double()
-    net.load_published_state_dict({"module." + k: v for k, v in case["state_dict"].items()})
+def test_module_prefix_is_stripped(retinexformer_case):
+    net = RetinexFormer(**retinexformer_case["config"]).double()
+    net.load_published_state_dict({"module." + k: v for k, v in retinexformer_case["state_dict"].items()})
     assert torch.equal(net.published_state_dict()["body.0.denoiser.mapping.weight"],
-                       case["state_dict"]["body.0.denoiser.mapping.weight"])
+                       retinexformer_case["state_dict"]["body.0.denoiser.mapping.weight"])
 
 
-def test_strict_loading_names_a_missing_key(case):
-    sd = dict(case["state_dict"])
+def test_strict_loading_names_a_missing_key(retinexformer_case):
+    sd = dict(retinexformer_case["state_dict"])
     del sd["body.0.denoiser.bottleneck.blocks.1.0.rescale"]
     with pytest.raises(ValueError, match=r"missing key 'body\.0\.denoiser\.bottleneck\.blocks\.1\.0\.rescale'"):
         RetinexFormer().load_published_state_dict(sd)
 
 
-def test_strict_loading_names_an_unexpected_key(case):
-    sd = dict(case["state_dict"])
+def test_strict_loading_names_an_unexpected_key(retinexformer_case):
+    sd = dict(retinexformer_case["state_dict"])
     sd["body.0.denoiser.lrelu.weight"] = torch.zeros(1)
     with pytest.raises(ValueError, match=r"unexpected key 'body\.0\.denoiser\.lrelu\.weight'"):
         RetinexFormer().load_published_state_dict(sd)
 
 
-def test_strict_loading_names_a_wrong_shape(case):
-    sd = dict(case["state_dict"])
+def test_strict_loading_names_a_wrong_shape(retinexformer_case):
+    sd = dict(retinexformer_case["state_dict"])
     sd["body.0.estimator.depth_conv.weight"] = torch.zeros(40, 1, 5, 5)  # groups=n_feat instead of 4
     expected = r"'body\.0\.estimator\.depth_conv\.weight'.*\(40, 1, 5, 5\).*\(40, 10, 5, 5\)"
     with pytest.raises(ValueError, match=expected):
         RetinexFormer().load_published_state_dict(sd)
 
 
-def test_strict_loading_refuses_another_configuration(case):
+def test_strict_loading_refuses_another_configuration(retinexformer_case):
     with pytest.raises(ValueError, match=r"unexpected key 'body\.0\.denoiser\.encoder_layers\.1\.0\.blocks\.1\."):
-        RetinexFormer(num_blocks=[1, 1, 2]).load_published_state_dict(case["state_dict"])
+        RetinexFormer(num_blocks=[1, 1, 2]).load_published_state_dict(retinexformer_case["state_dict"])
 
 
-def test_loading_does_not_change_weights_on_failure(case):
+def test_loading_does_not_change_weights_on_failure(retinexformer_case):
     net = RetinexFormer()
     before = {k: v.clone() for k, v in net.state_dict().items()}
-    sd = dict(case["state_dict"])
+    sd = dict(retinexformer_case["state_dict"])
     sd["body.0.denoiser.mapping.weight"] = torch.zeros(3, 40, 1, 1)
     with pytest.raises(ValueError, match="mapping.weight"):
         net.load_published_state_dict(sd)
     assert all(torch.equal(before[k], v) for k, v in net.state_dict().items())
 
 
-def test_published_checkpoint_reader(case):
-    sd = case["state_dict"]
+def test_published_checkpoint_reader(retinexformer_case):
+    sd = retinexformer_case["state_dict"]
     other = {k: v + 1 for k, v in sd.items()}
     # The published test script reads 'params'; a file with both gives 'params'.
     assert state_dict_from_published_checkpoint({"params": sd, "params_ema": other}) is not sd
@@ -132,15 +130,15 @@ def test_published_checkpoint_reader(case):
         state_dict_from_published_checkpoint([1, 2])
 
 
-def test_published_checkpoint_file_round_trip(case, tmp_path):
-    net = golden_net(case)
+def test_published_checkpoint_file_round_trip(retinexformer_case, tmp_path):
+    net = golden_retinexformer(retinexformer_case)
     path = tmp_path / "net_g_latest.pth"
     save_published_checkpoint(net, path)
     loaded = torch.load(path, weights_only=True)
-    assert list(loaded) == ["params"] and list(loaded["params"]) == list(case["state_dict"])
+    assert list(loaded) == ["params"] and list(loaded["params"]) == list(retinexformer_case["state_dict"])
     again = RetinexFormer().double()
     again.load_published_state_dict(state_dict_from_published_checkpoint(loaded, str(path)))
-    assert all(torch.equal(again.published_state_dict()[k], v) for k, v in case["state_dict"].items())
+    assert all(torch.equal(again.published_state_dict()[k], v) for k, v in retinexformer_case["state_dict"].items())
     assert list(published_checkpoint(net)) == ["params"]
 
 

@@ -1,5 +1,5 @@
 """A run folder is never lost or mixed (issue 25 items 1-2), `--resume auto` inside the guard and the lock (issue 24
-item 1), and lfpv_fast.training.run_folder as the one home of a run's file names (issue 26 item 2).
+item 1). That lfpv_fast/training/run_folder.py is the one home of a run's file names: tests/test_one_home.py.
 
 Promises tested (README, "Promises"): a folder holding any run artefact is a run, and a new run there is refused with
 one `error:` line; a run holds an OS lock on its folder for its whole life, a second process on it stops at once
@@ -9,7 +9,6 @@ a new run, saying which.
 
 from __future__ import annotations
 
-import ast
 import os
 import shutil
 import signal
@@ -20,18 +19,11 @@ from pathlib import Path
 
 import pytest
 
-from helpers import assert_one_line_error, metrics, run, write_tiny_yaml
+from helpers import assert_one_line_error, folder_snapshot, metrics, run, write_tiny_yaml
 from lfpv_fast.train import main
 from lfpv_fast.training import run_folder
 from lfpv_fast.training.checkpoint import list_checkpoints, read_checkpoint
 from lfpv_fast.training.run_folder import RunFolder, RunFolderBusy
-
-PACKAGE = Path(run_folder.__file__).parent
-
-
-@pytest.fixture(scope="module")
-def demo_root(tmp_path_factory) -> Path:
-    return tmp_path_factory.getbasetemp() / "lfpv-demo-data"  # shared with test_train.py
 
 
 @pytest.fixture(scope="module")
@@ -42,10 +34,6 @@ def finished_run(tmp_path_factory, demo_root) -> tuple[Path, Path]:
                                "data.batch_size=8", "val.every=2", "val.max_images=1")
     assert main(["-c", str(cfg_file), "--out", str(base / "run")]) == 0
     return base / "run", cfg_file
-
-
-def snapshot(folder: Path) -> dict[str, bytes]:
-    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -59,12 +47,12 @@ def test_a_finished_run_without_its_step_checkpoints_is_not_overwritten(finished
     shutil.copytree(source, copy)
     for path in list_checkpoints(copy / "checkpoints"):
         path.unlink()
-    before = snapshot(copy)
+    before = folder_snapshot(copy)
     assert len(metrics(copy)) == 4
     code, err = run(main, ["-c", cfg_file, "--out", copy, "--set", "train.iterations=2"], capsys)
     line = assert_one_line_error(code, err, str(copy), "--resume", "--out")
     assert "final_weights.pth" in line or "config.yaml" in line  # names what it holds
-    assert snapshot(copy) == before
+    assert folder_snapshot(copy) == before
 
 
 @pytest.mark.parametrize("artefact", ["config.yaml", "train.log", "metrics.jsonl", "val.jsonl",
@@ -75,10 +63,10 @@ def test_any_single_run_artefact_makes_a_folder_a_run(finished_run, tmp_path, ca
     folder = tmp_path / "run"
     (folder / artefact).parent.mkdir(parents=True, exist_ok=True)
     (folder / artefact).write_bytes(b"x")  # the guard goes by names: what the file holds does not matter
-    before = snapshot(folder)
+    before = folder_snapshot(folder)
     code, err = run(main, ["-c", cfg_file, "--out", folder], capsys)
     assert artefact in assert_one_line_error(code, err, "already holds a run", "--resume")
-    assert snapshot(folder) == before
+    assert folder_snapshot(folder) == before
 
 
 def test_a_folder_without_run_artefacts_takes_a_new_run(finished_run, tmp_path, demo_root):
@@ -220,35 +208,6 @@ def test_resume_auto_restarts_a_run_that_never_reached_a_checkpoint_only_if_it_i
 # 26.2 one home for the run folder's names
 
 
-RUN_FILE_NAMES = ("final_weights.pth", "final_original_format.pth", "best.pth", "metrics.jsonl", "val.jsonl",
-                  "train.log", "config.yaml", ".abandoned", ".damaged", "step_{", "step_(")
-
-
-def _code_strings(tree: ast.AST) -> list[ast.Constant]:
-    """String constants in code (f-string parts included), docstrings left out."""
-    docstrings = set()
-    for node in ast.walk(tree):
-        if isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)) and node.body:
-            first = node.body[0]
-            if isinstance(first, ast.Expr) and isinstance(first.value, ast.Constant):
-                docstrings.add(id(first.value))
-    return [n for n in ast.walk(tree) if isinstance(n, ast.Constant) and isinstance(n.value, str)
-            and id(n) not in docstrings]
-
-
-def test_no_module_but_run_folder_spells_a_run_file_name():
-    offenders = []
-    for path in sorted(PACKAGE.rglob("*.py")):
-        if path.name == "run_folder.py":
-            continue
-        for node in _code_strings(ast.parse(path.read_text())):
-            offenders += [f"{path.relative_to(PACKAGE)}:{node.lineno}: {name}" for name in RUN_FILE_NAMES
-                          if name in node.value]
-    assert not offenders, "run-folder names belong to lfpv_fast/training/run_folder.py:\n" + "\n".join(offenders)
-    # The check itself finds a spelled name.
-    assert _code_strings(ast.parse('x = f"{d}/final_weights.pth"'))[0].value == "/final_weights.pth"
-
-
 def test_preparing_a_run_removes_the_temporaries_of_killed_writes_everywhere_in_it(tmp_path):
     """kill -9 inside an atomic write leaves `.<name>.<random>.tmp` beside the file: checkpoints, the exported
     weights, config.yaml, validation images. Starting or resuming the run removes them; other files stay."""
@@ -264,3 +223,17 @@ def test_preparing_a_run_removes_the_temporaries_of_killed_writes_everywhere_in_
     assert [p for p in stale if p.exists()] == []
     assert all(p.exists() for p in kept)
     assert folder.config.read_text() == "model: {}\n"
+
+
+def test_a_resumed_run_sets_aside_the_newer_and_the_unreadable_checkpoints_and_cuts_its_rows_back(tmp_path):
+    folder = RunFolder(tmp_path / "run")
+    folder.checkpoints.mkdir(parents=True)
+    for step in (2, 4, 6):
+        folder.checkpoint(step).write_bytes(b"x")
+    folder.metrics.write_text("".join(f'{{"step": {step}}}\n' for step in (1, 2, 3, 4)) + '{"step": 5, "lo')
+    moved = folder.set_aside_after_resume(2, [folder.checkpoint(6)])
+    assert [(p.name, q.name, damaged) for p, q, damaged in moved] == [
+        ("step_00000004.pth", "step_00000004.pth.abandoned", False),
+        ("step_00000006.pth", "step_00000006.pth.damaged", True)]
+    assert [p.name for p in folder.list_checkpoints()] == ["step_00000002.pth"]
+    assert folder.metrics.read_text() == '{"step": 1}\n{"step": 2}\n'

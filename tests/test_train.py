@@ -21,7 +21,7 @@ import numpy as np
 import pytest
 import torch
 
-from helpers import TINY_RUN, metrics, one_error_line, tiny_config, write_tiny_yaml
+from helpers import TINY_RUN, folder_snapshot, metrics, one_error_line, tiny_config, write_tiny_yaml
 from lfpv_fast.config import ConfigError, load_config
 from lfpv_fast.train import load_run_config, main, parse_args
 from lfpv_fast.training.checkpoint import (
@@ -34,12 +34,6 @@ from lfpv_fast.training.checkpoint import (
 )
 from lfpv_fast.training.fast_path import resolve_features
 from lfpv_fast.training.trainer import Trainer, cosine_restart_lambda
-
-
-@pytest.fixture(scope="module")
-def demo_root(tmp_path_factory) -> Path:
-    # Shared with test_train_distributed.py; the loaders write the demo dataset there on first use.
-    return tmp_path_factory.getbasetemp() / "lfpv-demo-data"
 
 
 def fit(cfg, run_dir: Path, **kwargs) -> tuple[int, Trainer]:
@@ -447,10 +441,6 @@ def checkpoint_steps(paths: list[Path]) -> list[int]:
 
 # ---------------------------------------------------------------------------------------------
 # Issue 17: a failed resume abandons nothing; nothing is written before an input error; non-finite runs stop
-
-
-def folder_snapshot(folder: Path) -> dict[str, bytes]:
-    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
 
 
 def test_a_failed_resume_changes_nothing_in_the_run_folder(tmp_path, demo_root, capsys):

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -22,6 +21,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 import yaml
 
+from helpers import free_port
 from lfpv_fast.config import config_to_dict, load_config
 from lfpv_fast.training import distributed
 from lfpv_fast.training.checkpoint import latest_checkpoint, read_checkpoint
@@ -117,12 +117,6 @@ def _rank_main(rank: int, port: int, out: str) -> None:
     finally:
         dist.barrier()
         distributed.shutdown(info)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")

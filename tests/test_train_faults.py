@@ -28,12 +28,6 @@ from lfpv_fast.training.checkpoint import (
     read_checkpoint,
 )
 
-
-@pytest.fixture(scope="module")
-def demo_root(tmp_path_factory) -> Path:
-    return tmp_path_factory.getbasetemp() / "lfpv-demo-data"  # shared with test_train.py
-
-
 # The real `python -m lfpv_fast.train`, with every checkpoint write announced on stdout (so the test can kill
 # the process while one is under way) and made longer by a padding tensor, so that a kill lands inside it.
 LAUNCHER = textwrap.dedent("""

@@ -17,7 +17,6 @@ from __future__ import annotations
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -27,7 +26,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from helpers import TINY_RUN, metrics
+from helpers import TINY_RUN, free_port, metrics
 from lfpv_fast.train import main
 from lfpv_fast.training.checkpoint import list_checkpoints, read_checkpoint
 
@@ -39,22 +38,6 @@ RUN = [*TINY_RUN, "data.batch_size=8", "val.every=3", "val.max_images=2", "val.s
        "train.deterministic=true", f"train.iterations={STEPS}", f"train.checkpoint_every={EVERY}",
        "train.keep_checkpoints=10", "train.dist_timeout_s=60"]
 TIMEOUT_S = 240  # per launch: a hang fails the test
-
-
-@pytest.fixture(scope="module")
-def demo_root(tmp_path_factory) -> Path:
-    root = tmp_path_factory.getbasetemp() / "lfpv-demo-data"  # shared with test_train.py
-    from lfpv_fast.data.demo import dataset_is_current, make_demo_dataset
-
-    if not dataset_is_current(root):  # built once here, not by two ranks at once
-        make_demo_dataset(root)
-    return root
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def overrides(demo_root: Path, *extra: str) -> list[str]:

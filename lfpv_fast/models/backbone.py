@@ -19,6 +19,7 @@ Backbones without `guide` are called as `encode(x, site)`.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, Protocol, runtime_checkable
 
@@ -45,3 +46,13 @@ class Backbone(Protocol):
     def encode(self, x: torch.Tensor, site: str) -> tuple[torch.Tensor, Any]: ...
 
     def decode(self, features: torch.Tensor, state: Any) -> torch.Tensor: ...
+
+
+# A published checkpoint saved from inside torch's (Distributed)DataParallel has every key prefixed 'module.'.
+# Every published format strips it here, the one place that spells it.
+DATA_PARALLEL_PREFIX = "module."
+
+
+def without_data_parallel_prefix(state: Mapping[Any, Any]) -> dict[Any, Any]:
+    """`state` with DataParallel's 'module.' prefix removed from its keys (other keys kept as they are)."""
+    return {(k.removeprefix(DATA_PARALLEL_PREFIX) if isinstance(k, str) else k): v for k, v in state.items()}

@@ -46,7 +46,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from lfpv_fast.io.files import atomic_write
-from lfpv_fast.models.backbone import Site
+from lfpv_fast.models.backbone import Site, without_data_parallel_prefix
 from lfpv_fast.ops import reference
 from lfpv_fast.ops.backends import check_backend, select_ops
 
@@ -469,7 +469,7 @@ class RetinexFormer(nn.Module):
         if not isinstance(state_dict, Mapping):
             raise ValueError(f"expected a Retinexformer state dict (a mapping of names to tensors), "
                              f"got {type(state_dict).__name__}")
-        given = {strip_module_prefix(k): v for k, v in state_dict.items()}
+        given = without_data_parallel_prefix(state_dict)
         expected = {theirs: mine for mine, theirs in self._published_names.items()}
         unexpected = [k for k in given if k not in expected]
         if unexpected:
@@ -508,10 +508,11 @@ class RetinexFormer(nn.Module):
 # Published checkpoint files (BasicSR's format).
 
 PUBLISHED_WEIGHT_ENTRIES = ("params", "params_ema")
-
-
-def strip_module_prefix(key: str) -> str:
-    return key[len("module."):] if isinstance(key, str) and key.startswith("module.") else key
+# Every Retinexformer state dict has keys under this prefix (how a file is recognised); and what a message calls
+# the format.
+_SIGNATURE_PREFIX = "body.0.estimator."
+PUBLISHED_FORMAT = (f"a published Retinexformer file (BasicSR's {{'params': ...}} with keys such as "
+                    f"'{_SIGNATURE_PREFIX}conv1.weight')")
 
 
 def state_dict_from_published_checkpoint(obj: Any, source: str = "checkpoint",
@@ -542,7 +543,16 @@ def state_dict_from_published_checkpoint(obj: Any, source: str = "checkpoint",
                              f"'params_ema') entry or a bare state dict, found keys {found}")
     if not isinstance(state, Mapping):
         raise ValueError(f"{source}: entry {entry!r} holds a {type(state).__name__}, expected a state dict")
-    return {strip_module_prefix(k): v for k, v in state.items()}
+    return without_data_parallel_prefix(state)
+
+
+def published_weights(obj: Any) -> dict[str, torch.Tensor] | None:
+    """The Retinexformer state dict of a loaded file if it is a published Retinexformer checkpoint, else None."""
+    try:
+        state = state_dict_from_published_checkpoint(obj)
+    except ValueError:
+        return None
+    return state if any(isinstance(k, str) and k.startswith(_SIGNATURE_PREFIX) for k in state) else None
 
 
 def published_checkpoint(net: RetinexFormer) -> dict[str, dict[str, torch.Tensor]]:

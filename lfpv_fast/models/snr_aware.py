@@ -25,7 +25,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from lfpv_fast.models.backbone import Site
+from lfpv_fast.models.backbone import Site, without_data_parallel_prefix
 from lfpv_fast.ops.backends import check_backend, select_ops
 
 
@@ -289,15 +289,21 @@ def original_name(key: str) -> str:
     raise KeyError(f"no published name for state-dict key {key!r}")
 
 
+# Two keys that every published LFPV state dict holds (how a file is recognised), and what a message calls the format.
+_SIGNATURE_KEYS = ("common_feature", "conv_first_1.weight")
+PUBLISHED_FORMAT = ("a state dict of the published LFPV model (expected keys such as "
+                    f"{_SIGNATURE_KEYS[0]!r} and {_SIGNATURE_KEYS[1]!r})")
+
+
 def strip_module_prefix(state: dict[str, Any]) -> dict[str, Any]:
-    """Keys without DataParallel's 'module.' prefix."""
-    return {(k[len("module."):] if isinstance(k, str) and k.startswith("module.") else k): v for k, v in state.items()}
+    """Keys without DataParallel's 'module.' prefix (lfpv_fast.models.backbone.without_data_parallel_prefix)."""
+    return without_data_parallel_prefix(state)
 
 
 def is_published_state_dict(state: dict[str, Any]) -> bool:
     """True for a state dict of the published LFPV code (recognised by its keys)."""
     keys = strip_module_prefix(state)
-    return "common_feature" in keys and "conv_first_1.weight" in keys
+    return all(key in keys for key in _SIGNATURE_KEYS)
 
 
 def published_state_dict(obj: dict[str, Any]) -> dict[str, Any] | None:
@@ -306,9 +312,21 @@ def published_state_dict(obj: dict[str, Any]) -> dict[str, Any] | None:
     return state if isinstance(state, dict) and is_published_state_dict(state) else None
 
 
+def published_lfpv_settings(state: dict[str, Any]) -> dict[str, Any]:
+    """The LFPV settings of a published state dict (its banks' and updaters' shapes), as a config's lfpv section;
+    empty when the file does not show them."""
+    state = strip_module_prefix(state)
+    shapes = {k: tuple(state[k].shape) for k in ("common_feature_patch", "update_feature.0.weight")
+              if torch.is_tensor(state.get(k))}
+    if len(shapes) < 2:
+        return {}
+    bank, _, patch, _ = shapes["common_feature_patch"]
+    return {"bank_size": bank, "patch_size": patch, "updater_width": shapes["update_feature.0.weight"][0]}
+
+
 def published_nf(state: dict[str, Any]) -> int | None:
     """The feature width of a published state dict (for messages about a file of another architecture)."""
-    first = strip_module_prefix(state).get("conv_first_1.weight")
+    first = strip_module_prefix(state).get(_SIGNATURE_KEYS[1])
     return int(first.shape[0]) if torch.is_tensor(first) and first.dim() == 4 else None
 
 

@@ -67,6 +67,16 @@ class Resolved:
     requested: str
     name: OpSetName | None  # the op set that runs; None: the requested backend cannot run here
     reason: str = ""  # why `name` is not what was asked for, or why nothing can run ("" when it is)
+    needs_cuda: bool = False  # nothing runs because the device is a CPU that the requested backend cannot use
+
+    @property
+    def pinned_backend(self) -> BackendName:
+        """The backend name that runs this op set on this device whatever the call: 'reference' or 'triton' (a
+        network built once the choice is made, as a training run's); 'auto' for the CPU op set, which only
+        'auto' selects."""
+        if self.name is None:
+            raise BackendUnavailable(self.reason)
+        return "auto" if self.name == "cpu_ops" else self.name
 
     @property
     def ops(self) -> ModuleType:
@@ -103,7 +113,7 @@ def resolve_backend(requested: str, device: torch.device | str, *, training: boo
             return Resolved(requested, "triton")
         return Resolved(requested, "reference", reason)
     if not on_cuda and not triton_takes_cpu_tensors():
-        return Resolved(requested, None, (
+        return Resolved(requested, None, needs_cuda=True, reason=(
             "backend='triton' got a CPU tensor: Triton kernels need a CUDA device. On the CPU, "
             "run them under the interpreter (set TRITON_INTERPRET=1 before starting Python; slow, "
             "for tests) or use backend='reference'."))

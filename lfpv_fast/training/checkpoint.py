@@ -26,7 +26,7 @@ import torch
 
 from lfpv_fast.config import MAX_LR, ConfigError, model_config_to_dict, section_from_dict
 from lfpv_fast.io.files import OutputWriteError, atomic_write, atomic_write_text
-from lfpv_fast.models import LFPVNet, ModelConfig, snr_aware
+from lfpv_fast.models import LFPVNet, ModelConfig, retinexformer, snr_aware
 from lfpv_fast.models.bounds import build_on_meta, check_network_fits_memory, weights_mismatch
 from lfpv_fast.training.run_folder import (
     CONFIG,
@@ -38,7 +38,7 @@ from lfpv_fast.training.run_folder import (
 )
 
 __all__ = ["CHECKPOINT_VERSION", "FORMAT", "CheckpointWriteError", "atomic_save", "atomic_write_text",
-           "capture_rng", "check_training_checkpoint", "checkpoint_step", "is_original_state_dict",
+           "capture_rng", "check_training_checkpoint", "checkpoint_step", "export_weights", "is_original_state_dict",
            "is_published_architecture", "latest_checkpoint", "list_checkpoints", "load_model", "load_weights",
            "published_state_dict", "read_checkpoint", "restore_rng", "restore_training_state", "training_checkpoint",
            "weights_only_checkpoint", "write_checkpoint"]
@@ -321,15 +321,9 @@ published_state_dict = snr_aware.published_state_dict
 
 def published_retinexformer_state_dict(obj: dict[str, Any]) -> dict[str, Any] | None:
     """The weights of a published Retinexformer file (BasicSR's {'params': ...} or 'params_ema'), else None."""
-    from lfpv_fast.models.retinexformer import state_dict_from_published_checkpoint
-
     if obj.get("format") == FORMAT:
         return None
-    try:
-        state = state_dict_from_published_checkpoint(obj)
-    except ValueError:
-        return None
-    return state if any(isinstance(k, str) and k.startswith("body.0.estimator.") for k in state) else None
+    return retinexformer.published_weights(obj)
 
 
 def is_published_architecture(config: ModelConfig) -> bool:
@@ -342,12 +336,30 @@ def is_published_retinexformer(config: ModelConfig) -> bool:
     return config.backbone == "retinexformer" and not config.lfpv.enabled
 
 
-def load_model(path: str | Path, backend: str = "auto", config: ModelConfig | None = None) -> LFPVNet:
+def export_weights(net: LFPVNet, folder: RunFolder) -> str:
+    """A finished run's exports: its weights-only file, and the same in a published format where the network is
+    one that format can describe. Returns the summary's note on the published file (written or why not)."""
+    atomic_save(weights_only_checkpoint(net), folder.final_weights)
+    original = folder.final_original
+    if is_published_architecture(net.config):
+        atomic_save(net.to_original_state_dict(), original)
+        return f"; published format: {original}"
+    if is_published_retinexformer(net.config):
+        atomic_save(retinexformer.published_checkpoint(net.backbone), original)
+        return f"; published Retinexformer format: {original}"
+    # The published format has no room for a config: a reader takes it for the SMID architecture.
+    return (f"; {original.name} is not written: the published format holds only the published architecture (the "
+            "default model section)")
+
+
+def load_model(path: str | Path, backend: str = "auto", config: ModelConfig | None = None, *,
+               loaded: dict[str, Any] | None = None) -> LFPVNet:
     """An LFPVNet from one of our checkpoints (training or weights-only) or a published SMID.pth.
 
-    Ours carry their ModelConfig; a published checkpoint uses `config` (default: the SMID model).
+    Ours carry their ModelConfig; a published checkpoint uses `config` (default: the SMID model). `loaded`: the
+    file as read_checkpoint(path) returned it, for a caller that has read it already (the file is read once).
     """
-    obj = read_checkpoint(path)
+    obj = read_checkpoint(path) if loaded is None else loaded
     if obj.get("format") == FORMAT:
         upgrade_first_format(obj)
         cfg = config or model_config_of(obj, path)
@@ -386,11 +398,8 @@ def load_model(path: str | Path, backend: str = "auto", config: ModelConfig | No
     state = published_retinexformer_state_dict(obj)
     if state is not None:
         return _published_retinexformer(state, path, config, backend)
-    raise ValueError(
-        f"checkpoint {path} is neither an lfpv_fast checkpoint nor a state dict of the published LFPV "
-        "model (expected keys such as 'common_feature' and 'conv_first_1.weight') nor a published Retinexformer "
-        "file (BasicSR's {'params': ...} with keys such as 'body.0.estimator.conv1.weight')"
-    )
+    raise ValueError(f"checkpoint {path} is neither an lfpv_fast checkpoint nor {snr_aware.PUBLISHED_FORMAT} nor "
+                     f"{retinexformer.PUBLISHED_FORMAT}")
 
 
 def init_backbone(net: LFPVNet, path: str | Path) -> None:
@@ -416,7 +425,8 @@ def init_backbone(net: LFPVNet, path: str | Path) -> None:
         return
     if backbone == "snr_aware" and (state := published_state_dict(obj)) is not None:
         check_weights(state, path, entry="state dict")
-        donor = LFPVNet(ModelConfig(backbone, net.config.options, _published_lfpv(state)), backend="reference")
+        lfpv = snr_aware.published_lfpv_settings(state)
+        donor = LFPVNet(ModelConfig(backbone, net.config.options, lfpv), backend="reference")
         try:
             snr_aware.load_published(donor, state)
         except (KeyError, ValueError, TypeError) as exc:
@@ -425,18 +435,6 @@ def init_backbone(net: LFPVNet, path: str | Path) -> None:
         return
     raise ValueError(f"model.init_from {path}: not a checkpoint of the {backbone} backbone (expected a published "
                      f"{backbone} file or an lfpv_fast checkpoint)")
-
-
-def _published_lfpv(state: dict[str, Any]) -> dict[str, Any]:
-    """The LFPV settings of a published LFPV state dict (its banks' and updaters' shapes), so that its backbone part
-    can be read whatever LFPVs the run itself has."""
-    state = snr_aware.strip_module_prefix(state)
-    shapes = {k: tuple(state[k].shape) for k in ("common_feature_patch", "update_feature.0.weight")
-              if torch.is_tensor(state.get(k))}
-    if len(shapes) < 2:
-        return {}
-    bank, _, patch, _ = shapes["common_feature_patch"]
-    return {"bank_size": bank, "patch_size": patch, "updater_width": shapes["update_feature.0.weight"][0]}
 
 
 def _published_retinexformer(state: dict[str, Any], path: str | Path, config: ModelConfig | None,

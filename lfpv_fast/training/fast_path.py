@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import torch
 
 from lfpv_fast.config import ConfigError, RunConfig
-from lfpv_fast.ops.backends import resolve_backend, triton_takes_cpu_tensors
+from lfpv_fast.ops.backends import BackendName, OpSetName, resolve_backend
 
 
 @dataclass
@@ -21,7 +21,8 @@ class Features:
     """The fast-path switches as this run uses them ("auto" resolved)."""
 
     device: torch.device
-    backend: str  # "reference" or "triton": the ops actually used
+    backend: BackendName  # the backend the network is built with, "auto" resolved: "reference" or "triton"
+    ops: OpSetName  # the op set that runs (lfpv_fast.ops.backends' vocabulary; the same name in training)
     backend_note: str
     compile: bool
     bf16: bool
@@ -32,7 +33,7 @@ class Features:
     def describe(self) -> str:
         on = {True: "on", False: "off"}
         graphs = " + CUDA graphs (reduce-overhead)" if self.cuda_graphs else ""
-        return (f"device {self.device}, backend {self.backend}{self.backend_note}, compile {on[self.compile]}{graphs}, "
+        return (f"device {self.device}, backend {self.ops}{self.backend_note}, compile {on[self.compile]}{graphs}, "
                 f"bf16 {on[self.bf16]}, channels_last {on[self.channels_last]}, fused Adam {on[self.fused_adam]}")
 
 
@@ -46,7 +47,7 @@ def resolve_features(cfg: RunConfig, local_rank: int = 0) -> Features:
     use_cuda = t.device == "cuda" or (t.device == "auto" and has_cuda)
     if not use_cuda:
         asked = []
-        if t.backend == "triton" and not triton_takes_cpu_tensors():
+        if resolve_backend(t.backend, "cpu", training=True).needs_cuda:
             asked.append("train.backend=triton -> 'reference' or 'auto'")
         if t.bf16 == "on":
             asked.append("train.bf16=on -> 'auto' or 'off'")
@@ -67,7 +68,7 @@ def resolve_features(cfg: RunConfig, local_rank: int = 0) -> Features:
     resolved = resolve_backend(t.backend, device, training=True)
     if resolved.name is None:
         raise ConfigError(f"{src}: train.backend=triton: {resolved.reason}; set train.backend to 'reference' or 'auto'")
-    backend, backend_note = resolved.name, ""
+    backend_note = ""
     if resolved.reason:  # the reference ops run on CUDA too, slowly: say why
         backend_note = f" (Triton unavailable: {resolved.reason})"
         warnings.warn(f"train.backend=auto runs the reference ops on {device}{backend_note}", RuntimeWarning,
@@ -78,7 +79,8 @@ def resolve_features(cfg: RunConfig, local_rank: int = 0) -> Features:
 
     return Features(
         device=device,
-        backend=backend,
+        backend=resolved.pinned_backend,
+        ops=resolved.name,
         backend_note=backend_note,
         compile=switch(t.compile),
         bf16=switch(t.bf16) and (t.bf16 == "on" or torch.cuda.is_bf16_supported()),

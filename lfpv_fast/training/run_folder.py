@@ -3,7 +3,8 @@ a run, the lock a run holds on it, and the bookkeeping a resume does in it.
 
     DIR/config.yaml            the resolved config          DIR/train.log       the log (appended)
     DIR/metrics.jsonl          one row per logging step     DIR/val.jsonl       one row per validation
-    DIR/images/                validation grids             DIR/tensorboard/    TensorBoard scalars
+    DIR/tensorboard/           TensorBoard scalars
+    DIR/images/step_<8 digits>_<image>.png   validation grids (input | output | ground truth)
     DIR/checkpoints/step_<8 digits>.pth   training checkpoints (newest train.keep_checkpoints kept)
     DIR/checkpoints/best.pth   the checkpoint of the best validation PSNR
     DIR/final_weights.pth      the exported weights (what enhance, evaluate and the app read)
@@ -13,7 +14,8 @@ a run, the lock a run holds on it, and the bookkeeping a resume does in it.
 A checkpoint that a resume found unreadable is renamed <name>.damaged, one newer than the resumed step (an
 abandoned continuation) <name>.abandoned: set aside, never deleted.
 
-Nothing here imports torch: the names are plain data, and checkpoint.py builds on them.
+The logs and rows are written through RunFolder too (open_log, append_row, last_row, truncate_logs). Nothing here
+imports torch: the names are plain data, and checkpoint.py builds on them (it writes the checkpoints and exports).
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ import os
 import re
 import socket
 from pathlib import Path
+from typing import TextIO
 
 from lfpv_fast.io.files import atomic_write_text
 
@@ -45,8 +48,13 @@ CHECKPOINT_RE = re.compile(r"^step_(\d+)\.pth$")
 CHECKPOINT_PATTERN = "step_*.pth"  # how a message names them
 
 
+def step_name(step: int) -> str:
+    """How a step is named in the run's files: step_<8 digits> (checkpoints, validation images)."""
+    return f"step_{step:08d}"
+
+
 def checkpoint_name(step: int) -> str:
-    return f"step_{step:08d}.pth"
+    return f"{step_name(step)}.pth"
 
 
 def checkpoint_step(path: Path) -> int | None:
@@ -99,7 +107,7 @@ class RunFolder:
         return self.checkpoints / checkpoint_name(step)
 
     def image(self, step: int, name: str) -> Path:
-        return self.images / f"step_{step:08d}_{name}.png"
+        return self.images / f"{step_name(step)}_{name}.png"
 
     def list_checkpoints(self) -> list[Path]:
         return list_checkpoints(self.checkpoints)
@@ -179,6 +187,32 @@ class RunFolder:
         target = path.with_name(path.name + (DAMAGED if damaged else ABANDONED))
         path.rename(target)
         return target
+
+    def set_aside_after_resume(self, resumed_step: int, unreadable: list[Path]) -> list[tuple[Path, Path, bool]]:
+        """Once a resumed run trains: every checkpoint newer than `resumed_step` (an abandoned continuation, which
+        would otherwise count for retention and be picked by a later --resume) renamed .abandoned, and the
+        `unreadable` ones .damaged; the metrics rows past the resumed step dropped. Returns (path, new path,
+        damaged) for each checkpoint set aside."""
+        moved = []
+        for path in self.list_checkpoints():
+            if path in unreadable or checkpoint_step(path) > resumed_step:
+                damaged = path in unreadable
+                moved.append((path, self.set_aside(path, damaged), damaged))
+        self.truncate_logs(resumed_step)
+        return moved
+
+    def open_log(self) -> TextIO:
+        """train.log, opened for appending (a resumed run adds to it); the caller closes it."""
+        return open(self.log, "a")  # noqa: SIM115 - the trainer holds it for the run and closes it
+
+    def append_row(self, path: Path, row: dict) -> None:
+        """One JSON row appended to metrics.jsonl or val.jsonl."""
+        with open(path, "a") as fh:
+            fh.write(json.dumps(row) + "\n")
+
+    def last_row(self, path: Path) -> dict:
+        """The last row of metrics.jsonl or val.jsonl."""
+        return json.loads(path.read_text().splitlines()[-1])
 
     def truncate_jsonl(self, path: Path, last_step: int) -> None:
         """Drop rows past `last_step` (and lines cut short by a kill): a resumed run logs those steps again."""

@@ -23,7 +23,6 @@ from __future__ import annotations
 import contextlib
 import importlib.util
 import io
-import json
 import math
 import os
 import random
@@ -45,25 +44,22 @@ from lfpv_fast.config import RunConfig, config_to_dict
 from lfpv_fast.data.errors import DataError
 from lfpv_fast.io.files import write_output
 from lfpv_fast.models import BankDraws, LFPVNet
-from lfpv_fast.models.retinexformer import published_checkpoint
 from lfpv_fast.training import distributed
 from lfpv_fast.training.checkpoint import (
     atomic_save,
     check_training_checkpoint,
+    export_weights,
     init_backbone,
-    is_published_architecture,
-    is_published_retinexformer,
     load_weights,
     read_checkpoint,
     restore_training_state,
     training_checkpoint,
-    weights_only_checkpoint,
     write_checkpoint,
 )
 from lfpv_fast.training.fast_path import Features, resolve_features
 from lfpv_fast.training.losses import PerceptualLoss, charbonnier_loss
 from lfpv_fast.training.metrics import psnr_batch, ssim_batch
-from lfpv_fast.training.run_folder import CHECKPOINT_PATTERN, RunFolder, checkpoint_step
+from lfpv_fast.training.run_folder import CHECKPOINT_PATTERN, RunFolder
 
 
 def configure_torch(cfg: RunConfig, device: torch.device) -> str | None:
@@ -320,7 +316,7 @@ class Trainer:
         if not self.main:
             return
         self.folder.prepare(yaml.safe_dump(config_to_dict(self.cfg), sort_keys=False))
-        self._log_file = open(self.folder.log, "a")  # noqa: SIM115 - closed in close()
+        self._log_file = self.folder.open_log()  # closed in close()
         for line in self._unwritten_log:
             self._log_file.write(line)
         self._unwritten_log.clear()
@@ -338,15 +334,12 @@ class Trainer:
         self._started = True
         if not self.main:
             return
-        for path in self.folder.list_checkpoints():
-            if path in self._damaged:
-                target = self.folder.set_aside(path, damaged=True)
+        for path, target, damaged in self.folder.set_aside_after_resume(self.resumed_step, self._damaged):
+            if damaged:
                 self.log(f"{path} cannot be read: renamed to {target.name}")
-            elif checkpoint_step(path) > self.resumed_step:
-                target = self.folder.set_aside(path, damaged=False)
+            else:
                 self.log(f"{path} is newer than the resumed step {self.resumed_step}, and training has resumed "
                          f"from there: renamed to {target.name} (kept, not deleted)")
-        self.folder.truncate_logs(self.resumed_step)
 
     def _build_net(self, checkpoint: dict[str, Any] | None, path: Path | None) -> LFPVNet:
         """The bare LFPVNet. One seed everywhere: every rank builds the same weights and draws the same bank
@@ -399,8 +392,8 @@ class Trainer:
         self._last_save_time = time.monotonic()  # for train.checkpoint_minutes
 
     def _open_metrics(self) -> None:
-        """metrics.jsonl and val.jsonl (cut back to the resumed step once training starts), TensorBoard."""
-        self.metrics_path = self.folder.metrics
+        """TensorBoard (metrics.jsonl and val.jsonl are appended to; cut back to the resumed step once training
+        starts)."""
         self.tb = self._tensorboard()
 
     # -----------------------------------------------------------------------------------------
@@ -625,8 +618,7 @@ class Trainer:
             "time": time.time(),
         }
         if self.main:
-            with open(self.metrics_path, "a") as fh:
-                fh.write(json.dumps(row) + "\n")
+            self.folder.append_row(self.folder.metrics, row)
             if self.tb is not None:
                 for key in ("loss", "loss_per_pixel", "grad_norm", "lr", "images_per_s", "data_wait"):
                     if row[key] is not None:
@@ -711,8 +703,7 @@ class Trainer:
             self.best_psnr = psnr
         if self.main:
             self._save_grids(grids)
-            with open(self.folder.validation, "a") as fh:
-                fh.write(json.dumps(result) + "\n")
+            self.folder.append_row(self.folder.validation, result)
             if self.tb is not None:
                 self.tb.add_scalar("val/psnr", psnr, self.step)
                 self.tb.add_scalar("val/ssim", ssim, self.step)
@@ -767,21 +758,10 @@ class Trainer:
             dist.barrier(group=self.dist.control_group)
         if not self.main:
             return
-        atomic_save(weights_only_checkpoint(self.net), self.folder.final_weights)
-        original = self.folder.final_original
-        if is_published_architecture(self.net.config):
-            atomic_save(self.net.to_original_state_dict(), original)
-            published = f"; published format: {original}"
-        elif is_published_retinexformer(self.net.config):
-            atomic_save(published_checkpoint(self.net.backbone), original)
-            published = f"; published Retinexformer format: {original}"
-        else:
-            # The published format has no room for a config: a reader takes it for the SMID architecture.
-            published = (f"; {original.name} is not written: the published format holds only the published "
-                         "architecture (the default model section)")
+        published = export_weights(self.net, self.folder)
         lines = [f"done: {self.step} steps."]
         if self.input_metrics is not None and self.best_psnr is not None:
-            last = json.loads(self.folder.validation.read_text().splitlines()[-1])
+            last = self.folder.last_row(self.folder.validation)
             lines.append(f"validation ({last['images']} held-out images): input PSNR {last['input_psnr']:.2f} dB / "
                          f"SSIM {last['input_ssim']:.4f} -> output PSNR {last['psnr']:.2f} dB / SSIM "
                          f"{last['ssim']:.4f} ({last['psnr'] - last['input_psnr']:+.2f} dB)")

@@ -16,7 +16,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from helpers import DEVICE
+from helpers import DEVICE, assert_close
 from lfpv_fast.kernels import ops
 from lfpv_fast.model import BankDraws, LFPVModule, LFPVNet, ModelConfig
 from lfpv_fast.ops import reference
@@ -29,18 +29,9 @@ def autocast(dtype: torch.dtype):
     return torch.autocast(DEVICE, dtype=dtype)
 
 
-def rand(*size, seed: int, dtype: torch.dtype = torch.float32, scale: float = 1.0) -> torch.Tensor:
+def draw_scaled(*size, seed: int, dtype: torch.dtype = torch.float32, scale: float = 1.0) -> torch.Tensor:
     gen = torch.Generator().manual_seed(seed)
     return (scale * torch.randn(*size, generator=gen, dtype=torch.float64)).to(dtype).to(DEVICE)
-
-
-def assert_close(actual: torch.Tensor, truth: torch.Tensor, ulps: float, dtype: torch.dtype, what: str,
-                 scale: float | None = None) -> None:
-    """|actual - truth| <= ulps * ULP[dtype] * scale (default max|truth|): 16-bit rounding errors, scaled."""
-    assert torch.isfinite(actual).all(), f"{what}: non-finite values"
-    err = (actual.double() - truth.double()).abs().max().item()
-    scale = truth.abs().max().item() if scale is None else scale
-    assert err <= ulps * ULP[dtype] * scale, f"{what}: error {err:.3e} > {ulps} ulps of {scale:.3e}"
 
 
 def out_and_grads(fn, leaves: list[torch.Tensor], dtype: torch.dtype | None, seed: int = 9):
@@ -49,7 +40,7 @@ def out_and_grads(fn, leaves: list[torch.Tensor], dtype: torch.dtype | None, see
     leaves = [t.detach().clone().requires_grad_(True) for t in leaves]
     with autocast(dtype) if dtype is not None else torch.autocast(DEVICE, enabled=False):
         out = fn(*leaves)
-    weights = rand(*out.shape, seed=seed, dtype=torch.float64)
+    weights = draw_scaled(*out.shape, seed=seed, dtype=torch.float64)
     grads = torch.autograd.grad((out.double() * weights).sum(), leaves)
     return out, grads
 
@@ -62,9 +53,9 @@ def query_fusion_leaves(dtype: torch.dtype, c: int = 16) -> list[torch.Tensor]:
     b, n, p = 2, 16, 4
     h, w = (8, 12) if c <= 64 else (4, 8)  # fewer pixels at wide C: seconds under the interpreter
     d = c * p * p
-    leaves = [rand(b, c, h, w, seed=1, dtype=dtype), rand(n, c, seed=2), rand(n, c, p, p, seed=3)]
+    leaves = [draw_scaled(b, c, h, w, seed=1, dtype=dtype), draw_scaled(n, c, seed=2), draw_scaled(n, c, p, p, seed=3)]
     for i, dim in enumerate((c, c, d, d)):
-        leaves += [(1 + 0.1 * rand(dim, seed=10 + i)) * dim ** -0.25, 0.1 * rand(dim, seed=20 + i)]
+        leaves += [(1 + 0.1 * draw_scaled(dim, seed=10 + i)) * dim ** -0.25, 0.1 * draw_scaled(dim, seed=20 + i)]
     return leaves
 
 
@@ -85,12 +76,12 @@ def test_query_fusion(dtype, channels):
     assert out.dtype == ref_out.dtype == dtype
     assert [g.dtype for g in grads] == [g.dtype for g in ref_grads] == [t.dtype for t in leaves]
     # One rounding of a float32 result to the 16-bit output (the interpreter truncates: up to 1 ulp).
-    assert_close(out, truth, 1, dtype, "output")
+    assert_close(out, truth, 1 * ULP[dtype], what="output")
     for i, (g, t) in enumerate(zip(grads, truth_grads, strict=True)):
         # The key LayerNorms' biases (leaves 6 and 10) shift all scores of a query alike: their true
         # gradient is 0, so they are held to the scale of their weights' gradients (leaves 5 and 9).
         scale = truth_grads[i - 1].abs().max().item() if i in (6, 10) else None
-        assert_close(g, t, 1, dtype, f"grad {i}", scale)
+        assert_close(g, t, 1 * ULP[dtype], what=f"grad {i}", scale=scale)
 
 
 @pytest.mark.parametrize("dtype", AUTOCAST_DTYPES, ids=str)
@@ -100,7 +91,7 @@ def test_masked_attention(dtype, leaf_dtype):
     has that dtype and the gradients their leaves'."""
     leaf_dtype = dtype if leaf_dtype == "autocast" else leaf_dtype
     b, h, length, d = 2, 2, 70, 64
-    leaves = [rand(b, h, length, d, seed=s, dtype=leaf_dtype) for s in (1, 2, 3)]
+    leaves = [draw_scaled(b, h, length, d, seed=s, dtype=leaf_dtype) for s in (1, 2, 3)]
     keep = torch.rand(b, length, generator=torch.Generator().manual_seed(4)) > 0.4
     keep[0] = False  # a row that keeps no key: uniform weights
     keep = keep.to(DEVICE)
@@ -113,15 +104,15 @@ def test_masked_attention(dtype, leaf_dtype):
         assert [g.dtype for g in grads] == [g.dtype for g in ref_grads]
     assert out.dtype == dtype and [g.dtype for g in grads] == [leaf_dtype] * 3
     # as tests/kernels/test_kernel_masked_attention.py: 5 ulps out, 10 for gradients (16-bit P and dS)
-    assert_close(out, truth, 5 * 2, dtype, "output")
+    assert_close(out, truth, 5 * 2 * ULP[dtype], what="output")
     for name, g, t in zip("qkv", grads, truth_grads, strict=True):
-        assert_close(g, t, 10 * 2, dtype, f"d{name}")
+        assert_close(g, t, 10 * 2 * ULP[dtype], what=f"d{name}")
 
 
 @pytest.mark.parametrize("dtype", AUTOCAST_DTYPES, ids=str)
 def test_snr_mask(dtype):
     """The map of a float32 batch stays float32 under autocast, on both backends."""
-    x = rand(2, 3, 17, 33, seed=5).abs().clamp(max=1)
+    x = draw_scaled(2, 3, 17, 33, seed=5).abs().clamp(max=1)
     with autocast(dtype):
         out = ops.snr_mask(x)
         expected = reference.snr_mask(x)
@@ -131,7 +122,7 @@ def test_snr_mask(dtype):
 
 # Not helpers.TINY: with TINY (8 channels, updater width 4) test_bank_update's vectors differ from the reference's
 # by 8.05 ulps (bf16) and 68 ulps (fp16) against its 8-ulp bound (2026-12-06), so this file keeps its own model.
-def tiny_config(nf: int = 16) -> ModelConfig:
+def small_model_config(nf: int = 16) -> ModelConfig:
     return ModelConfig(nf=nf, light_blocks=1, layers=1, heads=2, head_dim=16, ffn_dim=32, bank_size=16,
                        updater_width=1)
 
@@ -143,10 +134,10 @@ def test_bank_update(dtype, channels):
     """The sample- and mutual-updaters with 16-bit features and float32 banks: both backends return new
     banks of the same dtype (the reference's LayerNorm decides it: the MLP output's dtype under CPU
     autocast, float32 under CUDA autocast), with the same values up to 16-bit rounding."""
-    cfg = tiny_config(channels)
+    cfg = small_model_config(channels)
     module = LFPVModule(cfg).to(DEVICE).train()
-    features = rand(3, cfg.nf, 12, 16, seed=6, dtype=dtype)
-    banks = rand(cfg.bank_size, cfg.nf, seed=7), rand(cfg.bank_size, cfg.nf, 4, 4, seed=8)
+    features = draw_scaled(3, cfg.nf, 12, 16, seed=6, dtype=dtype)
+    banks = draw_scaled(cfg.bank_size, cfg.nf, seed=7), draw_scaled(cfg.bank_size, cfg.nf, 4, 4, seed=8)
     draws = BankDraws.sample((12, 16), cfg.bank_size, cfg.patch_size, torch.Generator().manual_seed(0)).to(DEVICE)
 
     def update(op_set):
@@ -159,8 +150,8 @@ def test_bank_update(dtype, channels):
     # Both pass 16-bit updater outputs through a LayerNorm and a second 16-bit MLP: the backends differ
     # by where they round (the reference rounds the batch mean to 16 bits, the kernel keeps float32),
     # a few ulps of the unit-scale LayerNorm outputs.
-    assert_close(vectors, ref_vectors.double(), 8, dtype, "vectors")
-    assert_close(patches, ref_patches.double(), 8, dtype, "patches")
+    assert_close(vectors, ref_vectors.double(), 8 * ULP[dtype], what="vectors")
+    assert_close(patches, ref_patches.double(), 8 * ULP[dtype], what="patches")
     (vectors.float().sum() + patches.float().sum()).backward()  # the backward kernels take the mix too
 
 
@@ -172,8 +163,8 @@ def test_model_training_step(dtype):
     results = {}
     for backend in ("triton", "reference") if dtype == torch.bfloat16 else ("triton",):
         torch.manual_seed(0)
-        net = LFPVNet(tiny_config(), backend=backend).to(DEVICE).train()
-        x = rand(2, 3, 32, 32, seed=9).abs().clamp(max=1)
+        net = LFPVNet(small_model_config(), backend=backend).to(DEVICE).train()
+        x = draw_scaled(2, 3, 32, 32, seed=9).abs().clamp(max=1)
         draws = BankDraws.sample((8, 8), 16, 4, torch.Generator().manual_seed(1))
         with autocast(dtype):
             out, without_lfpv = net(x, net.snr_mask(x), draws)

@@ -12,7 +12,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from helpers import DEVICE
+from helpers import DEVICE, assert_close
 from lfpv_fast.kernels import _common
 from lfpv_fast.kernels import bank_update as bu
 from lfpv_fast.ops import reference
@@ -24,23 +24,13 @@ ULP = {torch.float64: 0.0, torch.float32: 0.0, torch.bfloat16: 2.0 ** -7, torch.
 REL = {torch.float64: 1e-10, torch.float32: 1e-5, torch.bfloat16: 1e-5, torch.float16: 1e-5}
 
 
-def rand(*size, seed: int = 0, dtype: torch.dtype = torch.float64) -> torch.Tensor:
+def draw(*size, seed: int = 0, dtype: torch.dtype = torch.float64) -> torch.Tensor:
     """Drawn in float64 with a CPU generator (the same values on every device), then put on DEVICE."""
     return torch.randn(*size, generator=torch.Generator().manual_seed(seed), dtype=torch.float64).to(dtype).to(DEVICE)
 
 
 def index(values) -> torch.Tensor:
     return torch.tensor(values, device=DEVICE)
-
-
-def assert_close(actual: torch.Tensor, truth: torch.Tensor, dtype: torch.dtype, what: str = "") -> None:
-    """|actual - truth| <= REL * max|truth| + ULP * |truth| elementwise."""
-    assert actual.shape == truth.shape, what
-    actual, truth = actual.double(), truth.double()
-    assert torch.isfinite(actual).all(), f"{what}: non-finite values (unwritten output?)"
-    err = (actual - truth).abs()
-    bound = REL[dtype] * truth.abs().max() + ULP[dtype] * truth.abs()
-    assert (err <= bound).all(), f"{what}: max error {err.max():.3e}, max |truth| {truth.abs().max():.3e}"
 
 
 def grads_of(fn, leaves: list[torch.Tensor], weights: list[torch.Tensor]):
@@ -58,7 +48,7 @@ def check_against_reference(fast, ref, leaves: list[torch.Tensor], dtype: torch.
     leaves = [t.to(dtype) for t in leaves]
     ref_outs = ref(*leaves)
     ref_outs = ref_outs if isinstance(ref_outs, tuple) else (ref_outs,)
-    weights = [rand(o.shape, seed=7 + i) for i, o in enumerate(ref_outs)]
+    weights = [draw(o.shape, seed=7 + i) for i, o in enumerate(ref_outs)]
     truth_outs, truth_grads = grads_of(ref, [t.double() for t in leaves], [w.to(dtype).double() for w in weights])
     outs, grads = grads_of(fast, leaves, [w.to(dtype) for w in weights])
     for i, (o, r, t) in enumerate(zip(outs, ref_outs, truth_outs, strict=True)):
@@ -66,10 +56,10 @@ def check_against_reference(fast, ref, leaves: list[torch.Tensor], dtype: torch.
         if exact_forward:  # copies: bit for bit, like the reference in the same dtype
             assert torch.equal(o, r), f"output {i}"
         else:
-            assert_close(o, t, dtype, f"output {i}")
+            assert_close(o, t, REL[dtype], ULP[dtype], what=f"output {i}")
     for name, g, t in zip(names, grads, truth_grads, strict=True):
         assert g.dtype == dtype, name
-        assert_close(g, t, dtype, f"grad {name}")
+        assert_close(g, t, REL[dtype], ULP[dtype], what=f"grad {name}")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -92,7 +82,7 @@ def test_gather_samples(case, dtype):
     vpos, ppos = index(vpos), index(ppos)
     check_against_reference(
         lambda f: bu.gather_samples(f, vpos, ppos, p), lambda f: reference.gather_samples(f, vpos, ppos, p),
-        [rand(b, c, h, w)], dtype, exact_forward=True, names=["features"])
+        [draw(b, c, h, w)], dtype, exact_forward=True, names=["features"])
 
 
 # ---------------------------------------------------------------------------------------------
@@ -103,8 +93,8 @@ SAMPLE_CASES = [(16, 1, 32, 4), (8, 3, 64, 4), (32, 3, 8, 2), (5, 3, 12, 3)]
 
 
 def sample_leaves(n, b, c, p):
-    return [rand(n, c, seed=1), rand(n, c, p, p, seed=2), rand(b, c, seed=3), rand(b, c, p, p, seed=4),
-            rand(n, c, seed=5)]
+    return [draw(n, c, seed=1), draw(n, c, p, p, seed=2), draw(b, c, seed=3), draw(b, c, p, p, seed=4),
+            draw(n, c, seed=5)]
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -121,7 +111,7 @@ def test_sample_updater_inputs_from_features(case, dtype):
     b, c, h, w, p, vpos, ppos = case
     vpos, ppos = index(vpos), index(ppos)
     n = 6
-    leaves = [rand(b, c, h, w), rand(n, c, seed=1), rand(n, c, p, p, seed=2), rand(n, c, seed=5)]
+    leaves = [draw(b, c, h, w), draw(n, c, seed=1), draw(n, c, p, p, seed=2), draw(n, c, seed=5)]
 
     def composed(f, bv, bp, emb):
         return reference.sample_updater_inputs(bv, bp, *reference.gather_samples(f, vpos, ppos, p), emb)
@@ -151,7 +141,7 @@ def test_mutual_updater_inputs(case, dtype):
     vp, pp = index(vp), index(pp)
     check_against_reference(lambda bv, bp, emb: bu.mutual_updater_inputs(bv, bp, vp, pp, emb),
                             lambda bv, bp, emb: reference.mutual_updater_inputs(bv, bp, vp, pp, emb),
-                            [rand(n, c, seed=1), rand(n, c, p, p, seed=2), rand(n, c, seed=5)], dtype,
+                            [draw(n, c, seed=1), draw(n, c, p, p, seed=2), draw(n, c, seed=5)], dtype,
                             exact_forward=True, names=["bank_vectors", "bank_patches", "embedding"])
 
 
@@ -172,7 +162,7 @@ def all_reduce_stand_in(mean: torch.Tensor) -> torch.Tensor:
 @pytest.mark.parametrize("case", NORM_CASES)
 def test_batch_mean_layer_norm(case, dtype, reduce):
     n, b, shape = case
-    leaves = [rand(n * b, *shape, seed=1), 1 + 0.1 * rand(*shape, seed=2), 0.1 * rand(*shape, seed=3)]
+    leaves = [draw(n * b, *shape, seed=1), 1 + 0.1 * draw(*shape, seed=2), 0.1 * draw(*shape, seed=3)]
     check_against_reference(lambda u, w, bias: bu.batch_mean_layer_norm(u, b, (w, bias), reduce),
                             lambda u, w, bias: reference.batch_mean_layer_norm(u, b, (w, bias), reduce),
                             leaves, dtype, exact_forward=False, names=["updates", "weight", "bias"])
@@ -195,15 +185,15 @@ def test_any_channel_count(case, dtype):
         return reference.sample_updater_inputs(bv, bp, *reference.gather_samples(f, vpos, ppos, p), emb)
 
     check_against_reference(lambda f, bv, bp, emb: bu.sample_updater_inputs_from_features(f, vpos, ppos, bv, bp, emb),
-                            composed, [rand(b, c, h, w), rand(n, c, seed=1), rand(n, c, p, p, seed=2),
-                                       rand(n, c, seed=5)], dtype, exact_forward=True, names=names)
+                            composed, [draw(b, c, h, w), draw(n, c, seed=1), draw(n, c, p, p, seed=2),
+                                       draw(n, c, seed=5)], dtype, exact_forward=True, names=names)
     partners = [index([(3 * i + 1) % n for i in range(n)]), index([(5 * i + 2) % n for i in range(n)])]
     check_against_reference(lambda bv, bp, emb: bu.mutual_updater_inputs(bv, bp, *partners, emb),
                             lambda bv, bp, emb: reference.mutual_updater_inputs(bv, bp, *partners, emb),
-                            [rand(n, c, seed=1), rand(n, c, p, p, seed=2), rand(n, c, seed=5)], dtype,
+                            [draw(n, c, seed=1), draw(n, c, p, p, seed=2), draw(n, c, seed=5)], dtype,
                             exact_forward=True, names=names[1:])
     for shape in [(c,), (c, p, p)]:
-        leaves = [rand(n * b, *shape, seed=1), 1 + 0.1 * rand(*shape, seed=2), 0.1 * rand(*shape, seed=3)]
+        leaves = [draw(n * b, *shape, seed=1), 1 + 0.1 * draw(*shape, seed=2), 0.1 * draw(*shape, seed=3)]
         check_against_reference(lambda u, wt, bias: bu.batch_mean_layer_norm(u, b, (wt, bias)),
                                 lambda u, wt, bias: reference.batch_mean_layer_norm(u, b, (wt, bias)),
                                 leaves, dtype, exact_forward=False, names=["updates", "weight", "bias"])
@@ -211,7 +201,7 @@ def test_any_channel_count(case, dtype):
 
 def test_all_reduce_mean_sees_the_batch_mean_once():
     n, b, shape = 4, 3, (8, 2, 2)
-    updates = rand(n * b, *shape)
+    updates = draw(n * b, *shape)
     w = torch.ones(shape, dtype=torch.float64, device=DEVICE)
     bias = torch.zeros(shape, dtype=torch.float64, device=DEVICE)
     seen = []
@@ -228,7 +218,7 @@ def test_all_reduce_mean_sees_the_batch_mean_once():
 
 
 def test_all_reduce_mean_gets_the_mean_unrounded():
-    updates = rand(6, 8, dtype=torch.bfloat16)
+    updates = draw(6, 8, dtype=torch.bfloat16)
     seen = []
     norm = (torch.ones(8, dtype=torch.bfloat16, device=DEVICE), torch.zeros(8, dtype=torch.bfloat16, device=DEVICE))
     out = bu.batch_mean_layer_norm(updates, 3, norm, lambda m: seen.append(m) or m)
@@ -241,7 +231,7 @@ def test_all_reduce_mean_gets_the_mean_unrounded():
 
 def test_each_op_is_one_launch_forward():
     n, b, c, h, w, p = 4, 3, 8, 6, 6, 4
-    f = rand(b, c, h, w)
+    f = draw(b, c, h, w)
     pos = index([1, 2])
     bv, bp, sv, sp, emb = sample_leaves(n, b, c, p)
     partners = index([1, 2, 3, 0])
@@ -251,14 +241,14 @@ def test_each_op_is_one_launch_forward():
     bu.sample_updater_inputs_from_features(f, pos, pos, bv, bp, emb)
     bu.mutual_updater_inputs(bv, bp, partners, partners, emb)
     norm = (torch.ones(c, dtype=torch.float64, device=DEVICE), torch.zeros(c, dtype=torch.float64, device=DEVICE))
-    bu.batch_mean_layer_norm(rand(n * b, c), b, norm)
+    bu.batch_mean_layer_norm(draw(n * b, c), b, norm)
     assert dict(_common.LAUNCHES) == {"gather_samples": 1, "sample_updater_inputs": 2, "mutual_updater_inputs": 1,
                                       "batch_mean_layer_norm": 1}
 
 
 def test_backward_launches():
     n, b, c, h, w, p = 4, 3, 8, 6, 6, 4
-    f = rand(b, c, h, w).requires_grad_(True)
+    f = draw(b, c, h, w).requires_grad_(True)
     bv, bp, _, _, emb = (t.requires_grad_(True) for t in sample_leaves(n, b, c, p))
     pos = index([1, 2])
     vin, pin = bu.sample_updater_inputs_from_features(f, pos, pos, bv, bp, emb)
@@ -272,15 +262,15 @@ def test_backward_launches():
 
 
 @pytest.mark.parametrize("op, make_args", [
-    ("gather_samples", lambda: (rand(2, 8, 5, 6), index([1, 2]), index([0, 3]), 2)),
+    ("gather_samples", lambda: (draw(2, 8, 5, 6), index([1, 2]), index([0, 3]), 2)),
     ("sample_updater_inputs", lambda: tuple(sample_leaves(4, 3, 8, 2))),
-    ("sample_updater_inputs_from_features", lambda: (rand(3, 8, 5, 6), index([1, 2]), index([0, 3]),
-                                                     *sample_leaves(4, 3, 8, 2)[:2], rand(4, 8))),
+    ("sample_updater_inputs_from_features", lambda: (draw(3, 8, 5, 6), index([1, 2]), index([0, 3]),
+                                                     *sample_leaves(4, 3, 8, 2)[:2], draw(4, 8))),
     ("mutual_updater_inputs", lambda: (*sample_leaves(4, 3, 8, 2)[:2], index([1, 1, 3, 0]),
-                                       index([2, 0, 0, 1]), rand(4, 8))),
-    ("batch_mean_layer_norm", lambda: (rand(12, 8, 2, 2), 3, rand(8, 2, 2), rand(8, 2, 2), 1e-5, torch.float64)),
-    ("batch_mean", lambda: (rand(12, 8, 2, 2), 3)),
-    ("bank_layer_norm", lambda: (rand(4, 8, 2, 2), rand(8, 2, 2), rand(8, 2, 2), 1e-5, torch.float64)),
+                                       index([2, 0, 0, 1]), draw(4, 8))),
+    ("batch_mean_layer_norm", lambda: (draw(12, 8, 2, 2), 3, draw(8, 2, 2), draw(8, 2, 2), 1e-5, torch.float64)),
+    ("batch_mean", lambda: (draw(12, 8, 2, 2), 3)),
+    ("bank_layer_norm", lambda: (draw(4, 8, 2, 2), draw(8, 2, 2), draw(8, 2, 2), 1e-5, torch.float64)),
 ])
 def test_registered_custom_ops(op, make_args):
     args = tuple(a.requires_grad_(True) if isinstance(a, torch.Tensor) and a.is_floating_point() else a
@@ -306,10 +296,10 @@ def test_lfpv_training_step_matches_reference():
     cfg = ModelConfig(nf=8, bank_size=4, patch_size=4, updater_width=1)
     torch.manual_seed(0)
     module = LFPVModule(cfg).double().to(DEVICE)
-    features = rand(3, 8, 8, 12, seed=1)
-    bank_vectors, bank_patches = rand(4, 8, seed=2), rand(4, 8, 4, 4, seed=3)
+    features = draw(3, 8, 8, 12, seed=1)
+    bank_vectors, bank_patches = draw(4, 8, seed=2), draw(4, 8, 4, 4, seed=3)
     draws = BankDraws(index([7, 11]), index([4, 8]), index([1, 0, 0, 2]), index([3, 3, 1, 0]))
-    weights = rand(3, 8, 8, 12, seed=4)
+    weights = draw(3, 8, 8, 12, seed=4)
 
     def step(ops):
         f = features.clone().requires_grad_(True)
@@ -322,7 +312,7 @@ def test_lfpv_training_step_matches_reference():
     ref = step(reference)
     fast = step(triton_ops)
     for what, a, r in zip(["output", "bank vectors", "bank patches"], fast[:3], ref[:3], strict=True):
-        assert_close(a, r, torch.float64, what)
+        assert_close(a, r, REL[torch.float64], ULP[torch.float64], what=what)
     names = ["features"] + [name for name, _ in module.named_parameters()]
     truth = dict(zip(names, ref[3], strict=True))
     overall = max(float(t.abs().max()) for t in truth.values())
@@ -332,4 +322,4 @@ def test_lfpv_training_step_matches_reference():
             # train-mode BatchNorm removes, e.g. the updater convs' and the sample-updater norms'.
             assert a.abs().max() <= REL[torch.float64] * overall, f"grad {name} should be 0"
         else:
-            assert_close(a, truth[name], torch.float64, f"grad {name}")
+            assert_close(a, truth[name], REL[torch.float64], ULP[torch.float64], what=f"grad {name}")

@@ -28,13 +28,13 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from helpers import DEVICE
+from helpers import DEVICE, assert_close
 from lfpv_fast.kernels import _common
 from lfpv_fast.kernels.ig_msa import ig_msa, ig_msa_fwd
 from lfpv_fast.ops import reference
 
 
-def make_inputs(batch: int, tokens: int, channels: int, heads: int, dtype: torch.dtype, seed: int,
+def ig_msa_inputs(batch: int, tokens: int, channels: int, heads: int, dtype: torch.dtype, seed: int,
                 rescale: list[float] | None = None) -> list[torch.Tensor]:
     """q, k, v, illumination (B, N, C) in `dtype` and rescale (heads, 1, 1) float32 (float64 for float64),
     as leaves. Illumination is positive, as Retinexformer's (a conv of the lit-up image) mostly is."""
@@ -57,7 +57,7 @@ def output_weights(shape, dtype: torch.dtype = torch.float64, seed: int = 7) -> 
     return weights.to(dtype).double().to(DEVICE)
 
 
-def forward_backward(fn, leaves: list[torch.Tensor], heads: int, autocast: torch.dtype | None = None,
+def ig_msa_with_grads(fn, leaves: list[torch.Tensor], heads: int, autocast: torch.dtype | None = None,
                      weights_dtype: torch.dtype = torch.float64):
     """out, and the gradients of a weighted sum of out (output_weights) w.r.t. every leaf."""
     with torch.autocast(DEVICE, dtype=autocast or torch.bfloat16, enabled=autocast is not None):
@@ -69,16 +69,7 @@ def forward_backward(fn, leaves: list[torch.Tensor], heads: int, autocast: torch
 def truth(leaves: list[torch.Tensor], heads: int, weights_dtype: torch.dtype = torch.float64):
     """The float64 reference of the same (rounded) values, output gradient included."""
     exact = [t.detach().double().requires_grad_() for t in leaves]
-    return forward_backward(reference.ig_msa, exact, heads, weights_dtype=weights_dtype)
-
-
-def assert_close(actual: torch.Tensor, expected: torch.Tensor, rel: float, what: str,
-                 scale: float | None = None) -> None:
-    """max |actual - expected| <= rel * scale (default: max |expected|)."""
-    assert torch.isfinite(actual).all(), f"{what}: non-finite values (an unwritten poisoned output?)"
-    scale = expected.abs().max().item() if scale is None else scale
-    err = (actual.double() - expected.double()).abs().max().item()
-    assert err <= rel * scale, f"{what}: max error {err:.3e} vs scale {scale:.3e} (rel {rel:g})"
+    return ig_msa_with_grads(reference.ig_msa, exact, heads, weights_dtype=weights_dtype)
 
 
 def rescale_grad_terms(leaves: list[torch.Tensor], heads: int, weights_dtype: torch.dtype) -> float:
@@ -113,48 +104,48 @@ CASES = [
 @pytest.mark.parametrize("case", CASES, ids=lambda c: "x".join(map(str, c)))
 def test_float64_matches_reference(case):
     b, n, c, heads = case
-    leaves = make_inputs(b, n, c, heads, torch.float64, seed=n + c)
-    out, grads = forward_backward(ig_msa, leaves, heads)
-    ref_out, ref_grads = forward_backward(reference.ig_msa, leaves, heads)
+    leaves = ig_msa_inputs(b, n, c, heads, torch.float64, seed=n + c)
+    out, grads = ig_msa_with_grads(ig_msa, leaves, heads)
+    ref_out, ref_grads = ig_msa_with_grads(reference.ig_msa, leaves, heads)
     assert out.dtype == torch.float64 and out.shape == (b, n, c)
     for name, a, e in zip(NAMES, (out, *grads), (ref_out, *ref_grads), strict=True):
         assert a.shape == e.shape, name
-        assert_close(a, e, 1e-10, name)
+        assert_close(a, e, 1e-10, what=name)
 
 
 def test_sharp_and_negative_rescale():
     """Near one-hot softmaxes (rescale 30) and a negative rescale, per head."""
-    leaves = make_inputs(2, 50, 80, 2, torch.float64, seed=3, rescale=[30.0, -4.0])
-    out, grads = forward_backward(ig_msa, leaves, 2)
-    ref_out, ref_grads = forward_backward(reference.ig_msa, leaves, 2)
+    leaves = ig_msa_inputs(2, 50, 80, 2, torch.float64, seed=3, rescale=[30.0, -4.0])
+    out, grads = ig_msa_with_grads(ig_msa, leaves, 2)
+    ref_out, ref_grads = ig_msa_with_grads(reference.ig_msa, leaves, 2)
     for name, a, e in zip(NAMES, (out, *grads), (ref_out, *ref_grads), strict=True):
-        assert_close(a, e, 1e-10, name)
+        assert_close(a, e, 1e-10, what=name)
 
 
 def test_few_programs_loop_over_many_blocks():
     """On a GPU of one SM the pixel passes run a few programs, each over many blocks (with a partial
     last block): the loops and the addition of partial rows, not just one block per program."""
     one_sm = dataclasses.replace(_common.TARGETS["sm_90"], sm_count=1)
-    leaves = make_inputs(1, 300, 40, 1, torch.float64, seed=5)
+    leaves = ig_msa_inputs(1, 300, 40, 1, torch.float64, seed=5)
     with _common.use_target(one_sm):
-        out, grads = forward_backward(ig_msa, leaves, 1)
-    ref_out, ref_grads = forward_backward(reference.ig_msa, leaves, 1)
+        out, grads = ig_msa_with_grads(ig_msa, leaves, 1)
+    ref_out, ref_grads = ig_msa_with_grads(reference.ig_msa, leaves, 1)
     for name, a, e in zip(NAMES, (out, *grads), (ref_out, *ref_grads), strict=True):
-        assert_close(a, e, 1e-10, name)
+        assert_close(a, e, 1e-10, what=name)
 
 
 def test_zero_channel_is_clamped_like_f_normalize():
     """A channel that is zero at every pixel has norm 0 < eps: F.normalize divides it by eps (so its
     gradient is dQn / eps, ~1e12 here) and no projection term passes through the clamped norm."""
-    leaves = make_inputs(1, 33, 32, 2, torch.float64, seed=9)
+    leaves = ig_msa_inputs(1, 33, 32, 2, torch.float64, seed=9)
     with torch.no_grad():
         leaves[0][..., 3] = 0  # q channel 3 (head 0)
         leaves[1][..., 20] = 0  # k channel 20 (head 1)
-    out, grads = forward_backward(ig_msa, leaves, 2)
-    ref_out, ref_grads = forward_backward(reference.ig_msa, leaves, 2)
+    out, grads = ig_msa_with_grads(ig_msa, leaves, 2)
+    ref_out, ref_grads = ig_msa_with_grads(reference.ig_msa, leaves, 2)
     assert ref_grads[0][..., 3].abs().max() > 1e6  # the clamp's 1/eps is really exercised
     for name, a, e in zip(NAMES, (out, *grads), (ref_out, *ref_grads), strict=True):
-        assert_close(a, e, 1e-10, name)
+        assert_close(a, e, 1e-10, what=name)
 
 
 def test_strided_inputs():
@@ -173,21 +164,21 @@ def test_strided_inputs():
 
     out, grads = run(ig_msa)
     ref_out, ref_grads = run(reference.ig_msa)
-    assert_close(out, ref_out, 1e-10, "out")
+    assert_close(out, ref_out, 1e-10, what="out")
     for name, g, rg in zip(("dproj", "dillumination", "drescale"), grads, ref_grads, strict=True):
-        assert_close(g, rg, 1e-10, name)
+        assert_close(g, rg, 1e-10, what=name)
 
 
 def test_float32_matches_float64_truth():
     b, n, c, heads = 2, 150, 160, 4
-    leaves = make_inputs(b, n, c, heads, torch.float32, seed=13)
-    out, grads = forward_backward(ig_msa, leaves, heads)
-    ref32_out, ref32_grads = forward_backward(reference.ig_msa, leaves, heads)
+    leaves = ig_msa_inputs(b, n, c, heads, torch.float32, seed=13)
+    out, grads = ig_msa_with_grads(ig_msa, leaves, heads)
+    ref32_out, ref32_grads = ig_msa_with_grads(reference.ig_msa, leaves, heads)
     true_out, true_grads = truth(leaves, heads)
     assert out.dtype == torch.float32 and all(g.dtype == torch.float32 for g in grads)
     for name, a, r, t in zip(NAMES, (out, *grads), (ref32_out, *ref32_grads), (true_out, *true_grads), strict=True):
-        assert_close(a, t, 1e-5, name)
-        assert_close(r, t, 1e-5, f"reference {name} (sanity)")
+        assert_close(a, t, 1e-5, what=name)
+        assert_close(r, t, 1e-5, what=f"reference {name} (sanity)")
 
 
 BF16_ULPS = (2, 3, 3, 3, 3)  # out, dq, dk, dv, dillumination (module docstring)
@@ -196,8 +187,8 @@ ULP = {torch.bfloat16: 2.0**-7, torch.float16: 2.0**-10}
 
 def assert_16bit_close(results, expected, leaves, heads: int, who: str, dtype: torch.dtype = torch.bfloat16) -> None:
     for name, ulps, a, t in zip(NAMES[:5], BF16_ULPS, results[:5], expected[:5], strict=True):
-        assert_close(a, t, ulps * ULP[dtype], f"{who}{name}")
-    assert_close(results[5], expected[5], ULP[dtype], f"{who}drescale",
+        assert_close(a, t, ulps * ULP[dtype], what=f"{who}{name}")
+    assert_close(results[5], expected[5], ULP[dtype], what=f"{who}drescale",
                  scale=rescale_grad_terms(leaves, heads, dtype))
 
 
@@ -208,9 +199,9 @@ def test_16bit_autocast_mix(case, dtype):
     (a conv) under autocast, a float32 rescale parameter (and the same in float16). Dtypes as the
     reference's; values within the module docstring's bounds (in the dtype's ulps) of the float64 truth."""
     b, n, c, heads = case
-    leaves = make_inputs(b, n, c, heads, dtype, seed=17 + n)
-    out, grads = forward_backward(ig_msa, leaves, heads, autocast=dtype)
-    ref_out, ref_grads = forward_backward(reference.ig_msa, leaves, heads, autocast=dtype)
+    leaves = ig_msa_inputs(b, n, c, heads, dtype, seed=17 + n)
+    out, grads = ig_msa_with_grads(ig_msa, leaves, heads, autocast=dtype)
+    ref_out, ref_grads = ig_msa_with_grads(reference.ig_msa, leaves, heads, autocast=dtype)
     true_out, true_grads = truth(leaves, heads, dtype)
     assert out.dtype == ref_out.dtype == dtype
     assert [g.dtype for g in grads] == [g.dtype for g in ref_grads] == [t.dtype for t in leaves]
@@ -221,8 +212,8 @@ def test_16bit_autocast_mix(case, dtype):
 def test_float32_leaves_under_autocast():
     """float32 q, k, v, illumination under bf16 autocast are cast as the reference's matmuls cast them:
     a bf16 result, float32 gradients."""
-    leaves = make_inputs(1, 40, 40, 1, torch.float32, seed=19)
-    out, grads = forward_backward(ig_msa, leaves, 1, autocast=torch.bfloat16)
+    leaves = ig_msa_inputs(1, 40, 40, 1, torch.float32, seed=19)
+    out, grads = ig_msa_with_grads(ig_msa, leaves, 1, autocast=torch.bfloat16)
     rounded = [t.detach().to(torch.bfloat16) if i < 4 else t for i, t in enumerate(leaves)]
     true_out, true_grads = truth(rounded, 1, torch.bfloat16)
     assert out.dtype == torch.bfloat16 and all(g.dtype == torch.float32 for g in grads)
@@ -230,7 +221,7 @@ def test_float32_leaves_under_autocast():
 
 
 def test_launch_counts():
-    leaves = make_inputs(2, 20, 40, 1, torch.float64, seed=0)
+    leaves = ig_msa_inputs(2, 20, 40, 1, torch.float64, seed=0)
     out = ig_msa(*leaves, 1)
     assert dict(_common.LAUNCHES) == {"ig_msa_gram": 1, "ig_msa_attention": 1, "ig_msa_apply": 1}
     out.sum().backward()
@@ -239,7 +230,7 @@ def test_launch_counts():
 
 
 def test_registered_op_schema_fake_and_autograd():
-    leaves = make_inputs(2, 9, 32, 2, torch.float64, seed=23)
+    leaves = ig_msa_inputs(2, 9, 32, 2, torch.float64, seed=23)
     checks = ("test_schema", "test_faketensor", "test_autograd_registration")
     # raise_exception=False: each check's outcome comes back, so the assertion can fail.
     result = torch.library.opcheck(ig_msa_fwd, (*leaves, 2), test_utils=checks, raise_exception=False)
@@ -247,7 +238,7 @@ def test_registered_op_schema_fake_and_autograd():
 
 
 def test_rejects_bad_inputs():
-    q, k, v, illumination, rescale = make_inputs(1, 8, 40, 2, torch.float64, seed=0)
+    q, k, v, illumination, rescale = ig_msa_inputs(1, 8, 40, 2, torch.float64, seed=0)
     with pytest.raises(ValueError, match="do not split into 3 heads"):
         ig_msa(q, k, v, illumination, rescale, 3)
     with pytest.raises(ValueError, match="illumination"):
@@ -259,7 +250,7 @@ def test_rejects_bad_inputs():
     with pytest.raises(ValueError, match="no pixels"):
         ig_msa(q[:, :0], k[:, :0], v[:, :0], illumination[:, :0], rescale, 2)
     with pytest.raises(ValueError, match="head dim 80 > 64"):
-        ig_msa(*make_inputs(1, 8, 80, 1, torch.float64, seed=0)[:5], 1)
+        ig_msa(*ig_msa_inputs(1, 8, 80, 1, torch.float64, seed=0)[:5], 1)
 
 
 def test_backend_switch_gives_the_kernel():

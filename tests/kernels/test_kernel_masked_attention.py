@@ -16,7 +16,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from helpers import DEVICE
+from helpers import DEVICE, assert_close
 from lfpv_fast.kernels import _common
 from lfpv_fast.kernels.masked_attention import masked_attention, masked_attention_fwd
 from lfpv_fast.ops import reference
@@ -49,7 +49,7 @@ def make_qkv(batch: int, heads: int, lq: int, lk: int, dim: int, dtype: torch.dt
     return tuple(t.to(device=DEVICE, dtype=dtype).requires_grad_() for t in (q, k, v))
 
 
-def forward_backward(fn, q, k, v, keep, seed: int = 7):
+def attention_with_grads(fn, q, k, v, keep, seed: int = 7):
     """out and the gradients of a random-weighted sum of out w.r.t. q, k, v."""
     out = fn(q, k, v, keep)
     weights = torch.randn(out.shape, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
@@ -57,13 +57,10 @@ def forward_backward(fn, q, k, v, keep, seed: int = 7):
     return out, grads
 
 
-def assert_rel_close(actual: torch.Tensor, expected: torch.Tensor, rel: float, what: str) -> None:
-    """max |actual - expected| <= rel * max |expected| (relative to the tensor's scale; a tensor that is
-    exactly zero in the reference, e.g. dq when one key takes all the weight, gets the scale 1e-3)."""
-    assert torch.isfinite(actual).all(), f"{what}: non-finite values (an unwritten poisoned output?)"
-    scale = expected.abs().max().item()
-    err = (actual.double() - expected.double()).abs().max().item()
-    assert err <= rel * max(scale, 1e-3), f"{what}: max error {err:.3e} vs scale {scale:.3e} (rel {rel:g})"
+def assert_attention_close(actual: torch.Tensor, expected: torch.Tensor, rel: float, what: str) -> None:
+    """helpers.assert_close relative to the tensor's scale, max |expected|; a tensor that is exactly zero in the
+    reference (e.g. dq when one key takes all the weight) gets the scale 1e-3."""
+    assert_close(actual, expected, rel, scale=max(expected.abs().max().item(), 1e-3), what=what)
 
 
 FP64_CASES = [
@@ -84,12 +81,12 @@ def test_float64_matches_reference(case):
     b, h, lq, lk, d, kind = case
     q, k, v = make_qkv(b, h, lq, lk, d, torch.float64, seed=lq * 31 + d)
     keep = make_mask(b, lk, kind, torch.Generator().manual_seed(lk))
-    out, grads = forward_backward(masked_attention, q, k, v, keep)
-    ref_out, ref_grads = forward_backward(reference.masked_attention, q, k, v, keep)
+    out, grads = attention_with_grads(masked_attention, q, k, v, keep)
+    ref_out, ref_grads = attention_with_grads(reference.masked_attention, q, k, v, keep)
     assert out.dtype == torch.float64 and out.shape == ref_out.shape
-    assert_rel_close(out, ref_out, 1e-10, "out")
+    assert_attention_close(out, ref_out, 1e-10, "out")
     for name, g, rg in zip("qkv", grads, ref_grads, strict=True):
-        assert_rel_close(g, rg, 1e-10, f"d{name}")
+        assert_attention_close(g, rg, 1e-10, f"d{name}")
 
 
 def test_launch_counts():
@@ -107,9 +104,9 @@ def test_all_masked_rows_are_uniform_and_pass_no_gradient_to_q_k():
     masked_fill blocks every gradient to q and k of that row."""
     q, k, v = make_qkv(3, 2, 21, 21, 16, torch.float64, seed=3)
     keep = make_mask(3, 21, "mixed", torch.Generator().manual_seed(3))  # row 0 keeps nothing
-    out, (dq, dk, dv) = forward_backward(masked_attention, q, k, v, keep)
+    out, (dq, dk, dv) = attention_with_grads(masked_attention, q, k, v, keep)
     expected = v[0].mean(dim=-2, keepdim=True).expand_as(out[0])
-    assert_rel_close(out[0], expected, 1e-12, "all-masked row")
+    assert_attention_close(out[0], expected, 1e-12, "all-masked row")
     assert torch.equal(dq[0], torch.zeros_like(dq[0])) and torch.equal(dk[0], torch.zeros_like(dk[0]))
     assert dv[0].abs().max() > 0
 
@@ -118,11 +115,11 @@ def test_large_scores_stay_stable():
     """Scores of tens (softmax nearly one-hot) exercise the running max of the online softmax."""
     q, k, v = make_qkv(2, 2, 40, 40, 16, torch.float64, seed=5, spread=4.0)
     keep = make_mask(2, 40, "random", torch.Generator().manual_seed(5))
-    out, grads = forward_backward(masked_attention, q, k, v, keep)
-    ref_out, ref_grads = forward_backward(reference.masked_attention, q, k, v, keep)
-    assert_rel_close(out, ref_out, 1e-10, "out")
+    out, grads = attention_with_grads(masked_attention, q, k, v, keep)
+    ref_out, ref_grads = attention_with_grads(reference.masked_attention, q, k, v, keep)
+    assert_attention_close(out, ref_out, 1e-10, "out")
     for name, g, rg in zip("qkv", grads, ref_grads, strict=True):
-        assert_rel_close(g, rg, 1e-9, f"d{name}")
+        assert_attention_close(g, rg, 1e-9, f"d{name}")
 
 
 def test_strided_inputs_like_the_model():
@@ -140,26 +137,26 @@ def test_strided_inputs_like_the_model():
 
     out, grad = run(masked_attention)
     ref_out, ref_grad = run(reference.masked_attention)
-    assert_rel_close(out, ref_out, 1e-10, "out")
-    assert_rel_close(grad, ref_grad, 1e-10, "dproj")
+    assert_attention_close(out, ref_out, 1e-10, "out")
+    assert_attention_close(grad, ref_grad, 1e-10, "dproj")
 
 
 def test_float32_matches_reference():
     """float32 in, float32 accumulation: as close to the float64 truth as the float32 reference is."""
     q, k, v = make_qkv(3, 2, 70, 70, 64, torch.float32, seed=13)
     keep = make_mask(3, 70, "mixed", torch.Generator().manual_seed(13))
-    out, grads = forward_backward(masked_attention, q, k, v, keep)
-    ref32_out, ref32_grads = forward_backward(reference.masked_attention, q, k, v, keep)
+    out, grads = attention_with_grads(masked_attention, q, k, v, keep)
+    ref32_out, ref32_grads = attention_with_grads(reference.masked_attention, q, k, v, keep)
     q64, k64, v64 = (t.detach().double().requires_grad_() for t in (q, k, v))
-    ref_out, ref_grads = forward_backward(reference.masked_attention, q64, k64, v64, keep)
+    ref_out, ref_grads = attention_with_grads(reference.masked_attention, q64, k64, v64, keep)
     assert out.dtype == torch.float32
     # float32 rounding of a 70-term softmax-weighted sum: a few 1e-7 relative; 1e-5 leaves a 30x margin
     # yet fails on any real error (a wrong mask, scale or softmax is off by >= 1e-2).
-    assert_rel_close(out, ref_out, 1e-5, "out")
-    assert_rel_close(ref32_out, ref_out, 1e-5, "reference out (sanity)")
+    assert_attention_close(out, ref_out, 1e-5, "out")
+    assert_attention_close(ref32_out, ref_out, 1e-5, "reference out (sanity)")
     for name, g, g32, rg in zip("qkv", grads, ref32_grads, ref_grads, strict=True):
-        assert_rel_close(g, rg, 1e-5, f"d{name}")
-        assert_rel_close(g32, rg, 1e-5, f"reference d{name} (sanity)")
+        assert_attention_close(g, rg, 1e-5, f"d{name}")
+        assert_attention_close(g32, rg, 1e-5, f"reference d{name} (sanity)")
 
 
 @pytest.mark.parametrize("dtype,rel", [(torch.bfloat16, 5 * 2.0**-8), (torch.float16, 5 * 2.0**-11)])
@@ -176,13 +173,13 @@ def test_half_precision_against_float64(dtype, rel, batch, length):
     blocks of 128 over key steps of 32)."""
     q, k, v = make_qkv(batch, 2, length, length, 64, dtype, seed=17)
     keep = make_mask(batch, length, "mixed" if batch > 1 else "random", torch.Generator().manual_seed(17))
-    out, grads = forward_backward(masked_attention, q, k, v, keep)
+    out, grads = attention_with_grads(masked_attention, q, k, v, keep)
     q64, k64, v64 = (t.detach().double().requires_grad_() for t in (q, k, v))
-    ref_out, ref_grads = forward_backward(reference.masked_attention, q64, k64, v64, keep)
+    ref_out, ref_grads = attention_with_grads(reference.masked_attention, q64, k64, v64, keep)
     assert out.dtype == dtype and all(g.dtype == dtype for g in grads)
-    assert_rel_close(out, ref_out, rel, "out")
+    assert_attention_close(out, ref_out, rel, "out")
     for name, g, rg in zip("qkv", grads, ref_grads, strict=True):
-        assert_rel_close(g, rg, 2 * rel, f"d{name}")
+        assert_attention_close(g, rg, 2 * rel, f"d{name}")
 
 
 def test_a100_configuration():
@@ -199,11 +196,11 @@ def test_agrees_with_sdpa_where_a_key_is_kept():
     rows = keep.any(dim=1)
     assert not rows.all() and rows.any()
     sdpa = lambda q, k, v, keep: F.scaled_dot_product_attention(q, k, v, attn_mask=keep[:, None, None, :])
-    out, grads = forward_backward(masked_attention, q[rows], k[rows], v[rows], keep[rows])
-    ref_out, ref_grads = forward_backward(sdpa, q[rows], k[rows], v[rows], keep[rows])
-    assert_rel_close(out, ref_out, 1e-10, "out vs SDPA")
+    out, grads = attention_with_grads(masked_attention, q[rows], k[rows], v[rows], keep[rows])
+    ref_out, ref_grads = attention_with_grads(sdpa, q[rows], k[rows], v[rows], keep[rows])
+    assert_attention_close(out, ref_out, 1e-10, "out vs SDPA")
     for name, g, rg in zip("qkv", grads, ref_grads, strict=True):
-        assert_rel_close(g, rg, 1e-10, f"d{name} vs SDPA")
+        assert_attention_close(g, rg, 1e-10, f"d{name} vs SDPA")
 
 
 def test_registered_op_schema_fake_and_autograd():

@@ -18,7 +18,7 @@ import dataclasses
 import pytest
 import torch
 
-from helpers import DEVICE
+from helpers import DEVICE, assert_close
 from lfpv_fast.kernels import _common
 from lfpv_fast.kernels import query_fusion as qf
 from lfpv_fast.ops import reference
@@ -41,7 +41,7 @@ NAMES = ["features", "bank_vectors", "bank_patches", "pixel_w", "pixel_b", "vkey
 ZERO_GRAD_SCALE = {"vkey_b": "vkey_w", "pkey_b": "pkey_w"}
 
 
-def make_inputs(shape, seed: int = 0) -> list[torch.Tensor]:
+def query_fusion_inputs(shape, seed: int = 0) -> list[torch.Tensor]:
     """float64 leaves on DEVICE in NAMES order (drawn on the CPU, then moved). The LayerNorm weights are
     scaled by dim**-0.25 so that the scores are O(1): softmaxes neither saturate nor flatten, and their
     gradients are exercised."""
@@ -58,7 +58,7 @@ def make_inputs(shape, seed: int = 0) -> list[torch.Tensor]:
     return [t.to(DEVICE) for t in leaves]
 
 
-def run(fn, leaves: list[torch.Tensor], grad_weights: torch.Tensor):
+def run_with_grads(fn, leaves: list[torch.Tensor], grad_weights: torch.Tensor):
     leaves = [t.detach().clone().requires_grad_(True) for t in leaves]
     f, bv, bp, *norms = leaves
     out = fn(f, bv, bp, (norms[0], norms[1]), (norms[2], norms[3]), (norms[4], norms[5]), (norms[6], norms[7]))
@@ -66,26 +66,12 @@ def run(fn, leaves: list[torch.Tensor], grad_weights: torch.Tensor):
     return out, dict(zip(NAMES, grads, strict=True))
 
 
-def assert_close(actual: torch.Tensor, truth: torch.Tensor, rel: float, ulp: float = 0.0, scale=None,
-                 what: str = "") -> None:
-    """|actual - truth| <= rel * scale + ulp * |truth| elementwise; scale defaults to max |truth|."""
-    assert actual.shape == truth.shape, what
-    actual, truth = actual.double(), truth.double()
-    assert torch.isfinite(actual).all(), f"{what}: non-finite values (unwritten output?)"
-    scale = truth.abs().max() if scale is None else scale
-    err = (actual - truth).abs()
-    bound = rel * scale + ulp * truth.abs()
-    worst = (err - bound).argmax()
-    assert (err <= bound).all(), (f"{what}: error {err.flatten()[worst]:.3e} > bound {bound.flatten()[worst]:.3e} "
-                                  f"(max error {err.max():.3e}, scale {float(scale):.3e})")
-
-
 def check(shape, dtype: torch.dtype, rel: float, ulp: float = 0.0) -> None:
-    leaves = [t.to(dtype) for t in make_inputs(shape)]
+    leaves = [t.to(dtype) for t in query_fusion_inputs(shape)]
     grad_weights = torch.randn(shape[:4], generator=torch.Generator().manual_seed(1),
                                dtype=torch.float64).to(dtype).to(DEVICE)
-    truth_out, truth_grads = run(reference.query_fusion, [t.double() for t in leaves], grad_weights.double())
-    out, grads = run(qf.query_fusion, leaves, grad_weights)
+    truth_out, truth_grads = run_with_grads(reference.query_fusion, [t.double() for t in leaves], grad_weights.double())
+    out, grads = run_with_grads(qf.query_fusion, leaves, grad_weights)
     assert out.dtype == dtype
     assert_close(out, truth_out, rel, ulp, what="output")
     for name in NAMES:
@@ -144,7 +130,7 @@ def test_any_channel_count_bf16(shape):
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32, torch.float64], ids=str)
 def test_only_bf16_features_take_bf16_dots(dtype):
     """Which kernels get bf16 dots: all four that multiply, for bf16 features only."""
-    leaves = [t.to(dtype).requires_grad_(True) for t in make_inputs(SHAPES[4])]
+    leaves = [t.to(dtype).requires_grad_(True) for t in query_fusion_inputs(SHAPES[4])]
     f, bv, bp, *norms = leaves
     with _common.record_launches(_common.TARGETS["sm_90"]) as records:
         qf.query_fusion(f, bv, bp, *zip(norms[::2], norms[1::2], strict=True)).sum().backward()
@@ -154,16 +140,16 @@ def test_only_bf16_features_take_bf16_dots(dtype):
 
 
 def test_kernels_ran_and_backward_is_deterministic():
-    leaves = make_inputs(SHAPES[3])
+    leaves = query_fusion_inputs(SHAPES[3])
     grad_weights = torch.randn(SHAPES[3][:4], dtype=torch.float64).to(DEVICE)
     _common.reset_launches()
-    out, grads = run(qf.query_fusion, leaves, grad_weights)
+    out, grads = run_with_grads(qf.query_fusion, leaves, grad_weights)
     # Forward: the keys, the fused op. Backward: the keys again, the pixel branch, the patch branch,
     # the patch parameters, the two reductions of partial sums, the keys' LayerNorm backward.
     assert dict(_common.LAUNCHES) == {"query_fusion_keys": 2, "query_fusion_fwd": 1, "query_fusion_bwd_pixel": 1,
                                       "query_fusion_bwd_patch": 1, "query_fusion_bwd_patch_params": 1,
                                       "sum_rows": 2, "query_fusion_keys_bwd": 1}
-    out2, grads2 = run(qf.query_fusion, leaves, grad_weights)
+    out2, grads2 = run_with_grads(qf.query_fusion, leaves, grad_weights)
     assert torch.equal(out, out2)
     for name in NAMES:  # fixed-order sums, no atomics: bitwise reproducible
         assert torch.equal(grads[name], grads2[name]), name
@@ -171,7 +157,7 @@ def test_kernels_ran_and_backward_is_deterministic():
 
 def recorded_launches(shape, target: _common.Target) -> dict[str, _common.LaunchRecord]:
     """The launches one forward + backward makes at `shape` configured for `target`, by name."""
-    leaves = [t.requires_grad_(True) for t in make_inputs(shape)]
+    leaves = [t.requires_grad_(True) for t in query_fusion_inputs(shape)]
     f, bv, bp, *norms = leaves
     with _common.record_launches(target) as records:
         out = qf.query_fusion(f, bv, bp, *zip(norms[::2], norms[1::2], strict=True))
@@ -217,14 +203,14 @@ def test_a100_configuration():
 
 
 def test_registered_custom_op():
-    args = (*(t.requires_grad_(True) for t in make_inputs(SHAPES[4])), 1e-5)
+    args = (*(t.requires_grad_(True) for t in query_fusion_inputs(SHAPES[4])), 1e-5)
     # The AOT-dispatch check needs compiled Triton kernels in a traced graph: GPU only.
     torch.library.opcheck(torch.ops.lfpv.query_fusion.default, args,
                           test_utils=["test_schema", "test_autograd_registration", "test_faketensor"])
 
 
 def test_rejects_patch_size_that_is_not_a_power_of_two():
-    f, bv, _, *norms = make_inputs((1, 8, 6, 6, 4, 2))
+    f, bv, _, *norms = query_fusion_inputs((1, 8, 6, 6, 4, 2))
     bp = torch.randn(4, 8, 3, 3, dtype=torch.float64).to(DEVICE)
 
     def norm72():

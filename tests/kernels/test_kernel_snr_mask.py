@@ -15,7 +15,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from helpers import DEVICE
+from helpers import DEVICE, assert_close
 from lfpv_fast.kernels import _common
 from lfpv_fast.kernels.snr_mask import snr_mask, snr_mask_fwd
 from lfpv_fast.ops import reference
@@ -33,14 +33,6 @@ def grad_of_weighted_sum(fn, x: torch.Tensor, seed: int = 5) -> tuple[torch.Tens
     out = fn(x)
     weights = torch.randn(out.shape, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
     return out, torch.autograd.grad((out * weights.to(out)).sum(), x)[0]
-
-
-def assert_rel_close(actual: torch.Tensor, expected: torch.Tensor, rel: float, what: str) -> None:
-    """max |actual - expected| <= rel * max |expected|."""
-    assert torch.isfinite(actual).all(), f"{what}: non-finite values (an unwritten poisoned output?)"
-    scale = expected.abs().max().item()
-    err = (actual.double() - expected.double()).abs().max().item()
-    assert err <= rel * scale, f"{what}: max error {err:.3e} vs scale {scale:.3e} (rel {rel:g})"
 
 
 def gpu_bound(x: torch.Tensor) -> torch.Tensor:
@@ -99,7 +91,7 @@ def test_gpu_tiles_with_every_loop():
     out, grad = grad_of_weighted_sum(snr_mask, x)
     expected, ref_grad = grad_of_weighted_sum(reference.snr_mask, x)
     assert_map_matches(out, expected, x)
-    assert_rel_close(grad, ref_grad, 1e-5, "dx")
+    assert_close(grad, ref_grad, 1e-5, what="dx")
 
 
 def test_two_launches():
@@ -127,8 +119,8 @@ def test_half_precision_against_float64(dtype, rel):
     out, grad = grad_of_weighted_sum(snr_mask, x)
     expected, expected_grad = grad_of_weighted_sum(reference.snr_mask, x.double())
     assert out.dtype == dtype and grad.dtype == dtype
-    assert_rel_close(out, expected, rel, "out")
-    assert_rel_close(grad, expected_grad, 2 * rel, "dx")
+    assert_close(out, expected, rel, what="out")
+    assert_close(grad, expected_grad, 2 * rel, what="dx")
 
 
 BACKWARD_CASES = [
@@ -152,7 +144,7 @@ def test_backward_matches_reference(case):
     # the per-image sum of the peak's gradient and of the transposed blur's taps.
     _, ref_grad = grad_of_weighted_sum(reference.snr_mask, x)
     assert grad.dtype == dtype
-    assert_rel_close(grad, ref_grad, 1e-10 if dtype == torch.float64 else 1e-5, "dx")
+    assert_close(grad, ref_grad, 1e-10 if dtype == torch.float64 else 1e-5, what="dx")
 
 
 def test_backward_launches():
@@ -174,7 +166,7 @@ def test_backward_with_ties_zero_differences_and_clamping():
     expected, ref_grad = grad_of_weighted_sum(reference.snr_mask, x)
     assert_map_matches(out, expected, x)
     assert (expected == 0).any(), "the test needs clamped pixels"
-    assert_rel_close(grad, ref_grad, 1e-10, "dx")
+    assert_close(grad, ref_grad, 1e-10, what="dx")
 
 
 def test_registered_op_schema_fake_and_autograd():
