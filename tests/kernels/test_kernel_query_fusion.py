@@ -174,14 +174,17 @@ SM90_WITH_8_SMS = dataclasses.replace(_common.TARGETS["sm_90"], sm_count=8)
 @pytest.mark.slow
 def test_sm90_configuration_with_multi_step_loops():
     """The sm_90 configuration at a shape where every loop runs several steps and ends ragged:
-    several pixel tiles per program of the pixel-branch backward with an out-of-range tail tile,
+    several pixel tiles per program of the pixel-branch backward with an out-of-range tail tile and
+    channel chunks with a ragged last one,
     several patch steps per program of the patch-parameter kernel with a ragged last step, several
     channel chunks per pass, several patch tiles per patch row with missing patches in the last."""
-    shape = (3, 24, 20, 44, 16, 4)
+    shape = (4, 40, 12, 44, 16, 4)
     launches = recorded_launches(shape, SM90_WITH_8_SMS)
     pixel = launches["query_fusion_bwd_pixel"]
     hw, tiles_per_image, total_tiles, per_program = pixel.args[8:12]
     assert per_program >= 2 and pixel.grid[0] * per_program > total_tiles, "no multi-tile run with a tail"
+    # Several tiles of one program add to its partial-sum row chunk by chunk, the last chunk ragged.
+    assert pixel.kwargs["C"] > pixel.kwargs["CC"] and pixel.kwargs["C"] % pixel.kwargs["CC"], "no ragged chunk"
     params = launches["query_fusion_bwd_patch_params"]
     patches_per_program = params.args[-1]
     assert patches_per_program > qf._PATCH_BLOCK and patches_per_program % qf._PATCH_BLOCK, "no ragged multi-step"
