@@ -6,9 +6,8 @@ every p x p patch the same over the patch bank (D = C*p*p values per patch, chan
 
 Design (sizes chosen with the compile gate, `python bench/compile_gate.py`: shared memory
 well under both cards; no spills for the published model's fp32, bf16 and mix builds on sm_90 and sm_80
-with Triton 3.6 and 3.9; the demo model's forward, some float16/float64 builds and, by kilobytes, the
-float32 pixel-branch backward at C=160 (its bf16 build does not) do spill, listed per version in
-bench/results/compile-triton-*.md):
+with Triton 3.6 and 3.9; the demo model's forward and some float16/float64 builds do spill, by bytes,
+listed per version in bench/results/compile-triton-*.md):
 - A tile is G consecutive patches of one patch row of one image. A kernel never holds a whole tile:
   it makes passes over chunks of CC channels, (G, CC, p*p) values re-read from L1/L2 each pass:
   LayerNorm statistics (mean, then mean squared deviation) of every pixel (over C) and every patch
@@ -19,12 +18,14 @@ bench/results/compile-triton-*.md):
   small kernel takes the key grads back through their LayerNorm, adds the value path's bank grads and
   rounds each bank grad once (two separately rounded bf16 paths would cancel badly).
 - Backward recomputes LayerNorms and softmaxes from the features (cheaper than storing them), in
-  three kernels that each keep little state: the pixel branch over runs of (pixels, C) tiles (its part
-  of d features, in the accumulator dtype, and its parameter grads summed in registers over the run:
-  small (N, C) accumulators); the patch branch per tile (d features = dO + pixel part + patch part,
-  rounded once, and per patch its softmax weights, score grads and statistics: 2N + 2 values); the
-  patch branch's parameter grads, a program per (channel chunk, run of patches). The partial sums of
-  each run are added up by `sum_rows`. Fixed order everywhere, no atomics: bitwise reproducible.
+  three kernels that each keep little state: the pixel branch over runs of tiles of pixels, in passes
+  over chunks of channels like the forward (its part of d features, in the accumulator dtype, and its
+  parameter grads summed over the run in the program's own partial-sum row, chunk by chunk: whole
+  (pixels, C) and (N, C) blocks in registers spilled kilobytes at C=160); the patch branch per tile
+  (d features = dO + pixel part + patch part, rounded once, and per patch its softmax weights, score
+  grads and statistics: 2N + 2 values); the patch branch's parameter grads, a program per (channel
+  chunk, run of patches). The partial sums of each run are added up by `sum_rows`. Fixed order
+  everywhere, no atomics: bitwise reproducible.
 
 - Dot precision: the scores (LayerNorm'd query . key) are exact float32 dots ("ieee", CUDA cores) in
   every dtype. With bf16 features (bf16 training) every other dot (softmax weights x bank, dO x bank,
@@ -33,9 +34,8 @@ bench/results/compile-triton-*.md):
   bench/dot_precision.py and README "Performance".
 
 - Any channel count C (16 to 160 and beyond; powers of two or not, e.g. 40, 144, 160): the passes take
-  CC channels a chunk up to C, the last chunk masked where C is no multiple of CC; the pixel-branch
-  backward holds whole pixels, C padded (masked) to a power of two. Any bank size (padded to BN >= 16),
-  power-of-two patch sizes.
+  CC channels a chunk up to C, the last chunk masked where C is no multiple of CC (or C < CC). Any
+  bank size (padded to BN >= 16), power-of-two patch sizes.
 
 Launches: forward 2 (keys, fused op); backward 7 (keys, pixel branch, patch branch, patch parameters,
 two row sums, keys' backward).

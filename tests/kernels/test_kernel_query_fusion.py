@@ -113,13 +113,21 @@ def test_bf16_tensor_core_dots_stay_within_their_tolerance(shape):
 # The channel counts LFPVs attach at besides the published 64 (issue 22): Retinexformer's bottleneck (160)
 # and first level (40), another network's 144; none a power of two, 40 and 144 no multiple of 16. The
 # forward's passes take 16 channels a chunk (a ragged last chunk at 40 and 144), the backward's 8, the
-# pixel-branch backward pads 160 and 144 to 256, 40 to 64. Small maps: a few patch tiles each.
+# pixel-branch backward's 32 (160 in 5 whole chunks, 144 and 40 with a ragged last one of 16 and 8).
+# Small maps: a few patch tiles each.
 PLUGIN_SHAPES = [(2, 160, 4, 8, 16, 4), (2, 40, 8, 8, 16, 4), (1, 144, 4, 8, 8, 4), (2, 40, 6, 4, 16, 2)]
 
 
 @pytest.mark.parametrize("shape", PLUGIN_SHAPES, ids=lambda s: f"C={s[1]},N={s[4]},p={s[5]}")
 def test_any_channel_count_float64(shape):
     check(shape, torch.float64, rel=1e-10)
+
+
+# float32 at these channel counts: the build whose pixel-branch backward spilled kilobytes when it held
+# whole (pixels, C) blocks (compile gate), now chunked.
+@pytest.mark.parametrize("shape", PLUGIN_SHAPES[:3], ids=lambda s: f"C={s[1]}")
+def test_any_channel_count_float32(shape):
+    check(shape, torch.float32, rel=1e-5)
 
 
 @pytest.mark.parametrize("shape", PLUGIN_SHAPES[:2], ids=lambda s: f"C={s[1]}")
