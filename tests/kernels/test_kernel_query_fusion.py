@@ -113,7 +113,7 @@ def test_bf16_tensor_core_dots_stay_within_their_tolerance(shape):
 # The channel counts LFPVs attach at besides the published 64 (issue 22): Retinexformer's bottleneck (160)
 # and first level (40), another network's 144; none a power of two, 40 and 144 no multiple of 16. The
 # forward's passes take 16 channels a chunk (a ragged last chunk at 40 and 144), the backward's 8, the
-# pixel-branch backward's 32 (160 in 5 whole chunks, 144 and 40 with a ragged last one of 16 and 8).
+# pixel-branch backward's 16 too (a ragged last chunk of 8 at 40).
 # Small maps: a few patch tiles each.
 PLUGIN_SHAPES = [(2, 160, 4, 8, 16, 4), (2, 40, 8, 8, 16, 4), (1, 144, 4, 8, 8, 4), (2, 40, 6, 4, 16, 2)]
 
