@@ -6,9 +6,8 @@ every p x p patch the same over the patch bank (D = C*p*p values per patch, chan
 
 Design (sizes chosen with the compile gate, `python bench/compile_gate.py`: shared memory
 well under both cards; no spills for the published model's fp32, bf16 and mix builds on sm_90 and sm_80
-with Triton 3.6 and 3.9; the demo model's forward, some float16/float64 builds and, by kilobytes, the
-float32 pixel-branch backward at C=160 (its bf16 build does not) do spill, listed per version in
-bench/results/compile-triton-*.md):
+with Triton 3.6 and 3.9; the demo model's forward and some float16/float64 builds do spill, by bytes,
+listed per version in bench/results/compile-triton-*.md):
 - A tile is G consecutive patches of one patch row of one image. A kernel never holds a whole tile:
   it makes passes over chunks of CC channels, (G, CC, p*p) values re-read from L1/L2 each pass:
   LayerNorm statistics (mean, then mean squared deviation) of every pixel (over C) and every patch
@@ -19,12 +18,14 @@ bench/results/compile-triton-*.md):
   small kernel takes the key grads back through their LayerNorm, adds the value path's bank grads and
   rounds each bank grad once (two separately rounded bf16 paths would cancel badly).
 - Backward recomputes LayerNorms and softmaxes from the features (cheaper than storing them), in
-  three kernels that each keep little state: the pixel branch over runs of (pixels, C) tiles (its part
-  of d features, in the accumulator dtype, and its parameter grads summed in registers over the run:
-  small (N, C) accumulators); the patch branch per tile (d features = dO + pixel part + patch part,
-  rounded once, and per patch its softmax weights, score grads and statistics: 2N + 2 values); the
-  patch branch's parameter grads, a program per (channel chunk, run of patches). The partial sums of
-  each run are added up by `sum_rows`. Fixed order everywhere, no atomics: bitwise reproducible.
+  three kernels that each keep little state: the pixel branch over runs of tiles of pixels, in passes
+  over chunks of channels like the forward (its part of d features, in the accumulator dtype, and its
+  parameter grads summed over the run in the program's own partial-sum row, chunk by chunk: whole
+  (pixels, C) and (N, C) blocks in registers spilled kilobytes at C=160); the patch branch per tile
+  (d features = dO + pixel part + patch part, rounded once, and per patch its softmax weights, score
+  grads and statistics: 2N + 2 values); the patch branch's parameter grads, a program per (channel
+  chunk, run of patches). The partial sums of each run are added up by `sum_rows`. Fixed order
+  everywhere, no atomics: bitwise reproducible.
 
 - Dot precision: the scores (LayerNorm'd query . key) are exact float32 dots ("ieee", CUDA cores) in
   every dtype. With bf16 features (bf16 training) every other dot (softmax weights x bank, dO x bank,
@@ -33,9 +34,8 @@ bench/results/compile-triton-*.md):
   bench/dot_precision.py and README "Performance".
 
 - Any channel count C (16 to 160 and beyond; powers of two or not, e.g. 40, 144, 160): the passes take
-  CC channels a chunk up to C, the last chunk masked where C is no multiple of CC; the pixel-branch
-  backward holds whole pixels, C padded (masked) to a power of two. Any bank size (padded to BN >= 16),
-  power-of-two patch sizes.
+  CC channels a chunk up to C, the last chunk masked where C is no multiple of CC (or C < CC). Any
+  bank size (padded to BN >= 16), power-of-two patch sizes.
 
 Launches: forward 2 (keys, fused op); backward 7 (keys, pixel branch, patch branch, patch parameters,
 two row sums, keys' backward).
@@ -72,9 +72,14 @@ _CHUNK_CHANNELS_FWD = 16
 _CHUNK_CHANNELS_BWD = 8
 # Patches per step of the patch-parameter gradient kernel: the K of its dots (>= 16).
 _PATCH_BLOCK = 16
-# Pixels per tile of the pixel-branch backward (a (pixels, C) block), and its programs per SM: enough
-# to fill the GPU, few enough partial-sum rows to add up afterwards.
-_PIXEL_BLOCK = 16
+# Pixels per tile of the pixel-branch backward and channels per chunk of its passes (a (pixels, CC)
+# block; CC is the K of its score dots, >= 16), and its programs per SM: enough to fill the GPU, few
+# enough partial-sum rows to add up afterwards. 32 x 16 (4 warps): of 16/32/64 pixels x 16/32 channels x
+# 4/8 warps tried (compile gate: Retinexformer's sites and the published model in fp32, mix and fp64,
+# sm_90 and sm_80, Triton 3.6 and 3.9) the one that spills nowhere, as the whole gate confirms for every
+# build; 64 pixels spill 100-900 B, 32 channels up to 68 B.
+_PIXEL_BLOCK = 32
+_PIXEL_CHUNK_CHANNELS = 16
 _PROGRAMS_PER_SM = 4
 
 
@@ -286,35 +291,53 @@ def _query_fusion_fwd_kernel(
         tl.store(out_ptr + offs, out.to(out_ptr.dtype.element_ty), mask=mask)
 
 
+@triton.jit
+def _pixel_chunk(ptr, image, hw, px_ok, c0, HW, C: tl.constexpr, CC: tl.constexpr, acc_ty):
+    """Channels c0 .. c0+CC-1 of BM pixels of one image as a (BM, CC) block in acc_ty (zeros outside), its
+    offsets and mask."""
+    c = c0 + tl.arange(0, CC)
+    offs = image.to(tl.int64) * C * HW + c[None, :].to(tl.int64) * HW + hw[:, None]
+    mask = px_ok[:, None] & (c[None, :] < C)
+    return tl.load(ptr + offs, mask=mask, other=0.0).to(acc_ty), offs, mask
+
+
+@triton.jit
+def _pixel_queries_rows(x, c, c_ok, mean, rstd, xw_ptr, xb_ptr, acc_ty):
+    """(BM, CC) chunk of pixels on channels c -> their LayerNorm'd queries on these channels, xhat, and the
+    LayerNorm weight w (zeros on masked channels)."""
+    w = tl.load(xw_ptr + c, mask=c_ok, other=0.0).to(acc_ty)
+    bias = tl.load(xb_ptr + c, mask=c_ok, other=0.0).to(acc_ty)
+    xhat = _normalize(x, mean, rstd, c_ok[None, :])
+    return xhat * w[None, :] + bias[None, :], xhat, w
+
+
 @triton.jit(do_not_specialize=["tiles_per_image", "total_tiles", "tiles_per_program"])
 def _query_fusion_bwd_pixel_kernel(
     x_ptr, dout_ptr, dxv_ptr, part_ptr, vbank_ptr, vkey_ptr, xw_ptr, xb_ptr,
     HW, tiles_per_image, total_tiles, tiles_per_program,
-    C: tl.constexpr, N: tl.constexpr, BC: tl.constexpr, BN: tl.constexpr, BM: tl.constexpr, EPS: tl.constexpr,
+    C: tl.constexpr, N: tl.constexpr, CC: tl.constexpr, BN: tl.constexpr, BM: tl.constexpr, EPS: tl.constexpr,
     BF16_DOTS: tl.constexpr, EMULATE: tl.constexpr,
 ):
     """The pixel branch's backward over this program's run of pixel tiles (BM consecutive pixels of one
-    image, all C channels): its part of d features (dxv, accumulator dtype; the patch-branch kernel adds
-    the rest) and this program's partial sums of the vector bank, vector key and pixel LayerNorm grads
-    (small enough to stay in registers across the loop)."""
+    image): its part of d features (dxv, accumulator dtype; the patch-branch kernel adds the rest) and
+    this program's partial sums of the vector bank, vector key and pixel LayerNorm grads.
+
+    Like the forward it never holds a tile's C channels: passes over chunks of CC channels (re-read from
+    L1/L2) take the pixels' LayerNorm statistics (mean, then mean squared deviation), then the (BM, N)
+    scores and d softmax weights (whole-channel dots, summed chunk by chunk), then, per chunk, the
+    parameter grads and the LayerNorm-backward sums, then d features. Only (BM,) statistics and (BM, N)
+    blocks stay in registers. The partial sums (N*C values each) live in this program's own row of
+    part, added to chunk by chunk, tile by tile, in a fixed order: no atomics."""
     acc_ty = vkey_ptr.dtype.element_ty
     eps = tl.full([], EPS, acc_ty)
     pid = tl.program_id(0)
     n = tl.arange(0, BN)
     n_ok = n < N
-    c = tl.arange(0, BC)
-    c_ok = c < C
     m = tl.arange(0, BM)
-    w = tl.load(xw_ptr + c, mask=c_ok, other=0.0).to(acc_ty)
-    bias = tl.load(xb_ptr + c, mask=c_ok, other=0.0).to(acc_ty)
-    keys = _load_rows(vkey_ptr, n, c, n_ok, c_ok, C, acc_ty)
-    bank = _load_rows(vbank_ptr, n, c, n_ok, c_ok, C, acc_ty)
+    # This program's partial-sum row: [bank (N*C) | keys (N*C) | pixel w (C) | pixel b (C)]
+    row = part_ptr + pid.to(tl.int64) * (2 * N * C + 2 * C)
 
     # Masked (padded or out-of-range) pixels have dO = 0 and so add nothing to the sums.
-    g_bank = tl.zeros((BN, BC), acc_ty)
-    g_keys = tl.zeros((BN, BC), acc_ty)
-    g_w = tl.zeros((BC,), acc_ty)
-    g_b = tl.zeros((BC,), acc_ty)
     for k in range(tiles_per_program):
         t = pid * tiles_per_program + k
         image = t // tiles_per_image
@@ -322,37 +345,79 @@ def _query_fusion_bwd_pixel_kernel(
         # A program's tail tiles beyond the last get no pixel. (A scalar bool `&` a tensor mask comes out
         # int32 under the interpreter, hence the where on the bound.)
         px_ok = hw < tl.where(t < total_tiles, HW, 0)
-        offs = image.to(tl.int64) * C * HW + c[None, :].to(tl.int64) * HW + hw[:, None]
-        mask = px_ok[:, None] & c_ok[None, :]
-        x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(acc_ty)  # (BM, BC): a pixel per row
-        dout = tl.load(dout_ptr + offs, mask=mask, other=0.0).to(acc_ty)
+        # The first tile starts the partial sums (the row is uninitialised), later ones add to them.
+        n_prev = n < tl.where(k > 0, N, 0)
+        c_prev = tl.where(k > 0, C, 0)
 
-        mean, rstd = _row_stats(x, c_ok[None, :], C, eps)
-        xhat = _normalize(x, mean, rstd, c_ok[None, :])
-        q = xhat * w[None, :] + bias[None, :]
-        probs = _softmax_rows(_mm(q, tl.trans(keys)), n_ok[None, :])
-        dprobs = _mm_values(dout, tl.trans(bank), BF16_DOTS, EMULATE)
+        # Pass 1 and 2: LayerNorm statistics of each pixel over its C channels.
+        sum_x = tl.zeros((BM,), acc_ty)
+        for c0 in tl.range(0, C, CC):
+            x, offs, mask = _pixel_chunk(x_ptr, image, hw, px_ok, c0, HW, C, CC, acc_ty)
+            sum_x += tl.sum(x, axis=1)
+        mean = sum_x / C
+        sq = tl.zeros((BM,), acc_ty)
+        for c0 in tl.range(0, C, CC):
+            x, offs, mask = _pixel_chunk(x_ptr, image, hw, px_ok, c0, HW, C, CC, acc_ty)
+            diff = tl.where(mask, x - mean[:, None], 0.0)
+            sq += tl.sum(diff * diff, axis=1)
+        rstd = 1.0 / tl.sqrt(sq / C + eps)
+
+        # Pass 3: scores and d softmax weights, whole-channel dots summed over the chunks.
+        scores = tl.zeros((BM, BN), acc_ty)
+        dprobs = tl.zeros((BM, BN), acc_ty)
+        for c0 in tl.range(0, C, CC):
+            x, offs, mask = _pixel_chunk(x_ptr, image, hw, px_ok, c0, HW, C, CC, acc_ty)
+            dout, offs, mask = _pixel_chunk(dout_ptr, image, hw, px_ok, c0, HW, C, CC, acc_ty)
+            c = c0 + tl.arange(0, CC)
+            c_ok = c < C
+            q, xhat, w = _pixel_queries_rows(x, c, c_ok, mean, rstd, xw_ptr, xb_ptr, acc_ty)
+            scores += _mm(q, tl.trans(_load_rows(vkey_ptr, n, c, n_ok, c_ok, C, acc_ty)))
+            dprobs += _mm_values(dout, tl.trans(_load_rows(vbank_ptr, n, c, n_ok, c_ok, C, acc_ty)),
+                                 BF16_DOTS, EMULATE)
+        probs = _softmax_rows(scores, n_ok[None, :])
         ds = probs * (dprobs - tl.sum(probs * dprobs, axis=1)[:, None])
-        g_bank += _mm_values(tl.trans(probs), dout, BF16_DOTS, EMULATE)
-        g_keys += _mm_values(tl.trans(ds), q, BF16_DOTS, EMULATE)
-        dq = _mm_values(ds, keys, BF16_DOTS, EMULATE)
-        g_w += tl.sum(dq * xhat, axis=0)
-        g_b += tl.sum(dq, axis=0)
-        dxhat = dq * w[None, :]
-        # LayerNorm backward: dx = rstd (dxhat - mean(dxhat) - xhat mean(dxhat xhat))
-        m1 = tl.sum(dxhat, axis=1) / C
-        m2 = tl.sum(dxhat * xhat, axis=1) / C
-        dxv = (dxhat - m1[:, None] - xhat * m2[:, None]) * rstd[:, None]
-        tl.store(dxv_ptr + offs, dxv, mask=mask)
 
-    # This program's partial-sum row: [bank (N*C) | keys (N*C) | pixel w (C) | pixel b (C)]
-    row = part_ptr + pid.to(tl.int64) * (2 * N * C + 2 * C)
-    nc = n[:, None] * C + c[None, :]
-    nc_mask = n_ok[:, None] & c_ok[None, :]
-    tl.store(row + nc, g_bank, mask=nc_mask)
-    tl.store(row + N * C + nc, g_keys, mask=nc_mask)
-    tl.store(row + 2 * N * C + c, g_w, mask=c_ok)
-    tl.store(row + 2 * N * C + C + c, g_b, mask=c_ok)
+        # Pass 4: per chunk, the bank, key and pixel LayerNorm grads (added to the row) and the sums of
+        # the LayerNorm backward: dx = rstd (dxhat - mean(dxhat) - xhat mean(dxhat xhat)).
+        m1 = tl.zeros((BM,), acc_ty)
+        m2 = tl.zeros((BM,), acc_ty)
+        for c0 in tl.range(0, C, CC):
+            x, offs, mask = _pixel_chunk(x_ptr, image, hw, px_ok, c0, HW, C, CC, acc_ty)
+            dout, offs, mask = _pixel_chunk(dout_ptr, image, hw, px_ok, c0, HW, C, CC, acc_ty)
+            c = c0 + tl.arange(0, CC)
+            c_ok = c < C
+            q, xhat, w = _pixel_queries_rows(x, c, c_ok, mean, rstd, xw_ptr, xb_ptr, acc_ty)
+            nc = n[:, None] * C + c[None, :]
+            nc_ok = n_ok[:, None] & c_ok[None, :]
+            prev_ok = n_prev[:, None] & c_ok[None, :]
+            g_bank = tl.load(row + nc, mask=prev_ok, other=0.0) + _mm_values(tl.trans(probs), dout, BF16_DOTS,
+                                                                             EMULATE)
+            g_keys = tl.load(row + N * C + nc, mask=prev_ok, other=0.0) + _mm_values(tl.trans(ds), q, BF16_DOTS,
+                                                                                     EMULATE)
+            tl.store(row + nc, g_bank, mask=nc_ok)
+            tl.store(row + N * C + nc, g_keys, mask=nc_ok)
+            dq = _mm_values(ds, _load_rows(vkey_ptr, n, c, n_ok, c_ok, C, acc_ty), BF16_DOTS, EMULATE)
+            g_w = tl.load(row + 2 * N * C + c, mask=c < c_prev, other=0.0) + tl.sum(dq * xhat, axis=0)
+            g_b = tl.load(row + 2 * N * C + C + c, mask=c < c_prev, other=0.0) + tl.sum(dq, axis=0)
+            tl.store(row + 2 * N * C + c, g_w, mask=c_ok)
+            tl.store(row + 2 * N * C + C + c, g_b, mask=c_ok)
+            dxhat = dq * w[None, :]
+            m1 += tl.sum(dxhat, axis=1)
+            m2 += tl.sum(dxhat * xhat, axis=1)
+        m1 = m1 / C
+        m2 = m2 / C
+
+        # Pass 5: d features, chunk by chunk (d queries recomputed: a small dot, cheaper than storing them).
+        for c0 in tl.range(0, C, CC):
+            x, offs, mask = _pixel_chunk(x_ptr, image, hw, px_ok, c0, HW, C, CC, acc_ty)
+            c = c0 + tl.arange(0, CC)
+            c_ok = c < C
+            q, xhat, w = _pixel_queries_rows(x, c, c_ok, mean, rstd, xw_ptr, xb_ptr, acc_ty)
+            dxhat = _mm_values(ds, _load_rows(vkey_ptr, n, c, n_ok, c_ok, C, acc_ty), BF16_DOTS, EMULATE) * w[None, :]
+            dxv = (dxhat - m1[:, None] - xhat * m2[:, None]) * rstd[:, None]
+            tl.store(dxv_ptr + offs, dxv, mask=mask)
+        # The next tile reads back this tile's partial sums: make every thread's stores visible first.
+        tl.debug_barrier()
 
 
 @triton.jit(do_not_specialize=["Hp", "Wp", "n_groups", "total_tiles"])
@@ -646,13 +711,6 @@ def _geometry(features: torch.Tensor, bank_patches: torch.Tensor, tile_elements:
                 C=c, N=n, P=p, BC=bc, CC=cc, BN=bn, G=g)
 
 
-def _pixel_bwd_warps(padded_channels: int, bf16_dots: bool) -> int:
-    """Warps of the pixel-branch backward, which holds whole (pixels, C) and (N, C) blocks: 4, or 8 for
-    the bf16 dots at 256 padded channels (C=160 and 144: the compile gate's sm_90 build spills 252 B with
-    4 warps, none with 8; its float32 build spills either way, less with 4)."""
-    return 8 if bf16_dots and padded_channels >= 256 else 4
-
-
 def _dot_precision(dtype: torch.dtype, device: torch.device) -> dict[str, bool]:
     """The kernels' BF16_DOTS and EMULATE: bf16 features (bf16 training) run the dots other than the
     scores on bf16 tensor cores; float32, float16 and float64 keep exact float32/float64 dots ("ieee").
@@ -740,8 +798,8 @@ def _query_fusion_backward_op(
     launch("query_fusion_bwd_pixel", _query_fusion_bwd_pixel_kernel, (pixel_programs,),
            features, grad_out, grad_pixels, pixel_partials, bank_vectors, vector_keys, pixel_weight, pixel_bias,
            hw, tiles_per_image, pixel_tiles, per_program,
-           C=c, N=n, BC=geo["BC"], BN=geo["BN"], BM=_PIXEL_BLOCK, EPS=eps, **dots,
-           num_warps=_pixel_bwd_warps(geo["BC"], dots["BF16_DOTS"]))
+           C=c, N=n, CC=min(geo["BC"], _PIXEL_CHUNK_CHANNELS), BN=geo["BN"], BM=_PIXEL_BLOCK, EPS=eps, **dots,
+           num_warps=4)
 
     # 2. The patch branch per tile of patches, and d features (pixel part + patch part + dO).
     total_patches = b * geo["Hp"] * geo["Wp"]

@@ -113,13 +113,21 @@ def test_bf16_tensor_core_dots_stay_within_their_tolerance(shape):
 # The channel counts LFPVs attach at besides the published 64 (issue 22): Retinexformer's bottleneck (160)
 # and first level (40), another network's 144; none a power of two, 40 and 144 no multiple of 16. The
 # forward's passes take 16 channels a chunk (a ragged last chunk at 40 and 144), the backward's 8, the
-# pixel-branch backward pads 160 and 144 to 256, 40 to 64. Small maps: a few patch tiles each.
+# pixel-branch backward's 16 too (a ragged last chunk of 8 at 40).
+# Small maps: a few patch tiles each.
 PLUGIN_SHAPES = [(2, 160, 4, 8, 16, 4), (2, 40, 8, 8, 16, 4), (1, 144, 4, 8, 8, 4), (2, 40, 6, 4, 16, 2)]
 
 
 @pytest.mark.parametrize("shape", PLUGIN_SHAPES, ids=lambda s: f"C={s[1]},N={s[4]},p={s[5]}")
 def test_any_channel_count_float64(shape):
     check(shape, torch.float64, rel=1e-10)
+
+
+# float32 at these channel counts: the build whose pixel-branch backward spilled kilobytes when it held
+# whole (pixels, C) blocks (compile gate), now chunked.
+@pytest.mark.parametrize("shape", PLUGIN_SHAPES[:3], ids=lambda s: f"C={s[1]}")
+def test_any_channel_count_float32(shape):
+    check(shape, torch.float32, rel=1e-5)
 
 
 @pytest.mark.parametrize("shape", PLUGIN_SHAPES[:2], ids=lambda s: f"C={s[1]}")
@@ -174,14 +182,17 @@ SM90_WITH_8_SMS = dataclasses.replace(_common.TARGETS["sm_90"], sm_count=8)
 @pytest.mark.slow
 def test_sm90_configuration_with_multi_step_loops():
     """The sm_90 configuration at a shape where every loop runs several steps and ends ragged:
-    several pixel tiles per program of the pixel-branch backward with an out-of-range tail tile,
+    several pixel tiles per program of the pixel-branch backward with an out-of-range tail tile and
+    channel chunks with a ragged last one,
     several patch steps per program of the patch-parameter kernel with a ragged last step, several
     channel chunks per pass, several patch tiles per patch row with missing patches in the last."""
-    shape = (3, 24, 20, 44, 16, 4)
+    shape = (4, 40, 12, 44, 16, 4)
     launches = recorded_launches(shape, SM90_WITH_8_SMS)
     pixel = launches["query_fusion_bwd_pixel"]
     hw, tiles_per_image, total_tiles, per_program = pixel.args[8:12]
     assert per_program >= 2 and pixel.grid[0] * per_program > total_tiles, "no multi-tile run with a tail"
+    # Several tiles of one program add to its partial-sum row chunk by chunk, the last chunk ragged.
+    assert pixel.kwargs["C"] > pixel.kwargs["CC"] and pixel.kwargs["C"] % pixel.kwargs["CC"], "no ragged chunk"
     params = launches["query_fusion_bwd_patch_params"]
     patches_per_program = params.args[-1]
     assert patches_per_program > qf._PATCH_BLOCK and patches_per_program % qf._PATCH_BLOCK, "no ragged multi-step"
