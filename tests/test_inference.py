@@ -71,10 +71,19 @@ def test_untiled_enhance_equals_the_reference_forward_of_the_whole_image(prepare
 
 
 def test_plan_tiles_only_when_the_whole_image_does_not_fit():
+    from lfpv_fast.inference.enhancement import STRIP_SETTINGS
+
     net = random_bank_net("auto")
     need = estimate_peak_bytes(TINY, 1, 600, 800).total
-    assert not plan_enhancement(net, 1, 600, 800, max_memory=need).tiled
-    tight = plan_enhancement(net, 1, 600, 800, max_memory=need - 1)
+    plan = plan_enhancement(net, 1, 600, 800, max_memory=need)
+    assert not plan.tiled and (plan.strip_rows, plan.low_memory) == STRIP_SETTINGS[0]
+    # Below the default strips' estimate: still the whole image, in smaller strips, while one fits.
+    leanest = min(estimate_peak_bytes(TINY, 1, 600, 800, strip_rows=rows, low_memory=low).total
+                  for rows, low in STRIP_SETTINGS)
+    assert leanest < need
+    smaller = plan_enhancement(net, 1, 600, 800, max_memory=need - 1)
+    assert not smaller.tiled and smaller.strip_rows < STRIP_SETTINGS[0][0]
+    tight = plan_enhancement(net, 1, 600, 800, max_memory=leanest - 1)
     assert tight.tiled and "more than" in tight.reason and tight.tile in (256, 512, 1024)
     assert plan_enhancement(net, 1, 600, 800, tile=256).tiled
     assert not plan_enhancement(net, 1, 200, 200, tile=256).tiled  # fits one tile
