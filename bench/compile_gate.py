@@ -325,7 +325,7 @@ RETINEXFORMER_FRAMES = [(1024, 1920)]
 RETINEXFORMER_BOTTLENECK_FRAMES = [(1024, 1920), (400, 600)]
 # The demo Retinexformer (configs/demo_retinexformer.yaml, n_feat 16): its bottleneck, 4 * n_feat = 64 channels at
 # 1/4 scale, and half that width (a smaller demo), at the demo's crop and frames.
-RETINEXFORMER_DEMO_SITES = [PluginSite(64, 4), PluginSite(32, 4)]
+RETINEXFORMER_DEMO_SITES = [PluginSite(64, 4)]  # configs/demo_retinexformer.yaml: n_feat 16, bottleneck 4 x 16
 RETINEXFORMER_DEMO_TRAIN = [128]
 RETINEXFORMER_DEMO_BATCHES = [4]
 
