@@ -29,15 +29,13 @@ OLD_TRITON_DIR := $(VENV)/triton-$(OLD_TRITON)
 
 .PHONY: venv demo-venv old-triton test lint demo bench gpu-check compile-gate clean
 
-# --no-compile: Python byte-compiles a module when it is first imported; compiling every file of torch and the
-# extras at install time costs CI about 10 s of the 2 cores the suite needs.
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
 	$(BIN)/pip install --upgrade pip
-	$(BIN)/pip install --no-compile '$(TORCH)' $(if $(TORCH_INDEX),--index-url $(TORCH_INDEX))
+	$(BIN)/pip install '$(TORCH)' $(if $(TORCH_INDEX),--index-url $(TORCH_INDEX))
 
 $(VENV)/.installed: $(BIN)/python pyproject.toml
-	$(BIN)/pip install --no-compile -e '.[dev]'
+	$(BIN)/pip install -e '.[dev]'
 	touch $@
 
 venv: $(VENV)/.installed
