@@ -201,19 +201,19 @@ def plan_enhancement(net: LFPVNet, batch: int, height: int, width: int, *, tile:
     if estimate <= budget:
         return EnhancePlan(False, None, estimate, budget, f"estimated peak {_gib(estimate)} <= {_gib(budget)} "
                            f"of {source}")
-    if strip_path(net) is not None:
-        # Smaller strips and recomputing kept maps cost time, not exactness: the first setting that fits.
-        for strip_rows, low_memory in STRIP_SETTINGS[1:]:
-            smaller = estimate_peak_bytes(net.config, batch, height, width, element, linear_attention=linear,
-                                          strip_rows=strip_rows, low_memory=low_memory).total
-            if smaller <= budget:
-                return EnhancePlan(False, None, smaller, budget, f"estimated peak {_gib(smaller)} <= "
-                                   f"{_gib(budget)} of {source}", strip_rows, low_memory)
     if strip_path(net) is None:
         # Tiles would change the result (the backbone's attention spans the whole image): refuse, before any work.
         raise ValueError(f"{width}x{height}: the {net.config.backbone} backbone runs a whole image untiled and needs "
                          f"an estimated {_gib(estimate)}, more than {_gib(budget)} of {source}; use a smaller image, "
                          "a device with more memory, or --tile N for approximate tiles")
+    # Smaller strips and recomputing kept maps cost time, not exactness: the first setting that fits (the estimate
+    # above is STRIP_SETTINGS[0]'s).
+    for strip_rows, low_memory in STRIP_SETTINGS[1:]:
+        smaller = estimate_peak_bytes(net.config, batch, height, width, element, linear_attention=linear,
+                                      strip_rows=strip_rows, low_memory=low_memory).total
+        if smaller <= budget:
+            return EnhancePlan(False, None, smaller, budget, f"estimated peak {_gib(smaller)} <= {_gib(budget)} "
+                               f"of {source}", strip_rows, low_memory)
     if not linear:
         hint = "; backend 'reference' holds the whole L x L attention, --backend auto does not"
     else:
