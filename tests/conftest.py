@@ -6,7 +6,19 @@ launched and JIT-decorated; conftest.py is imported by pytest before any test mo
 
 import os
 
-import torch
+# Under pytest-xdist each worker takes its share of the cores for torch's threads, and so do the
+# processes its tests start (they inherit OMP_NUM_THREADS). Two workers running two OpenMP threads each
+# on two cores spend about half their CPU time spinning while they wait for a core (the suite took
+# twice the CPU time). Only in the workers: the controlling process's environment is theirs too.
+_threads = None
+if "PYTEST_XDIST_WORKER" in os.environ:
+    _share = max(1, (os.cpu_count() or 1) // int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1")))
+    _threads = os.environ.setdefault("OMP_NUM_THREADS", str(_share))
+
+import torch  # noqa: E402
+
+if _threads is not None and _threads.isdigit():
+    torch.set_num_threads(int(_threads))
 
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
