@@ -150,4 +150,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    code = main()
+    if distributed.launched_by_torchrun():
+        distributed.exit_without_finalizing(code)
+    sys.exit(code)

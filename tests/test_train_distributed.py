@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -197,11 +198,19 @@ def test_torchrun_trains_through_the_cli_like_one_process(tmp_path_factory, tmp_
     cfg = load_config("demo", [*CONFIG, f"data.demo_root={tmp_path_factory.getbasetemp() / 'lfpv-demo-data'}",
                                "data.resize=[64, 48]", "data.test_frames=1", "data.num_workers=0", "val.every=2"])
     (tmp_path / "tiny.yaml").write_text(yaml.safe_dump(config_to_dict(cfg)))
+    # Every process of the launch registers an exit hook (sitecustomize): the workers end without the interpreter's
+    # shutdown, where gloo's threads can abort a finished run (distributed.exit_without_finalizing); the agent does not.
+    (tmp_path / "site").mkdir()
+    (tmp_path / "site" / "sitecustomize.py").write_text(
+        "import atexit, os, sys\n"
+        "atexit.register(lambda: print('finalized:', os.environ.get('RANK', 'agent'), file=sys.stderr, flush=True))\n")
+    path = os.pathsep.join(filter(None, [str(tmp_path / "site"), os.environ.get("PYTHONPATH")]))
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(WORLD), "--master_port",
            str(free_port()), "-m", "lfpv_fast.train", "-c", "tiny.yaml"]
     proc = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=300,
-                          env=dict(os.environ, OMP_NUM_THREADS="1"))
+                          env=dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=path))
     assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert re.findall(r"^finalized: (\w+)$", proc.stderr, flags=re.M) == ["agent"], proc.stderr
     (run,) = list((tmp_path / "runs").glob("tiny-*"))  # one folder for both ranks
     assert read_checkpoint(latest_checkpoint(run))["world_size"] == WORLD
     assert (run / "final_weights.pth").is_file() and "done: 3 steps" in (run / "train.log").read_text()
