@@ -141,10 +141,20 @@ def test_make_demo_installs_the_core_and_demo_only_in_its_own_venv(reachable_ind
 
 
 def test_make_test_installs_dev_everything():
-    installs = pip_installs(dry_run_commands("test"))
+    commands = dry_run_commands("test")
+    installs = pip_installs(commands)
     assert {venv for venv, _ in installs} == {".venv"}
-    assert [args for _, args in installs if "-e" in args] == [["-e", ".[dev]"]]
+    assert [args for _, args in installs if "-e" in args] == [["--no-compile", "-e", ".[dev]"]]
     assert HEAVY <= installed_packages(installs)
+    # pip compiles nothing (one core); compileall compiles the whole venv on every core once the venv's packages
+    # are in, before any test imports them (where PYTHONDONTWRITEBYTECODE is set, a module without bytecode
+    # would be compiled again by every process that imports it).
+    venv_installs = [i for i, c in enumerate(commands) if c[:2] == [".venv/bin/pip", "install"] and "--target" not in c]
+    assert all("--no-compile" in commands[i] for i in venv_installs if "--upgrade" not in commands[i])
+    compiles = [i for i, c in enumerate(commands) if c[:4] == [".venv/bin/python", "-m", "compileall", "-q"]]
+    assert len(compiles) == 1 and compiles[0] > max(venv_installs), commands
+    assert commands[compiles[0]][4:7] == ["-j", "0", ".venv/lib"]
+    assert compiles[0] < next(i for i, c in enumerate(commands) if "pytest" in c)
 
 
 def test_make_demo_takes_the_default_index_at_once_where_the_torch_index_cannot_be_reached():

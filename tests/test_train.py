@@ -137,10 +137,19 @@ def test_the_loss_is_the_published_one(tmp_path, demo_root):
                     reason="torch.compile on the CPU needs a C++ compiler")
 def test_torch_compile_trains_like_eager(tmp_path, demo_root):
     # The compile switch on the CPU (inductor's C++ backend): same losses up to fused-kernel rounding.
+    # The network compiles to one graph (forward and backward), with no graph break and no recompile as the
+    # sampled bank positions change from step to step: host values read while tracing (the draws' check,
+    # indexing by a 0-d CPU tensor) broke it into 7 graphs and recompiled per position.
+    from torch._dynamo.utils import counters
+
     base = ("train.iterations=3", "data.batch_size=4", "val.max_images=1")
     fit(tiny_config(demo_root, *base), tmp_path / "eager")
+    torch._dynamo.reset()
+    counters.clear()
     _, trainer = fit(tiny_config(demo_root, *base, "train.compile=on"), tmp_path / "compiled")
     assert trainer.features.compile and trainer.wrapped_net is not trainer.net
+    assert dict(counters["graph_break"]) == {}
+    assert counters["stats"]["unique_graphs"] == 1 and counters["frames"]["total"] == 1, dict(counters["frames"])
     for a, b in zip(metrics(tmp_path / "eager"), metrics(tmp_path / "compiled"), strict=True):
         assert b["loss"] == pytest.approx(a["loss"], rel=1e-4)
 

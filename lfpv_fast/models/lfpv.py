@@ -67,9 +67,11 @@ class BankDraws:
                            (self.vector_pos, self.patch_pos, self.vector_partner, self.patch_partner)))
 
     def check(self, feature_hw: tuple[int, int], bank_size: int, patch_size: int) -> None:
-        """Validate against a feature map size (host-side values only; skipped for device tensors and
-        while tracing with fake tensors, which hold no values)."""
-        if self.vector_pos.device.type != "cpu" or torch._guards.detect_fake_mode() is not None:
+        """Validate against a feature map size (host-side values only; skipped for device tensors, while
+        tracing with fake tensors, which hold no values, and under torch.compile, where reading the values
+        would break the graph and recompile it for every new position)."""
+        if (torch.compiler.is_compiling() or self.vector_pos.device.type != "cpu"
+                or torch._guards.detect_fake_mode() is not None):
             return
         hf, wf = feature_hw
         vh, vw = self.vector_pos.tolist()

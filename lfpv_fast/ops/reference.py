@@ -96,7 +96,10 @@ def gather_samples(
     features: torch.Tensor, vector_pos: torch.Tensor, patch_pos: torch.Tensor, patch_size: int
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """The sampled C-vector (B,C) at vector_pos=(h,w) and the p x p window (B,C,p,p) at patch_pos."""
-    vectors = features[:, :, vector_pos[0], vector_pos[1]]
+    # index_select, not features[:, :, h, w]: indexing by a 0-d CPU tensor reads its value on the host, which
+    # breaks a torch.compile graph and recompiles it for every position.
+    vectors = features.index_select(2, vector_pos[:1].to(features.device)).index_select(
+        3, vector_pos[1:].to(features.device)).flatten(1)
     offsets = torch.arange(patch_size, device=features.device)
     rows = patch_pos[0].to(features.device) + offsets
     cols = patch_pos[1].to(features.device) + offsets
