@@ -68,12 +68,10 @@ lint: venv
 # one worker, one after another, so tests that must not overlap share a file: the app's served-app tests and the
 # distributed ones each pick a free port, gpu_check's runner tests give their subprocesses budgets of seconds.
 # (Not loadgroup: pytest-xdist 3.8 marks a group by renaming the test, which pytest 9 no longer lets it do.)
-# --no-loadscope-reorder: files go to the workers in collection order, which tests/conftest.py starts with the
-# longest files (the compile gate first), instead of xdist's default, files with the most tests first.
 TEST_WORKERS ?= 2
 test: venv old-triton
 	$(BIN)/ruff check .
-	LFPV_OLD_TRITON=$(OLD_TRITON_DIR) $(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder --durations=15 tests
+	LFPV_OLD_TRITON=$(OLD_TRITON_DIR) $(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist loadfile --durations=15 tests
 
 demo: demo-venv
 	$(DEMO_BIN)/python -m lfpv_fast.train

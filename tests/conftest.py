@@ -5,7 +5,6 @@ launched and JIT-decorated; conftest.py is imported by pytest before any test mo
 """
 
 import os
-from pathlib import Path
 
 # Under pytest-xdist each worker takes its share of the cores for torch's threads, and so do the
 # processes its tests start (they inherit OMP_NUM_THREADS). Two workers running two OpenMP threads each
@@ -77,25 +76,3 @@ def demo_root(tmp_path_factory):
     if not dataset_is_current(root):
         make_demo_dataset(root)
     return root
-
-
-# The longest files first. `make test` runs pytest-xdist with --dist loadfile, which hands files to the two
-# workers in collection order: the compile gate (about 5 min of compiles in processes of its own) starts at once
-# and fills the cores while the other worker's tests wait on torchrun launches, timeouts and signals, and no long
-# file is left for the end while the other worker idles. Every other file keeps its place, and every test its
-# place in its file.
-SLOW_FILES_FIRST = ["test_compile_gate.py", "test_train.py", "test_golden.py", "test_train_multinode.py",
-                    "kernels/test_kernel_query_fusion.py", "test_train_faults.py"]
-
-
-def pytest_collection_modifyitems(config, items) -> None:
-    tests = Path(__file__).parent
-    rank = {name: i for i, name in enumerate(SLOW_FILES_FIRST)}
-
-    def place(item) -> int:
-        try:
-            return rank.get(item.path.relative_to(tests).as_posix(), len(rank))
-        except ValueError:  # a test outside this folder
-            return len(rank)
-
-    items.sort(key=place)  # stable
