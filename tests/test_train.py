@@ -139,7 +139,7 @@ def test_torch_compile_trains_like_eager(tmp_path, demo_root):
     # The compile switch on the CPU (inductor's C++ backend): same losses up to fused-kernel rounding.
     # The network compiles to one graph (forward and backward), with no graph break and no recompile as the
     # sampled bank positions change from step to step: host values read while tracing (the draws' check,
-    # indexing by a 0-d CPU tensor) broke it into 7 graphs and recompiled per position.
+    # indexing by a 0-d CPU tensor) broke it into 7 forward graphs and recompiled per position.
     from torch._dynamo.utils import counters
 
     base = ("train.iterations=3", "data.batch_size=4", "val.max_images=1")
